@@ -1,0 +1,31 @@
+# Set-up is part of every entry point: a fresh Debian/Ubuntu machine (as root) needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench system venv clean
+
+system:
+	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
+		echo "installing fuse3, libfuse3-dev, pkg-config"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: system $(VENV)/.installed
+
+lint: venv
+	$(PY) -m ruff check modelfs tests bench
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) bench/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,221 @@
+"""The `modelfs` command: mount, umount, stats.
+
+Errors reach the user as one line (`modelfs: error: ...`) and a non-zero exit; tracebacks only go
+to the daemon's log, and only for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+from modelfs import __version__
+from modelfs.config import Config, load_config
+from modelfs.errors import ModelfsError
+
+log = logging.getLogger("modelfs")
+
+#: How long `modelfs mount` waits for the daemon to report the mount ready.
+READY_TIMEOUT = 120.0
+
+#: Libraries whose debug logs carry request headers (Authorization, session tokens): never below WARNING.
+_CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def setup_logging(level: str, file: str | None = None) -> None:
+    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ModelfsError(f"-o expects SECTION.KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def mount_config(args: argparse.Namespace) -> Config:
+    overrides = _parse_overrides(args.option or [])
+    flags = {"source": args.source, "mountpoint": args.mountpoint, "cache.dir": args.cache_dir,
+             "s3.endpoint_url": args.endpoint_url, "cache.extent_size": args.extent_size,
+             "log.level": args.log_level, "log.file": args.log_file}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.allow_other:
+        overrides["mount.allow_other"] = True
+    cfg = load_config(args.config, overrides)
+    if not cfg.s3.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
+        cfg.s3.endpoint_url = os.environ["AWS_ENDPOINT_URL"]
+    return cfg
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    cfg = mount_config(args)
+    if args.foreground:
+        return _run_foreground(cfg, args.ready_fd)
+    return _spawn_daemon(cfg, args.argv)
+
+
+def _run_foreground(cfg: Config, ready_fd: int | None) -> int:
+    from modelfs.mount import Daemon  # pyfuse3 is only needed where a mount runs
+
+    setup_logging(cfg.log.level, cfg.log.file or None)
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (line + "\n").encode())
+            except OSError:
+                pass
+
+    def ready() -> None:
+        log.info("ready")
+        report("READY")
+
+    try:
+        Daemon(cfg).serve(ready)
+    except ModelfsError as e:
+        log.error("%s", e)
+        report(f"ERROR {e}")
+        if ready_fd is None:
+            print(f"modelfs: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawn_daemon(cfg: Config, argv: list[str]) -> int:
+    """Start the daemon in its own session and return once it reports the mount ready."""
+    cache_dir = os.path.abspath(cfg.cache.dir)
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        log_path = os.path.abspath(cfg.log.file or os.path.join(cache_dir, "modelfs.log"))
+        log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child
+    except OSError as e:
+        raise ModelfsError(f"cache dir {cache_dir} is not writable: {e.strerror}") from None
+    r, w = os.pipe()
+    # The child parses the same command line (and environment) again, in the foreground.
+    child_argv = [sys.executable, "-m", "modelfs", *argv, "--foreground", "--ready-fd", str(w), "--log-file", log_path]
+    with log_file:
+        child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                 pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    line = _read_line(r, READY_TIMEOUT)
+    os.close(r)
+    if line == "READY":
+        print(f"modelfs: mounted {cfg.source} at {cfg.mountpoint} (pid {child.pid}, log {log_path})")
+        return 0
+    if line.startswith("ERROR "):
+        child.wait(timeout=30)
+        raise ModelfsError(line[6:])
+    if child.poll() is None:
+        child.terminate()
+        raise ModelfsError(f"the mount did not answer within {READY_TIMEOUT:.0f}s; see {log_path}")
+    raise ModelfsError(f"the daemon exited with status {child.returncode} before mounting; see {log_path}")
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").split("\n", 1)[0].strip()
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from modelfs.mount import unmount
+
+    unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+    return 0
+
+
+def read_stats(mountpoint: str) -> dict[str, int]:
+    try:
+        raw = os.getxattr(mountpoint, "user.modelfs.stats")
+    except OSError as e:
+        raise ModelfsError(f"{mountpoint} is not a live modelfs mount ({e.strerror})") from None
+    return json.loads(raw)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = read_stats(args.mountpoint)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    for key, value in stats.items():
+        shown = f"{value:,}" if not key.startswith("bytes") and "bytes" not in key else f"{human(value)} ({value:,})"
+        print(f"{key:22} {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelfs", description="Serve remote model checkpoints as read-only files.")
+    p.add_argument("--version", action="version", version=f"modelfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount s3://BUCKET/PREFIX or a directory at MOUNTPOINT")
+    m.add_argument("source", nargs="?", help="s3://BUCKET/PREFIX or a local directory")
+    m.add_argument("mountpoint", nargs="?", help="an empty directory")
+    m.add_argument("--config", help="TOML configuration file (see daemon/modelfs.toml)")
+    m.add_argument("--cache-dir", help="block cache and index directory")
+    m.add_argument("--endpoint-url", help="S3 endpoint (default: config, then AWS_ENDPOINT_URL, then AWS)")
+    m.add_argument("--extent-size", help="fetch and cache unit, e.g. 8MiB")
+    m.add_argument("--allow-other", action="store_true", default=None, help="let other users read the mount")
+    m.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    m.add_argument("--log-file", help="log here instead of stderr / <cache-dir>/modelfs.log")
+    m.add_argument("-o", "--option", action="append", metavar="SECTION.KEY=VALUE", help="any config setting")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    u.add_argument("mountpoint")
+    u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+    u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon to exit")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("stats", help="print the counters of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return int(args.func(args))
+    except ModelfsError as e:
+        print(f"modelfs: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,225 @@
+"""Configuration: one typed tree, filled from defaults, a TOML file, then command-line overrides.
+
+Every setting is documented in `daemon/modelfs.toml`; a key that is not in this tree is an error that
+names it, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelfs.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB, "t": GiB * 1024, "tb": GiB * 1024, "tib": GiB * 1024}
+
+
+class Size(int):
+    """A byte count; TOML and the CLI accept 8388608, "8MiB", "8M" or "1.5GiB"."""
+
+
+class Mode(int):
+    """A permission mode; accepts 0o444 (TOML int) or "0444"."""
+
+
+def parse_size(value: Any, key: str) -> Size:
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {key} must be a size like 8MiB, got {value!r}")
+    if isinstance(value, int):
+        return Size(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"config: {key} must be a size like 8MiB, got {value!r}")
+    return Size(int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+
+
+def parse_mode(value: Any, key: str) -> Mode:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            raise ConfigError(f"config: {key} must be an octal mode like 0444, got {value!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"config: {key} must be an octal mode like 0444, got {value!r}")
+    return Mode(mode)
+
+
+def _default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/modelfs"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "modelfs")
+
+
+@dataclass
+class S3Config:
+    """How to reach an S3-compatible store. Credentials come only from boto3's standard chain."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    profile: str = ""
+    addressing_style: str = "auto"
+    max_attempts: int = 10
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_pool_connections: int = 64
+
+
+@dataclass
+class CacheConfig:
+    """The local block cache and its LMDB index."""
+
+    dir: str = field(default_factory=_default_cache_dir)
+    extent_size: Size = Size(8 * MiB)
+    open_files: int = 256
+    index_map_size: Size = Size(64 * GiB)
+
+
+@dataclass
+class FetchConfig:
+    """The pool of ranged GETs and local disk I/O threads."""
+
+    concurrency: int = 16
+    io_threads: int = 8
+
+
+@dataclass
+class MountConfig:
+    """Kernel-facing settings of the mount."""
+
+    metadata_ttl: float = 60.0
+    allow_other: bool = False
+    read_ahead_kb: int = 4096
+    max_background: int = 0
+    fuse_tasks: int = 64
+    uid: int = -1
+    gid: int = -1
+    file_mode: Mode = Mode(0o444)
+    dir_mode: Mode = Mode(0o555)
+
+
+@dataclass
+class LogConfig:
+    level: str = "INFO"
+    file: str = ""
+
+
+@dataclass
+class Config:
+    """Everything a mount needs. `source` and `mountpoint` may come from the file or the CLI."""
+
+    source: str = ""
+    mountpoint: str = ""
+    s3: S3Config = field(default_factory=S3Config)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    mount: MountConfig = field(default_factory=MountConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Reject values that would only fail later, deep inside a mount."""
+        es = self.cache.extent_size
+        if es < 64 * KiB or es > 256 * MiB or es % 4096:
+            raise ConfigError(f"config: cache.extent_size must be a multiple of 4KiB in [64KiB, 256MiB], got {es}")
+        for key, val in (("fetch.concurrency", self.fetch.concurrency), ("fetch.io_threads", self.fetch.io_threads),
+                         ("cache.open_files", self.cache.open_files), ("mount.fuse_tasks", self.mount.fuse_tasks),
+                         ("s3.max_attempts", self.s3.max_attempts)):
+            if val < 1:
+                raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.mount.metadata_ttl < 0:
+            raise ConfigError(f"config: mount.metadata_ttl must be >= 0, got {self.mount.metadata_ttl}")
+        if self.s3.addressing_style not in ("auto", "path", "virtual"):
+            raise ConfigError(f"config: s3.addressing_style must be auto, path or virtual, got "
+                              f"{self.s3.addressing_style!r}")
+        if self.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"config: log.level must be DEBUG, INFO, WARNING or ERROR, got {self.log.level!r}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is Size:
+        return parse_size(value, key)
+    if typ is Mode:
+        return parse_mode(value, key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"config: {key} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+(\.[0-9]*)?\s*", value):
+            return float(value)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {typ!r}")
+
+
+_TYPES = {"Size": Size, "Mode": Mode, "int": int, "float": float, "bool": bool, "str": str}
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        f = fields.get(name)
+        if f is None:
+            raise ConfigError(f"config: unknown key '{key}'")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: '{key}' must be a table of settings")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, _TYPES[str(f.type)], key))
+
+
+def set_option(cfg: Config, dotted: str, value: Any) -> None:
+    """Apply one `section.key=value` override (from `-o` or a mount helper)."""
+    parts = dotted.split(".")
+    data: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        data = {part: data}
+    _apply(cfg, data, "")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `overrides` (dotted keys); validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        _apply(cfg, data, "")
+    for key, value in (overrides or {}).items():
+        set_option(cfg, key, value)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,171 @@
+"""The filesystem core, without FUSE: namespace -> chunk index -> block cache -> fetcher -> store.
+
+`fs.Operations` is a thin boundary over this class; tests drive it directly, without a mount. Every
+blocking step (store listing, LMDB, block files) runs in a worker thread under a CapacityLimiter, so
+the trio thread that serves FUSE never blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from modelfs.cache import BlockCache
+from modelfs.config import Config
+from modelfs.errors import NotFound, ReadOnly
+from modelfs.fetch import Fetcher, FileVersion
+from modelfs.index import ChunkIndex
+from modelfs.namespace import Namespace, Node
+from modelfs.remote import Listing, Store
+from modelfs.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Piece:
+    """The part of one extent that a read needs; `data` is None on a cache miss."""
+
+    start: int
+    length: int
+    inner: int
+    size: int
+    data: bytes | None
+
+
+class ModelFS:
+    """Read-only view of a store; call `start(nursery)` once before serving."""
+
+    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
+                 stats: Stats | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.cache = cache
+        self.stats = stats or Stats()
+        self.extent_size = int(cfg.cache.extent_size)
+        self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
+        self.meta_limiter = trio.CapacityLimiter(4)
+        self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl)
+        self.fetcher = Fetcher(store, cache, index, self.stats, cfg.fetch.concurrency)
+        self._versions: dict[int, FileVersion] = {}
+        self._handles: dict[int, tuple[Node, FileVersion]] = {}
+        self._dir_handles: dict[int, list[Node]] = {}
+        self._fh = itertools.count(1)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (fetch flights) belongs to `nursery`."""
+        self.fetcher.start(nursery)
+
+    async def _list_dir(self, prefix: str) -> Listing:
+        return await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter)
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        return self.ns.get(inode)
+
+    async def lookup(self, parent: int, name: str) -> Node:
+        node = self.ns.get(parent)
+        if not node.is_dir:
+            raise NotFound(f"{node.key} is not a directory")
+        return await self.ns.lookup(node, name)
+
+    async def opendir(self, inode: int) -> int:
+        node = self.ns.get(inode)
+        if not node.is_dir:
+            raise NotADirectoryError(node.key)
+        entries = sorted((await self.ns.children(node)).values(), key=lambda n: n.name)
+        fh = next(self._fh)
+        self._dir_handles[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[Node]:
+        """Entries of an open directory from index `start` on (a snapshot taken at opendir)."""
+        return self._dir_handles[fh][start:]
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def version(self, node: Node) -> FileVersion:
+        ver = self._versions.get(node.inode)
+        if ver is None:
+            assert node.info is not None
+            ver = self._versions[node.inode] = FileVersion.of(self.store.identity, node.info, self.extent_size)
+        return ver
+
+    def open(self, inode: int, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise ReadOnly("read-only filesystem")
+        node = self.ns.get(inode)
+        if node.is_dir:
+            raise IsADirectoryError(node.key)
+        fh = next(self._fh)
+        self._handles[fh] = (node, self.version(node))
+        return fh
+
+    def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        _node, ver = self._handles[fh]
+        end = min(offset + size, ver.info.size)
+        if offset >= end:
+            return b""
+        pieces = await trio.to_thread.run_sync(self._read_cached, ver, offset, end, limiter=self.io_limiter)
+        missing = [p for p in pieces if p.data is None]
+        if len(missing) == 1:
+            await self._fill(ver, missing[0])
+        elif missing:
+            async with trio.open_nursery() as nursery:
+                for p in missing:
+                    nursery.start_soon(self._fill, ver, p)
+        data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)  # type: ignore[misc]
+        assert data is not None
+        self.stats.add(bytes_served=len(data))
+        return data
+
+    async def _fill(self, ver: FileVersion, piece: _Piece) -> None:
+        extent = await self.fetcher.fetch(ver, piece.start, piece.length)
+        piece.data = extent[piece.inner:piece.inner + piece.size]
+
+    def _read_cached(self, ver: FileVersion, offset: int, end: int) -> list[_Piece]:
+        """Split [offset, end) by extent and read what the cache holds. Runs in a worker thread."""
+        pieces: list[_Piece] = []
+        pos = offset
+        hits = misses = 0
+        while pos < end:
+            start, length = ver.extent_at(pos)
+            inner = pos - start
+            n = min(end, start + length) - pos
+            ext = ver.known.get(start)
+            if ext is None:
+                ext = self.index.lookup(ver.vid, start)
+                if ext is not None and ext[1] == length:
+                    ver.known[start] = ext
+                else:
+                    ext = None
+            data = self.cache.read(ext[0], length, inner, n) if ext is not None else None
+            if data is None:
+                misses += 1
+            else:
+                hits += 1
+            pieces.append(_Piece(start, length, inner, n, data))
+            pos += n
+        self.stats.add(cache_hits=hits, cache_misses=misses)
+        return pieces
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        snap = self.stats.snapshot()
+        snap["bytes_in_cache"] = self.cache.bytes_stored
+        snap["blocks_in_cache"] = self.cache.blocks_stored
+        snap["fetches_in_flight"] = self.fetcher.in_flight
+        return snap

@@ -1,0 +1,181 @@
+"""The FUSE boundary: pyfuse3 Operations over `core.ModelFS`.
+
+Thin on purpose: each handler converts arguments, calls the core, and turns the result into
+pyfuse3 types. Every exception becomes an errno here, in `_errors`, and nowhere else; an unexpected
+one is logged and answered with EIO, because pyfuse3 would otherwise stop the whole filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from modelfs.core import ModelFS
+from modelfs.errors import ModelfsError
+from modelfs.namespace import Node
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Files never change under an inode (a new version is a new inode), so the kernel may cache their
+#: attributes for long; names are re-looked up after the metadata TTL to notice new versions.
+FILE_ATTR_TIMEOUT = 24 * 3600.0
+XATTR_STATS = b"user.modelfs.stats"
+XATTR_PID = b"user.modelfs.pid"
+
+
+def to_errno(e: BaseException) -> int:
+    """The errno a loader sees for an exception raised by the core or the OS."""
+    if isinstance(e, pyfuse3.FUSEError):
+        return e.errno
+    if isinstance(e, ModelfsError):
+        return e.errno
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    return errno.EIO
+
+
+def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The one place where errors become errno."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (ModelfsError, OSError) as e:
+            code = to_errno(e)
+            if code not in (errno.ENOENT, errno.EROFS, errno.ENODATA):
+                log.debug("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _erofs(*_args: Any, **_kwargs: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers: read-only; every mutation answers EROFS."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, core: ModelFS) -> None:
+        super().__init__()
+        self.core = core
+        m = core.cfg.mount
+        self.uid = m.uid if m.uid >= 0 else os.getuid()
+        self.gid = m.gid if m.gid >= 0 else os.getgid()
+        self.file_mode = stat.S_IFREG | int(m.file_mode)
+        self.dir_mode = stat.S_IFDIR | int(m.dir_mode)
+        self.ttl = m.metadata_ttl
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = 1 << 20
+        a.entry_timeout = self.ttl
+        if node.info is None:
+            a.st_mode = self.dir_mode
+            a.st_nlink = 2
+            a.st_size = 0
+            a.attr_timeout = self.ttl
+        else:
+            a.st_mode = self.file_mode
+            a.st_nlink = 1
+            a.st_size = node.info.size
+            a.st_blocks = (node.info.size + 511) // 512
+            ns = int(node.info.mtime * 1e9)
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = ns
+            a.attr_timeout = FILE_ATTR_TIMEOUT
+        return a
+
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if text == "..":
+            return self.attrs(self.core.node(self.core.node(parent_inode).parent))
+        if text == ".":
+            return self.attrs(self.core.node(parent_inode))
+        return self.attrs(await self.core.lookup(parent_inode, text))
+
+    @_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.core.node(inode))
+
+    @_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self.core.opendir(inode)
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for i, node in enumerate(self.core.readdir(fh, start_id), start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, node.name.encode("utf-8"), self.attrs(node), i):
+                break
+
+    @_errors
+    async def releasedir(self, fh: int) -> None:
+        self.core.releasedir(fh)
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self.core.open(inode, flags), keep_cache=True)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.core.read(fh, off, size)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        self.core.release(fh)
+
+    @_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self.core.node(inode)
+        return not mode & os.W_OK
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_STATS:
+            return json.dumps(self.core.counters()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
+            return str(os.getpid()).encode()
+        self.core.node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self.core.node(inode)
+        return [XATTR_STATS, XATTR_PID] if inode == pyfuse3.ROOT_INODE else []
+
+    # Every mutation: EROFS (the mount is also `ro`, so the kernel usually answers first).
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]
+    write = create = setxattr = removexattr = _erofs  # type: ignore[assignment]

@@ -1,0 +1,136 @@
+"""The chunk index: which content hash holds each extent of each immutable file version (LMDB).
+
+Schema (one LMDB environment per process, in `<cache>/index/`; the daemon is its only writer):
+
+    meta      b"schema"                         -> b"1"
+    versions  vid (16 B)                        -> JSON {source, key, etag, size, last_used}
+    extents   vid (16 B) + offset (8 B, BE)     -> hash (16 B, xxh3-128) + length (4 B, BE)
+
+`vid` is xxh3-128 of (source identity, key, ETag, size): one immutable version. A new ETag is a new
+vid, so entries never need invalidation: they describe bytes that can no longer change.
+
+Invariants, and what a crash at each step of a fetch leaves behind:
+
+1. A block file reaches its final name (tmp + rename in `cache`) BEFORE any extents entry naming its
+   hash is committed. Crash before the rename: a `*.tmp` file, swept at the next start. Crash after
+   the rename but before the commit: an orphan block, harmless (a later fetch of the same content
+   finds it and dedups against it).
+2. An extents entry is a statement about content, not about presence: its block may since have been
+   evicted, dropped as corrupt, or lost. Readers treat a missing block as a miss and refetch; the
+   entry stays correct because the version's bytes cannot change.
+3. Blocks are not fsync'ed and the environment runs with sync=False (a commit is durable against a
+   process crash, not an OS crash). Hence every block is verified against its hash the first time a
+   process serves it, and an environment that fails to open or has a foreign schema is moved aside
+   and rebuilt empty: only cache warmth is lost, never correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+
+import lmdb
+import xxhash
+
+from modelfs.remote import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+SCHEMA = b"1"
+_EXT = struct.Struct(">16sI")
+_OFF = struct.Struct(">Q")
+
+
+def version_id(identity: str, info: ObjectInfo) -> bytes:
+    """The 16-byte id of one immutable version of one object of one source."""
+    return xxhash.xxh3_128_digest(f"{identity}\0{info.key}\0{info.etag}\0{info.size}".encode("utf-8",
+                                                                                            "surrogatepass"))
+
+
+class ChunkIndex:
+    """Thread-safe: LMDB serializes writers; readers run concurrently from any thread."""
+
+    def __init__(self, path: str, map_size: int) -> None:
+        self.path = path
+        self._touched: set[bytes] = set()
+        self._lock = threading.Lock()
+        try:
+            self._open(map_size)
+        except (lmdb.Error, ValueError, json.JSONDecodeError) as e:
+            aside = f"{path}.corrupt-{int(time.time())}"
+            log.warning("index at %s is unreadable (%s); moving it to %s and rebuilding (cache warmth only is lost)",
+                        path, type(e).__name__, aside)
+            if os.path.exists(path):
+                shutil.move(path, aside)
+            self._open(map_size)
+
+    def _open(self, map_size: int) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self.env = lmdb.open(self.path, map_size=map_size, max_dbs=8, max_readers=4096, sync=False,
+                             metasync=False, readahead=False, max_spare_txns=64)
+        try:
+            self._meta = self.env.open_db(b"meta")
+            self._versions = self.env.open_db(b"versions")
+            self._extents = self.env.open_db(b"extents")
+            with self.env.begin(write=True) as txn:
+                schema = txn.get(b"schema", db=self._meta)
+                if schema is None:
+                    txn.put(b"schema", SCHEMA, db=self._meta)
+                elif schema != SCHEMA:
+                    raise ValueError(f"schema {schema!r}")
+                # Touch every record once so a truncated or garbage file fails here, not mid-read.
+                for db in (self._versions, self._extents):
+                    for k, v in txn.cursor(db=db):
+                        if db is self._extents and (len(k) != 24 or len(v) != _EXT.size):
+                            raise ValueError("bad extent record")
+        except BaseException:
+            self.env.close()
+            raise
+
+    def lookup(self, vid: bytes, offset: int) -> tuple[bytes, int] | None:
+        """(hash, length) of the extent of `vid` starting at `offset`, if known."""
+        with self.env.begin(db=self._extents, buffers=False) as txn:
+            v = txn.get(vid + _OFF.pack(offset))
+        return _EXT.unpack(v) if v is not None else None
+
+    def extents(self, vid: bytes) -> dict[int, tuple[bytes, int]]:
+        """Every known extent of `vid`: offset -> (hash, length)."""
+        out: dict[int, tuple[bytes, int]] = {}
+        with self.env.begin(db=self._extents) as txn:
+            cur = txn.cursor()
+            if cur.set_range(vid):
+                for k, v in cur:
+                    if k[:16] != vid:
+                        break
+                    out[_OFF.unpack(k[16:])[0]] = _EXT.unpack(v)
+        return out
+
+    def record(self, vid: bytes, identity: str, info: ObjectInfo, offset: int, digest: bytes, length: int) -> None:
+        """Remember that `length` bytes of `vid` at `offset` hash to `digest` (block already stored)."""
+        with self.env.begin(write=True) as txn:
+            txn.put(vid + _OFF.pack(offset), _EXT.pack(digest, length), db=self._extents)
+            if vid not in self._touched:
+                rec = {"source": identity, "key": info.key, "etag": info.etag, "size": info.size,
+                       "last_used": time.time()}
+                txn.put(vid, json.dumps(rec).encode(), db=self._versions)
+        with self._lock:
+            self._touched.add(vid)
+
+    def versions(self) -> dict[bytes, dict[str, object]]:
+        """All recorded versions (for administration and tests)."""
+        with self.env.begin(db=self._versions) as txn:
+            return {bytes(k): json.loads(v) for k, v in txn.cursor()}
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        try:
+            self.env.sync(True)
+        finally:
+            self.env.close()

@@ -1,0 +1,245 @@
+"""Mount lifecycle: check the mountpoint, wire the layers, serve FUSE on trio, tune the kernel, unmount.
+
+`serve()` is the daemon (it runs in the foreground of its process); the CLI starts it in a child
+process and returns once `serve()` reports that the mount answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from modelfs.cache import BlockCache
+from modelfs.config import Config
+from modelfs.core import ModelFS
+from modelfs.errors import ConfigError, ModelfsError
+from modelfs.fs import Operations
+from modelfs.index import ChunkIndex
+from modelfs.remote import open_store
+from modelfs.stats import Stats
+
+log = logging.getLogger(__name__)
+
+#: Seconds the daemon lets in-flight requests finish after SIGTERM before cancelling them.
+SHUTDOWN_GRACE = 5.0
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def is_mounted(path: str) -> bool:
+    """Whether `path` is a mount point (live or stale), from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(_unescape(line.split()[4]) == path for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def is_stale(path: str) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def fusermount(path: str, lazy: bool) -> None:
+    """Unmount with fusermount3 (works for root and for the user who mounted)."""
+    r = subprocess.run(["fusermount3", "-uz" if lazy else "-u", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"fusermount3 exited {r.returncode}"
+        if "busy" in msg.lower():
+            raise ModelfsError(f"{path} is busy: close the files open on it, or use --lazy")
+        raise ModelfsError(f"cannot unmount {path}: {msg}")
+
+
+def prepare_mountpoint(path: str) -> str:
+    """Check the mountpoint and clear a stale mount left by a crashed daemon; return its real path."""
+    real = os.path.realpath(path)
+    if is_mounted(real):
+        if not is_stale(real):
+            raise ConfigError(f"mountpoint {path} is already mounted")
+        log.warning("clearing stale mount at %s left by a daemon that is gone", real)
+        fusermount(real, lazy=True)
+    if not os.path.exists(real):
+        raise ConfigError(f"mountpoint {path} does not exist")
+    if not os.path.isdir(real):
+        raise ConfigError(f"mountpoint {path} is not a directory")
+    try:
+        if os.listdir(real):
+            raise ConfigError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise ConfigError(f"mountpoint {path} is not accessible") from None
+    return real
+
+
+def lock_cache_dir(path: str) -> int:
+    """One daemon per cache dir (LMDB has one writer); returns the held lock fd."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cache dir {path} is not writable: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"cache dir {path} is in use by another modelfs daemon (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def fuse_options(cfg: Config) -> set[str]:
+    opts = {"ro", "nodev", "nosuid", "noatime", "default_permissions", "fsname=modelfs", "subtype=modelfs"}
+    if cfg.mount.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def tune_kernel(mountpoint: str, cfg: Config) -> None:
+    """Raise the mount's readahead and FUSE background queue where permitted (BRIEF: 3x throughput)."""
+    dev = os.stat(mountpoint).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    knobs = []
+    if cfg.mount.read_ahead_kb > 0:
+        knobs.append((f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", cfg.mount.read_ahead_kb))
+    if cfg.mount.max_background > 0:
+        knobs.append((f"/sys/fs/fuse/connections/{minor}/max_background", cfg.mount.max_background))
+    for path, value in knobs:
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+            log.info("set %s = %d", path, value)
+        except OSError as e:
+            log.info("cannot set %s (%s): kernel default kept", path, e.strerror)
+
+
+class Daemon:
+    """One mount: store, index, cache and core, served over FUSE until unmounted or signalled."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._resources: list[Callable[[], None]] = []
+
+    def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Mount and serve until unmounted or SIGTERM/SIGINT; raises ModelfsError before mounting."""
+        cfg = self.cfg
+        if not cfg.source:
+            raise ConfigError("no source given (s3://BUCKET/PREFIX or a directory)")
+        if not cfg.mountpoint:
+            raise ConfigError("no mountpoint given")
+        cache_dir = os.path.abspath(cfg.cache.dir)
+        lock_fd = lock_cache_dir(cache_dir)
+        self._resources.append(lambda: os.close(lock_fd))
+        try:
+            store = open_store(cfg.source, cfg.s3)
+            self._resources.append(store.close)
+            store.check()
+            index = ChunkIndex(os.path.join(cache_dir, "index"), int(cfg.cache.index_map_size))
+            self._resources.append(index.close)
+            stats = Stats()
+            cache = BlockCache(cache_dir, store.domain, cfg.cache.open_files,
+                               on_corrupt=lambda _d: stats.add(corrupt_blocks=1))
+            self._resources.append(cache.close)
+            self.core = ModelFS(cfg, store, index, cache, stats)
+            mountpoint = prepare_mountpoint(cfg.mountpoint)
+            pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
+        except BaseException:
+            self._close()
+            raise
+        log.info("mounted %s at %s (cache %s)", store.describe(), mountpoint, cache_dir)
+        try:
+            trio.run(self._main, mountpoint, on_ready)
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            finally:
+                self._close()
+            log.info("unmounted %s", mountpoint)
+
+    def _close(self) -> None:
+        while self._resources:
+            try:
+                self._resources.pop()()
+            except Exception:
+                log.exception("error while closing")
+
+    async def _main(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self.core.start(nursery)
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self._announce, mountpoint, on_ready)
+            nursery.start_soon(self._scan_cache)
+            await pyfuse3.main(min_tasks=4, max_tasks=self.cfg.mount.fuse_tasks)
+            nursery.cancel_scope.cancel()
+
+    async def _scan_cache(self) -> None:
+        await trio.to_thread.run_sync(self.core.cache.scan, abandon_on_cancel=True)
+
+    async def _announce(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
+        """Report ready only once the mount answers a stat of its root, from outside the trio thread."""
+        def probe() -> None:
+            if os.stat(mountpoint).st_ino != pyfuse3.ROOT_INODE:
+                raise ModelfsError(f"{mountpoint} does not show the modelfs root after mounting")
+            tune_kernel(mountpoint, self.cfg)
+
+        await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+        on_ready()
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if scope.deadline != float("inf"):
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 10.0) -> None:
+    """Unmount and wait for the daemon to exit; a stale mount is cleared lazily."""
+    real = os.path.realpath(mountpoint)
+    if not is_mounted(real):
+        raise ModelfsError(f"{mountpoint} is not mounted")
+    pid = 0
+    try:
+        pid = int(os.getxattr(real, "user.modelfs.pid"))
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            lazy = True
+    except ValueError:
+        pass
+    fusermount(real, lazy)
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    if pid:
+        raise ModelfsError(f"unmounted {mountpoint}, but daemon pid {pid} is still running after {timeout:.0f}s")

@@ -1,0 +1,71 @@
+"""The store interface: what the core needs from S3 or a local directory, and nothing more.
+
+Every method blocks (network or disk), so the core calls them from worker threads under trio
+CapacityLimiters. Keys are relative to the source root ("" is the root; directory prefixes end in "/").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from modelfs.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One immutable version of an object: (key, ETag, size) never changes its bytes."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+@dataclass
+class Listing:
+    """One level of a delimiter listing: raw child names, unsanitized (the namespace decides)."""
+
+    dirs: list[str] = field(default_factory=list)
+    objects: list[tuple[str, ObjectInfo]] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """A read-only object store. Implementations: `remote.s3.S3Store`, `remote.local.LocalStore`."""
+
+    #: Stable identity of the source (for version ids and the dedup trust domain); no secrets.
+    identity: str
+    #: Trust domain: blocks are shared by content only between sources of one domain.
+    domain: str
+
+    def describe(self) -> str:
+        """A human-readable name for logs and errors; never contains credentials."""
+        ...
+
+    def check(self) -> None:
+        """Fail with one clear StoreError if the store cannot be used (unreachable, no bucket, denied)."""
+        ...
+
+    def list_dir(self, prefix: str) -> Listing:
+        """List the direct children of `prefix` ("" or "a/b/")."""
+        ...
+
+    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+        """Exactly `length` bytes of version `obj` from `start`; VersionChanged if it was overwritten."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(source: str, s3_cfg: object) -> Store:
+    """Pick the implementation for `source`: s3://bucket/prefix, file:///dir, or a plain directory."""
+    if source.startswith("s3://"):
+        from modelfs.remote.s3 import S3Store, parse_s3_url
+
+        bucket, prefix = parse_s3_url(source)
+        return S3Store(bucket, prefix, s3_cfg)  # type: ignore[arg-type]
+    if "://" in source and not source.startswith("file://"):
+        raise ConfigError(f"source: unsupported URL scheme in {source!r} (use s3://BUCKET/PREFIX or a directory)")
+    from modelfs.remote.local import LocalStore
+
+    return LocalStore(source.removeprefix("file://"))

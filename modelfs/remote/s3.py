@@ -1,0 +1,167 @@
+"""S3 (or any S3-compatible store) through boto3.
+
+Retries of 5xx, SlowDown, throttling and connection errors are botocore's ("standard" mode, jittered
+exponential backoff), with per-request connect and read timeouts. Only what botocore cannot see is
+retried here: a body that ends short or stalls after the headers arrived. Every ranged GET carries
+If-Match with the version's ETag, so bytes of two versions are never combined.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config as BotoConfig
+
+from modelfs.errors import ConfigError, NotFound, StoreError, VersionChanged
+from modelfs.remote import Listing, ObjectInfo
+
+if TYPE_CHECKING:
+    from modelfs.config import S3Config
+
+log = logging.getLogger(__name__)
+
+#: Body-level failures botocore does not retry once the response headers have arrived.
+_BODY_ERRORS = (bexc.IncompleteReadError, bexc.ReadTimeoutError, bexc.ResponseStreamingError,
+                bexc.ConnectionClosedError, bexc.EndpointConnectionError)
+_BODY_ATTEMPTS = 4
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/prefix -> (bucket, "prefix/"); the prefix is "" for a whole bucket."""
+    rest = url.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"source: missing bucket in {url!r} (expected s3://BUCKET/PREFIX)")
+    if len(bucket) < 3 or len(bucket) > 63 or not all(c.isalnum() or c in "-._" for c in bucket):
+        raise ConfigError(f"source: invalid bucket name {bucket!r} in {url!r}")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/") if prefix else ""
+
+
+def _code(e: bexc.ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _status(e: bexc.ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+class S3Store:
+    """Objects under s3://bucket/prefix."""
+
+    def __init__(self, bucket: str, prefix: str, cfg: S3Config) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        session = boto3.session.Session(profile_name=cfg.profile or None)
+        region = cfg.region or session.region_name or "us-east-1"
+        botocfg = BotoConfig(
+            region_name=region,
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            max_pool_connections=cfg.max_pool_connections,
+            s3={"addressing_style": cfg.addressing_style},
+            tcp_keepalive=True,
+        )
+        try:
+            self.client: Any = session.client("s3", endpoint_url=cfg.endpoint_url or None, config=botocfg)
+        except ValueError as e:
+            raise ConfigError(f"s3: invalid endpoint URL {cfg.endpoint_url!r}: {e}") from None
+        except bexc.BotoCoreError as e:
+            raise ConfigError(f"s3: {e}") from None
+        self.endpoint = str(self.client.meta.endpoint_url)
+        self.identity = f"s3:{self.endpoint}/{bucket}/{prefix}"
+        self.domain = f"s3:{self.endpoint}/{bucket}"
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix} at {self.endpoint}"
+
+    def _fail(self, e: Exception, what: str) -> StoreError:
+        """One line for users: what failed, and why, without request ids or credentials."""
+        if isinstance(e, StoreError):
+            return e
+        if isinstance(e, bexc.ClientError):
+            code = _code(e)
+            if code in ("NoSuchBucket",):
+                return StoreError(f"bucket '{self.bucket}' does not exist at {self.endpoint}")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or _status(e) == 403:
+                return StoreError(f"access denied to s3://{self.bucket} at {self.endpoint} ({code or 403}): "
+                                  "check credentials")
+            return StoreError(f"{what} failed: {code or _status(e)} from {self.endpoint}")
+        if isinstance(e, bexc.NoCredentialsError):
+            return StoreError("no S3 credentials found (environment, shared config, or instance role)")
+        if isinstance(e, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
+            return StoreError(f"cannot reach S3 endpoint {self.endpoint}")
+        return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as e:
+            if _status(e) == 404:
+                raise StoreError(f"bucket '{self.bucket}' does not exist at {self.endpoint}") from None
+            raise self._fail(e, "HeadBucket") from None
+        except (bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, "HeadBucket") from None
+
+    def list_dir(self, prefix: str) -> Listing:
+        full = self.prefix + prefix
+        listing = Listing()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                for cp in page.get("CommonPrefixes", ()):
+                    listing.dirs.append(cp["Prefix"][len(full):-1])
+                for o in page.get("Contents", ()):
+                    name = o["Key"][len(full):]
+                    info = ObjectInfo(prefix + name, int(o["Size"]), str(o["ETag"]),
+                                      o["LastModified"].timestamp())
+                    listing.objects.append((name, info))
+        except (bexc.ClientError, bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"listing {full!r}") from None
+        return listing
+
+    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+        key = self.prefix + obj.key
+        rng = f"bytes={start}-{start + length - 1}"
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, IfMatch=obj.etag)
+                data: bytes = resp["Body"].read()
+                if len(data) == length:
+                    return data
+                err: Exception = StoreError(f"short body: {len(data)} of {length} bytes")
+            except bexc.ClientError as e:
+                if _status(e) == 412 or _code(e) == "PreconditionFailed":
+                    raise VersionChanged(f"{obj.key} was overwritten in the store") from None
+                if _status(e) == 404:
+                    raise VersionChanged(f"{obj.key} was removed from the store") from None
+                raise self._fail(e, f"GET {obj.key}") from None
+            except _BODY_ERRORS as e:
+                err = e
+            except (bexc.BotoCoreError, OSError) as e:
+                raise self._fail(e, f"GET {obj.key}") from None
+            log.debug("GET %s %s attempt %d: %s", obj.key, rng, attempt, type(err).__name__)
+            if attempt < _BODY_ATTEMPTS:
+                time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
+        raise self._fail(err, f"GET {obj.key}")
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except bexc.ClientError as e:
+            if _status(e) == 404:
+                raise NotFound(f"no such object: {key}") from None
+            raise self._fail(e, f"HEAD {key}") from None
+        except (bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"HEAD {key}") from None
+        return ObjectInfo(key, int(r["ContentLength"]), str(r["ETag"]), r["LastModified"].timestamp())
+
+    def close(self) -> None:
+        self.client.close()

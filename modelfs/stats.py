@@ -1,0 +1,32 @@
+"""Counters of one daemon run, read by `modelfs stats` (through an xattr on the mount root)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class Stats:
+    """Monotonic counters; `add` is safe from worker threads."""
+
+    bytes_served: int = 0
+    bytes_fetched: int = 0
+    gets: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    dedup_bytes_saved: int = 0
+    corrupt_blocks: int = 0
+    store_errors: int = 0
+    version_changes: int = 0
+    cache_write_errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
