@@ -98,6 +98,13 @@ class Fetcher:
 
     def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> bytes:
         """GET, hash, store block, record extent. Runs in a worker thread."""
+        known = ver.known.get(start)
+        if known is not None:
+            # A flight for this extent may have completed between the reader's cache check and this
+            # flight's start: serve what it stored instead of fetching the same bytes twice.
+            cached = self.cache.read(known[0], length, 0, length)
+            if cached is not None:
+                return cached
         try:
             data = self.store.get_range(ver.info, start, length)
         except VersionChanged:
@@ -109,7 +116,6 @@ class Fetcher:
             raise
         self.stats.add(gets=1, bytes_fetched=len(data))
         digest = block_hash(data)
-        known = ver.known.get(start)
         if known is not None and known[0] != digest:
             log.warning("%s at %d: store returned different bytes for the same version; re-indexed",
                         ver.info.key, start)

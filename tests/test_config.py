@@ -56,7 +56,7 @@ def test_bad_values(key: str, value: str, match: str) -> None:
 def test_wrong_toml_type_and_bad_toml(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[fetch]\nconcurrency = true\n")
-    with pytest.raises(ConfigError, match="fetch.concurrency must be an integer"):
+    with pytest.raises(ConfigError, match=r"fetch\.concurrency must be an integer"):
         load_config(str(p))
     p.write_text("[fetch\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

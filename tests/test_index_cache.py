@@ -27,7 +27,7 @@ def test_index_records_survive_reopen(tmp_path: Path) -> None:
     assert idx.lookup(vid, 64) == (h, 36)
     assert sorted(idx.extents(vid)) == [0, 64]
     assert idx.lookup(vid, 128) is None
-    assert list(idx.versions().values())[0]["key"] == INFO.key
+    assert next(iter(idx.versions().values()))["key"] == INFO.key
     idx.close()
 
 
@@ -68,7 +68,7 @@ def test_many_threads_read_and_write_index(tmp_path: Path) -> None:
             for i in range(200):
                 idx.record(vid, "s", INFO, (t * 1000 + i) * 64, block_hash(bytes([t, i % 256])), 64)
                 assert idx.lookup(vid, (t * 1000 + i) * 64) is not None
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(32)]
