@@ -108,6 +108,7 @@ class BlockCache:
         self._pool = _FdPool(open_files)
         self._verified: set[bytes] = set()
         self._writing: set[bytes] = set()
+        self._verifying: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._on_corrupt = on_corrupt
@@ -149,7 +150,20 @@ class BlockCache:
         """`size` bytes at `offset` of the block `digest` (of `length` bytes), or None if missing or bad."""
         path = self.path(digest)
         if digest not in self._verified:
-            return self._verify_and_read(digest, length, offset, size)
+            with self._lock:
+                waiter = self._verifying.get(digest)
+                if waiter is None:
+                    self._verifying[digest] = threading.Event()
+            if waiter is None:
+                try:
+                    return self._verify_and_read(digest, length, offset, size)
+                finally:
+                    with self._lock:
+                        self._verifying.pop(digest).set()
+            # Another thread is reading and hashing this block: wait for it rather than do it again.
+            waiter.wait()
+            if digest not in self._verified:
+                return None
         try:
             fd = self._pool.acquire(path)
         except FileNotFoundError:

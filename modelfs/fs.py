@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -85,6 +86,7 @@ class Operations(pyfuse3.Operations):
         self.file_mode = stat.S_IFREG | int(m.file_mode)
         self.dir_mode = stat.S_IFDIR | int(m.dir_mode)
         self.ttl = m.metadata_ttl
+        self.mounted_ns = time.time_ns()  # directories have no mtime in S3: show when they were mounted
 
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -97,6 +99,7 @@ class Operations(pyfuse3.Operations):
             a.st_mode = self.dir_mode
             a.st_nlink = 2
             a.st_size = 0
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self.mounted_ns
             a.attr_timeout = self.ttl
         else:
             a.st_mode = self.file_mode
