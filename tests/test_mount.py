@@ -184,3 +184,19 @@ def test_mount_errors_are_one_line(tmp_path: Path, checkpoint: Checkpoint, mount
         assert r.returncode != 0, msg
         assert msg in r.stderr and r.stderr.count("\n") == 1, (msg, r.stderr)
     assert read_tree(live.path)  # the live mount is untouched
+
+
+def test_mount_from_config_file_with_endpoint_in_config(seaweed: object, s3_checkpoint: str, checkpoint: Checkpoint,
+                                                        mounter: Callable[..., Mount], tmp_path: Path) -> None:
+    """Source, endpoint and settings from --config; credentials from the environment only (boto3 chain)."""
+    env = dict(seaweed.env())  # type: ignore[attr-defined]
+    endpoint = env.pop("AWS_ENDPOINT_URL")
+    env["AWS_ENDPOINT_URL"] = ""  # make sure the endpoint really comes from the file
+    cfg = tmp_path / "modelfs.toml"
+    cfg.write_text(f'[s3]\nendpoint_url = "{endpoint}"\naddressing_style = "path"\n'
+                   '[cache]\nextent_size = "4MiB"\n[mount]\nmetadata_ttl = 5.0\n')
+    m = mounter(s3_checkpoint, env=env, args=["--config", str(cfg)])
+    rel = checkpoint.torch_file
+    assert (m.path / rel).read_bytes() == (checkpoint.root / rel).read_bytes()
+    size = (checkpoint.root / rel).stat().st_size
+    assert m.stats()["gets"] == -(-size // (4 << 20))  # 4 MiB extents from the file
