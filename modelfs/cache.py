@@ -15,14 +15,22 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import mmap
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TypeVar
 
 import xxhash
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class _Missing(Exception):
+    """The block failed verification in another thread."""
 
 
 def block_hash(data: bytes | memoryview) -> bytes:
@@ -146,24 +154,36 @@ class BlockCache:
     def contains(self, digest: bytes) -> bool:
         return os.path.exists(self.path(digest))
 
+    def _first_serve(self, digest: bytes, verify: Callable[[], _T]) -> tuple[bool, _T | None]:
+        """Single-flight verification: (True, verify()) for the one thread that verifies the block,
+        (False, None) for the others, once it is verified. Raises _Missing if it turned out bad."""
+        if digest in self._verified:
+            return False, None
+        with self._lock:
+            waiter = self._verifying.get(digest)
+            if waiter is None:
+                self._verifying[digest] = threading.Event()
+        if waiter is None:
+            try:
+                return True, verify()
+            finally:
+                with self._lock:
+                    self._verifying.pop(digest).set()
+        # Another thread is reading and hashing this block: wait for it rather than do it again.
+        waiter.wait()
+        if digest not in self._verified:
+            raise _Missing
+        return False, None
+
     def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
         """`size` bytes at `offset` of the block `digest` (of `length` bytes), or None if missing or bad."""
         path = self.path(digest)
-        if digest not in self._verified:
-            with self._lock:
-                waiter = self._verifying.get(digest)
-                if waiter is None:
-                    self._verifying[digest] = threading.Event()
-            if waiter is None:
-                try:
-                    return self._verify_and_read(digest, length, offset, size)
-                finally:
-                    with self._lock:
-                        self._verifying.pop(digest).set()
-            # Another thread is reading and hashing this block: wait for it rather than do it again.
-            waiter.wait()
-            if digest not in self._verified:
-                return None
+        try:
+            first, data = self._first_serve(digest, lambda: self._verify_and_read(digest, length, offset, size))
+        except _Missing:
+            return None
+        if first:
+            return data
         try:
             fd = self._pool.acquire(path)
         except FileNotFoundError:
@@ -176,6 +196,42 @@ class BlockCache:
             self.drop(digest, "truncated")
             return None
         return data
+
+    def map(self, digest: bytes, length: int) -> mmap.mmap | None:
+        """The whole block mapped read-only (populated), verified on first serve; None if missing or bad.
+
+        For pushing whole extents into the page cache: no copy into Python memory, no allocation.
+        The caller closes the map.
+        """
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size != length:
+                self.drop(digest, "truncated" if os.fstat(fd).st_size < length else "corrupt")
+                return None
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+        def verify() -> bool:
+            if block_hash(m) != digest:
+                return False
+            with self._lock:
+                self._verified.add(digest)
+            return True
+
+        try:
+            first, ok = self._first_serve(digest, verify)
+        except _Missing:
+            m.close()
+            return None
+        if first and not ok:
+            m.close()
+            self.drop(digest, "corrupt")
+            return None
+        return m
 
     def _verify_and_read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
         path = self.path(digest)

@@ -175,6 +175,75 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files_under(paths: list[str]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for dirpath, dirs, files in os.walk(path):
+                dirs.sort()
+                out += [(p, os.path.getsize(p)) for p in (os.path.join(dirpath, f) for f in sorted(files))]
+        elif os.path.isfile(path):
+            out.append((path, os.path.getsize(path)))
+        else:
+            raise ModelfsError(f"{path}: no such file or directory")
+    return out
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Warm the block cache with whole files, showing bytes, rate and ETA; non-zero if any file failed."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    files = _files_under(args.paths)
+    for path, _ in files[:1]:
+        try:
+            os.getxattr(path, "user.modelfs.cached")
+        except OSError:
+            raise ModelfsError(f"{path} is not on a modelfs mount") from None
+    done: dict[str, int] = {}
+    failed: list[str] = []
+    fetched = 0
+    stop = threading.Event()
+
+    def warm(path: str) -> None:
+        nonlocal fetched
+        try:
+            result = json.loads(os.getxattr(path, "user.modelfs.prefetch"))
+            fetched += result["fetched"]
+        except OSError as e:
+            failed.append(f"{path}: {e.strerror}")
+        done[path] = os.path.getsize(path)
+
+    with tqdm(total=sum(size for _, size in files), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="prefetch", disable=args.quiet) as bar:
+        def poll() -> None:
+            while not stop.wait(0.5):
+                partial = 0
+                for path, _size in files:
+                    if path not in done:
+                        try:
+                            partial += int(os.getxattr(path, "user.modelfs.cached"))
+                        except (OSError, ValueError):
+                            pass
+                bar.update(sum(done.values()) + partial - bar.n)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(warm, (p for p, _ in files)))
+        stop.set()
+        poller.join()
+        bar.update(sum(done.values()) - bar.n)
+    for line in failed:
+        print(f"modelfs: error: {line}", file=sys.stderr)
+    if not args.quiet:
+        print(f"modelfs: {len(files) - len(failed)} of {len(files)} files in the cache, "
+              f"{human(fetched)} fetched from the store")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfs", description="Serve remote model checkpoints as read-only files.")
     p.add_argument("--version", action="version", version=f"modelfs {__version__}")
@@ -200,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon to exit")
     u.set_defaults(func=cmd_umount)
+
+    pf = sub.add_parser("prefetch", help="fetch files or directories of a mount into the block cache")
+    pf.add_argument("paths", nargs="+", metavar="PATH")
+    pf.add_argument("-j", "--jobs", type=int, default=4, help="files warmed at once")
+    pf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pf.set_defaults(func=cmd_prefetch)
 
     s = sub.add_parser("stats", help="print the counters of a mount")
     s.add_argument("mountpoint")

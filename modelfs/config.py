@@ -93,6 +93,27 @@ class FetchConfig:
 
     concurrency: int = 16
     io_threads: int = 8
+    memory_budget: Size = Size(256 * MiB)
+
+
+def _default_patterns() -> list[str]:
+    return ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf"]
+
+
+@dataclass
+class PrefetchConfig:
+    """What to fetch before the loader asks for it."""
+
+    whole_file: bool = True
+    patterns: list[str] = field(default_factory=_default_patterns)
+    concurrency: int = 16
+    checkpoint_sets: bool = True
+    sequential: bool = True
+    initial_window: Size = Size(16 * MiB)
+    max_window: Size = Size(1024 * MiB)
+    page_cache_push: bool = True
+    push_min_available: Size = Size(2 * GiB)
+    cache_reserve: Size = Size(1 * GiB)
 
 
 @dataclass
@@ -125,6 +146,7 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     mount: MountConfig = field(default_factory=MountConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -133,11 +155,17 @@ class Config:
         es = self.cache.extent_size
         if es < 64 * KiB or es > 256 * MiB or es % 4096:
             raise ConfigError(f"config: cache.extent_size must be a multiple of 4KiB in [64KiB, 256MiB], got {es}")
-        for key, val in (("fetch.concurrency", self.fetch.concurrency), ("fetch.io_threads", self.fetch.io_threads),
-                         ("cache.open_files", self.cache.open_files), ("mount.fuse_tasks", self.mount.fuse_tasks),
-                         ("s3.max_attempts", self.s3.max_attempts)):
+        positive = (("fetch.concurrency", self.fetch.concurrency), ("fetch.io_threads", self.fetch.io_threads),
+                    ("cache.open_files", self.cache.open_files), ("mount.fuse_tasks", self.mount.fuse_tasks),
+                    ("s3.max_attempts", self.s3.max_attempts), ("prefetch.concurrency", self.prefetch.concurrency))
+        for key, val in positive:
             if val < 1:
                 raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.fetch.memory_budget < 2 * es:
+            raise ConfigError(f"config: fetch.memory_budget must be at least 2 x cache.extent_size ({2 * es}), "
+                              f"got {self.fetch.memory_budget}")
+        if self.prefetch.initial_window <= 0 or self.prefetch.max_window < self.prefetch.initial_window:
+            raise ConfigError("config: prefetch.max_window must be >= prefetch.initial_window > 0")
         if self.mount.metadata_ttl < 0:
             raise ConfigError(f"config: mount.metadata_ttl must be >= 0, got {self.mount.metadata_ttl}")
         if self.s3.addressing_style not in ("auto", "path", "virtual"):
@@ -170,6 +198,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"config: {key} must be a number, got {value!r}")
         return float(value)
+    if typ == "list[str]":
+        if isinstance(value, str):  # from -o: comma-separated
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config: {key} must be a list of strings, got {value!r}")
+        return list(value)
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"config: {key} must be a string, got {value!r}")
@@ -177,7 +211,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise AssertionError(f"unhandled config type {typ!r}")
 
 
-_TYPES = {"Size": Size, "Mode": Mode, "int": int, "float": float, "bool": bool, "str": str}
+_TYPES: dict[str, Any] = {"Size": Size, "Mode": Mode, "int": int, "float": float, "bool": bool, "str": str,
+                          "list[str]": "list[str]"}
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:

@@ -17,9 +17,10 @@ import trio
 from modelfs.cache import BlockCache
 from modelfs.config import Config
 from modelfs.errors import NotFound, ReadOnly
-from modelfs.fetch import Fetcher, FileVersion
+from modelfs.fetch import Buffer, Fetcher, FileVersion
 from modelfs.index import ChunkIndex
 from modelfs.namespace import Namespace, Node
+from modelfs.prefetch import Prefetcher
 from modelfs.remote import Listing, Store
 from modelfs.stats import Stats
 
@@ -34,7 +35,7 @@ class _Piece:
     length: int
     inner: int
     size: int
-    data: bytes | None
+    data: Buffer | None
 
 
 class ModelFS:
@@ -51,15 +52,22 @@ class ModelFS:
         self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl)
-        self.fetcher = Fetcher(store, cache, index, self.stats, cfg.fetch.concurrency)
+        # GET buffers plus prefetched extents awaiting their push stay within fetch.memory_budget.
+        slots = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // (2 * self.extent_size)))
+        self.fetcher = Fetcher(store, cache, index, self.stats, slots)
+        self.prefetcher = Prefetcher(cfg.prefetch, self.fetcher, cache, index, self.ns, self.stats, self.version,
+                                     self.read_version, self.is_open, self.io_limiter,
+                                     workers=max(1, min(cfg.prefetch.concurrency, slots)), cache_dir=cfg.cache.dir)
         self._versions: dict[int, FileVersion] = {}
+        self._open: dict[int, int] = {}  # inode -> open handles
         self._handles: dict[int, tuple[Node, FileVersion]] = {}
         self._dir_handles: dict[int, list[Node]] = {}
         self._fh = itertools.count(1)
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Background work (fetch flights) belongs to `nursery`."""
+        """Background work (fetch flights, prefetch workers) belongs to `nursery`."""
         self.fetcher.start(nursery)
+        self.prefetcher.start(nursery)
 
     async def _list_dir(self, prefix: str) -> Listing:
         return await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter)
@@ -108,13 +116,32 @@ class ModelFS:
             raise IsADirectoryError(node.key)
         fh = next(self._fh)
         self._handles[fh] = (node, self.version(node))
+        self._open[inode] = self._open.get(inode, 0) + 1
+        self.prefetcher.opened(node)
         return fh
 
-    def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+    def is_open(self, inode: int) -> bool:
+        return self._open.get(inode, 0) > 0
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
-        _node, ver = self._handles[fh]
+    def release(self, fh: int) -> None:
+        entry = self._handles.pop(fh, None)
+        if entry is None:
+            return
+        node = entry[0]
+        self._open[node.inode] -= 1
+        if not self._open[node.inode]:
+            del self._open[node.inode]
+            self.prefetcher.released(node)
+
+    async def read(self, fh: int, offset: int, size: int) -> Buffer:
+        node, ver = self._handles[fh]
+        self.prefetcher.on_read(node, ver, offset, size)
+        data = await self.read_version(ver, offset, size)
+        self.stats.add(bytes_served=len(data))
+        return data
+
+    async def read_version(self, ver: FileVersion, offset: int, size: int) -> Buffer:
+        """Bytes [offset, offset+size) of one version, from the cache or the store."""
         end = min(offset + size, ver.info.size)
         if offset >= end:
             return b""
@@ -128,12 +155,11 @@ class ModelFS:
                     nursery.start_soon(self._fill, ver, p)
         data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)  # type: ignore[misc]
         assert data is not None
-        self.stats.add(bytes_served=len(data))
         return data
 
     async def _fill(self, ver: FileVersion, piece: _Piece) -> None:
         extent = await self.fetcher.fetch(ver, piece.start, piece.length)
-        piece.data = extent[piece.inner:piece.inner + piece.size]
+        piece.data = memoryview(extent)[piece.inner:piece.inner + piece.size]
 
     def _read_cached(self, ver: FileVersion, offset: int, end: int) -> list[_Piece]:
         """Split [offset, end) by extent and read what the cache holds. Runs in a worker thread."""
@@ -161,6 +187,33 @@ class ModelFS:
         self.stats.add(cache_hits=hits, cache_misses=misses)
         return pieces
 
+    # -- cache warming (`modelfs prefetch`) ----------------------------------------------------------
+
+    async def warm(self, inode: int) -> dict[str, int]:
+        """Fetch a whole file into the block cache; returns its size and the bytes that needed GETs."""
+        node = self.ns.get(inode)
+        if node.is_dir:
+            raise IsADirectoryError(node.key)
+        job = await self.prefetcher.warm(node)
+        return {"size": self.version(node).info.size, "fetched": job.fetched}
+
+    async def cached_bytes(self, inode: int) -> int:
+        """How many bytes of a file the block cache holds (progress of a warm-up)."""
+        node = self.ns.get(inode)
+        if node.is_dir:
+            raise IsADirectoryError(node.key)
+        ver = self.version(node)
+
+        def count() -> int:
+            total = 0
+            for start, length in ver.extents():
+                ext = ver.known.get(start) or self.index.lookup(ver.vid, start)
+                if ext is not None and ext[1] == length and self.cache.contains(ext[0]):
+                    total += length
+            return total
+
+        return await trio.to_thread.run_sync(count, limiter=self.io_limiter)
+
     # -- counters ---------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -168,4 +221,5 @@ class ModelFS:
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["blocks_in_cache"] = self.cache.blocks_stored
         snap["fetches_in_flight"] = self.fetcher.in_flight
+        snap["prefetch_queue"] = self.prefetcher.queued
         return snap

@@ -3,11 +3,17 @@
 An extent is fetched at most once at a time however many readers want it: the first asks, the rest
 wait on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader
 that goes away never cancels a GET that others wait for.
+
+GET slots are shared by demand reads and prefetch, and a freed slot goes to a waiting demand read
+first: prefetch never delays a loader's own read by more than one GET. Memory is bounded: at most
+`slots` GET buffers plus as many prefetched extents waiting to be pushed, i.e. 2 x slots x extent
+<= fetch.memory_budget.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -19,6 +25,8 @@ from modelfs.remote import ObjectInfo, Store
 from modelfs.stats import Stats
 
 log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(eq=False)
@@ -39,23 +47,66 @@ class FileVersion:
         start = offset - offset % self.extent_size
         return start, min(self.extent_size, self.info.size - start)
 
+    def extents(self) -> list[tuple[int, int]]:
+        """Every (start, length) of the file, in file order."""
+        return [self.extent_at(off) for off in range(0, self.info.size, self.extent_size)]
+
+
+class PrioritySlots:
+    """A counting semaphore whose waiters for demand reads are woken before waiters for prefetch."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._demand: deque[trio.Event] = deque()
+        self._prefetch: deque[trio.Event] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._demand) + len(self._prefetch)
+
+    async def acquire(self, demand: bool) -> None:
+        if self.free > 0 and (demand or not self._demand):
+            self.free -= 1
+            await trio.lowlevel.checkpoint()
+            return
+        ev = trio.Event()
+        queue = self._demand if demand else self._prefetch
+        queue.append(ev)
+        try:
+            await ev.wait()  # a releaser hands its slot over by setting ev
+        except BaseException:
+            if ev.is_set():
+                self.release()  # granted, but we are cancelled: pass it on
+            else:
+                queue.remove(ev)
+            raise
+
+    def release(self) -> None:
+        queue = self._demand or self._prefetch
+        if queue:
+            queue.popleft().set()
+        else:
+            self.free += 1
+
 
 @dataclass(eq=False)
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
+    data: Buffer = b""
     error: BaseException | None = None
 
 
 class Fetcher:
-    """Turns cache misses into ranged GETs; at most `concurrency` in flight."""
+    """Turns cache misses into ranged GETs."""
 
-    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, stats: Stats, concurrency: int) -> None:
+    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, stats: Stats, slots: int) -> None:
         self.store = store
         self.cache = cache
         self.index = index
         self.stats = stats
-        self.limiter = trio.CapacityLimiter(concurrency)
+        self.slots = PrioritySlots(slots)
+        self.threads = trio.CapacityLimiter(slots)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._write_error_logged = False
@@ -68,35 +119,67 @@ class Fetcher:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    async def fetch(self, ver: FileVersion, start: int, length: int) -> bytes:
-        """The whole extent [start, start+length) of `ver`, from the store, stored in cache and index."""
+    async def fetch(self, ver: FileVersion, start: int, length: int) -> Buffer:
+        """The whole extent [start, start+length) of `ver` for a demand read: joins a flight or starts one."""
+        flight = self._inflight.get((ver.vid, start))
+        if flight is None:
+            flight = self._launch(ver, start, length, slot_held=False)
+        return await self._wait(flight)
+
+    async def prefetch(self, ver: FileVersion, start: int, length: int) -> Buffer | None:
+        """Fetch an extent that is not cached, at prefetch priority. None if it is cached after all."""
         key = (ver.vid, start)
         flight = self._inflight.get(key)
         if flight is None:
-            assert self._nursery is not None, "Fetcher.start() was not called"
-            flight = self._inflight[key] = _Flight()
-            self._nursery.start_soon(self._run, key, flight, ver, start, length)
+            await self.slots.acquire(demand=False)
+            flight = self._inflight.get(key)  # someone may have started it while we waited
+            if flight is None:
+                if ver.known.get(start) is not None and await trio.to_thread.run_sync(
+                        self.cache.contains, ver.known[start][0]):
+                    self.slots.release()  # fetched by a flight that finished while we waited
+                    return None
+                flight = self._launch(ver, start, length, slot_held=True)
+            else:
+                self.slots.release()
+        return await self._wait(flight)
+
+    def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
+        assert self._nursery is not None, "Fetcher.start() was not called"
+        key = (ver.vid, start)
+        flight = self._inflight[key] = _Flight()
+        self._nursery.start_soon(self._run, key, flight, ver, start, length, slot_held)
+        return flight
+
+    @staticmethod
+    async def _wait(flight: _Flight) -> Buffer:
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
         return flight.data
 
-    async def _run(self, key: tuple[bytes, int], flight: _Flight, ver: FileVersion, start: int, length: int) -> None:
+    async def _run(self, key: tuple[bytes, int], flight: _Flight, ver: FileVersion, start: int, length: int,
+                   slot_held: bool) -> None:
         try:
-            flight.data = await trio.to_thread.run_sync(self._fetch_blocking, ver, start, length,
-                                                        limiter=self.limiter)
+            if not slot_held:
+                await self.slots.acquire(demand=True)
+            try:
+                flight.data = await trio.to_thread.run_sync(self._fetch_blocking, ver, start, length,
+                                                            limiter=self.threads)
+            finally:
+                self.slots.release()
         except (StoreError, OSError) as e:
             flight.error = e
         except BaseException as e:
-            flight.error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
+            flight.error = StoreError(f"fetch of {ver.info.key} was cancelled")
             if not isinstance(e, trio.Cancelled):
+                flight.error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
                 log.exception("fetch of %s at %d failed", ver.info.key, start)
             raise
         finally:
             del self._inflight[key]
             flight.done.set()
 
-    def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> bytes:
+    def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> Buffer:
         """GET, hash, store block, record extent. Runs in a worker thread."""
         known = ver.known.get(start)
         if known is not None:

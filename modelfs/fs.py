@@ -21,6 +21,7 @@ import pyfuse3
 
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError
+from modelfs.fetch import Buffer
 from modelfs.namespace import Node
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ T = TypeVar("T")
 FILE_ATTR_TIMEOUT = 24 * 3600.0
 XATTR_STATS = b"user.modelfs.stats"
 XATTR_PID = b"user.modelfs.pid"
+#: Reading this xattr of a file fetches the whole file into the block cache first (`modelfs prefetch`);
+#: a getxattr, because the mount is read-only and setxattr never reaches the daemon.
+XATTR_PREFETCH = b"user.modelfs.prefetch"
+XATTR_CACHED = b"user.modelfs.cached"
 
 
 def to_errno(e: BaseException) -> int:
@@ -146,7 +151,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self.core.open(inode, flags), keep_cache=True)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:
         return await self.core.read(fh, off, size)
 
     @_errors
@@ -171,13 +176,18 @@ class Operations(pyfuse3.Operations):
             return json.dumps(self.core.counters()).encode()
         if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
             return str(os.getpid()).encode()
-        self.core.node(inode)
+        node = self.core.node(inode)
+        if not node.is_dir and name == XATTR_PREFETCH:
+            return json.dumps(await self.core.warm(inode)).encode()
+        if not node.is_dir and name == XATTR_CACHED:
+            return str(await self.core.cached_bytes(inode)).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self.core.node(inode)
-        return [XATTR_STATS, XATTR_PID] if inode == pyfuse3.ROOT_INODE else []
+        if inode == pyfuse3.ROOT_INODE:
+            return [XATTR_STATS, XATTR_PID]
+        return [] if self.core.node(inode).is_dir else [XATTR_CACHED]
 
     # Every mutation: EROFS (the mount is also `ro`, so the kernel usually answers first).
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]

@@ -157,6 +157,8 @@ class Daemon:
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1))
             self._resources.append(cache.close)
             self.core = ModelFS(cfg, store, index, cache, stats)
+            if cfg.prefetch.page_cache_push:
+                self.core.prefetcher.push = pyfuse3.notify_store
             mountpoint = prepare_mountpoint(cfg.mountpoint)
             pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
         except BaseException:

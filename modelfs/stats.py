@@ -20,6 +20,10 @@ class Stats:
     store_errors: int = 0
     version_changes: int = 0
     cache_write_errors: int = 0
+    prefetch_bytes: int = 0
+    pushed_bytes: int = 0
+    push_skipped_bytes: int = 0
+    push_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

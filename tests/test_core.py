@@ -39,7 +39,10 @@ def run_core(source: Path, tmp_path: Path) -> Iterator[Runner]:
     cache_dir = tmp_path / "cache"
 
     def run(body: Callable[[ModelFS], object]) -> None:
-        cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT)})
+        # Prefetch off: these tests pin down the demand path (tests/test_prefetch.py covers prefetch).
+        cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT),
+                                 "prefetch.whole_file": "false", "prefetch.sequential": "false",
+                                 "prefetch.checkpoint_sets": "false"})
         store = LocalStore(str(source))
         index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
         cache = BlockCache(str(cache_dir), store.domain)

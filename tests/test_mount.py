@@ -116,7 +116,7 @@ def test_warm_remount_serves_everything_with_zero_gets(backend: tuple[str, dict[
     assert read_tree(m.path) == expected
     warm = m.stats()
     assert warm["gets"] == 0 and warm["bytes_fetched"] == 0
-    assert warm["bytes_served"] >= total and warm["cache_hits"] > 0
+    assert warm["bytes_served"] + warm["pushed_bytes"] >= total  # read by the kernel, or pushed into its cache
     assert warm["bytes_in_cache"] >= total
 
 
@@ -155,7 +155,7 @@ def test_stats_and_umount_cli(checkpoint: Checkpoint, mounter: Callable[..., Mou
                     "dedup_bytes_saved"):
         assert counter in r.stdout
     data = json.loads(cli("stats", "--json", str(m.path)).stdout)
-    assert data["bytes_served"] >= (checkpoint.root / checkpoint.torch_file).stat().st_size
+    assert data["bytes_served"] + data["pushed_bytes"] >= (checkpoint.root / checkpoint.torch_file).stat().st_size
     r = cli("umount", str(m.path))
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(f"/proc/{m.pid}") or "Z" in Path(f"/proc/{m.pid}/stat").read_text().split()[2]

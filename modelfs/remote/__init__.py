@@ -50,7 +50,7 @@ class Store(Protocol):
         """List the direct children of `prefix` ("" or "a/b/")."""
         ...
 
-    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes | bytearray:
         """Exactly `length` bytes of version `obj` from `start`; VersionChanged if it was overwritten."""
         ...
 

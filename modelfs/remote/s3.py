@@ -51,6 +51,19 @@ def _status(e: bexc.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+def _read_into(body: Any, buf: bytearray) -> int:
+    """Copy a response body into `buf` chunk by chunk: one extent-sized buffer, not a second joined copy."""
+    view = memoryview(buf)
+    got = 0
+    for chunk in body.iter_chunks(1 << 20):
+        n = len(chunk)
+        if got + n > len(buf):
+            raise StoreError(f"long body: more than {len(buf)} bytes for a ranged GET")
+        view[got:got + n] = chunk
+        got += n
+    return got
+
+
 class S3Store:
     """Objects under s3://bucket/prefix."""
 
@@ -127,16 +140,17 @@ class S3Store:
             raise self._fail(e, f"listing {full!r}") from None
         return listing
 
-    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytearray:
         key = self.prefix + obj.key
         rng = f"bytes={start}-{start + length - 1}"
+        buf = bytearray(length)
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, IfMatch=obj.etag)
-                data: bytes = resp["Body"].read()
-                if len(data) == length:
-                    return data
-                err: Exception = StoreError(f"short body: {len(data)} of {length} bytes")
+                got = _read_into(resp["Body"], buf)
+                if got == length:
+                    return buf
+                err: Exception = StoreError(f"short body: {got} of {length} bytes")
             except bexc.ClientError as e:
                 if _status(e) == 412 or _code(e) == "PreconditionFailed":
                     raise VersionChanged(f"{obj.key} was overwritten in the store") from None

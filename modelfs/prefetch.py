@@ -1,0 +1,374 @@
+"""The prefetcher: decides what to fetch before the loader asks, and hands it to the kernel page cache.
+
+Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of worker tasks:
+- whole file: opening a checkpoint file (`prefetch.patterns`) schedules every extent, in the order
+  the loader will likely read it (safetensors: the header, then tensors by data offset);
+- checkpoint sets: opening `*.index.json` of a sharded checkpoint, or one shard of a
+  `name-0000K-of-0000N.ext` set, schedules the other shards into the block cache, within the free
+  space of the cache filesystem;
+- sequential streams (`readahead.StreamTracker`) for any other file read sequentially.
+
+Extents of a file that is open are pushed into the kernel page cache (`push`, which is FUSE's
+notify_store, injected by the mount; the core knows nothing of FUSE) so that the loader's reads and
+page faults never reach the daemon. Pushes run in their own threads: a push can wait for a page lock
+held by a read request, and that read must still be answerable by the I/O threads. Pushing stops while
+the machine has less than `push_min_available` memory available.
+
+Workers take GET slots at prefetch priority (`fetch.PrioritySlots`), so demand reads go first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import mmap
+import os
+import re
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from modelfs.cache import BlockCache
+from modelfs.config import PrefetchConfig
+from modelfs.errors import ModelfsError
+from modelfs.fetch import Buffer, Fetcher, FileVersion
+from modelfs.index import ChunkIndex
+from modelfs.namespace import Namespace, Node
+from modelfs.readahead import ReadaheadPolicy, StreamTracker
+from modelfs.stats import Stats
+
+log = logging.getLogger(__name__)
+
+PushFn = Callable[[int, int, Buffer], None]
+ReadFn = Callable[[FileVersion, int, int], Awaitable[Buffer]]
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
+_INDEX_SUFFIX = ".index.json"
+#: The largest safetensors header we parse to order a prefetch (the format allows 100 MB).
+_MAX_HEADER = 100 << 20
+
+
+def safetensors_order(header: bytes, file_size: int, extent_size: int) -> list[int]:
+    """Extent starts in the order a loader reads a safetensors file: header, then tensors by data offset."""
+    meta = json.loads(header)
+    base = 8 + len(header)
+    begins = sorted(base + int(v["data_offsets"][0]) for k, v in meta.items()
+                    if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v)
+    order: list[int] = []
+    seen: set[int] = set()
+    for off in [0, *begins, *range(0, file_size, extent_size)]:
+        start = min(off, max(file_size - 1, 0)) // extent_size * extent_size
+        if start not in seen:
+            seen.add(start)
+            order.append(start)
+    return order
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 if unknown: then nothing is pushed)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(eq=False)
+class Job:
+    """Prefetch of some extents of one file. `push`: also hand them to the page cache."""
+
+    node: Node
+    ver: FileVersion
+    push: bool
+    pending: deque[int] = field(default_factory=deque)
+    queued: set[int] = field(default_factory=set)
+    completed: list[int] = field(default_factory=list)
+    outstanding: int = 0
+    fetched: int = 0
+    error: BaseException | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def add(self, starts: list[int]) -> None:
+        for s in starts:
+            if s not in self.queued:
+                self.queued.add(s)
+                self.pending.append(s)
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and self.outstanding == 0
+
+
+class Prefetcher:
+    """Schedules prefetch jobs and runs them on `workers` tasks in the daemon's nursery."""
+
+    def __init__(self, cfg: PrefetchConfig, fetcher: Fetcher, cache: BlockCache, index: ChunkIndex,
+                 ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion], read: ReadFn,
+                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
+                 cache_dir: str) -> None:
+        self.cfg = cfg
+        self.fetcher = fetcher
+        self.cache = cache
+        self.index = index
+        self.ns = ns
+        self.stats = stats
+        self.version_of = version_of
+        self.read = read
+        self.is_open = is_open
+        self.io_limiter = io_limiter
+        self.workers = workers
+        self.cache_dir = cache_dir
+        self.push: PushFn | None = None
+        self.push_limiter = trio.CapacityLimiter(2)
+        self.policy = ReadaheadPolicy(initial_window=int(cfg.initial_window), max_window=int(cfg.max_window))
+        self._jobs: dict[int, Job] = {}  # inode -> active job
+        self._queue: deque[Job] = deque()
+        self._wakeup = trio.Event()
+        self._trackers: dict[int, StreamTracker] = {}
+        self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
+        self._nursery: trio.Nursery | None = None
+        self._scheduling = 0
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        for _ in range(self.workers):
+            nursery.start_soon(self._worker)
+
+    @property
+    def queued(self) -> int:
+        """Extents waiting for a worker (the prefetch queue depth)."""
+        return sum(len(j.pending) for j in self._queue)
+
+    # -- triggers (called by the core; never block) --------------------------------------------------------
+
+    def is_checkpoint(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.cfg.patterns)
+
+    def opened(self, node: Node) -> None:
+        """A file was opened: whole-file and checkpoint-set prefetch as configured."""
+        if self._nursery is None:
+            return
+        if self.cfg.whole_file and self.is_checkpoint(node.name):
+            self._spawn(self._schedule_whole, node, True)
+        if self.cfg.checkpoint_sets and (node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name)):
+            self._spawn(self._schedule_set, node)
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a scheduling step in the daemon's nursery (it may read a header or list a directory)."""
+        assert self._nursery is not None
+        self._scheduling += 1
+
+        async def step() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._scheduling -= 1
+
+        self._nursery.start_soon(step)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing scheduled, queued or running."""
+        return not self._jobs and not self._scheduling
+
+    def on_read(self, node: Node, ver: FileVersion, offset: int, size: int) -> None:
+        """A demand read: feeds the stream detector; also tells us what the kernel lost."""
+        pushed = self._pushed.get(node.inode)
+        if pushed:
+            # The kernel asks for bytes we pushed: they were evicted (or raced our push). Forget them,
+            # so a later job pushes them again.
+            start, _ = ver.extent_at(offset)
+            pushed.discard(start)
+        job = self._jobs.get(node.inode)
+        if not self.cfg.sequential or (job is not None and job.push):
+            return  # already being prefetched into the page cache
+        tracker = self._trackers.get(node.inode)
+        if tracker is None:
+            tracker = self._trackers[node.inode] = StreamTracker(ver.info.size, self.policy)
+        rng = tracker.on_read(offset, size)
+        if rng is not None:
+            first = rng[0] - rng[0] % ver.extent_size
+            self._submit(node, ver, list(range(first, rng[1], ver.extent_size)), push=True)
+
+    def released(self, node: Node) -> None:
+        """The last handle of `node` closed: keep filling the block cache, stop pushing."""
+        job = self._jobs.get(node.inode)
+        if job is not None:
+            job.push = False
+        self._trackers.pop(node.inode, None)
+
+    async def warm(self, node: Node) -> Job:
+        """Fetch the whole file into the block cache (for `modelfs prefetch`); returns the finished job."""
+        job = await self._schedule_whole(node, False)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job
+
+    # -- scheduling ----------------------------------------------------------------------------------
+
+    def _submit(self, node: Node, ver: FileVersion, starts: list[int], push: bool) -> Job:
+        job = self._jobs.get(node.inode)
+        if job is None or job.ver is not ver:
+            job = self._jobs[node.inode] = Job(node, ver, push)
+            self._queue.append(job)
+        elif push and not job.push:
+            job.push = True  # the file was opened: what went into the cache only is pushed now too
+            redo, job.completed = job.completed, []
+            job.queued.difference_update(redo)
+            job.add(redo)
+        job.add(starts)
+        if job.finished:
+            self._finish(job)
+        self._wakeup.set()
+        return job
+
+    async def _schedule_whole(self, node: Node, push: bool) -> Job:
+        ver = self.version_of(node)
+        order = [s for s, _ in ver.extents()]
+        if node.name.endswith(".safetensors") and ver.info.size > 8:
+            try:
+                order = await self._safetensors_order(ver)
+            except (ModelfsError, OSError, ValueError, KeyError, TypeError) as e:
+                log.debug("%s: no safetensors order (%s); file order", node.key, e)
+        return self._submit(node, ver, order, push)
+
+    async def _safetensors_order(self, ver: FileVersion) -> list[int]:
+        (n,) = struct.unpack("<Q", bytes(await self.read(ver, 0, 8)))
+        if n <= 0 or n > _MAX_HEADER or 8 + n > ver.info.size:
+            raise ValueError("not a safetensors header")
+        header = bytes(await self.read(ver, 8, n))
+        return safetensors_order(header, ver.info.size, ver.extent_size)
+
+    async def _schedule_set(self, node: Node) -> None:
+        """Schedule the other shards of node's checkpoint into the block cache, as space allows."""
+        try:
+            parent = self.ns.get(node.parent)
+            siblings = await self.ns.children(parent)
+            names: list[str] = []
+            if node.name.endswith(_INDEX_SUFFIX):
+                ver = self.version_of(node)
+                if ver.info.size > 64 << 20:
+                    return
+                index = json.loads(bytes(await self.read(ver, 0, ver.info.size)))
+                names = sorted(set(index.get("weight_map", {}).values()))
+            else:
+                m = _SHARD.match(node.name)
+                assert m is not None
+                names = sorted(n for n in siblings if (s := _SHARD.match(n)) and s["stem"] == m["stem"]
+                               and s["n"] == m["n"] and s["ext"] == m["ext"] and n != node.name)
+        except (ModelfsError, OSError, ValueError, AttributeError) as e:
+            log.debug("%s: no checkpoint set to prefetch (%s)", node.key, e)
+            return
+        budget = await trio.to_thread.run_sync(self._free_space)
+        for name in names:
+            shard = siblings.get(name)
+            if shard is None or shard.is_dir or shard.inode in self._jobs:
+                continue
+            assert shard.info is not None
+            if shard.info.size > budget:
+                log.info("not prefetching %s: %d bytes left in the cache filesystem", shard.key, budget)
+                continue
+            budget -= shard.info.size
+            await self._schedule_whole(shard, False)
+
+    def _free_space(self) -> int:
+        st = os.statvfs(self.cache_dir)
+        return st.f_bavail * st.f_frsize - int(self.cfg.cache_reserve)
+
+    def _finish(self, job: Job) -> None:
+        if self._jobs.get(job.node.inode) is job:
+            del self._jobs[job.node.inode]
+        if job in self._queue:
+            self._queue.remove(job)
+        job.done.set()
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    async def _next(self) -> tuple[Job, int]:
+        while True:
+            for job in self._queue:
+                if job.pending:
+                    job.outstanding += 1
+                    return job, job.pending.popleft()
+            if self._wakeup.is_set():  # a fresh event only once the last one fired: all idle workers share it
+                self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    async def _worker(self) -> None:
+        while True:
+            job, start = await self._next()
+            try:
+                if job.error is None:
+                    await self._one(job, start)
+            except (ModelfsError, OSError) as e:
+                if job.error is None:
+                    job.error = e
+                    job.pending.clear()
+                    log.debug("prefetch of %s stopped: %s", job.node.key, e)
+            finally:
+                job.outstanding -= 1
+                job.completed.append(start)
+                if job.finished:
+                    self._finish(job)
+
+    async def _one(self, job: Job, start: int) -> None:
+        ver = job.ver
+        inode = job.node.inode
+        _, length = ver.extent_at(start)
+        want_push = (job.push and self.push is not None and self.cfg.page_cache_push
+                     and start not in self._pushed.get(inode, ()) and self.is_open(inode))
+        data = await trio.to_thread.run_sync(self._cached, ver, start, length, want_push, limiter=self.io_limiter)
+        if data is None:
+            if await trio.to_thread.run_sync(self._free_space) < length:
+                raise ModelfsError("cache filesystem is full: prefetch paused")
+            data = await self.fetcher.prefetch(ver, start, length)
+            if data is not None:
+                job.fetched += length
+                self.stats.add(prefetch_bytes=length)
+            elif want_push:
+                data = await trio.to_thread.run_sync(self._cached, ver, start, length, True,
+                                                     limiter=self.io_limiter)
+        if want_push and not isinstance(data, bool) and data is not None and self.is_open(inode):
+            try:
+                await trio.to_thread.run_sync(self._push, inode, start, data, limiter=self.push_limiter)
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+        elif isinstance(data, mmap.mmap):
+            data.close()
+
+    def _cached(self, ver: FileVersion, start: int, length: int,
+                want_data: bool) -> mmap.mmap | Buffer | bool | None:
+        """From a worker thread: the extent mapped if cached and wanted, True if cached, None if not."""
+        ext = ver.known.get(start)
+        if ext is None:
+            ext = self.index.lookup(ver.vid, start)
+            if ext is None or ext[1] != length:
+                return None
+            ver.known[start] = ext
+        if want_data:
+            return self.cache.map(ext[0], length)
+        return True if self.cache.contains(ext[0]) else None
+
+    def _push(self, inode: int, start: int, data: Buffer | mmap.mmap) -> None:
+        """From a push thread: hand one extent to the kernel page cache, if memory allows."""
+        assert self.push is not None
+        if mem_available() - len(data) < int(self.cfg.push_min_available):
+            self.stats.add(push_skipped_bytes=len(data))
+            return
+        try:
+            self.push(inode, start, data)
+        except OSError as e:
+            self.stats.add(push_errors=1)
+            log.debug("page-cache push of inode %d at %d failed: %s", inode, start, e)
+            return
+        self._pushed.setdefault(inode, set()).add(start)
+        self.stats.add(pushed_bytes=len(data))

@@ -1,0 +1,274 @@
+"""Prefetch without a mount: whole-file order, checkpoint sets, demand priority, page-cache push, warm."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelfs.cache import BlockCache
+from modelfs.config import load_config
+from modelfs.core import ModelFS
+from modelfs.fetch import PrioritySlots
+from modelfs.index import ChunkIndex
+from modelfs.prefetch import safetensors_order
+from modelfs.remote.local import LocalStore
+
+EXTENT = 64 * 1024
+
+
+def write_safetensors(path: Path, tensors: dict[str, int], metadata_pad: int = 0) -> bytes:
+    """A real safetensors layout (uint8 tensors of the given byte sizes), returns the file bytes."""
+    header: dict[str, object] = {"__metadata__": {"pad": "x" * metadata_pad}}
+    off = 0
+    for name, n in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    data = struct.pack("<Q", len(h)) + h + os.urandom(off)
+    path.write_bytes(data)
+    return data
+
+
+def make_core(src: Path, cache_dir: Path, **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
+    cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT),
+                             "fetch.memory_budget": str(16 * EXTENT), "prefetch.cache_reserve": "0",
+                             **overrides})
+    store = LocalStore(str(src))
+    index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
+    cache = BlockCache(str(cache_dir), store.domain)
+    core = ModelFS(cfg, store, index, cache)
+
+    def close() -> None:
+        cache.close()
+        index.close()
+
+    return core, close
+
+
+def run(core: ModelFS, body: Callable[[ModelFS], object]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            core.start(nursery)
+            await body(core)  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def lookup(core: ModelFS, path: str) -> int:
+    inode = 1
+    for part in path.split("/"):
+        inode = (await core.lookup(inode, part)).inode
+    return inode
+
+
+async def settle(core: ModelFS) -> None:
+    """Wait until no prefetch work is queued or running."""
+    with trio.fail_after(30):
+        while not core.prefetcher.idle or core.fetcher.in_flight:
+            await trio.sleep(0.01)
+
+
+def test_safetensors_order_follows_offsets_and_starts_with_header() -> None:
+    header = json.dumps({"__metadata__": {}, "b": {"data_offsets": [300_000, 400_000]},
+                         "a": {"data_offsets": [0, 300_000]}}).encode()
+    order = safetensors_order(header, 8 + len(header) + 400_000, EXTENT)
+    assert order[0] == 0
+    assert sorted(order) == list(range(0, 8 + len(header) + 400_000, EXTENT))
+    assert len(order) == len(set(order))
+
+
+def test_open_prefetches_whole_checkpoint_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "model.safetensors", {f"t{i}": 50_000 + i for i in range(20)})
+    (src / "notes.txt").write_bytes(os.urandom(5 * EXTENT))
+    core, close = make_core(src, tmp_path / "cache")
+
+    async def body(core: ModelFS) -> None:
+        core.open(await lookup(core, "notes.txt"), os.O_RDONLY)  # not a checkpoint pattern
+        fh = core.open(await lookup(core, "model.safetensors"), os.O_RDONLY)
+        await settle(core)
+        assert core.stats.bytes_fetched == len(data)  # every extent, exactly once, without a read
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        assert core.stats.bytes_fetched == len(data)
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_demand_reads_during_prefetch_fetch_each_byte_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(40)})
+    core, close = make_core(src, tmp_path / "cache")
+
+    async def body(core: ModelFS) -> None:
+        fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
+        got = bytearray()
+        for off in range(0, len(data), 100_000):  # the loader reads while the prefetcher runs
+            got += await core.read(fh, off, 100_000)
+        assert bytes(got) == data
+        await settle(core)
+        assert core.stats.bytes_fetched == len(data)
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_index_json_schedules_every_shard(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "llama"
+    src.mkdir(parents=True)
+    sizes = {}
+    weight_map = {}
+    for k in range(1, 4):
+        name = f"model-{k:05d}-of-00003.safetensors"
+        sizes[name] = len(write_safetensors(src / name, {f"l{k}.w": 200_000}))
+        weight_map[f"l{k}.w"] = name
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    core, close = make_core(tmp_path / "src", tmp_path / "cache")
+
+    async def body(core: ModelFS) -> None:
+        core.open(await lookup(core, "llama/model.safetensors.index.json"), os.O_RDONLY)
+        await settle(core)
+        for name, size in sizes.items():
+            assert await core.cached_bytes(await lookup(core, f"llama/{name}")) == size
+        assert core.stats.pushed_bytes == 0  # nothing is open: cache only
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(1, 4):
+        write_safetensors(src / f"w-{k:05d}-of-00003.safetensors", {"x": 300_000})
+    write_safetensors(src / "other-00001-of-00002.safetensors", {"x": 300_000})
+    core, close = make_core(src, tmp_path / "cache")
+
+    async def body(core: ModelFS) -> None:
+        core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        await settle(core)
+        for k in (2, 3):
+            assert await core.cached_bytes(await lookup(core, f"w-{k:05d}-of-00003.safetensors")) > 0
+        assert await core.cached_bytes(await lookup(core, "other-00001-of-00002.safetensors")) == 0
+
+    try:
+        run(core, body)
+    finally:
+        close()
+    core, close = make_core(src, tmp_path / "cache2", **{"prefetch.cache_reserve": "100TiB"})
+
+    async def no_space(core: ModelFS) -> None:
+        core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        await settle(core)
+        assert await core.cached_bytes(await lookup(core, "w-00002-of-00003.safetensors")) == 0
+
+    try:
+        run(core, no_space)
+    finally:
+        close()
+
+
+def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 99_999 for i in range(10)})
+    core, close = make_core(src, tmp_path / "cache", **{"prefetch.push_min_available": "0"})
+    pushed: dict[int, bytes] = {}
+    core.prefetcher.push = lambda inode, off, buf: pushed.__setitem__(off, bytes(buf))
+
+    async def body(core: ModelFS) -> None:
+        inode = await lookup(core, "m.safetensors")
+        fh = core.open(inode, os.O_RDONLY)
+        await settle(core)
+        assert b"".join(pushed[o] for o in sorted(pushed)) == data  # every byte, at its offset
+        assert core.stats.pushed_bytes == len(data)
+        core.release(fh)
+        core.open(inode, os.O_RDONLY)  # re-open: the kernel still has the pages, nothing to push
+        await settle(core)
+        assert core.stats.pushed_bytes == len(data)
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_warm_fills_the_cache_and_reports(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "blob.gguf").write_bytes(os.urandom(7 * EXTENT + 5))
+    core, close = make_core(src, tmp_path / "cache")
+
+    async def body(core: ModelFS) -> None:
+        inode = await lookup(core, "blob.gguf")
+        assert await core.warm(inode) == {"size": 7 * EXTENT + 5, "fetched": 7 * EXTENT + 5}
+        assert await core.cached_bytes(inode) == 7 * EXTENT + 5
+        assert (await core.warm(inode))["fetched"] == 0
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_priority_slots_serve_demand_first() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(demand=False)
+
+        async def take(tag: str, demand: bool) -> None:
+            await slots.acquire(demand)
+            order.append(tag)
+            slots.release()
+
+        async with trio.open_nursery() as n:
+            for i in range(3):
+                n.start_soon(take, f"p{i}", False)
+            await trio.sleep(0.01)
+            n.start_soon(take, "d", True)
+            await trio.sleep(0.01)
+            slots.release()
+        assert slots.free == 1
+
+    trio.run(main)
+    assert order[0] == "d" and sorted(order[1:]) == ["p0", "p1", "p2"]
+
+
+def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(demand=True)
+        with trio.move_on_after(0.01):
+            await slots.acquire(demand=False)
+        slots.release()
+        assert slots.free == 1 and slots.waiting == 0
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("budget", ["128KiB", "1MiB"])
+def test_memory_budget_bounds_get_slots(tmp_path: Path, budget: str) -> None:
+    (tmp_path / "src").mkdir()
+    core, close = make_core(tmp_path / "src", tmp_path / "cache", **{"fetch.memory_budget": budget})
+    try:
+        total = core.fetcher.slots.total + core.prefetcher.workers
+        assert total * EXTENT <= int(core.cfg.fetch.memory_budget)
+    finally:
+        close()
