@@ -1,0 +1,78 @@
+"""Prefetch through real mounts (SeaweedFS S3): warm-up CLI, concurrent loaders, page-cache push."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Checkpoint, Mount, cli, requires_fuse
+
+pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
+
+LOAD_SCRIPT = """
+import sys, torch
+from modelfs.testing.checkpoints import load_all_safetensors
+tensors = load_all_safetensors(__import__("pathlib").Path(sys.argv[1]))
+ref = torch.load(sys.argv[2], weights_only=True)
+assert tensors.keys() == ref.keys()
+assert all(torch.equal(tensors[k], ref[k]) for k in ref)
+"""
+
+
+def test_prefetch_cli_warms_the_cache_then_a_load_needs_no_get(seaweed: object, s3_checkpoint: str,
+                                                               checkpoint: Checkpoint,
+                                                               mounter: Callable[..., Mount]) -> None:
+    m = mounter(s3_checkpoint, env=seaweed.env())  # type: ignore[attr-defined]
+    r = cli("prefetch", str(m.path / checkpoint.hf_dir), env=m.env)
+    assert r.returncode == 0, r.stderr
+    assert "prefetch" in r.stderr and "B/s" in r.stderr  # tqdm progress: bytes and rate
+    hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
+    stats = m.stats()
+    assert stats["bytes_fetched"] == hf_bytes
+    for f in checkpoint.files():
+        if f.startswith(checkpoint.hf_dir):
+            assert int(__import__("os").getxattr(m.path / f, "user.modelfs.cached")) == checkpoint.files()[f]
+    gets = stats["gets"]
+    (m.path / checkpoint.hf_dir / "model.safetensors.index.json").read_bytes()
+    for f in sorted((m.path / checkpoint.hf_dir).glob("*.safetensors")):
+        f.read_bytes()
+    assert m.stats()["gets"] == gets
+    bad = cli("prefetch", "/proc/version")
+    assert bad.returncode != 0 and "not on a modelfs mount" in bad.stderr
+
+
+def test_four_processes_loading_at_once_fetch_each_byte_once(seaweed: object, s3_checkpoint: str,
+                                                             checkpoint: Checkpoint, tmp_path: Path,
+                                                             mounter: Callable[..., Mount]) -> None:
+    torch = pytest.importorskip("torch")
+    ref = tmp_path / "ref.pt"
+    torch.save(checkpoint.safetensors, ref)
+    m = mounter(s3_checkpoint, env=seaweed.env())  # type: ignore[attr-defined]
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, str(m.path / checkpoint.hf_dir), str(ref)])
+             for _ in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
+    stats = m.stats()
+    assert stats["bytes_fetched"] <= hf_bytes * 1.02, stats
+
+
+def test_cold_mmap_load_is_served_from_pushed_pages(seaweed: object, s3_checkpoint: str, checkpoint: Checkpoint,
+                                                    mounter: Callable[..., Mount]) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    m = mounter(s3_checkpoint, env=seaweed.env())  # type: ignore[attr-defined]
+    hf = m.path / checkpoint.hf_dir
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, t in load_file(hf / shard).items():
+            assert torch.equal(t, checkpoint.safetensors[name])
+    stats = m.stats()
+    assert stats["pushed_bytes"] > 0 and stats["push_errors"] == 0
+    hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
+    assert stats["bytes_fetched"] <= hf_bytes * 1.02
