@@ -1,0 +1,207 @@
+"""Turn raw timings into the three artefacts of `make bench`: results.json, results.md, results.png.
+
+The Markdown puts each modelfs number next to the reference the issue compares it with and the
+issue's target, so a reader sees pass/fail without redoing the arithmetic.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PHASES = ("cold", "warm", "hot")
+
+#: The issue's targets: (ratio or absolute) upper bounds.
+TARGET_COLD_VS_S5CMD = 0.6
+TARGET_COLD_VS_FUSE = 0.5
+TARGET_WARM_VS_LOCAL = 1.2
+TARGET_HOT_VS_LOCAL = 1.2
+TARGET_RSS_MIB = 400
+TARGET_FETCHED = 1.02
+
+
+@dataclass
+class SystemResult:
+    """One system's raw seconds per phase plus whatever else it measured per repetition."""
+
+    key: str
+    name: str
+    command: str = ""
+    cold: list[float] = field(default_factory=list)
+    warm: list[float] = field(default_factory=list)
+    hot: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    verified_tensors: int | None = None
+    error: str | None = None
+
+    def series(self, phase: str) -> list[float]:
+        return list(getattr(self, phase))
+
+    def median(self, phase: str) -> float | None:
+        xs = self.series(phase)
+        return statistics.median(xs) if xs else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "command": self.command, "verified_tensors": self.verified_tensors,
+                "error": self.error, "phases": {p: summary(self.series(p)) for p in PHASES}, "extra": self.extra}
+
+
+def summary(xs: list[float]) -> dict[str, Any]:
+    if not xs:
+        return {"n": 0, "raw": []}
+    return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs), "raw": xs}
+
+
+def _cell(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    med = statistics.median(xs)
+    return f"{med:.2f}" if len(xs) == 1 else f"{med:.2f} ({min(xs):.2f}–{max(xs):.2f})"
+
+
+@dataclass
+class Check:
+    """One line of the targets table: modelfs's number against a reference and the issue's bound."""
+
+    what: str
+    measured: str  # modelfs's own number, as shown
+    reference: str  # what it is compared with, as shown
+    ratio: float | None  # the number the bound applies to
+    bound: float
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.ratio is None else self.ratio <= self.bound
+
+    @property
+    def target(self) -> str:
+        return f"<= {self.bound:g}{self.unit}"
+
+    def shown_ratio(self) -> str:
+        return "—" if self.ratio is None else f"{self.ratio:.{2 if self.unit == 'x' else 0}f}{self.unit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"what": self.what, "measured": self.measured, "reference": self.reference, "ratio": self.ratio,
+                "target": self.target, "met": self.met}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _secs(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f} s"
+
+
+def checks(results: list[SystemResult], size: int) -> list[Check]:
+    """The issue's targets, each computed from medians of this run only (the machine is noisy)."""
+    by = {r.key: r for r in results if any(r.series(p) for p in PHASES)}
+    m = by.get("modelfs")
+    if m is None:
+        return []
+    out: list[Check] = []
+    mc, mw, mh = m.median("cold"), m.median("warm"), m.median("hot")
+
+    s5 = by["s5cmd"].median("cold") if "s5cmd" in by else None
+    out.append(Check("cold vs s5cmd download + load", _secs(mc), f"s5cmd {_secs(s5)}", _ratio(mc, s5),
+                     TARGET_COLD_VS_S5CMD))
+    peers = [(c, by[k].name) for k in ("rclone", "s3fs") if k in by and (c := by[k].median("cold")) is not None]
+    best = min(peers) if peers else (None, "no FUSE peer")
+    out.append(Check("cold vs best FUSE peer cold", _secs(mc), f"{best[1]} {_secs(best[0])}", _ratio(mc, best[0]),
+                     TARGET_COLD_VS_FUSE))
+    local = by.get("local")
+    lw, lh = (local.median("warm"), local.median("hot")) if local else (None, None)
+    out.append(Check("warm vs local disk, page cache dropped", _secs(mw), f"local {_secs(lw)}", _ratio(mw, lw),
+                     TARGET_WARM_VS_LOCAL))
+    out.append(Check("hot vs local disk hot", _secs(mh), f"local {_secs(lh)}", _ratio(mh, lh), TARGET_HOT_VS_LOCAL))
+
+    for label, key in (("cold load", "cold_peak_rss_bytes"), ("4 processes", "four_process_peak_rss_bytes")):
+        rss = [x for x in m.extra.get(key, []) if x]
+        peak = max(rss) / 2**20 if rss else None
+        out.append(Check(f"daemon peak RSS, {label} (max of reps)", "—" if peak is None else f"{peak:.0f} MiB",
+                         "—", peak, TARGET_RSS_MIB, " MiB"))
+    for label, key in (("cold", "cold_bytes_fetched"), ("4 processes at once", "four_process_bytes_fetched")):
+        fetched = m.extra.get(key, [])
+        worst = max(fetched) if fetched else None
+        out.append(Check(f"bytes fetched / checkpoint, {label} (max of reps)",
+                         "—" if worst is None else f"{worst / 2**20:.1f} MiB", f"checkpoint {size / 2**20:.1f} MiB",
+                         _ratio(worst, size), TARGET_FETCHED))
+    return out
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any]) -> str:
+    size = facts["checkpoint_bytes"]
+    lines = [
+        f"Checkpoint: {size / 2**30:.2f} GiB, 4 safetensors shards, served by SeaweedFS S3 on loopback. "
+        f"Load = `load_file` + clone of every tensor in a fresh process. Seconds, median of "
+        f"{facts['reps']} (min–max); lower is better. {facts['nproc']} cores, {facts['mem_gib']} GiB, "
+        f"kernel {facts['kernel']}, {facts['date']}.",
+        "",
+        "| system | cold | warm | hot |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if r.error and not any(r.series(p) for p in PHASES):
+            lines.append(f"| {r.name} | failed | failed | failed |")
+            continue
+        lines.append(f"| {r.name}{' (partial)' if r.error else ''} | {_cell(r.cold)} | {_cell(r.warm)} | "
+                     f"{_cell(r.hot)} |")
+    four = next((r for r in results if r.key == "modelfs"), None)
+    walls = four.extra.get("four_process_wall_s", []) if four else []
+    if walls:
+        lines.append(f"| modelfs cold, 4 processes at once (wall) | {_cell(walls)} | — | — |")
+    lines += [
+        "",
+        "cold: empty cache, fresh mount, page cache dropped (s5cmd: download into an empty directory, then load). "
+        "warm: cache kept, remounted, page cache dropped (local disk: its files with the page cache dropped). "
+        "hot: the same mount again, page cache kept.",
+    ]
+    if cks:
+        lines += ["", "| modelfs target | modelfs | reference | ratio | target | met |",
+                  "| --- | ---: | ---: | ---: | ---: | :---: |"]
+        for c in cks:
+            met = "—" if c.met is None else ("yes" if c.met else "**NO**")
+            lines.append(f"| {c.what} | {c.measured} | {c.reference} | {c.shown_ratio()} | {c.target} | {met} |")
+    info = []
+    for r in results:
+        rss = [x for x in r.extra.get("cold_peak_rss_bytes", []) if x]
+        if rss and r.key != "modelfs":
+            info.append(f"{r.name} {max(rss) / 2**20:.0f} MiB")
+    if info:
+        lines += ["", "Peers' daemon peak RSS during a cold load (for context): " + ", ".join(info) + "."]
+    failed = [r for r in results if r.error]
+    for r in failed:
+        lines += ["", f"**{r.name} failed:** `{r.error.splitlines()[0][:300] if r.error else ''}`"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[SystemResult], path: Path, title: str) -> None:
+    """Grouped bars, x = system, one bar per phase median; Agg so it runs headless."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if any(r.series(p) for p in PHASES)]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.27
+    for k, phase in enumerate(PHASES):
+        xs = [i + (k - 1) * width for i in range(len(shown))]
+        vals = [r.median(phase) for r in shown]
+        bars = ax.bar([x for x, v in zip(xs, vals, strict=True) if v is not None],
+                      [v for v in vals if v is not None], width, label=phase)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(shown)), [r.name for r in shown], fontsize=8)
+    ax.set_ylabel("seconds to load every tensor (median)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
