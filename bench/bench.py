@@ -1,380 +1,472 @@
 """`make bench`: load one checkpoint from S3 every way there is, side by side, in one run.
 
-A SeaweedFS on loopback serves a generated 4-shard safetensors checkpoint. Each system loads every
-tensor (`safetensors.torch.load_file` + copy into fresh tensors, as `load_state_dict` does) in a fresh
-Python process; the page cache is dropped before every cold and warm repetition. Systems: local disk,
-s5cmd download-then-load, rclone mount (vfs-cache-mode full), s3fs (use_cache), modelfs. Medians of
->= 3 repetitions go to bench/results/results.{json,md,png}; compare only numbers from one run.
+A SeaweedFS on loopback serves a generated 4-shard safetensors checkpoint. Every load is
+`load_all_safetensors` (load_file of each shard + clone, as load_state_dict does) in a fresh process,
+timed from the moment the page cache has been dropped (or not, for hot). Systems: local disk,
+s5cmd download-then-load, rclone mount (vfs-cache-mode full), s3fs (use_cache), modelfs (also four
+processes at once through one cold mount). Medians of --reps repetitions, with min/max, go to
+bench/results/results.{json,md,png}; the machine is noisy, so compare only numbers from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
+import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-from modelfs.testing.checkpoints import make_demo_checkpoint
-from modelfs.testing.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer
+from peers import (
+    FuseSystem,
+    Modelfs,
+    Rclone,
+    S3fs,
+    Store,
+    force_unmount,
+    is_mounted,
+    peak_rss,
+    placeholders,
+    s5cmd_argv,
+    versions,
+)
+from report import SystemResult, chart, checks, markdown
+
+from modelfs.testing.checkpoints import INDEX_NAME, make_demo_checkpoint
+from modelfs.testing.seaweed import SeaweedServer
 
 BUCKET = "bench-models"
 PREFIX = "ckpt/"
-RESULTS = Path(__file__).resolve().parent / "results"
-BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+LOADER = HERE / "loader.py"
+RESULTS = HERE / "results"
+SYSTEMS = ("local", "s5cmd", "rclone", "s3fs", "modelfs")
 
-#: Runs in a fresh interpreter: load every shard, copy each tensor, print seconds; optionally verify.
-LOADER = r"""
-import json, sys, time
-from pathlib import Path
-import torch
-from safetensors.torch import load_file
-d = Path(sys.argv[1])
-shards = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))
-t0 = time.perf_counter()
-state = {}
-for s in shards:
-    for k, v in load_file(d / s).items():
-        state[k] = v.clone()
-elapsed = time.perf_counter() - t0
-if len(sys.argv) > 2:
-    import xxhash
-    want = json.loads(Path(sys.argv[2]).read_text())
-    got = {k: xxhash.xxh3_64_hexdigest(v.contiguous().view(torch.uint8).numpy().tobytes()) for k, v in state.items()}
-    assert got == want, "tensors differ from the source"
-print(elapsed)
-"""
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def drop_caches() -> None:
+    """Write back dirty pages first, or drop_caches leaves them (and the next read) in memory."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
 
 
-def load(path: Path, verify: Path | None = None, env: dict[str, str] | None = None) -> float:
-    args = [sys.executable, "-c", LOADER, str(path)] + ([str(verify)] if verify else [])
-    r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError(f"load of {path} failed: {r.stderr.strip()[-500:]}")
-    return float(r.stdout.split()[-1])
-
-
-def wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.ismount(path):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"mount process for {path} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not mount within {timeout}s")
-        time.sleep(0.1)
-
-
-def unmount(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
-    subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
-    if os.path.ismount(path):
-        subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
-    if proc is not None:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @dataclass
-class Result:
-    system: str
-    cold: list[float] = field(default_factory=list)
-    warm: list[float] = field(default_factory=list)
-    hot: list[float] = field(default_factory=list)
-    extra: dict[str, object] = field(default_factory=dict)
+class LoadOut:
+    """What one loader child reported; t0 is when the parent released it (after drop / before download)."""
 
-    def median(self, phase: str) -> float | None:
-        xs = getattr(self, phase)
-        return statistics.median(xs) if xs else None
+    t0: float
+    start: float
+    end: float
+    elapsed: float
+    tensors: int
+    nbytes: int
+    verified: int | None
+
+
+class LoadProc:
+    """A loader child, imported and waiting: the parent drops caches, then releases it with go()."""
+
+    def __init__(self, path: Path, verify: Path | None, timeout: float) -> None:
+        self.timeout = timeout
+        self.err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        argv = [sys.executable, str(LOADER), str(path), *(["--verify", str(verify)] if verify else [])]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
+                                     bufsize=0, start_new_session=True)
+        self.buf = b""
+        self.t0 = 0.0
+        self._read(lambda b: b"ready\n" in b, time.monotonic() + 120)
+        if b"ready\n" not in self.buf:
+            self.kill()
+            raise RuntimeError(f"loader did not start: {self._stderr()}")
+
+    def _read(self, done: Callable[[bytes], bool], deadline: float) -> bool:
+        """Read stdout until ``done``, EOF (True) or the deadline (False)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while not done(self.buf):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return False
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return True
+            self.buf += chunk
+        return True
+
+    def _stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace").strip()[-1500:]
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def result(self) -> LoadOut:
+        """Wait for the child to finish (load and, if asked, verification); raise on any failure."""
+        if not self._read(lambda _: False, time.monotonic() + self.timeout):
+            self.kill()
+            raise RuntimeError(f"load did not finish within {self.timeout:.0f}s")
+        rc = self.proc.wait(timeout=60)
+        if rc != 0:
+            raise RuntimeError(f"loader exited {rc}: {self._stderr()}")
+        msgs = [json.loads(line) for line in self.buf.decode().splitlines()[1:] if line.startswith("{")]
+        load = next(m for m in msgs if "elapsed" in m)
+        verified = next((m["verified"] for m in msgs if "verified" in m), None)
+        return LoadOut(self.t0, load["start"], load["end"], load["elapsed"], load["tensors"], load["bytes"], verified)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+
+    def close(self) -> None:
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.err):
+            if f is not None and not f.closed:
+                f.close()
+
+
+@contextlib.contextmanager
+def loaders(paths: list[Path], verify: list[Path | None], timeout: float) -> Iterator[list[LoadProc]]:
+    """Several loader children at once; every one is killed on the way out if it is still running."""
+    procs: list[LoadProc] = []
+    try:
+        for p, v in zip(paths, verify, strict=True):
+            procs.append(LoadProc(p, v, timeout))
+        yield procs
+    finally:
+        for lp in procs:
+            lp.close()
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (sparse cache files count only what they hold)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 class Bench:
-    def __init__(self, work: Path, server: SeaweedServer, src: Path, hashes: Path, reps: int) -> None:
+    """Runs the phases of every system against one server and one source checkpoint."""
+
+    def __init__(self, work: Path, store: Store, src: Path, args: argparse.Namespace) -> None:
         self.work = work
-        self.server = server
+        self.store = store
         self.src = src
-        self.hashes = hashes
-        self.reps = reps
+        self.reps: int = args.reps
+        self.timeout: float = args.timeout
+        self.modelfs_options: list[str] = args.modelfs_option or []
         self.size = sum(p.stat().st_size for p in src.iterdir())
-        self.env = server.env()
+        index = json.loads((src / INDEX_NAME).read_text())
+        self.tensors = len(index["weight_map"])
+        self.tensor_bytes = int(index["metadata"]["total_size"])
 
-    def say(self, msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    def load(self, path: Path, *, verify: bool = False, drop: bool = False,
+             before: Callable[[], None] | None = None) -> LoadOut:
+        """One timed load in a fresh process; ``before`` (a download) runs inside the timing."""
+        with loaders([path], [self.src if verify else None], self.timeout) as (lp,):
+            if drop:
+                drop_caches()
+            lp.t0 = time.time()
+            if before is not None:
+                before()
+            lp.go()
+            out = lp.result()
+        self.check(out, verify)
+        return out
 
-    def local(self) -> Result:
-        r = Result("local disk")
+    def check(self, out: LoadOut, verify: bool) -> None:
+        """Every load must produce every tensor with every byte; the verifying one must match the source."""
+        if (out.tensors, out.nbytes) != (self.tensors, self.tensor_bytes):
+            raise RuntimeError(f"loaded {out.tensors} tensors / {out.nbytes} B, expected "
+                               f"{self.tensors} / {self.tensor_bytes}")
+        if verify and out.verified != self.tensors:
+            raise RuntimeError(f"verification covered {out.verified} of {self.tensors} tensors")
+
+    # -- systems --------------------------------------------------------------------------------------
+
+    def local(self, r: SystemResult) -> None:
+        """The floor: the source files on local disk, page cache dropped (warm) and kept (hot)."""
+        r.command = "load from the local source directory"
         for i in range(self.reps):
-            drop_caches()
-            r.cold.append(load(self.src, self.hashes if i == 0 else None))
-        load(self.src)
-        r.hot = [load(self.src) for _ in range(self.reps)]
-        self.say(f"local: dropped {r.cold}, hot {r.hot}")
-        return r
-
-    def s5cmd(self) -> Result:
-        r = Result("s5cmd download + load")
+            out = self.load(self.src, verify=i == 0, drop=True)
+            r.warm.append(out.elapsed)
+            r.verified_tensors = r.verified_tensors or out.verified
+            say(f"local disk, page cache dropped {i + 1}/{self.reps}: {out.elapsed:.2f} s")
+        self.load(self.src)  # fill the page cache
         for i in range(self.reps):
-            dest = self.work / "s5cmd"
-            shutil.rmtree(dest, ignore_errors=True)
-            drop_caches()
-            t0 = time.perf_counter()
-            subprocess.run([str(BIN / "s5cmd"), "--endpoint-url", self.server.endpoint_url, "cp",
-                            f"s3://{BUCKET}/{PREFIX}*", f"{dest}/"], check=True, capture_output=True,
-                           env={**os.environ, **self.env})
-            t_dl = time.perf_counter() - t0
-            r.cold.append(t_dl + load(dest, self.hashes if i == 0 else None))
-            r.extra.setdefault("download_s", []).append(t_dl)  # type: ignore[union-attr]
-            shutil.rmtree(dest, ignore_errors=True)
-        self.say(f"s5cmd: {r.cold}")
-        return r
+            out = self.load(self.src)
+            r.hot.append(out.elapsed)
+            say(f"local disk, hot {i + 1}/{self.reps}: {out.elapsed:.2f} s")
 
-    def fuse_system(self, name: str, mount: Callable[[Path, Path], contextlib.AbstractContextManager[object]],
-                    after_cold: Callable[[Path], None] | None = None) -> Result:
-        """cold: fresh cache + mount; warm: same cache, new mount, page cache dropped; hot: again."""
-        r = Result(name)
-        mnt = self.work / f"mnt-{name.split()[0]}"
+    def s5cmd(self, r: SystemResult) -> None:
+        """Download everything into an empty directory, then load: timed from before the download."""
+        dest = self.work / "s5cmd-download"
+        r.command = placeholders(" ".join(s5cmd_argv(self.store, Path("DEST"))), self.store, self.work)
+        downloads: list[float] = r.extra.setdefault("download_s", [])
+        for i in range(self.reps):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+
+            def download() -> None:
+                t = time.perf_counter()
+                p = subprocess.run(s5cmd_argv(self.store, dest), env={**os.environ, **self.store.env},
+                                   capture_output=True, text=True, timeout=self.timeout)
+                if p.returncode != 0:
+                    raise RuntimeError(f"s5cmd exited {p.returncode}: {(p.stderr or p.stdout).strip()[-800:]}")
+                downloads.append(time.perf_counter() - t)
+
+            try:
+                out = self.load(dest, verify=i == 0, drop=True, before=download)
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+            total = out.end - out.t0
+            r.cold.append(total)
+            r.verified_tensors = r.verified_tensors or out.verified
+            say(f"s5cmd cold {i + 1}/{self.reps}: {total:.2f} s (download {downloads[-1]:.2f} s + load "
+                f"{out.elapsed:.2f} s)")
+
+    def fuse(self, system: FuseSystem | Modelfs, r: SystemResult) -> None:
+        """cold: empty cache, new mount; warm: same cache, new mount; hot: same mount again.
+
+        The page cache is dropped after mounting and before each cold and warm load. Each cold mount is
+        a new daemon, so its VmHWM after the load is that load's peak RSS.
+        """
+        r.command = system.command()
+        mnt, cache = self.work / f"mnt-{system.key}", self.work / f"cache-{system.key}"
         mnt.mkdir(exist_ok=True)
+        mfs = system if isinstance(system, Modelfs) else None
+        ex = r.extra
         for i in range(self.reps):
-            cache = self.work / f"cache-{name.split()[0]}-{i}"
             shutil.rmtree(cache, ignore_errors=True)
-            with mount(mnt, cache):
-                drop_caches()
-                r.cold.append(load(mnt, self.hashes if i == 0 else None))
-                if after_cold:
-                    after_cold(mnt)
+            with system.mounted(mnt, cache) as pid:
+                out = self.load(mnt, verify=i == 0, drop=True)
+                r.cold.append(out.elapsed)
+                r.verified_tensors = r.verified_tensors or out.verified
+                note = ""
+                if mfs is not None:
+                    st = mfs.settled_stats(mnt)
+                    ex.setdefault("cold_bytes_fetched", []).append(st["bytes_fetched"])
+                    ex.setdefault("cold_gets", []).append(st["gets"])
+                    ex.setdefault("cold_stats", []).append(st)
+                    note = f", fetched {st['bytes_fetched'] / self.size:.3f}x in {st['gets']} GETs"
+                rss = peak_rss(pid)
+                ex.setdefault("cold_peak_rss_bytes", []).append(rss)
+            ex.setdefault("cache_bytes_after_cold", []).append(dir_bytes(cache))
+            say(f"{r.name} cold {i + 1}/{self.reps}: {out.elapsed:.2f} s (peak RSS "
+                f"{(rss or 0) / 2**20:.0f} MiB{note})")
+            with system.mounted(mnt, cache):
+                out = self.load(mnt, drop=True)
+                r.warm.append(out.elapsed)
+                note = ""
+                if mfs is not None:
+                    st = mfs.stats(mnt)
+                    ex.setdefault("warm_bytes_fetched", []).append(st["bytes_fetched"])
+                    note = f" (fetched {st['bytes_fetched']} B)"
+                say(f"{r.name} warm {i + 1}/{self.reps}: {out.elapsed:.2f} s{note}")
+                out = self.load(mnt)
+                r.hot.append(out.elapsed)
+                say(f"{r.name} hot {i + 1}/{self.reps}: {out.elapsed:.2f} s")
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def modelfs_four(self, system: Modelfs, r: SystemResult, nproc: int = 4) -> None:
+        """Four loaders released together on one fresh mount: each byte should still be fetched once."""
+        mnt, cache = self.work / "mnt-modelfs", self.work / "cache-modelfs"
+        mnt.mkdir(exist_ok=True)
+        ex = r.extra
         for i in range(self.reps):
-            with mount(mnt, self.work / f"cache-{name.split()[0]}-{i}"):
-                drop_caches()
-                r.warm.append(load(mnt))
-                r.hot.append(load(mnt))
-        for i in range(self.reps):
-            shutil.rmtree(self.work / f"cache-{name.split()[0]}-{i}", ignore_errors=True)
-        self.say(f"{name}: cold {r.cold}, warm {r.warm}, hot {r.hot}")
-        return r
-
-    @contextlib.contextmanager
-    def rclone(self, mnt: Path, cache: Path) -> Iterator[None]:
-        env = {**os.environ, "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-               "RCLONE_CONFIG_BENCH_ENDPOINT": self.server.endpoint_url,
-               "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ACCESS_KEY, "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET_KEY,
-               "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true"}
-        proc = subprocess.Popen([str(BIN / "rclone"), "mount", f"bench:{BUCKET}/{PREFIX.rstrip('/')}", str(mnt),
-                                 "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--read-only"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            wait_mounted(mnt, proc)
-            yield
-        finally:
-            unmount(mnt, proc)
-
-    @contextlib.contextmanager
-    def s3fs(self, mnt: Path, cache: Path) -> Iterator[None]:
-        passwd = self.work / "s3fs.passwd"
-        passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
-        passwd.chmod(0o600)
-        cache.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(["s3fs", f"{BUCKET}:/{PREFIX.rstrip('/')}", str(mnt), "-f", "-o",
-                                 f"url={self.server.endpoint_url},use_path_request_style,passwd_file={passwd},"
-                                 f"use_cache={cache},ro"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            wait_mounted(mnt, proc)
-            yield
-        finally:
-            unmount(mnt, proc)
-
-    @contextlib.contextmanager
-    def modelfs(self, mnt: Path, cache: Path) -> Iterator[None]:
-        r = subprocess.run([sys.executable, "-m", "modelfs", "mount", f"s3://{BUCKET}/{PREFIX}", str(mnt),
-                            "--cache-dir", str(cache)], capture_output=True, text=True,
-                           env={**os.environ, **self.env})
-        if r.returncode != 0:
-            raise RuntimeError(f"modelfs mount failed: {r.stderr}")
-        try:
-            yield
-        finally:
-            subprocess.run([sys.executable, "-m", "modelfs", "umount", str(mnt)], capture_output=True)
-            if os.path.ismount(mnt):
-                unmount(mnt)
-
-    def modelfs_system(self) -> Result:
-        peaks: list[int] = []
-        fetched: list[int] = []
-
-        def after_cold(mnt: Path) -> None:
-            pid = int(os.getxattr(mnt, "user.modelfs.pid"))
-            with open(f"/proc/{pid}/status") as f:
-                peaks.append(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
-            fetched.append(json.loads(os.getxattr(mnt, "user.modelfs.stats"))["bytes_fetched"])
-
-        r = self.fuse_system("modelfs", self.modelfs, after_cold)
-        r.extra.update(peak_rss_bytes=peaks, bytes_fetched=fetched)
-        # Four processes loading the same shards at once through one cold mount.
-        mnt, cache = self.work / "mnt-modelfs", self.work / "cache-modelfs-4p"
+            shutil.rmtree(cache, ignore_errors=True)
+            with system.mounted(mnt, cache) as pid:
+                verify = [self.src if i == 0 and k == 0 else None for k in range(nproc)]
+                with loaders([mnt] * nproc, verify, self.timeout) as procs:
+                    drop_caches()
+                    t0 = time.time()
+                    for lp in procs:
+                        lp.go()
+                    outs = [lp.result() for lp in procs]
+                for k, out in enumerate(outs):
+                    self.check(out, verify[k] is not None)
+                wall = max(o.end for o in outs) - t0
+                st = system.settled_stats(mnt)
+                rss = peak_rss(pid)
+            ex.setdefault("four_process_wall_s", []).append(wall)
+            ex.setdefault("four_process_each_s", []).append([o.elapsed for o in outs])
+            ex.setdefault("four_process_bytes_fetched", []).append(st["bytes_fetched"])
+            ex.setdefault("four_process_gets", []).append(st["gets"])
+            ex.setdefault("four_process_peak_rss_bytes", []).append(rss)
+            say(f"modelfs cold, {nproc} processes {i + 1}/{self.reps}: {wall:.2f} s wall (each "
+                f"{', '.join(f'{o.elapsed:.2f}' for o in outs)}), fetched {st['bytes_fetched'] / self.size:.3f}x, "
+                f"peak RSS {(rss or 0) / 2**20:.0f} MiB")
         shutil.rmtree(cache, ignore_errors=True)
-        with self.modelfs(mnt, cache):
-            drop_caches()
-            t0 = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, "-c", LOADER, str(mnt)], stdout=subprocess.DEVNULL)
-                     for _ in range(4)]
-            codes = [p.wait(timeout=900) for p in procs]
-            wall = time.perf_counter() - t0
-            stats = json.loads(os.getxattr(mnt, "user.modelfs.stats"))
-        shutil.rmtree(cache, ignore_errors=True)
-        r.extra.update(four_process_wall_s=wall, four_process_exit_codes=codes,
-                       four_process_bytes_fetched=stats["bytes_fetched"])
-        self.say(f"modelfs: peak RSS {[p >> 20 for p in peaks]} MiB, fetched {fetched}, 4 processes {wall:.2f}s "
-                 f"fetched {stats['bytes_fetched']}")
-        return r
 
 
-def versions() -> dict[str, str]:
-    def first_line(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "?"
-
-    return {"s5cmd": first_line([str(BIN / "s5cmd"), "version"]), "rclone": first_line([str(BIN / "rclone"),
-            "version"]), "s3fs": first_line(["s3fs", "--version"]), "kernel": platform.release(),
-            "python": platform.python_version()}
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
-def fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
+def machine_facts() -> dict[str, Any]:
+    """What a reader needs to judge the numbers: the machine, the kernel and every tool's version."""
+    meminfo = Path("/proc/meminfo").read_text().split()
+    mem_kib = int(meminfo[meminfo.index("MemTotal:") + 1])
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    git = subprocess.run(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True)
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "loadavg_start": os.getloadavg(),  # other work on a 2-core machine shows up in every number
+        "python": platform.python_version(),
+        "versions": {"modelfs": f"{_version('modelfs')} ({git.stdout.strip() or '?'})", "torch": _version("torch"),
+                     "safetensors": _version("safetensors"), "boto3": _version("boto3"), **versions()},
+    }
 
 
-def report(results: list[Result], size: int, reps: int) -> str:
-    by = {r.system: r for r in results}
-    lines = [f"Checkpoint: {size / 2**30:.2f} GiB, 4 safetensors shards; load = load_file + copy of every tensor, "
-             f"fresh process; medians of {reps} runs, seconds (lower is better).", "",
-             "| system | cold | warm | hot |", "| --- | ---: | ---: | ---: |"]
-    for r in results:
-        cold = r.median("cold")
-        label = "page cache dropped" if r.system == "local disk" else ""
-        lines.append(f"| {r.system} | {fmt(cold)} {label} | {fmt(r.median('warm'))} | {fmt(r.median('hot'))} |")
-    m = by.get("modelfs")
-    if m is None:
-        return "\n".join(lines)
-    lines += ["", "| target | measured | target | met |", "| --- | ---: | ---: | :---: |"]
-
-    def row(name: str, value: float | None, target: float, unit: str = "x") -> None:
-        ok = value is not None and value <= target
-        lines.append(f"| {name} | {fmt(value)}{unit} | <= {target}{unit} | {'yes' if ok else 'NO'} |")
-
-    mc, mw, mh = m.median("cold"), m.median("warm"), m.median("hot")
-    if "s5cmd download + load" in by and mc:
-        row("cold modelfs / s5cmd-then-load", mc / by["s5cmd download + load"].median("cold"), 0.6)  # type: ignore[operator]
-    peers = [by[n].median("cold") for n in ("rclone mount", "s3fs") if n in by and by[n].cold]
-    if peers and mc:
-        row("cold modelfs / best FUSE peer cold", mc / min(p for p in peers if p), 0.5)
-    if "local disk" in by and mw:
-        row("warm modelfs / local disk, page cache dropped", mw / by["local disk"].median("cold"), 1.2)  # type: ignore[operator]
-    if "local disk" in by and mh:
-        row("hot modelfs / local disk hot", mh / by["local disk"].median("hot"), 1.2)  # type: ignore[operator]
-    peaks = m.extra.get("peak_rss_bytes") or []
-    if peaks:
-        row("modelfs daemon peak RSS, cold load (MiB)", max(peaks) / 2**20, 400, " MiB")  # type: ignore[arg-type]
-    fetched = m.extra.get("bytes_fetched") or []
-    if fetched:
-        row("bytes fetched / checkpoint size, cold", max(fetched) / size, 1.02)  # type: ignore[arg-type]
-    if "four_process_bytes_fetched" in m.extra:
-        row("bytes fetched / checkpoint size, 4 processes at once",
-            m.extra["four_process_bytes_fetched"] / size, 1.02)  # type: ignore[operator]
-        wall = m.extra["four_process_wall_s"]
-        lines.append(f"\n4 processes loading at once through one cold mount: {wall:.2f} s wall.")
-    return "\n".join(lines)
+def write_results(out: Path, results: list[SystemResult], facts: dict[str, Any], args: argparse.Namespace,
+                  final: bool) -> str:
+    """Rewritten after every system, so a run that dies late still leaves what it measured."""
+    cks = checks(results, facts["checkpoint_bytes"])
+    table = markdown(results, cks, facts)
+    doc = {"machine": facts, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "complete": final, "systems": {r.key: r.to_json() for r in results},
+           "targets": [c.to_json() for c in cks]}
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "results.md").write_text(table)
+    title = (f"Load every tensor of a {facts['checkpoint_bytes'] / 2**30:.2f} GiB 4-shard checkpoint from S3 "
+             f"(SeaweedFS, loopback); median of {args.reps}; lower is better")
+    chart(results, out / "results.png", title)
+    return table
 
 
-def chart(results: list[Result], path: Path) -> None:
-    import matplotlib
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=2.0, help="checkpoint size (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of every phase (default 3)")
+    ap.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    ap.add_argument("--workdir", type=Path, help="where the scratch directory goes (default $TMPDIR)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one load may take before it counts failed")
+    ap.add_argument("--modelfs-option", action="append", metavar="SECTION.KEY=VALUE",
+                    help="passed to `modelfs mount -o` (repeatable), for experiments")
+    args = ap.parse_args()
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SYSTEMS)
+    if unknown or not args.only:
+        ap.error(f"--only takes a subset of {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
+    if args.reps < 1 or args.size_gib <= 0:
+        ap.error("--reps must be >= 1 and --size-gib > 0")
+    return args
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = [r.system for r in results]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.27
-    for k, phase in enumerate(("cold", "warm", "hot")):
-        vals = [r.median(phase) or 0 for r in results]
-        bars = ax.bar([i + (k - 1) * width for i in range(len(names))], vals, width, label=phase)
-        ax.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in vals], fontsize=7)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylabel("seconds to load every tensor (median)")
-    ax.set_title("Loading a checkpoint from S3 (lower is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _raise_exit(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP unwind through every finally, so mounts and servers are cleaned up."""
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-gib", type=float, default=2.0)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default="local,s5cmd,rclone,s3fs,modelfs", help="comma-separated subset")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    args = parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (FUSE mounts and dropping the page cache)")
-    only = set(args.only.split(","))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="modelfs-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
-        work = Path(tmp)
+    facts = machine_facts()
+    if facts["loadavg_start"][0] > 0.5:
+        say(f"note: load average {facts['loadavg_start'][0]:.1f} before start; something else is running")
+    say(f"machine: {facts['nproc']} cores, {facts['mem_gib']} GiB, kernel {facts['kernel']}; "
+        f"{', '.join(f'{k} {v}' for k, v in facts['versions'].items())}")
+    work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=args.workdir))
+    results: list[SystemResult] = []
+    table = ""
+    try:
         src = work / "src"
-        print(f"generating a {args.size_gib} GiB 4-shard checkpoint", flush=True)
-        tensors = make_demo_checkpoint(src, total_bytes=int(args.size_gib * 2**30))
-        import torch
-        import xxhash
-
-        hashes = work / "hashes.json"
-        hashes.write_text(json.dumps({k: xxhash.xxh3_64_hexdigest(v.contiguous().view(torch.uint8).numpy().tobytes())
-                                      for k, v in tensors.items()}))
-        del tensors
+        say(f"generating a {args.size_gib:g} GiB 4-shard safetensors checkpoint in {src}")
+        # The generator picks the largest model that fits its budget; 1/128 over keeps it >= --size-gib.
+        make_demo_checkpoint(src, total_bytes=int(args.size_gib * 2**30 * 129 / 128))  # tensors dropped at once
+        facts["checkpoint_bytes"] = sum(p.stat().st_size for p in src.iterdir())
+        facts["reps"] = args.reps
+        say("starting SeaweedFS (S3) on loopback")
         server = SeaweedServer(work / "weed").start()
         try:
             server.create_bucket(BUCKET)
+            t = time.perf_counter()
             server.upload_dir(src, BUCKET, PREFIX)
-            b = Bench(work, server, src, hashes, args.reps)
-            results: list[Result] = []
-            if "local" in only:
-                results.append(b.local())
-            if "s5cmd" in only:
-                results.append(b.s5cmd())
-            if "rclone" in only:
-                results.append(b.fuse_system("rclone mount", b.rclone))
-            if "s3fs" in only:
-                results.append(b.fuse_system("s3fs", b.s3fs))
-            if "modelfs" in only:
-                results.append(b.modelfs_system())
+            say(f"uploaded {facts['checkpoint_bytes'] / 2**20:.0f} MiB to s3://{BUCKET}/{PREFIX} at "
+                f"{server.endpoint_url} in {time.perf_counter() - t:.1f} s")
+            store = Store(server.endpoint_url, BUCKET, PREFIX, server.env())
+            b = Bench(work, store, src, args)
+            names = {"local": "local disk", "s5cmd": "s5cmd download + load", "rclone": Rclone.name,
+                     "s3fs": S3fs.name, "modelfs": Modelfs.name}
+            for key in SYSTEMS:
+                if key not in args.only:
+                    continue
+                r = SystemResult(key, names[key])
+                results.append(r)
+                say(f"== {r.name}")
+                started = time.perf_counter()
+                try:
+                    if key == "local":
+                        b.local(r)
+                    elif key == "s5cmd":
+                        b.s5cmd(r)
+                    elif key == "rclone":
+                        b.fuse(Rclone(store, work), r)
+                    elif key == "s3fs":
+                        if shutil.which("s3fs") is None:
+                            raise RuntimeError("s3fs is not installed (apt-get install s3fs; `make bench` does)")
+                        b.fuse(S3fs(store, work), r)
+                    else:
+                        mfs = Modelfs(store, work, b.modelfs_options)
+                        b.fuse(mfs, r)
+                        b.modelfs_four(mfs, r)
+                except Exception as e:
+                    r.error = f"{type(e).__name__}: {e}"
+                    say(f"{r.name} FAILED: {r.error}")
+                r.extra["phase_seconds"] = round(time.perf_counter() - started, 1)
+                table = write_results(args.out, results, facts, args, final=False)
         finally:
             server.stop()
-    table = report(results, b.size, args.reps)
-    facts = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
-             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-             "checkpoint_bytes": b.size, "reps": args.reps, "versions": versions()}
-    (args.out / "results.json").write_text(json.dumps(
-        {"machine": facts, "results": [r.__dict__ for r in results]}, indent=2, default=str))
-    (args.out / "results.md").write_text(table + "\n")
-    chart(results, args.out / "results.png")
-    print(table)
+        facts["loadavg_end"] = os.getloadavg()
+        table = write_results(args.out, results, facts, args, final=True)
+    finally:
+        stuck = [p for p in work.glob("mnt-*") if is_mounted(p)]
+        for p in stuck:
+            force_unmount(p)
+        if any(is_mounted(p) for p in work.glob("mnt-*")):
+            print(f"bench: a mount under {work} could not be removed; leaving the directory", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table, end="")
+    print(f"\nresults: {args.out}/results.md, results.json, results.png")
+    if any(r.error for r in results):
+        sys.exit("bench: some systems failed (see above); their rows are incomplete")
 
 
 if __name__ == "__main__":

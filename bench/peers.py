@@ -104,6 +104,11 @@ def tail(log: Path | None, n: int = 1500) -> str:
         return "<no log>"
 
 
+def placeholders(command: str, store: Store, work: Path) -> str:
+    """Replace this run's endpoint and scratch directory so the recorded command reads the same every run."""
+    return command.replace(store.endpoint_url, "URL").replace(str(work), "WORK").replace(str(BIN) + "/", "")
+
+
 @dataclass
 class Store:
     """Where the checkpoint lives in S3, and how to reach it."""
@@ -134,8 +139,8 @@ class FuseSystem:
         """Anything the peer needs on disk before it starts (cache dir, credential files)."""
 
     def command(self) -> str:
-        """The mount command with placeholder paths, for the report."""
-        return " ".join(self.argv(Path("MNT"), Path("CACHE")))
+        """The mount command with placeholders for this run's endpoint and paths, for the report."""
+        return placeholders(" ".join(self.argv(Path("MNT"), Path("CACHE"))), self.store, self.work)
 
     @contextlib.contextmanager
     def mounted(self, mnt: Path, cache: Path) -> Iterator[int]:

@@ -58,7 +58,7 @@ def _cell(xs: list[float]) -> str:
     if not xs:
         return "—"
     med = statistics.median(xs)
-    return f"{med:.2f}" if len(xs) == 1 else f"{med:.2f} ({min(xs):.2f}–{max(xs):.2f})"
+    return f"{med:.2f}" if len(xs) == 1 else f"{med:.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
 @dataclass
@@ -132,8 +132,10 @@ def checks(results: list[SystemResult], size: int) -> list[Check]:
     return out
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+def _load(facts: dict[str, Any]) -> str:
+    """1-minute load average at start and end: on 2 cores, anything else running shows in every number."""
+    start, end = facts.get("loadavg_start"), facts.get("loadavg_end")
+    return f"{start[0]:.1f} at start" + (f", {end[0]:.1f} at end" if end else "") if start else "?"
 
 
 def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any]) -> str:
@@ -141,8 +143,8 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
     lines = [
         f"Checkpoint: {size / 2**30:.2f} GiB, 4 safetensors shards, served by SeaweedFS S3 on loopback. "
         f"Load = `load_file` + clone of every tensor in a fresh process. Seconds, median of "
-        f"{facts['reps']} (min–max); lower is better. {facts['nproc']} cores, {facts['mem_gib']} GiB, "
-        f"kernel {facts['kernel']}, {facts['date']}.",
+        f"{facts['reps']} (min-max); lower is better. {facts['nproc']} cores, {facts['mem_gib']} GiB, "
+        f"kernel {facts['kernel']}, {facts['date']}, load average {_load(facts)}.",
         "",
         "| system | cold | warm | hot |",
         "| --- | ---: | ---: | ---: |",
@@ -176,6 +178,12 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
             info.append(f"{r.name} {max(rss) / 2**20:.0f} MiB")
     if info:
         lines += ["", "Peers' daemon peak RSS during a cold load (for context): " + ", ".join(info) + "."]
+    lines += ["", "How each system ran (URL: the SeaweedFS endpoint; WORK: the scratch directory). Every load "
+              "must return every tensor and byte; the first load of each system is also compared, tensor by "
+              "tensor (`torch.equal`), with the source:", ""]
+    for r in results:
+        checked = f"{r.verified_tensors} tensors equal" if r.verified_tensors else "not verified"
+        lines.append(f"- {r.name}: `{r.command or '—'}` ({checked})")
     failed = [r for r in results if r.error]
     for r in failed:
         lines += ["", f"**{r.name} failed:** `{r.error.splitlines()[0][:300] if r.error else ''}`"]
@@ -190,6 +198,9 @@ def chart(results: list[SystemResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in results if any(r.series(p) for p in PHASES)]
+    walls = next((r.extra.get("four_process_wall_s", []) for r in results if r.key == "modelfs"), [])
+    if walls:
+        shown.append(SystemResult("modelfs4", "modelfs, 4 processes\n(cold, wall)", cold=list(walls)))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     width = 0.27
     for k, phase in enumerate(PHASES):

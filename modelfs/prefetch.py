@@ -127,7 +127,10 @@ class Prefetcher:
         self.cache_dir = cache_dir
         self.push: PushFn | None = None
         self.push_limiter = trio.CapacityLimiter(2)
-        self.policy = ReadaheadPolicy(initial_window=int(cfg.initial_window), max_window=int(cfg.max_window))
+        # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
+        # reordering never splits a stream.
+        self.policy = ReadaheadPolicy(initial_window=int(cfg.initial_window), max_window=int(cfg.max_window),
+                                      tolerance=8 << 20)
         self._jobs: dict[int, Job] = {}  # inode -> active job
         self._queue: deque[Job] = deque()
         self._wakeup = trio.Event()
