@@ -52,9 +52,23 @@ def _status(e: bexc.ClientError) -> int:
 
 
 def _read_into(body: Any, buf: bytearray) -> int:
-    """Copy a response body into `buf` chunk by chunk: one extent-sized buffer, not a second joined copy."""
+    """Read a response body straight into `buf`: one extent-sized buffer, no intermediate chunk copies.
+
+    urllib3's response (botocore's StreamingBody wraps it as `_raw_stream`) supports readinto; other
+    bodies fall back to chunked reads.
+    """
     view = memoryview(buf)
     got = 0
+    raw = getattr(body, "_raw_stream", None)
+    if raw is not None and hasattr(raw, "readinto"):
+        while got < len(buf):
+            n = raw.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got == len(buf) and raw.read(1):
+            raise StoreError(f"long body: more than {len(buf)} bytes for a ranged GET")
+        return got
     for chunk in body.iter_chunks(1 << 20):
         n = len(chunk)
         if got + n > len(buf):
