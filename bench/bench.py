@@ -41,7 +41,7 @@ from peers import (
     s5cmd_argv,
     versions,
 )
-from report import SystemResult, chart, checks, markdown
+from report import SystemResult, chart, checks, from_json, markdown
 
 from modelfs.testing.checkpoints import INDEX_NAME, make_demo_checkpoint
 from modelfs.testing.seaweed import SeaweedServer
@@ -348,20 +348,26 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def write_results(out: Path, results: list[SystemResult], facts: dict[str, Any], args: argparse.Namespace,
+def write_results(out: Path, results: list[SystemResult], facts: dict[str, Any], run_args: dict[str, Any],
                   final: bool) -> str:
     """Rewritten after every system, so a run that dies late still leaves what it measured."""
     cks = checks(results, facts["checkpoint_bytes"])
     table = markdown(results, cks, facts)
-    doc = {"machine": facts, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "complete": final, "systems": {r.key: r.to_json() for r in results},
+    doc = {"machine": facts, "args": run_args, "complete": final, "systems": {r.key: r.to_json() for r in results},
            "targets": [c.to_json() for c in cks]}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(table)
     title = (f"Load every tensor of a {facts['checkpoint_bytes'] / 2**30:.2f} GiB 4-shard checkpoint from S3 "
-             f"(SeaweedFS, loopback); median of {args.reps}; lower is better")
+             f"(SeaweedFS, loopback); median of {facts['reps']}; lower is better")
     chart(results, out / "results.png", title)
     return table
+
+
+def render(out: Path) -> None:
+    """Re-derive results.md / .png (and the targets in .json) from a finished run's raw timings."""
+    doc = json.loads((out / "results.json").read_text())
+    results = [from_json(k, v) for k, v in doc["systems"].items()]
+    print(write_results(out, results, doc["machine"], doc["args"], doc.get("complete", False)), end="")
 
 
 def parse_args() -> argparse.Namespace:
@@ -372,6 +378,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     ap.add_argument("--workdir", type=Path, help="where the scratch directory goes (default $TMPDIR)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one load may take before it counts failed")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-render results.md/.png from --out's results.json (after changing report.py)")
     ap.add_argument("--modelfs-option", action="append", metavar="SECTION.KEY=VALUE",
                     help="passed to `modelfs mount -o` (repeatable), for experiments")
     args = ap.parse_args()
@@ -391,6 +399,9 @@ def _raise_exit(signum: int, _frame: object) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.render:
+        render(args.out)
+        return
     if os.geteuid() != 0:
         sys.exit("bench: needs root (FUSE mounts and dropping the page cache)")
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -403,6 +414,7 @@ def main() -> None:
         f"{', '.join(f'{k} {v}' for k, v in facts['versions'].items())}")
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=args.workdir))
     results: list[SystemResult] = []
+    run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     table = ""
     try:
         src = work / "src"
@@ -449,11 +461,11 @@ def main() -> None:
                     r.error = f"{type(e).__name__}: {e}"
                     say(f"{r.name} FAILED: {r.error}")
                 r.extra["phase_seconds"] = round(time.perf_counter() - started, 1)
-                table = write_results(args.out, results, facts, args, final=False)
+                table = write_results(args.out, results, facts, run_args, final=False)
         finally:
             server.stop()
         facts["loadavg_end"] = os.getloadavg()
-        table = write_results(args.out, results, facts, args, final=True)
+        table = write_results(args.out, results, facts, run_args, final=True)
     finally:
         stuck = [p for p in work.glob("mnt-*") if is_mounted(p)]
         for p in stuck:

@@ -48,6 +48,13 @@ class SystemResult:
                 "error": self.error, "phases": {p: summary(self.series(p)) for p in PHASES}, "extra": self.extra}
 
 
+def from_json(key: str, doc: dict[str, Any]) -> SystemResult:
+    """Inverse of SystemResult.to_json, for re-rendering a finished run."""
+    phases = {p: list(doc["phases"][p]["raw"]) for p in PHASES}
+    return SystemResult(key, doc["name"], doc.get("command", ""), phases["cold"], phases["warm"], phases["hot"],
+                        doc.get("extra", {}), doc.get("verified_tensors"), doc.get("error"))
+
+
 def summary(xs: list[float]) -> dict[str, Any]:
     if not xs:
         return {"n": 0, "raw": []}
@@ -81,7 +88,12 @@ class Check:
         return f"<= {self.bound:g}{self.unit}"
 
     def shown_ratio(self) -> str:
-        return "—" if self.ratio is None else f"{self.ratio:.{2 if self.unit == 'x' else 0}f}{self.unit}"
+        if self.ratio is None:
+            return "—"
+        digits = 2 if self.unit == "x" else 0
+        if f"{self.ratio:.{digits}f}" == f"{self.bound:.{digits}f}":
+            digits += 2  # "1.20x ... NO" would read as a contradiction
+        return f"{self.ratio:.{digits}f}{self.unit}"
 
     def to_json(self) -> dict[str, Any]:
         return {"what": self.what, "measured": self.measured, "reference": self.reference, "ratio": self.ratio,
