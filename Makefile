@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench system venv clean
+.PHONY: demo test lint bench bench-knobs system venv clean
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -32,6 +32,10 @@ bench: venv
 	@command -v s3fs >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq s3fs)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-knobs: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/knobs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -378,6 +378,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     ap.add_argument("--workdir", type=Path, help="where the scratch directory goes (default $TMPDIR)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one load may take before it counts failed")
+    ap.add_argument("--no-four", action="store_true", help="skip the four-process modelfs phase (knob sweeps)")
     ap.add_argument("--render", action="store_true",
                     help="only re-render results.md/.png from --out's results.json (after changing report.py)")
     ap.add_argument("--modelfs-option", action="append", metavar="SECTION.KEY=VALUE",
@@ -456,7 +457,8 @@ def main() -> None:
                     else:
                         mfs = Modelfs(store, work, b.modelfs_options)
                         b.fuse(mfs, r)
-                        b.modelfs_four(mfs, r)
+                        if not args.no_four:
+                            b.modelfs_four(mfs, r)
                 except Exception as e:
                     r.error = f"{type(e).__name__}: {e}"
                     say(f"{r.name} FAILED: {r.error}")
