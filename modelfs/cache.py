@@ -8,18 +8,26 @@ A block is written under `<name>.tmp.<pid>.<n>` and renamed, so a crash never le
 under a real name; temp files are swept at start. A block is verified against its name the first time
 this process serves it (blocks are not fsync'ed; see `index`), and dropped if it does not match.
 Open block fds are pooled (LRU, bounded), never one per block.
+
+Space: blocks of every domain under `<cache>/blocks` count against `cache.max_size`, and the cache
+filesystem keeps `cache.min_free` free. Room is made by evicting the least recently used blocks; a block
+that is being read or mapped is pinned and never evicted (an unlinked file that is open stays readable
+anyway). When no room can be made, or the disk is full regardless (ENOSPC), `put` raises CacheFull and
+the caller serves the bytes from memory: a full cache costs warmth, never a failed read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import xxhash
@@ -33,9 +41,23 @@ class _Missing(Exception):
     """The block failed verification in another thread."""
 
 
+class CacheFull(OSError):
+    """No room for a block: quota reached with every block pinned or protected, or the disk is full."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ENOSPC, why)
+
+
 def block_hash(data: bytes | memoryview) -> bytes:
     """The 16-byte content hash that names a block."""
     return xxhash.xxh3_128_digest(data)
+
+
+def _digest_of(path: str) -> bytes:
+    try:
+        return bytes.fromhex(os.path.basename(path))
+    except ValueError:
+        return b""
 
 
 def _private_dirs(path: str, depth: int) -> None:
@@ -110,46 +132,142 @@ class BlockCache:
     """Content-addressed blocks on local disk. All methods block: call them from worker threads."""
 
     def __init__(self, root: str, domain: str, open_files: int = 256,
-                 on_corrupt: Callable[[bytes], None] | None = None) -> None:
-        self.root = os.path.join(root, "blocks", xxhash.xxh3_64_hexdigest(domain.encode()))
+                 on_corrupt: Callable[[bytes], None] | None = None, max_size: int = 0, min_free: int = 0,
+                 on_evict: Callable[[int], None] | None = None) -> None:
+        self.blocks_root = os.path.join(root, "blocks")
+        self.root = os.path.join(self.blocks_root, xxhash.xxh3_64_hexdigest(domain.encode()))
         _private_dirs(self.root, depth=2)
+        self.max_size = max_size
+        self.min_free = min_free
+        self._on_evict = on_evict
         self._pool = _FdPool(open_files)
+        # Every block file of every domain, least recently used first: path -> (size, last use, monotonic).
+        self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._reserved = 0  # bytes of writes in progress, already counted against the quota
         self._verified: set[bytes] = set()
         self._writing: set[bytes] = set()
         self._verifying: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._on_corrupt = on_corrupt
-        self.bytes_stored = 0  # maintained after `scan()`
+        self.bytes_stored = 0
         self.blocks_stored = 0
+        self.scan()
 
     def path(self, digest: bytes) -> str:
         h = digest.hex()
         return os.path.join(self.root, h[0:2], h[2:4], h)
 
     def scan(self) -> None:
-        """Sweep temp files left by a crash and count what is stored (run once at start)."""
-        swept = total = count = 0
-        for dirpath, _dirs, files in os.walk(self.root):
+        """Sweep temp files left by a crash and list what is stored, oldest use first (run at start,
+        before any `put`: a temp file here is never one of this process's writes in progress)."""
+        swept = 0
+        found: list[tuple[float, str, int]] = []
+        for dirpath, _dirs, files in os.walk(self.blocks_root):
             for name in files:
                 p = os.path.join(dirpath, name)
-                if ".tmp." in name:
-                    try:
+                try:
+                    if ".tmp." in name:
                         os.unlink(p)
                         swept += 1
-                    except OSError:
-                        pass
-                    continue
-                try:
-                    total += os.stat(p).st_size
-                    count += 1
+                        continue
+                    st = os.stat(p)
                 except OSError:
-                    pass
+                    continue
+                found.append((max(st.st_atime, st.st_mtime), p, st.st_size))
+        found.sort()
         with self._lock:
-            self.bytes_stored += total
-            self.blocks_stored += count
+            self._lru = OrderedDict((p, (size, -1.0)) for _, p, size in found)
+            self.bytes_stored = sum(size for _, _, size in found)
+            self.blocks_stored = len(found)
         if swept:
             log.info("swept %d temporary block files left by an interrupted run", swept)
+
+    # -- space ------------------------------------------------------------------------------------
+
+    def _touch(self, path: str) -> None:
+        with self._lock:
+            ent = self._lru.get(path)
+            if ent is not None:
+                self._lru[path] = (ent[0], time.monotonic())
+                self._lru.move_to_end(path)
+
+    @contextlib.contextmanager
+    def pinned(self, digest: bytes) -> Iterator[str]:
+        """Keep the block from eviction while the caller reads it; yields its path."""
+        path = self.path(digest)
+        with self._lock:
+            self._pins[path] = self._pins.get(path, 0) + 1
+        try:
+            yield path
+        finally:
+            with self._lock:
+                n = self._pins.pop(path) - 1
+                if n:
+                    self._pins[path] = n
+
+    def _fs_free(self) -> int:
+        st = os.statvfs(self.blocks_root)
+        return st.f_bavail * st.f_frsize
+
+    def headroom(self, protect_since: float | None = None) -> int:
+        """Bytes that fit now, counting blocks that could be evicted (only those last used before
+        `protect_since`, a time.monotonic() value, when given)."""
+        room = self.max_size - self.bytes_stored - self._reserved if self.max_size else 1 << 62
+        if self.min_free:
+            room = min(room, self._fs_free() - self.min_free)
+        with self._lock:
+            for path, (size, used) in self._lru.items():
+                if protect_since is not None and used >= protect_since:
+                    break
+                if path not in self._pins:
+                    room += size
+        return max(0, room)
+
+    def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False) -> bool:
+        """Evict least recently used, unpinned blocks until `nbytes` fit; False (evicting nothing) if
+        they cannot.
+
+        Blocks last used at or after `protect_since` are kept (prefetch must not evict what the load it
+        serves has just fetched or read); with None any unpinned block may go. `reserve` holds the room
+        for a write in progress, so concurrent writers cannot together overshoot the quota.
+        """
+        if self.max_size and nbytes > self.max_size:
+            return False
+        fs_free = self._fs_free() if self.min_free else 0
+        victims: list[tuple[str, int]] = []
+        with self._lock:
+            need = 0
+            if self.max_size:
+                need = self.bytes_stored + self._reserved + nbytes - self.max_size
+            if self.min_free:
+                need = max(need, self.min_free + self._reserved + nbytes - fs_free)
+            freed = 0
+            for path, (size, used) in self._lru.items():
+                if freed >= need or (protect_since is not None and used >= protect_since):
+                    break
+                if path not in self._pins:
+                    victims.append((path, size))
+                    freed += size
+            if freed < need:
+                return False
+            if reserve:
+                self._reserved += nbytes
+            for path, size in victims:
+                del self._lru[path]
+                self.bytes_stored -= size
+                self.blocks_stored -= 1
+                self._verified.discard(_digest_of(path))
+        for path, _ in victims:
+            self._pool.forget(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if victims and self._on_evict:
+            self._on_evict(sum(size for _, size in victims))
+        return True
 
     def contains(self, digest: bytes) -> bool:
         return os.path.exists(self.path(digest))
@@ -177,7 +295,13 @@ class BlockCache:
 
     def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
         """`size` bytes at `offset` of the block `digest` (of `length` bytes), or None if missing or bad."""
-        path = self.path(digest)
+        with self.pinned(digest) as path:
+            data = self._read_pinned(digest, path, length, offset, size)
+        if data is not None:
+            self._touch(path)
+        return data
+
+    def _read_pinned(self, digest: bytes, path: str, length: int, offset: int, size: int) -> bytes | None:
         try:
             first, data = self._first_serve(digest, lambda: self._verify_and_read(digest, length, offset, size))
         except _Missing:
@@ -201,10 +325,17 @@ class BlockCache:
         """The whole block mapped read-only (populated), verified on first serve; None if missing or bad.
 
         For pushing whole extents into the page cache: no copy into Python memory, no allocation.
-        The caller closes the map.
+        The caller closes the map (it stays valid even if the block is evicted meanwhile).
         """
+        with self.pinned(digest) as path:
+            m = self._map_pinned(digest, path, length)
+        if m is not None:
+            self._touch(path)
+        return m
+
+    def _map_pinned(self, digest: bytes, path: str, length: int) -> mmap.mmap | None:
         try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
@@ -255,35 +386,61 @@ class BlockCache:
             self._verified.discard(digest)
         self._pool.forget(path)
         try:
-            st = os.stat(path)
             os.unlink(path)
         except FileNotFoundError:
-            return
+            pass
         with self._lock:
-            self.bytes_stored -= st.st_size
-            self.blocks_stored -= 1
+            ent = self._lru.pop(path, None)
+            if ent is not None:
+                self.bytes_stored -= ent[0]
+                self.blocks_stored -= 1
         if self._on_corrupt:
             self._on_corrupt(digest)
 
     def put(self, digest: bytes, data: bytes | memoryview) -> bool:
         """Store a block whose hash the caller computed. False if it was already stored (dedup).
 
-        Raises OSError (e.g. ENOSPC) if it cannot be written; nothing partial is left behind.
+        Evicts least recently used blocks to make room. Raises CacheFull when there is no room, or
+        another OSError if the block cannot be written; nothing partial is left behind.
         """
         path = self.path(digest)
+        size = len(data)
         with self._lock:
             if digest in self._verified or digest in self._writing or os.path.exists(path):
                 return False
             self._writing.add(digest)
+        written = False
         try:
-            self._write(path, data)
+            if not self.make_room(size, reserve=True):
+                raise CacheFull(f"no room for a {size}-byte block under the cache quota")
+            try:
+                try:
+                    self._write(path, data)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # The disk filled up under us (other writers, or no min_free): keep two blocks of
+                    # slack from now on, evict, and try once more.
+                    self.min_free = max(self.min_free, 2 * size)
+                    if not self.make_room(0):
+                        raise CacheFull("the cache filesystem is full") from None
+                    self._write(path, data)
+                written = True
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, CacheFull):
+                    raise CacheFull("the cache filesystem is full") from None
+                raise
+            finally:
+                with self._lock:
+                    self._reserved -= size
+                    if written:
+                        self._verified.add(digest)
+                        self._lru[path] = (size, time.monotonic())
+                        self.bytes_stored += size
+                        self.blocks_stored += 1
         finally:
             with self._lock:
                 self._writing.discard(digest)
-        with self._lock:
-            self._verified.add(digest)
-            self.bytes_stored += len(data)
-            self.blocks_stored += 1
         return True
 
     def _write(self, path: str, data: bytes | memoryview) -> None:

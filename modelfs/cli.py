@@ -14,30 +14,17 @@ import select
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from modelfs import __version__
 from modelfs.config import Config, load_config
 from modelfs.errors import ModelfsError
+from modelfs.logs import setup_logging
 
 log = logging.getLogger("modelfs")
 
 #: How long `modelfs mount` waits for the daemon to report the mount ready.
 READY_TIMEOUT = 120.0
-
-#: Libraries whose debug logs carry request headers (Authorization, session tokens): never below WARNING.
-_CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
-
-
-def setup_logging(level: str, file: str | None = None) -> None:
-    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in _CHATTY:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
 
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -112,6 +99,8 @@ def _spawn_daemon(cfg: Config, argv: list[str]) -> int:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         log_path = os.path.abspath(cfg.log.file or os.path.join(cache_dir, "modelfs.log"))
         log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child
+    except FileExistsError:
+        raise ModelfsError(f"cache dir {cache_dir} is not a directory") from None
     except OSError as e:
         raise ModelfsError(f"cache dir {cache_dir} is not writable: {e.strerror}") from None
     r, w = os.pipe()
@@ -244,10 +233,18 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `modelfs: error:` line, like every other error (`--help` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("modelfs").strip()
+        self.exit(2, f"modelfs: error: {where + ': ' if where else ''}{message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelfs", description="Serve remote model checkpoints as read-only files.")
+    p = _Parser(prog="modelfs", description="Serve remote model checkpoints as read-only files.")
     p.add_argument("--version", action="version", version=f"modelfs {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount s3://BUCKET/PREFIX or a directory at MOUNTPOINT")
     m.add_argument("source", nargs="?", help="s3://BUCKET/PREFIX or a local directory")

@@ -73,7 +73,7 @@ class S3Config:
     addressing_style: str = "auto"
     max_attempts: int = 10
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 10.0
     max_pool_connections: int = 64
 
 
@@ -83,6 +83,8 @@ class CacheConfig:
 
     dir: str = field(default_factory=_default_cache_dir)
     extent_size: Size = Size(8 * MiB)
+    max_size: Size = Size(0)
+    min_free: Size = Size(1 * GiB)
     open_files: int = 256
     index_map_size: Size = Size(64 * GiB)
 
@@ -94,6 +96,8 @@ class FetchConfig:
     concurrency: int = 16
     io_threads: int = 8
     memory_budget: Size = Size(256 * MiB)
+    deadline: float = 30.0
+    probe_interval: float = 5.0
 
 
 def _default_patterns() -> list[str]:
@@ -111,9 +115,8 @@ class PrefetchConfig:
     sequential: bool = True
     initial_window: Size = Size(16 * MiB)
     max_window: Size = Size(1024 * MiB)
-    page_cache_push: bool = True
+    page_cache_push: bool = False
     push_min_available: Size = Size(2 * GiB)
-    cache_reserve: Size = Size(1 * GiB)
 
 
 @dataclass
@@ -166,6 +169,13 @@ class Config:
                               f"got {self.fetch.memory_budget}")
         if self.prefetch.initial_window <= 0 or self.prefetch.max_window < self.prefetch.initial_window:
             raise ConfigError("config: prefetch.max_window must be >= prefetch.initial_window > 0")
+        for key, secs in (("fetch.deadline", self.fetch.deadline), ("fetch.probe_interval", self.fetch.probe_interval),
+                          ("s3.connect_timeout", self.s3.connect_timeout), ("s3.read_timeout", self.s3.read_timeout)):
+            if secs <= 0:
+                raise ConfigError(f"config: {key} must be a positive number of seconds, got {secs}")
+        if self.cache.max_size and self.cache.max_size < 2 * es:
+            raise ConfigError(f"config: cache.max_size must be 0 (no quota) or at least 2 x cache.extent_size "
+                              f"({2 * es}), got {self.cache.max_size}")
         if self.mount.metadata_ttl < 0:
             raise ConfigError(f"config: mount.metadata_ttl must be >= 0, got {self.mount.metadata_ttl}")
         if self.s3.addressing_style not in ("auto", "path", "virtual"):

@@ -16,8 +16,9 @@ import trio
 
 from modelfs.cache import BlockCache
 from modelfs.config import Config
-from modelfs.errors import NotFound, ReadOnly
+from modelfs.errors import NotFound, ReadOnly, StoreUnreachable
 from modelfs.fetch import Buffer, Fetcher, FileVersion
+from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
@@ -51,13 +52,15 @@ class ModelFS:
         self.extent_size = int(cfg.cache.extent_size)
         self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
+        self.deadline = cfg.fetch.deadline
+        self.health = Health(store.check, store.describe(), cfg.fetch.probe_interval, cfg.fetch.deadline)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl)
         # GET buffers plus prefetched extents awaiting their push stay within fetch.memory_budget.
         slots = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // (2 * self.extent_size)))
-        self.fetcher = Fetcher(store, cache, index, self.stats, slots)
+        self.fetcher = Fetcher(store, cache, index, self.stats, slots, cfg.fetch.deadline, self.health)
         self.prefetcher = Prefetcher(cfg.prefetch, self.fetcher, cache, index, self.ns, self.stats, self.version,
                                      self.read_version, self.is_open, self.io_limiter,
-                                     workers=max(1, min(cfg.prefetch.concurrency, slots)), cache_dir=cfg.cache.dir)
+                                     workers=max(1, min(cfg.prefetch.concurrency, slots)))
         self._versions: dict[int, FileVersion] = {}
         self._open: dict[int, int] = {}  # inode -> open handles
         self._handles: dict[int, tuple[Node, FileVersion]] = {}
@@ -65,12 +68,31 @@ class ModelFS:
         self._fh = itertools.count(1)
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Background work (fetch flights, prefetch workers) belongs to `nursery`."""
+        """Background work (fetch flights, prefetch workers, the offline probe) belongs to `nursery`."""
         self.fetcher.start(nursery)
         self.prefetcher.start(nursery)
+        nursery.start_soon(self.health.probe_loop)
 
     async def _list_dir(self, prefix: str) -> Listing:
-        return await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter)
+        """The store's listing, saved for offline mode; the saved one while the store is unreachable."""
+        if not self.health.offline:
+            try:
+                with trio.fail_after(self.deadline):
+                    listing = await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter,
+                                                            abandon_on_cancel=True)
+            except trio.TooSlowError:
+                self.health.mark_unreachable(TimeoutError(f"no listing within {self.deadline:g} s"))
+            except StoreUnreachable as e:
+                self.health.mark_unreachable(e)
+            else:
+                await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,
+                                              limiter=self.io_limiter)
+                return listing
+        saved = await trio.to_thread.run_sync(self.index.load_listing, self.store.identity, prefix,
+                                              limiter=self.io_limiter)
+        if saved is None:
+            raise self.health.unreachable_error(f"the listing of /{prefix}")
+        return saved
 
     # -- metadata ---------------------------------------------------------------------------------
 

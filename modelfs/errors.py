@@ -33,6 +33,10 @@ class StoreError(ModelfsError):
     errno = errno.EIO
 
 
+class StoreUnreachable(StoreError):
+    """The store does not answer at all (connection refused or timed out): offline mode may serve the cache."""
+
+
 class VersionChanged(StoreError):
     """The object was overwritten: its ETag no longer matches the version this inode serves.
 

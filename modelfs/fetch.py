@@ -8,6 +8,11 @@ GET slots are shared by demand reads and prefetch, and a freed slot goes to a wa
 first: prefetch never delays a loader's own read by more than one GET. Memory is bounded: at most
 `slots` GET buffers plus as many prefetched extents waiting to be pushed, i.e. 2 x slots x extent
 <= fetch.memory_budget.
+
+Every flight has a deadline (`fetch.deadline`): past it, its readers get EIO and the flight is
+forgotten, so the next read starts a fresh GET instead of joining a stuck one. The stuck GET's thread is
+abandoned, not killed; it ends at botocore's read timeout, and keeps its thread token until then, so
+abandoned GETs can never pile up beyond the thread limit.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from modelfs.cache import BlockCache, block_hash
-from modelfs.errors import StoreError, VersionChanged
+from modelfs.cache import BlockCache, CacheFull, block_hash
+from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
+from modelfs.health import Health
 from modelfs.index import ChunkIndex, version_id
 from modelfs.remote import ObjectInfo, Store
 from modelfs.stats import Stats
@@ -100,13 +106,17 @@ class _Flight:
 class Fetcher:
     """Turns cache misses into ranged GETs."""
 
-    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, stats: Stats, slots: int) -> None:
+    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, stats: Stats, slots: int,
+                 deadline: float = 30.0, health: Health | None = None) -> None:
         self.store = store
         self.cache = cache
         self.index = index
         self.stats = stats
+        self.deadline = deadline
+        self.health = health
         self.slots = PrioritySlots(slots)
-        self.threads = trio.CapacityLimiter(slots)
+        # Twice the slots: abandoned GETs (past their deadline) hold a thread until botocore gives up.
+        self.threads = trio.CapacityLimiter(2 * slots)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._write_error_logged = False
@@ -123,6 +133,9 @@ class Fetcher:
         """The whole extent [start, start+length) of `ver` for a demand read: joins a flight or starts one."""
         flight = self._inflight.get((ver.vid, start))
         if flight is None:
+            if self.health is not None and self.health.offline:
+                self.stats.add(offline_misses=1)
+                raise self.health.unreachable_error(f"{ver.info.key} at {start}")
             flight = self._launch(ver, start, length, slot_held=False)
         return await self._wait(flight)
 
@@ -131,6 +144,8 @@ class Fetcher:
         key = (ver.vid, start)
         flight = self._inflight.get(key)
         if flight is None:
+            if self.health is not None and self.health.offline:
+                raise self.health.unreachable_error(f"{ver.info.key} at {start}")
             await self.slots.acquire(demand=False)
             flight = self._inflight.get(key)  # someone may have started it while we waited
             if flight is None:
@@ -160,13 +175,19 @@ class Fetcher:
     async def _run(self, key: tuple[bytes, int], flight: _Flight, ver: FileVersion, start: int, length: int,
                    slot_held: bool) -> None:
         try:
-            if not slot_held:
-                await self.slots.acquire(demand=True)
-            try:
-                flight.data = await trio.to_thread.run_sync(self._fetch_blocking, ver, start, length,
-                                                            limiter=self.threads)
-            finally:
-                self.slots.release()
+            with trio.fail_after(self.deadline):
+                if not slot_held:
+                    await self.slots.acquire(demand=True)
+                try:
+                    flight.data = await trio.to_thread.run_sync(self._fetch_blocking, ver, start, length,
+                                                                limiter=self.threads, abandon_on_cancel=True)
+                finally:
+                    self.slots.release()
+        except trio.TooSlowError:
+            self.stats.add(read_timeouts=1)
+            flight.error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline "
+                                      f"({self.deadline:g} s)")
+            log.warning("%s", flight.error)
         except (StoreError, OSError) as e:
             flight.error = e
         except BaseException as e:
@@ -193,6 +214,11 @@ class Fetcher:
         except VersionChanged:
             self.stats.add(version_changes=1)
             raise
+        except StoreUnreachable as e:
+            self.stats.add(store_errors=1)
+            if self.health is not None:
+                self.health.mark_unreachable(e)
+            raise
         except StoreError as e:
             self.stats.add(store_errors=1)
             log.warning("%s", e)
@@ -205,6 +231,11 @@ class Fetcher:
         try:
             if not self.cache.put(digest, data):
                 self.stats.add(dedup_bytes_saved=len(data))
+        except CacheFull as e:
+            # Quota reached with every block in use, or the disk is full: serve this extent from memory.
+            self.stats.add(cache_full_skips=1)
+            log.debug("%s at %d not cached: %s", ver.info.key, start, e.strerror)
+            return data
         except OSError as e:
             self.stats.add(cache_write_errors=1)
             if not self._write_error_logged:

@@ -5,6 +5,7 @@ Schema (one LMDB environment per process, in `<cache>/index/`; the daemon is its
     meta      b"schema"                         -> b"1"
     versions  vid (16 B)                        -> JSON {source, key, etag, size, last_used}
     extents   vid (16 B) + offset (8 B, BE)     -> hash (16 B, xxh3-128) + length (4 B, BE)
+    listings  source identity + NUL + prefix    -> JSON {dirs: [name], objects: [[name, size, etag, mtime]]}
 
 `vid` is xxh3-128 of (source identity, key, ETag, size): one immutable version. A new ETag is a new
 vid, so entries never need invalidation: they describe bytes that can no longer change.
@@ -22,6 +23,10 @@ Invariants, and what a crash at each step of a fetch leaves behind:
    process crash, not an OS crash). Hence every block is verified against its hash the first time a
    process serves it, and an environment that fails to open or has a foreign schema is moved aside
    and rebuilt empty: only cache warmth is lost, never correctness.
+4. A listings entry is the last listing of one directory that the store answered, written after the
+   store answered and before the kernel is told. It is used only while the store is unreachable
+   (offline mode), to keep serving the tree the cache holds; a crash mid-write leaves the previous
+   listing (one transaction). Files it names that were not cached read as EIO offline.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import time
 import lmdb
 import xxhash
 
-from modelfs.remote import ObjectInfo
+from modelfs.remote import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class ChunkIndex:
         self.path = path
         self._touched: set[bytes] = set()
         self._lock = threading.Lock()
+        self.write_errors = 0
         try:
             self._open(map_size)
         except (lmdb.Error, ValueError, json.JSONDecodeError) as e:
@@ -77,6 +83,7 @@ class ChunkIndex:
             self._meta = self.env.open_db(b"meta")
             self._versions = self.env.open_db(b"versions")
             self._extents = self.env.open_db(b"extents")
+            self._listings = self.env.open_db(b"listings")
             with self.env.begin(write=True) as txn:
                 schema = txn.get(b"schema", db=self._meta)
                 if schema is None:
@@ -84,7 +91,7 @@ class ChunkIndex:
                 elif schema != SCHEMA:
                     raise ValueError(f"schema {schema!r}")
                 # Touch every record once so a truncated or garbage file fails here, not mid-read.
-                for db in (self._versions, self._extents):
+                for db in (self._versions, self._extents, self._listings):
                     for k, v in txn.cursor(db=db):
                         if db is self._extents and (len(k) != 24 or len(v) != _EXT.size):
                             raise ValueError("bad extent record")
@@ -111,15 +118,53 @@ class ChunkIndex:
         return out
 
     def record(self, vid: bytes, identity: str, info: ObjectInfo, offset: int, digest: bytes, length: int) -> None:
-        """Remember that `length` bytes of `vid` at `offset` hash to `digest` (block already stored)."""
-        with self.env.begin(write=True) as txn:
-            txn.put(vid + _OFF.pack(offset), _EXT.pack(digest, length), db=self._extents)
-            if vid not in self._touched:
-                rec = {"source": identity, "key": info.key, "etag": info.etag, "size": info.size,
-                       "last_used": time.time()}
-                txn.put(vid, json.dumps(rec).encode(), db=self._versions)
+        """Remember that `length` bytes of `vid` at `offset` hash to `digest` (block already stored).
+
+        A failed write (disk full, map full) only costs warmth: it is counted, logged once, and the
+        read that caused it is served regardless.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(vid + _OFF.pack(offset), _EXT.pack(digest, length), db=self._extents)
+                if vid not in self._touched:
+                    rec = {"source": identity, "key": info.key, "etag": info.etag, "size": info.size,
+                           "last_used": time.time()}
+                    txn.put(vid, json.dumps(rec).encode(), db=self._versions)
+        except lmdb.Error as e:
+            self._write_failed(e)
+            return
         with self._lock:
             self._touched.add(vid)
+
+    def _write_failed(self, e: lmdb.Error) -> None:
+        self.write_errors += 1
+        if self.write_errors == 1:
+            log.warning("cannot write to the index (%s): serving without recording what is cached", e)
+
+    def save_listing(self, identity: str, prefix: str, listing: Listing) -> None:
+        """Keep the store's latest listing of `prefix`, for offline mode."""
+        rec = {"dirs": listing.dirs,
+               "objects": [[name, o.size, o.etag, o.mtime] for name, o in listing.objects]}
+        value = json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        key = f"{identity}\0{prefix}".encode("utf-8", "surrogatepass")
+        try:
+            with self.env.begin(write=True, db=self._listings) as txn:
+                if txn.get(key) != value:
+                    txn.put(key, value)
+        except lmdb.Error as e:
+            self._write_failed(e)
+
+    def load_listing(self, identity: str, prefix: str) -> Listing | None:
+        """The last saved listing of `prefix`, or None if it was never listed."""
+        key = f"{identity}\0{prefix}".encode("utf-8", "surrogatepass")
+        with self.env.begin(db=self._listings) as txn:
+            value = txn.get(key)
+        if value is None:
+            return None
+        rec = json.loads(value.decode("utf-8", "surrogatepass"))
+        return Listing(dirs=list(rec["dirs"]),
+                       objects=[(name, ObjectInfo(prefix + name, int(size), str(etag), float(mtime)))
+                                for name, size, etag, mtime in rec["objects"]])
 
     def versions(self) -> dict[bytes, dict[str, object]]:
         """All recorded versions (for administration and tests)."""

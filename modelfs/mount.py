@@ -22,8 +22,9 @@ import trio
 from modelfs.cache import BlockCache
 from modelfs.config import Config
 from modelfs.core import ModelFS
-from modelfs.errors import ConfigError, ModelfsError
+from modelfs.errors import ConfigError, ModelfsError, StoreUnreachable
 from modelfs.fs import Operations
+from modelfs.health import check_within
 from modelfs.index import ChunkIndex
 from modelfs.remote import open_store
 from modelfs.stats import Stats
@@ -49,9 +50,10 @@ def is_mounted(path: str) -> bool:
 
 
 def is_stale(path: str) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    """A FUSE mount whose daemon is gone answers ENOTCONN (statfs: the kernel never answers it from
+    its attribute cache, unlike stat)."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
@@ -160,22 +162,34 @@ class Daemon:
             raise ConfigError("no mountpoint given")
         cache_dir = os.path.abspath(cfg.cache.dir)
         bound_malloc_retention()
-        lock_fd = lock_cache_dir(cache_dir)
-        self._resources.append(lambda: os.close(lock_fd))
+        # Everything that can be checked is checked before anything in the cache dir is touched.
+        store = open_store(cfg.source, cfg.s3)
+        self._resources.append(store.close)
         try:
-            store = open_store(cfg.source, cfg.s3)
-            self._resources.append(store.close)
-            store.check()
+            mountpoint = prepare_mountpoint(cfg.mountpoint)
+            unreachable: StoreUnreachable | None = None
+            try:
+                check_within(store.check, cfg.fetch.deadline, store.describe())
+            except StoreUnreachable as e:
+                unreachable = e
+                if not os.path.exists(os.path.join(cache_dir, "index", "data.mdb")):
+                    raise StoreUnreachable(f"{e}, and the cache holds nothing of it to serve offline") from None
+            lock_fd = lock_cache_dir(cache_dir)
+            self._resources.append(lambda: os.close(lock_fd))
             index = ChunkIndex(os.path.join(cache_dir, "index"), int(cfg.cache.index_map_size))
             self._resources.append(index.close)
+            if unreachable is not None and index.load_listing(store.identity, "") is None:
+                raise StoreUnreachable(f"{unreachable}, and the cache holds no listing of it to serve offline")
             stats = Stats()
             cache = BlockCache(cache_dir, store.domain, cfg.cache.open_files,
-                               on_corrupt=lambda _d: stats.add(corrupt_blocks=1))
+                               on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
+                               min_free=int(cfg.cache.min_free), on_evict=lambda n: stats.add(evicted_bytes=n))
             self._resources.append(cache.close)
             self.core = ModelFS(cfg, store, index, cache, stats)
+            if unreachable is not None:
+                self.core.health.mark_unreachable(unreachable)
             if cfg.prefetch.page_cache_push:
                 self.core.prefetcher.push = pyfuse3.notify_store
-            mountpoint = prepare_mountpoint(cfg.mountpoint)
             pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
         except BaseException:
             self._close()
@@ -202,12 +216,8 @@ class Daemon:
             self.core.start(nursery)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._announce, mountpoint, on_ready)
-            nursery.start_soon(self._scan_cache)
             await pyfuse3.main(min_tasks=4, max_tasks=self.cfg.mount.fuse_tasks)
             nursery.cancel_scope.cancel()
-
-    async def _scan_cache(self) -> None:
-        await trio.to_thread.run_sync(self.core.cache.scan, abandon_on_cancel=True)
 
     async def _announce(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
         """Report ready only once the mount answers a stat of its root, from outside the trio thread."""
@@ -220,8 +230,11 @@ class Daemon:
         on_ready()
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    log.warning("task dump (SIGUSR1):\n%s", task_tree())
+                    continue
                 if scope.deadline != float("inf"):
                     log.warning("second %s: stopping now", signal.Signals(signum).name)
                     scope.cancel()
@@ -229,6 +242,27 @@ class Daemon:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+
+
+def task_tree() -> str:
+    """Every trio task and where it waits: `kill -USR1 <daemon pid>` logs it, to diagnose a hang."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        where: list[str] = []
+        coro: object = task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"{'  ' * depth}{task.name} @ {' > '.join(where)}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines)
 
 
 def _alive(pid: int) -> bool:

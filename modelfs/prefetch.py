@@ -23,9 +23,9 @@ import fnmatch
 import json
 import logging
 import mmap
-import os
 import re
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,6 +94,7 @@ class Job:
     fetched: int = 0
     error: BaseException | None = None
     done: trio.Event = field(default_factory=trio.Event)
+    started: float = field(default_factory=time.monotonic)
 
     def add(self, starts: list[int]) -> None:
         for s in starts:
@@ -111,8 +112,7 @@ class Prefetcher:
 
     def __init__(self, cfg: PrefetchConfig, fetcher: Fetcher, cache: BlockCache, index: ChunkIndex,
                  ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion], read: ReadFn,
-                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
-                 cache_dir: str) -> None:
+                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int) -> None:
         self.cfg = cfg
         self.fetcher = fetcher
         self.cache = cache
@@ -124,7 +124,6 @@ class Prefetcher:
         self.is_open = is_open
         self.io_limiter = io_limiter
         self.workers = workers
-        self.cache_dir = cache_dir
         self.push: PushFn | None = None
         self.push_limiter = trio.CapacityLimiter(2)
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
@@ -270,21 +269,22 @@ class Prefetcher:
         except (ModelfsError, OSError, ValueError, AttributeError) as e:
             log.debug("%s: no checkpoint set to prefetch (%s)", node.key, e)
             return
-        budget = await trio.to_thread.run_sync(self._free_space)
+        budget = await trio.to_thread.run_sync(self.cache.headroom, self._protect_since())
         for name in names:
             shard = siblings.get(name)
             if shard is None or shard.is_dir or shard.inode in self._jobs:
                 continue
             assert shard.info is not None
             if shard.info.size > budget:
-                log.info("not prefetching %s: %d bytes left in the cache filesystem", shard.key, budget)
+                log.info("not prefetching %s: room for %d more bytes in the cache", shard.key, budget)
                 continue
             budget -= shard.info.size
             await self._schedule_whole(shard, False)
 
-    def _free_space(self) -> int:
-        st = os.statvfs(self.cache_dir)
-        return st.f_bavail * st.f_frsize - int(self.cfg.cache_reserve)
+    def _protect_since(self) -> float:
+        """Blocks used since the oldest active job began belong to the load being served: prefetch must
+        not evict them (a checkpoint larger than the cache would otherwise evict its own head)."""
+        return min((j.started for j in self._jobs.values()), default=time.monotonic())
 
     def _finish(self, job: Job) -> None:
         if self._jobs.get(job.node.inode) is job:
@@ -330,8 +330,9 @@ class Prefetcher:
                      and start not in self._pushed.get(inode, ()) and self.is_open(inode))
         data = await trio.to_thread.run_sync(self._cached, ver, start, length, want_push, limiter=self.io_limiter)
         if data is None:
-            if await trio.to_thread.run_sync(self._free_space) < length:
-                raise ModelfsError("cache filesystem is full: prefetch paused")
+            if not await trio.to_thread.run_sync(self.cache.make_room, length, self._protect_since(),
+                                                 limiter=self.io_limiter):
+                raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
             data = await self.fetcher.prefetch(ver, start, length)
             if data is not None:
                 job.fetched += length

@@ -20,6 +20,10 @@ class Stats:
     store_errors: int = 0
     version_changes: int = 0
     cache_write_errors: int = 0
+    cache_full_skips: int = 0
+    evicted_bytes: int = 0
+    read_timeouts: int = 0
+    offline_misses: int = 0
     prefetch_bytes: int = 0
     pushed_bytes: int = 0
     push_skipped_bytes: int = 0

@@ -61,7 +61,7 @@ def test_four_processes_loading_at_once_fetch_each_byte_once(seaweed: object, s3
     assert stats["bytes_fetched"] <= hf_bytes * 1.02, stats
 
 
-def test_cold_mmap_load_is_served_from_pushed_pages(seaweed: object, s3_checkpoint: str, checkpoint: Checkpoint,
+def test_cold_load_with_prefetch_fetches_each_byte_once(seaweed: object, s3_checkpoint: str, checkpoint: Checkpoint,
                                                     mounter: Callable[..., Mount]) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
@@ -73,6 +73,7 @@ def test_cold_mmap_load_is_served_from_pushed_pages(seaweed: object, s3_checkpoi
         for name, t in load_file(hf / shard).items():
             assert torch.equal(t, checkpoint.safetensors[name])
     stats = m.stats()
-    assert stats["pushed_bytes"] > 0 and stats["push_errors"] == 0
+    assert stats["pushed_bytes"] == 0  # page-cache push is opt-in (it can deadlock against readahead)
+    assert stats["prefetch_bytes"] > 0
     hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
     assert stats["bytes_fetched"] <= hf_bytes * 1.02

@@ -37,11 +37,12 @@ def write_safetensors(path: Path, tensors: dict[str, int], metadata_pad: int = 0
 
 def make_core(src: Path, cache_dir: Path, **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT),
-                             "fetch.memory_budget": str(16 * EXTENT), "prefetch.cache_reserve": "0",
+                             "fetch.memory_budget": str(16 * EXTENT), "cache.min_free": "0",
                              **overrides})
     store = LocalStore(str(src))
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
-    cache = BlockCache(str(cache_dir), store.domain)
+    cache = BlockCache(str(cache_dir), store.domain, max_size=int(cfg.cache.max_size),
+                       min_free=int(cfg.cache.min_free))
     core = ModelFS(cfg, store, index, cache)
 
     def close() -> None:
@@ -170,7 +171,7 @@ def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) ->
         run(core, body)
     finally:
         close()
-    core, close = make_core(src, tmp_path / "cache2", **{"prefetch.cache_reserve": "100TiB"})
+    core, close = make_core(src, tmp_path / "cache2", **{"cache.min_free": "100TiB"})
 
     async def no_space(core: ModelFS) -> None:
         core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
@@ -187,7 +188,8 @@ def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 99_999 for i in range(10)})
-    core, close = make_core(src, tmp_path / "cache", **{"prefetch.push_min_available": "0"})
+    core, close = make_core(src, tmp_path / "cache", **{"prefetch.push_min_available": "0",
+                                                        "prefetch.page_cache_push": "true"})
     pushed: dict[int, bytes] = {}
     core.prefetcher.push = lambda inode, off, buf: pushed.__setitem__(off, bytes(buf))
 

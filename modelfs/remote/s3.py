@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.exceptions as bexc
+import urllib3.exceptions
 from botocore.config import Config as BotoConfig
 
-from modelfs.errors import ConfigError, NotFound, StoreError, VersionChanged
+from modelfs.errors import ConfigError, NotFound, StoreError, StoreUnreachable, VersionChanged
+from modelfs.logs import register_secret
 from modelfs.remote import Listing, ObjectInfo
 
 if TYPE_CHECKING:
@@ -25,9 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Body-level failures botocore does not retry once the response headers have arrived.
+#: Body-level failures botocore does not retry once the response headers have arrived (the body is
+#: read straight from urllib3, so its exceptions arrive unwrapped: IncompleteRead, ReadTimeout, reset).
 _BODY_ERRORS = (bexc.IncompleteReadError, bexc.ReadTimeoutError, bexc.ResponseStreamingError,
-                bexc.ConnectionClosedError, bexc.EndpointConnectionError)
+                bexc.ConnectionClosedError, bexc.EndpointConnectionError, urllib3.exceptions.HTTPError,
+                ConnectionError, TimeoutError)
 _BODY_ATTEMPTS = 4
 
 
@@ -84,11 +88,18 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str, cfg: S3Config) -> None:
         self.bucket = bucket
         self.prefix = prefix
-        session = boto3.session.Session(profile_name=cfg.profile or None)
+        try:
+            session = boto3.session.Session(profile_name=cfg.profile or None)
+        except bexc.ProfileNotFound:
+            raise ConfigError(f"s3.profile: no profile named {cfg.profile!r} in the AWS config") from None
+        creds = session.get_credentials()
+        if creds is not None:  # whatever logs them later, these never reach a log line
+            register_secret(creds.secret_key)
+            register_secret(creds.token)
         region = cfg.region or session.region_name or "us-east-1"
         botocfg = BotoConfig(
             region_name=region,
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": cfg.max_attempts, "mode": "standard"},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             max_pool_connections=cfg.max_pool_connections,
@@ -122,8 +133,10 @@ class S3Store:
             return StoreError(f"{what} failed: {code or _status(e)} from {self.endpoint}")
         if isinstance(e, bexc.NoCredentialsError):
             return StoreError("no S3 credentials found (environment, shared config, or instance role)")
-        if isinstance(e, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
-            return StoreError(f"cannot reach S3 endpoint {self.endpoint}")
+        if isinstance(e, bexc.HTTPClientError | bexc.ConnectionError | urllib3.exceptions.HTTPError | ConnectionError
+                      | TimeoutError):
+            # Refused, reset, or no answer in time, after botocore's retries: the store is unreachable.
+            return StoreUnreachable(f"cannot reach S3 endpoint {self.endpoint} ({type(e).__name__})")
         return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
 
     def check(self) -> None:
@@ -159,26 +172,31 @@ class S3Store:
         rng = f"bytes={start}-{start + length - 1}"
         buf = bytearray(length)
         for attempt in range(1, _BODY_ATTEMPTS + 1):
-            try:
+            try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
                 resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, IfMatch=obj.etag)
-                got = _read_into(resp["Body"], buf)
-                if got == length:
-                    return buf
-                err: Exception = StoreError(f"short body: {got} of {length} bytes")
             except bexc.ClientError as e:
                 if _status(e) == 412 or _code(e) == "PreconditionFailed":
                     raise VersionChanged(f"{obj.key} was overwritten in the store") from None
                 if _status(e) == 404:
                     raise VersionChanged(f"{obj.key} was removed from the store") from None
                 raise self._fail(e, f"GET {obj.key}") from None
-            except _BODY_ERRORS as e:
-                err = e
             except (bexc.BotoCoreError, OSError) as e:
                 raise self._fail(e, f"GET {obj.key}") from None
+            body = resp["Body"]
+            try:  # ... but not the body: a short, reset or stalled body is retried here
+                got = _read_into(body, buf)
+                if got == length:
+                    return buf
+                err: Exception = StoreError(f"short body: {got} of {length} bytes")
+            except _BODY_ERRORS as e:
+                err = e
+            finally:
+                body.close()
             log.debug("GET %s %s attempt %d: %s", obj.key, rng, attempt, type(err).__name__)
             if attempt < _BODY_ATTEMPTS:
                 time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
-        raise self._fail(err, f"GET {obj.key}")
+        raise StoreError(f"GET {obj.key} failed {_BODY_ATTEMPTS} times reading the body: "
+                         f"{err if isinstance(err, StoreError) else type(err).__name__}")
 
     def head(self, key: str) -> ObjectInfo:
         try:

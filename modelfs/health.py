@@ -1,0 +1,92 @@
+"""Store reachability: offline mode when the store cannot be reached, and the probe that ends it.
+
+When the store stops answering (at mount, or mid-run), modelfs keeps serving what it holds: listings
+saved in the index and blocks in the cache. While offline, a read of bytes that are not cached fails at
+once with EIO instead of waiting out retries, and a background probe checks the store every
+`interval` seconds; the first answer ends offline mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import trio
+
+from modelfs.errors import StoreError, StoreUnreachable
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """Thread-safe offline flag, set from fetch threads, cleared by `probe_loop` in the daemon's nursery."""
+
+    def __init__(self, check: Callable[[], None], describe: str, interval: float = 5.0,
+                 timeout: float = 30.0) -> None:
+        self._check = check
+        self._describe = describe
+        self.interval = interval
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._offline_since: float | None = None
+
+    @property
+    def offline(self) -> bool:
+        return self._offline_since is not None
+
+    def mark_unreachable(self, why: BaseException) -> None:
+        with self._lock:
+            if self._offline_since is not None:
+                return
+            self._offline_since = time.monotonic()
+        log.warning("store %s unreachable (%s): offline mode, serving what the cache holds", self._describe, why)
+
+    def mark_reachable(self) -> None:
+        with self._lock:
+            since, self._offline_since = self._offline_since, None
+        if since is not None:
+            log.warning("store %s reachable again after %.0f s: offline mode ended", self._describe,
+                        time.monotonic() - since)
+
+    def unreachable_error(self, what: str) -> StoreUnreachable:
+        return StoreUnreachable(f"store {self._describe} is unreachable (offline mode) and {what} is not cached")
+
+    async def probe_loop(self) -> None:
+        """While offline, check the store every `interval` seconds (each check bounded by `timeout`)."""
+        while True:
+            await trio.sleep(self.interval if self.offline else 1.0)
+            if not self.offline:
+                continue
+            try:
+                with trio.fail_after(self.timeout):
+                    await trio.to_thread.run_sync(self._check, abandon_on_cancel=True)
+            except (StoreError, OSError, trio.TooSlowError) as e:
+                log.debug("store still unreachable: %s", e)
+                continue
+            self.mark_reachable()
+
+
+def check_within(check: Callable[[], None], timeout: float, describe: str) -> None:
+    """Run a blocking store check, giving up after `timeout` seconds with StoreUnreachable.
+
+    For the mount, before trio runs: a silent endpoint must not hold `modelfs mount` for minutes of
+    retries. The check runs in a daemon thread, which is abandoned if it overruns.
+    """
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            check()
+            result.append(None)
+        except BaseException as e:  # handed to the caller below
+            result.append(e)
+
+    t = threading.Thread(target=run, name="store-check", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise StoreUnreachable(f"store {describe} did not answer within {timeout:g} s")
+    if result[0] is not None:
+        raise result[0]

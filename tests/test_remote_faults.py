@@ -1,0 +1,208 @@
+"""Remote faults through real mounts: a fault-injecting proxy between the daemon and SeaweedFS.
+
+Each test gets its own proxy (`modelfs.testing.faultproxy`) and programs the faults it needs: S3 error
+statuses, resets, truncated bodies, stalls, a silent (blackholed) store. Deadlines and timeouts are set
+low so the suite stays fast; no assertion is about time.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.faultproxy import Fault, FaultProxy
+from modelfs.testing.seaweed import SeaweedServer
+from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
+
+pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
+
+MiB = 1 << 20
+#: Fast failure settings: a silent socket is given up after 2 s, a read after 8 s.
+FAST = ["-o", "s3.read_timeout=2", "-o", "s3.connect_timeout=2", "-o", "s3.max_attempts=3",
+        "-o", "fetch.deadline=8", "-o", "fetch.probe_interval=1"]
+NO_PREFETCH = ["-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false",
+               "-o", "prefetch.sequential=false"]
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+READ_ONE = """
+import hashlib, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        print(hashlib.sha256(f.read()).hexdigest())
+except OSError as e:
+    print("errno", e.errno)
+"""
+
+
+def read_in_child(path: Path, timeout: float = 120) -> str:
+    """Read a whole file in a child process (a hung read can then never hang the test run)."""
+    r = subprocess.run([sys.executable, "-c", READ_ONE, str(path)], capture_output=True, text=True, timeout=timeout)
+    return r.stdout.strip()
+
+
+def eventually(check: Callable[[], bool], limit: float = 60.0) -> bool:
+    """Poll `check` until it holds (a bounded wait for a background state change, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture
+def proxy(seaweed: SeaweedServer, s3_checkpoint: str) -> Iterator[FaultProxy]:
+    with FaultProxy(seaweed.endpoint_url) as p:
+        yield p
+
+
+@pytest.fixture
+def env(seaweed: SeaweedServer, proxy: FaultProxy) -> dict[str, str]:
+    return {**seaweed.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url}
+
+
+TRANSIENT = {
+    "503 SlowDown": (Fault.slow_down(), 3),
+    "500 InternalError": (Fault.internal_error(), 3),
+    "reset before response": (Fault.reset(), 2),
+    "reset mid-body": (Fault.reset(after_bytes=MiB), 2),
+    "truncated body": (Fault.truncate(fraction=0.5), 2),
+    "silent socket": (Fault.stall(30), 1),
+    "stall mid-body": (Fault.stall(30, after_bytes=MiB), 1),
+    "latency": (Fault.latency(0.5), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSIENT))
+def test_transient_faults_are_retried_and_bytes_are_correct(case: str, proxy: FaultProxy, env: dict[str, str],
+                                                            s3_checkpoint: str, checkpoint: Checkpoint,
+                                                            mounter: Callable[..., Mount]) -> None:
+    fault, times = TRANSIENT[case]
+    rule = proxy.add_rule(fault, method="GET", ranged=True, times=times)
+    m = mounter(s3_checkpoint, env=env, args=[*FAST, *NO_PREFETCH])
+    assert read_in_child(m.path / checkpoint.torch_file) == sha(checkpoint.root / checkpoint.torch_file)
+    assert rule.fired == times
+    stats = m.stats()
+    assert stats["store_errors"] == 0 and stats["read_timeouts"] == 0, stats
+
+
+def test_unsatisfiable_read_gets_eio_others_carry_on_then_recovers(proxy: FaultProxy, env: dict[str, str],
+                                                                   s3_checkpoint: str, checkpoint: Checkpoint,
+                                                                   mounter: Callable[..., Mount]) -> None:
+    m = mounter(s3_checkpoint, env=env, args=[*FAST, *NO_PREFETCH])
+    stuck = checkpoint.torch_file
+    other = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1])
+    child = subprocess.Popen([sys.executable, "-c", READ_ONE, str(m.path / stuck)], stdout=subprocess.PIPE,
+                             text=True)
+    assert proxy.wait_stalled(1, timeout=60)
+    # While that reader waits, the daemon serves others.
+    assert read_in_child(m.path / other) == sha(checkpoint.root / other)
+    out, _ = child.communicate(timeout=120)
+    assert out.strip() == f"errno {errno.EIO}"
+    assert m.stats()["read_timeouts"] >= 1
+    proxy.clear()
+    proxy.release()
+    assert read_in_child(m.path / stuck) == sha(checkpoint.root / stuck)
+
+
+def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
+                                                        checkpoint: Checkpoint,
+                                                        mounter: Callable[..., Mount]) -> None:
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, "-o", "fetch.deadline=600"])
+    stuck = checkpoint.torch_file
+    proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1])
+    child = subprocess.Popen([sys.executable, "-c", READ_ONE, str(m.path / stuck)], stdout=subprocess.PIPE)
+    assert proxy.wait_stalled(1, timeout=60)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    assert m.stats()["bytes_served"] >= 0  # the daemon answers
+    other = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    assert read_in_child(m.path / other) == sha(checkpoint.root / other)
+    proxy.clear()
+    proxy.release()
+    assert read_in_child(m.path / stuck) == sha(checkpoint.root / stuck)
+
+
+def test_silent_store_at_mount_fails_within_the_deadline(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
+                                                         tmp_path: Path) -> None:
+    proxy.blackhole(True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = cli("mount", s3_checkpoint, str(mnt), "--cache-dir", str(tmp_path / "cache"), *FAST, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "did not answer within 8 s" in r.stderr and proxy.endpoint_url in r.stderr, r.stderr
+    assert not os.listdir(mnt)
+
+
+def test_offline_mode_serves_the_cache_and_ends_when_the_store_answers(
+        proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
+        mounter: Callable[..., Mount]) -> None:
+    warm = checkpoint.torch_file
+    cold = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    m = mounter(s3_checkpoint, env=env, args=[*FAST, *NO_PREFETCH, "-o", "mount.metadata_ttl=0"])
+    assert sha(m.path / warm) == sha(checkpoint.root / warm)
+    assert (m.path / cold).stat().st_size == checkpoint.files()[cold]  # listed, never read
+    m.umount()
+    proxy.blackhole(True)
+    offline = m.remount()  # the store does not answer: mounts from the index and cache
+    assert sorted(os.listdir(offline.path)) == sorted(os.listdir(checkpoint.root))
+    assert read_in_child(offline.path / warm) == sha(checkpoint.root / warm)
+    assert read_in_child(offline.path / cold) == f"errno {errno.EIO}"
+    assert offline.stats()["offline_misses"] >= 1
+    proxy.blackhole(False)
+    assert eventually(lambda: read_in_child(offline.path / cold) == sha(checkpoint.root / cold))
+    log = (m.cache_dir / "modelfs.log").read_text()
+    assert "offline mode" in log and "offline mode ended" in log
+
+
+def test_network_cut_mid_run_keeps_cached_files_loading(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
+                                                        checkpoint: Checkpoint,
+                                                        mounter: Callable[..., Mount]) -> None:
+    warm = checkpoint.torch_file
+    cold = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    m = mounter(s3_checkpoint, env=env, args=[*FAST, *NO_PREFETCH])
+    assert sha(m.path / warm) == sha(checkpoint.root / warm)
+    (m.path / cold).stat()
+    proxy.blackhole(True)
+    Path("/proc/sys/vm/drop_caches").write_text("1")  # the next read of `warm` goes to the daemon
+    assert read_in_child(m.path / warm) == sha(checkpoint.root / warm)
+    assert read_in_child(m.path / cold) == f"errno {errno.EIO}"
+    proxy.blackhole(False)
+    assert read_in_child(m.path / cold) == sha(checkpoint.root / cold)
+
+
+def test_object_overwritten_while_open_never_mixes_versions(seaweed: SeaweedServer, tmp_path: Path,
+                                                            mounter: Callable[..., Mount]) -> None:
+    prefix = f"overwrite-{os.getpid()}-{time.monotonic_ns()}/"
+    client = seaweed.client()
+    v1, v2 = os.urandom(40 * MiB), os.urandom(40 * MiB)
+    client.put_object(Bucket=BUCKET, Key=prefix + "blob.bin", Body=v1)
+    m = mounter(f"s3://{BUCKET}/{prefix}", env=seaweed.env(), args=[*NO_PREFETCH, "-o", "mount.metadata_ttl=1"])
+    with open(m.path / "blob.bin", "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), MiB, 0) == v1[:MiB]
+        client.put_object(Bucket=BUCKET, Key=prefix + "blob.bin", Body=v2)
+        with pytest.raises(OSError) as e:
+            os.pread(f.fileno(), MiB, 24 * MiB)  # not cached: the old version is gone from the store
+        assert e.value.errno in (errno.ESTALE, errno.EIO)
+        assert os.pread(f.fileno(), MiB, 0) == v1[:MiB]  # cached bytes of the old version: still old
+    assert m.stats()["version_changes"] >= 1
+    time.sleep(1.5)  # past the metadata TTL
+    assert eventually(lambda: sha(m.path / "blob.bin") == hashlib.sha256(v2).hexdigest())
