@@ -105,6 +105,37 @@ class Mount:
     factory: Callable[..., Mount] = field(default=lambda *a, **k: None, repr=False)  # type: ignore[assignment]
 
 
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB pieces (also through a mount)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: tmpfs(name, options) mounts a real tmpfs (e.g. "size=4m" or "ro,size=1m") under tmp_path;
+    every one is lazily unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    made: list[Path] = []
+
+    def make(name: str, options: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run the real `modelfs` command (as `python -m modelfs`, from this interpreter)."""
     full_env = {**os.environ, **(env or {})}

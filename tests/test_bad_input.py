@@ -372,15 +372,9 @@ def test_mountpoint_is_another_filesystem(s3_checkpoint: str, env: dict[str, str
 
 
 @pytest.fixture
-def ro_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """An empty read-only tmpfs, lazily unmounted at teardown."""
-    path = tmp_path / "ro-tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+def ro_tmpfs(tmpfs: Callable[..., Path]) -> Path:
+    """An empty read-only tmpfs."""
+    return tmpfs("ro-tmpfs", "ro,size=1m")
 
 
 @pytest.fixture

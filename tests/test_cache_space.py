@@ -6,9 +6,8 @@ Pure logic over real files (and a real, small tmpfs for ENOSPC): no mount needed
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,17 +82,9 @@ def test_quota_and_order_survive_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB tmpfs, unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmpfs: Callable[..., Path]) -> Path:
+    """A real 4 MiB tmpfs."""
+    return tmpfs("small", "size=4m")
 
 
 def test_a_full_filesystem_evicts_and_never_leaves_partial_blocks(small_fs: Path) -> None:

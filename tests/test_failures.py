@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,11 @@ from modelfs.cache import block_hash
 from modelfs.index import ChunkIndex
 from modelfs.mount import is_mounted, is_stale
 from tests.conftest import Checkpoint, Mount, requires_fuse
+from tests.conftest import sha256_file as sha
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 
 MiB = 1 << 20
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hf_shards(checkpoint: Checkpoint) -> list[str]:
@@ -155,15 +149,9 @@ def test_cache_quota_smaller_than_one_shard(s3: tuple[str, dict[str, str]], chec
 
 
 @pytest.fixture
-def tiny_cache_fs(tmp_path: Path) -> Iterator[Path]:
+def tiny_cache_fs(tmpfs: Callable[..., Path]) -> Path:
     """A real 20 MiB tmpfs for the cache dir: smaller than the checkpoint, so it fills up."""
-    mnt = tmp_path / "tinyfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("tinyfs", "size=20m")
 
 
 def test_cache_filesystem_that_fills_up(s3: tuple[str, dict[str, str]], checkpoint: Checkpoint,
@@ -247,25 +235,25 @@ def _as_nobody(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         os.setgid(nobody.pw_gid)
         os.setuid(nobody.pw_uid)
 
-    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=drop, timeout=60)  # noqa: PLW1509
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=drop, timeout=60)
 
 
-def test_other_users_are_refused_unless_allow_other(checkpoint: Checkpoint, mounter: Callable[..., Mount],
-                                                   tmp_path: Path) -> None:
-    tmp_path.chmod(0o755)  # let `nobody` reach the mountpoints
-    for p in tmp_path.parents:
-        if p == Path("/"):
-            break
-        if not p.stat().st_mode & 0o001:
-            pytest.skip(f"{p} is not searchable by other users")
-    private = mounter(str(checkpoint.root))
-    shared = mounter(str(checkpoint.root), args=["--allow-other"])
-    probe = [sys.executable, "-c", "import os, sys; print(sorted(os.listdir(sys.argv[1])))"]
-    denied = _as_nobody([*probe, str(private.path)])
-    assert denied.returncode != 0 and "Permission denied" in denied.stderr
-    allowed = _as_nobody([*probe, str(shared.path)])
-    assert allowed.returncode == 0, allowed.stderr
-    assert json.loads(allowed.stdout.replace("'", '"')) == sorted(os.listdir(checkpoint.root))
+def test_other_users_are_refused_unless_allow_other(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
+    public = Path(tempfile.mkdtemp(prefix="modelfs-allow-other-", dir="/tmp"))  # pytest's tmp dirs are 0700
+    public.chmod(0o755)
+    try:
+        private = mounter(str(checkpoint.root), path=public / "private")
+        shared = mounter(str(checkpoint.root), args=["--allow-other"], path=public / "shared")
+        denied = _as_nobody(["ls", "-1", str(private.path)])  # a system binary: `nobody` cannot run root's venv
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        allowed = _as_nobody(["ls", "-1", str(shared.path)])
+        assert allowed.returncode == 0, allowed.stderr
+        assert sorted(allowed.stdout.split()) == sorted(os.listdir(checkpoint.root))
+        private.umount()
+        shared.umount()
+    finally:
+        if not any(is_mounted(str(public / n)) for n in ("private", "shared")):
+            shutil.rmtree(public, ignore_errors=True)
 
 
 def test_credentials_never_in_logs(seaweed: object, s3_checkpoint: str, checkpoint: Checkpoint,
@@ -287,3 +275,45 @@ def test_credentials_never_in_logs(seaweed: object, s3_checkpoint: str, checkpoi
     assert secret not in log
     assert "X-Amz-Signature=" not in log.replace("X-Amz-Signature=[redacted]", "")
     assert "Signature=" not in log.replace("Signature=[redacted]", "")
+
+
+HOSTILE = ["a//double.bin", "./dot.bin", "../up.bin", "x/../../escape.bin", "/lead.bin", "marker/",
+           "n" * 300 + ".bin", "both", "both/child.bin", "ok.bin", "sp ace.bin"]
+
+
+def test_hostile_keys_never_escape_and_are_logged_once(seaweed: object, tmp_path: Path,
+                                                       mounter: Callable[..., Mount]) -> None:
+    client = seaweed.client()  # type: ignore[attr-defined]
+    prefix = f"hostile-{os.getpid()}-{time.monotonic_ns()}/"
+    for key in HOSTILE:
+        try:
+            client.put_object(Bucket="models", Key=prefix + key, Body=key.encode())
+        except Exception:
+            pass
+    stored = [o["Key"][len(prefix):] for o in client.list_objects_v2(Bucket="models", Prefix=prefix)["Contents"]]
+    m = mounter(f"s3://models/{prefix}", env=seaweed.env(), args=["-o", "mount.metadata_ttl=0"])  # type: ignore[attr-defined]
+    seen: dict[str, bytes] = {}
+    for _ in range(2):  # list twice: hidden keys are logged once, not per listing
+        for dirpath, dirs, files in os.walk(m.path):
+            for name in dirs + files:
+                assert name not in (".", "..") and "/" not in name and len(name.encode()) <= 255
+                assert os.path.realpath(os.path.join(dirpath, name)).startswith(str(m.path) + "/")
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), m.path)
+                seen[rel] = Path(dirpath, name).read_bytes()
+    safe = {"both/child.bin", "ok.bin", "sp ace.bin"}
+    assert {k for k in safe if k in stored} <= set(seen)
+    for rel, data in seen.items():  # each visible file is one uploaded object (the server may normalize keys)
+        assert data == rel.encode() if rel in safe else data in {k.encode() for k in HOSTILE}, rel
+    assert (m.path / "both").is_dir() and os.listdir(m.path).count("both") == 1  # file and prefix: the directory
+    assert "n" * 300 + ".bin" not in seen and "marker" not in seen
+    m.umount()
+    log = (m.cache_dir / "modelfs.log").read_text()
+    hidden = [line for line in log.splitlines() if "hidden" in line or "also a prefix" in line]
+    assert hidden and len(hidden) == len(set(hidden_key(line) for line in hidden))
+    allowed = {"blocks", "index", "lock", "modelfs.log"}
+    assert set(os.listdir(m.cache_dir)) <= allowed
+
+
+def hidden_key(line: str) -> str:
+    return line.split("key ", 1)[1].rsplit(" hidden", 1)[0].rsplit(" a key that", 1)[0]

@@ -119,8 +119,13 @@ class S3Store:
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix} at {self.endpoint}"
 
-    def _fail(self, e: Exception, what: str) -> StoreError:
-        """One line for users: what failed, and why, without request ids or credentials."""
+    def _fail(self, e: Exception, what: str, silence_is_unreachable: bool = False) -> StoreError:
+        """One line for users: what failed, and why, without request ids or credentials.
+
+        StoreUnreachable (offline mode) only when no connection can be made, or, for the bucket check
+        and listings (`silence_is_unreachable`), when the store does not answer: one GET that stalls or
+        is cut off is that object's failure, not the store's.
+        """
         if isinstance(e, StoreError):
             return e
         if isinstance(e, bexc.ClientError):
@@ -133,10 +138,12 @@ class S3Store:
             return StoreError(f"{what} failed: {code or _status(e)} from {self.endpoint}")
         if isinstance(e, bexc.NoCredentialsError):
             return StoreError("no S3 credentials found (environment, shared config, or instance role)")
-        if isinstance(e, bexc.HTTPClientError | bexc.ConnectionError | urllib3.exceptions.HTTPError | ConnectionError
-                      | TimeoutError):
-            # Refused, reset, or no answer in time, after botocore's retries: the store is unreachable.
+        if isinstance(e, bexc.ConnectionError):  # refused, unroutable, connect timeout: after botocore's retries
             return StoreUnreachable(f"cannot reach S3 endpoint {self.endpoint} ({type(e).__name__})")
+        if isinstance(e, bexc.HTTPClientError | urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+            if silence_is_unreachable:
+                return StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer ({type(e).__name__})")
+            return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
         return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
 
     def check(self) -> None:
@@ -147,7 +154,7 @@ class S3Store:
                 raise StoreError(f"bucket '{self.bucket}' does not exist at {self.endpoint}") from None
             raise self._fail(e, "HeadBucket") from None
         except (bexc.BotoCoreError, OSError) as e:
-            raise self._fail(e, "HeadBucket") from None
+            raise self._fail(e, "HeadBucket", silence_is_unreachable=True) from None
 
     def list_dir(self, prefix: str) -> Listing:
         full = self.prefix + prefix
@@ -164,7 +171,7 @@ class S3Store:
                                       o["LastModified"].timestamp())
                     listing.objects.append((name, info))
         except (bexc.ClientError, bexc.BotoCoreError, OSError) as e:
-            raise self._fail(e, f"listing {full!r}") from None
+            raise self._fail(e, f"listing {full!r}", silence_is_unreachable=True) from None
         return listing
 
     def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytearray:
