@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-knobs system venv clean
+.PHONY: demo test lint bench bench-knobs bench-dedup system venv clean
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -36,6 +36,9 @@ bench: venv
 bench-knobs: venv
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/knobs.py
+
+bench-dedup: venv
+	$(PY) bench/dedup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -145,6 +145,8 @@ class BlockCache:
         self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._pins: dict[str, int] = {}
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
+        self._fs_free_value = 0
+        self._fs_free_at = -1.0
         self._verified: set[bytes] = set()
         self._writing: set[bytes] = set()
         self._verifying: dict[bytes, threading.Event] = {}
@@ -207,9 +209,20 @@ class BlockCache:
                 if n:
                     self._pins[path] = n
 
-    def _fs_free(self) -> int:
-        st = os.statvfs(self.blocks_root)
-        return st.f_bavail * st.f_frsize
+    def _fs_free(self, fresh: bool = False) -> int:
+        """Free bytes on the cache filesystem; re-measured at most every 0.5 s (a statvfs per block
+        written showed in profiles), and whenever `fresh` is asked (before evicting)."""
+        now = time.monotonic()
+        if fresh or now - self._fs_free_at > 0.5:
+            st = os.statvfs(self.blocks_root)
+            self._fs_free_value, self._fs_free_at = st.f_bavail * st.f_frsize, now
+        return self._fs_free_value
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` fit with no eviction (no I/O most of the time: callable from the trio thread)."""
+        if self.max_size and self.bytes_stored + self._reserved + nbytes > self.max_size:
+            return False
+        return not self.min_free or self._fs_free() - self._reserved - nbytes >= self.min_free
 
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting blocks that could be evicted (only those last used before
@@ -235,7 +248,9 @@ class BlockCache:
         """
         if self.max_size and nbytes > self.max_size:
             return False
-        fs_free = self._fs_free() if self.min_free else 0
+        if self.fits(nbytes) and not reserve:
+            return True
+        fs_free = self._fs_free(fresh=True) if self.min_free else 0
         victims: list[tuple[str, int]] = []
         with self._lock:
             need = 0

@@ -1,4 +1,4 @@
-"""The `modelfs` command: mount, umount, stats.
+"""The `modelfs` command: mount, umount, stats, prefetch, publish.
 
 Errors reach the user as one line (`modelfs: error: ...`) and a non-zero exit; tracebacks only go
 to the daemon's log, and only for bugs.
@@ -241,6 +241,82 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"modelfs: error: {where + ': ' if where else ''}{message} (see --help)\n")
 
 
+def cmd_du(args: argparse.Namespace) -> int:
+    """Logical, unique, cached and still-to-fetch bytes per file and in total (dedup across files)."""
+    files = _files_under(args.paths)
+    seen: dict[str, tuple[int, bool]] = {}  # hash -> (length, cached), over every file
+    totals = {"logical": 0, "unique": 0, "cached": 0, "to_fetch": 0}
+    rows: list[tuple[str, dict[str, int]]] = []
+    for path, _ in files:
+        try:
+            info = json.loads(os.getxattr(path, "user.modelfs.extents"))
+        except OSError as e:
+            raise ModelfsError(f"{path} is not on a modelfs mount ({e.strerror})") from None
+        row = {"logical": int(info["size"]), "unique": 0, "cached": 0, "to_fetch": 0}
+        own: set[str] = set()
+        for digest, length, cached in info["extents"]:
+            if digest is not None and digest in own:
+                continue
+            if digest is not None:
+                own.add(digest)
+            row["unique"] += length
+            row["cached" if cached else "to_fetch"] += length
+            if digest is None or digest not in seen:
+                totals["unique"] += length
+                totals["cached" if cached else "to_fetch"] += length
+                if digest is not None:
+                    seen[digest] = (length, cached)
+        totals["logical"] += row["logical"]
+        rows.append((path, row))
+    if args.json:
+        print(json.dumps({"files": dict(rows), "total": totals}, indent=2))
+        return 0
+    cols = ("logical", "unique", "cached", "to_fetch")
+    print(f"{'logical':>12} {'unique':>12} {'cached':>12} {'to fetch':>12}  path")
+    for path, row in [*rows, ("total (shared extents counted once)", totals)]:
+        print(" ".join(f"{human(row[c]):>12}" for c in cols) + f"  {path}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Upload LOCAL_DIR to s3://BUCKET/PREFIX with a manifest; --verify checks every extent afterwards."""
+    from tqdm import tqdm
+
+    from modelfs import publish as pub
+    from modelfs.config import S3Config, parse_size
+
+    if len(args.paths) == 2:
+        local_dir, url = args.paths
+    elif len(args.paths) == 1 and args.verify:
+        local_dir, url = None, args.paths[0]
+    else:
+        raise ModelfsError("publish expects LOCAL_DIR s3://BUCKET/PREFIX (or --verify s3://BUCKET/PREFIX)")
+    if not url.startswith("s3://"):
+        raise ModelfsError(f"publish: destination must be s3://BUCKET/PREFIX, got {url!r}")
+    s3 = S3Config(endpoint_url=args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL", ""))
+    max_extent = parse_size(args.max_extent, "--max-extent")
+
+    def bar(desc: str) -> tqdm:  # type: ignore[type-arg]
+        return tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=args.quiet)
+
+    if local_dir is not None:
+        with bar("upload") as b:
+            report = pub.publish(local_dir, url, s3, int(max_extent), args.jobs, progress=b.update,
+                                 on_total=lambda n: setattr(b, "total", n))
+        print(f"modelfs: published {len(report.uploaded)} files ({human(report.bytes_uploaded)}) to {url}, "
+              f"{len(report.skipped)} already there; manifest written")
+    if args.verify:
+        with bar("verify") as b:
+            problems = pub.verify(url, s3, progress=b.update, on_total=lambda n: setattr(b, "total", n))
+        for p in problems:
+            print(f"modelfs: {p}", file=sys.stderr)
+        if problems:
+            print(f"modelfs: error: {len(problems)} problems in the manifest of {url}", file=sys.stderr)
+            return 1
+        print(f"modelfs: every extent of {url} matches its manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelfs", description="Serve remote model checkpoints as read-only files.")
     p.add_argument("--version", action="version", version=f"modelfs {__version__}")
@@ -272,6 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("-j", "--jobs", type=int, default=4, help="files warmed at once")
     pf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pf.set_defaults(func=cmd_prefetch)
+
+    pb = sub.add_parser("publish", help="upload a checkpoint dir to S3 with a manifest of its extents")
+    pb.add_argument("paths", nargs="+", metavar="LOCAL_DIR s3://BUCKET/PREFIX")
+    pb.add_argument("--verify", action="store_true", help="check every manifest extent against the objects")
+    pb.add_argument("--max-extent", default="8MiB", help="longest extent (tensors are split from their start)")
+    pb.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL, then AWS)")
+    pb.add_argument("-j", "--jobs", type=int, default=8, help="parallel multipart transfers")
+    pb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pb.set_defaults(func=cmd_publish)
+
+    d = sub.add_parser("du", help="logical, unique, cached and still-to-fetch bytes of files on a mount")
+    d.add_argument("paths", nargs="+", metavar="PATH")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_du)
 
     s = sub.add_parser("stats", help="print the counters of a mount")
     s.add_argument("mountpoint")

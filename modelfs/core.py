@@ -16,10 +16,13 @@ import trio
 
 from modelfs.cache import BlockCache
 from modelfs.config import Config
-from modelfs.errors import NotFound, ReadOnly, StoreUnreachable
+from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreUnreachable
 from modelfs.fetch import Buffer, Fetcher, FileVersion
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
+from modelfs.manifest import DIR as MANIFEST_DIR
+from modelfs.manifest import NAME as MANIFEST_NAME
+from modelfs.manifest import FileEntry, Manifest, ManifestError
 from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
 from modelfs.remote import Listing, Store
@@ -62,6 +65,8 @@ class ModelFS:
                                      self.read_version, self.is_open, self.io_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, slots)))
         self._versions: dict[int, FileVersion] = {}
+        self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
+        self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied
         self._open: dict[int, int] = {}  # inode -> open handles
         self._handles: dict[int, tuple[Node, FileVersion]] = {}
         self._dir_handles: dict[int, list[Node]] = {}
@@ -87,12 +92,50 @@ class ModelFS:
             else:
                 await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,
                                               limiter=self.io_limiter)
+                if MANIFEST_DIR in listing.dirs:
+                    await self._load_manifest(prefix)
                 return listing
         saved = await trio.to_thread.run_sync(self.index.load_listing, self.store.identity, prefix,
                                               limiter=self.io_limiter)
         if saved is None:
             raise self.health.unreachable_error(f"the listing of /{prefix}")
+        if MANIFEST_DIR in saved.dirs and prefix not in self._manifest_etags:
+            raw = await trio.to_thread.run_sync(self.index.load_manifest, self.store.identity, prefix,
+                                                limiter=self.io_limiter)
+            if raw is not None:
+                self._apply_manifest(prefix, "offline", raw)
         return saved
+
+    async def _load_manifest(self, prefix: str) -> None:
+        """Read `<prefix>.modelfs/manifest.json` (when it changed) and remember its entries."""
+        def fetch() -> tuple[str, bytes] | None:
+            found = dict(self.store.list_dir(f"{prefix}{MANIFEST_DIR}/").objects).get(MANIFEST_NAME)
+            if found is None or found.etag == self._manifest_etags.get(prefix):
+                return None
+            if found.size > 256 << 20:
+                raise ManifestError(f"manifest of /{prefix} is {found.size} bytes: ignored")
+            raw = bytes(self.store.get_range(found, 0, found.size)) if found.size else b""
+            self.index.save_manifest(self.store.identity, prefix, raw)
+            return found.etag, raw
+
+        try:
+            got = await trio.to_thread.run_sync(fetch, limiter=self.meta_limiter)
+        except (ModelfsError, OSError) as e:
+            log.warning("manifest of /%s not used (%s): its files are read with fixed extents", prefix, e)
+            return
+        if got is not None:
+            self._apply_manifest(prefix, *got)
+
+    def _apply_manifest(self, prefix: str, etag: str, raw: bytes) -> None:
+        try:
+            man = Manifest.loads(raw)
+        except ManifestError as e:
+            log.warning("manifest of /%s not used (%s): its files are read with fixed extents", prefix, e)
+            return
+        self._manifest_etags[prefix] = etag
+        for rel, entry in man.files.items():
+            self._manifests[prefix + rel] = entry
+        log.info("manifest of /%s: %d files with content-defined extents", prefix, len(man.files))
 
     # -- metadata ---------------------------------------------------------------------------------
 
@@ -126,8 +169,12 @@ class ModelFS:
     def version(self, node: Node) -> FileVersion:
         ver = self._versions.get(node.inode)
         if ver is None:
-            assert node.info is not None
-            ver = self._versions[node.inode] = FileVersion.of(self.store.identity, node.info, self.extent_size)
+            info = node.info
+            assert info is not None
+            entry = self._manifests.get(info.key)
+            # A manifest entry describes one object version: trusted only while the ETag and size match.
+            layout = entry.extents if entry and entry.etag == info.etag and entry.size == info.size else None
+            ver = self._versions[node.inode] = FileVersion.of(self.store.identity, info, self.extent_size, layout)
         return ver
 
     def open(self, inode: int, flags: int) -> int:
@@ -235,6 +282,26 @@ class ModelFS:
             return total
 
         return await trio.to_thread.run_sync(count, limiter=self.io_limiter)
+
+    async def extent_map(self, inode: int) -> dict[str, object]:
+        """For `modelfs du`: the file's extents as [hash hex or None if unknown, length, cached]."""
+        node = self.ns.get(inode)
+        if node.is_dir:
+            raise IsADirectoryError(node.key)
+        ver = self.version(node)
+
+        def collect() -> list[list[object]]:
+            out: list[list[object]] = []
+            for start, length in ver.extents():
+                ext = ver.known.get(start) or self.index.lookup(ver.vid, start)
+                if ext is None or ext[1] != length:
+                    out.append([None, length, False])
+                else:
+                    out.append([ext[0].hex(), length, self.cache.contains(ext[0])])
+            return out
+
+        extents = await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
+        return {"size": ver.info.size, "manifest": ver.layout is not None, "extents": extents}
 
     # -- counters ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ abandoned GETs can never pile up beyond the thread limit.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,25 +38,49 @@ Buffer = bytes | bytearray | memoryview
 
 @dataclass(eq=False)
 class FileVersion:
-    """One immutable version of a file, and what is known of its extents (offset -> (hash, length))."""
+    """One immutable version of a file, and what is known of its extents (offset -> (hash, length)).
+
+    Extents are fixed-size (`extent_size`) unless a manifest gave this version a content-following
+    `layout` (sorted starts); then `known` starts out with every extent's hash, so extents whose content
+    is already cached are served without a GET, whichever version or file stored them.
+    """
 
     info: ObjectInfo
     vid: bytes
     extent_size: int
     known: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    layout: list[int] | None = None
 
     @classmethod
-    def of(cls, identity: str, info: ObjectInfo, extent_size: int) -> FileVersion:
-        return cls(info, version_id(identity, info), extent_size)
+    def of(cls, identity: str, info: ObjectInfo, extent_size: int,
+           extents: list[tuple[int, int, bytes]] | None = None) -> FileVersion:
+        ver = cls(info, version_id(identity, info), extent_size)
+        if extents:
+            ver.layout = [off for off, _, _ in extents]
+            ver.known = {off: (digest, length) for off, length, digest in extents}
+        return ver
 
     def extent_at(self, offset: int) -> tuple[int, int]:
-        """(start, length) of the extent holding byte `offset` (fixed-size layout)."""
+        """(start, length) of the extent holding byte `offset`."""
+        if self.layout is not None:
+            start = self.layout[bisect.bisect_right(self.layout, offset) - 1]
+            return start, self.known[start][1]
         start = offset - offset % self.extent_size
         return start, min(self.extent_size, self.info.size - start)
 
     def extents(self) -> list[tuple[int, int]]:
         """Every (start, length) of the file, in file order."""
-        return [self.extent_at(off) for off in range(0, self.info.size, self.extent_size)]
+        return self.starts_in(0, self.info.size)
+
+    def starts_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(start, length) of every extent overlapping [lo, hi), in file order."""
+        out: list[tuple[int, int]] = []
+        pos = max(0, lo)
+        while pos < min(hi, self.info.size):
+            start, length = self.extent_at(pos)
+            out.append((start, length))
+            pos = start + length
+        return out
 
 
 class PrioritySlots:
@@ -148,19 +173,22 @@ class Fetcher:
                 raise self.health.unreachable_error(f"{ver.info.key} at {start}")
             await self.slots.acquire(demand=False)
             flight = self._inflight.get(key)  # someone may have started it while we waited
+            if flight is None and ver.known.get(start) is not None and await trio.to_thread.run_sync(
+                    self.cache.contains, ver.known[start][0]):
+                self.slots.release()  # fetched by a flight that finished while we waited
+                return None
+            flight = self._inflight.get(key)  # ... or while we looked in the cache
             if flight is None:
-                if ver.known.get(start) is not None and await trio.to_thread.run_sync(
-                        self.cache.contains, ver.known[start][0]):
-                    self.slots.release()  # fetched by a flight that finished while we waited
-                    return None
                 flight = self._launch(ver, start, length, slot_held=True)
             else:
                 self.slots.release()
         return await self._wait(flight)
 
     def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
+        """Start the one flight for (version, extent); callers check `_inflight` with no await since."""
         assert self._nursery is not None, "Fetcher.start() was not called"
         key = (ver.vid, start)
+        assert key not in self._inflight
         flight = self._inflight[key] = _Flight()
         self._nursery.start_soon(self._run, key, flight, ver, start, length, slot_held)
         return flight
@@ -197,7 +225,8 @@ class Fetcher:
                 log.exception("fetch of %s at %d failed", ver.info.key, start)
             raise
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is flight:
+                del self._inflight[key]
             flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> Buffer:

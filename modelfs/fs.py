@@ -37,6 +37,8 @@ XATTR_PID = b"user.modelfs.pid"
 #: a getxattr, because the mount is read-only and setxattr never reaches the daemon.
 XATTR_PREFETCH = b"user.modelfs.prefetch"
 XATTR_CACHED = b"user.modelfs.cached"
+#: A file's extents, their hashes where known, and which are cached (`modelfs du`).
+XATTR_EXTENTS = b"user.modelfs.extents"
 
 
 def to_errno(e: BaseException) -> int:
@@ -181,13 +183,15 @@ class Operations(pyfuse3.Operations):
             return json.dumps(await self.core.warm(inode)).encode()
         if not node.is_dir and name == XATTR_CACHED:
             return str(await self.core.cached_bytes(inode)).encode()
+        if not node.is_dir and name == XATTR_EXTENTS:
+            return json.dumps(await self.core.extent_map(inode)).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
             return [XATTR_STATS, XATTR_PID]
-        return [] if self.core.node(inode).is_dir else [XATTR_CACHED]
+        return [] if self.core.node(inode).is_dir else [XATTR_CACHED, XATTR_EXTENTS]
 
     # Every mutation: EROFS (the mount is also `ro`, so the kernel usually answers first).
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]

@@ -6,6 +6,7 @@ Schema (one LMDB environment per process, in `<cache>/index/`; the daemon is its
     versions  vid (16 B)                        -> JSON {source, key, etag, size, last_used}
     extents   vid (16 B) + offset (8 B, BE)     -> hash (16 B, xxh3-128) + length (4 B, BE)
     listings  source identity + NUL + prefix    -> JSON {dirs: [name], objects: [[name, size, etag, mtime]]}
+              ... + NUL + "manifest"            -> the prefix's manifest as published (bytes)
 
 `vid` is xxh3-128 of (source identity, key, ETag, size): one immutable version. A new ETag is a new
 vid, so entries never need invalidation: they describe bytes that can no longer change.
@@ -165,6 +166,21 @@ class ChunkIndex:
         return Listing(dirs=list(rec["dirs"]),
                        objects=[(name, ObjectInfo(prefix + name, int(size), str(etag), float(mtime)))
                                 for name, size, etag, mtime in rec["objects"]])
+
+    def save_manifest(self, identity: str, prefix: str, raw: bytes) -> None:
+        """Keep the prefix's manifest, so offline mode reads published files with their layout."""
+        key = f"{identity}\0{prefix}\0manifest".encode("utf-8", "surrogatepass")
+        try:
+            with self.env.begin(write=True, db=self._listings) as txn:
+                if txn.get(key) != raw:
+                    txn.put(key, raw)
+        except lmdb.Error as e:
+            self._write_failed(e)
+
+    def load_manifest(self, identity: str, prefix: str) -> bytes | None:
+        key = f"{identity}\0{prefix}\0manifest".encode("utf-8", "surrogatepass")
+        with self.env.begin(db=self._listings) as txn:
+            return txn.get(key)
 
     def versions(self) -> dict[bytes, dict[str, object]]:
         """All recorded versions (for administration and tests)."""

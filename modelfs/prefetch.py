@@ -196,8 +196,7 @@ class Prefetcher:
             tracker = self._trackers[node.inode] = StreamTracker(ver.info.size, self.policy)
         rng = tracker.on_read(offset, size)
         if rng is not None:
-            first = rng[0] - rng[0] % ver.extent_size
-            self._submit(node, ver, list(range(first, rng[1], ver.extent_size)), push=True)
+            self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], push=True)
 
     def released(self, node: Node) -> None:
         """The last handle of `node` closed: keep filling the block cache, stop pushing."""
@@ -235,7 +234,8 @@ class Prefetcher:
     async def _schedule_whole(self, node: Node, push: bool) -> Job:
         ver = self.version_of(node)
         order = [s for s, _ in ver.extents()]
-        if node.name.endswith(".safetensors") and ver.info.size > 8:
+        # A manifest's layout is cut at tensor boundaries: its file order already is the offset order.
+        if node.name.endswith(".safetensors") and ver.info.size > 8 and ver.layout is None:
             try:
                 order = await self._safetensors_order(ver)
             except (ModelfsError, OSError, ValueError, KeyError, TypeError) as e:
@@ -330,8 +330,8 @@ class Prefetcher:
                      and start not in self._pushed.get(inode, ()) and self.is_open(inode))
         data = await trio.to_thread.run_sync(self._cached, ver, start, length, want_push, limiter=self.io_limiter)
         if data is None:
-            if not await trio.to_thread.run_sync(self.cache.make_room, length, self._protect_since(),
-                                                 limiter=self.io_limiter):
+            if not self.cache.fits(length) and not await trio.to_thread.run_sync(
+                    self.cache.make_room, length, self._protect_since(), limiter=self.io_limiter):
                 raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
             data = await self.fetcher.prefetch(ver, start, length)
             if data is not None:

@@ -187,3 +187,45 @@ def load_all_safetensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         for name, tensor in load_file(str(ckpt_dir / shard)).items():
             out[name] = tensor.clone()
     return out
+
+
+def write_raw_safetensors(path: Path, tensors: dict[str, bytes], pad: int = 0) -> None:
+    """A safetensors file of uint8 tensors with these exact bytes; `pad` lengthens `__metadata__`."""
+    import json
+    import struct
+
+    header: dict[str, object] = {"__metadata__": {"pad": "x" * pad}}
+    off = 0
+    for name, data in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    h = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(tensors.values()))
+
+
+def make_variant_set(root: Path, tensors: int = 24, seed: int = 5, scale: int = 1 << 20) -> int:
+    """A base checkpoint and its variants under `root`, as publishers make them:
+
+    base/ (the checkpoint), ft/ (a fine-tune: every 4th tensor, 25 %, new), meta/ (base with a longer
+    `__metadata__` header: every offset moves), copy/ (base again), plain/ (ft, to upload without a
+    manifest). Each dir also has a small config.json. Tensor sizes are 0.5, 1, 3 or 9+ x `scale` bytes.
+    Returns the bytes of the tensors that ft changed.
+    """
+    import json
+    import os
+    import random
+
+    rnd = random.Random(seed)
+    sizes = [rnd.choice([scale // 2, scale, 3 * scale, 9 * scale + 123]) for _ in range(tensors)]
+    base = {f"layer{i}.weight": os.urandom(n) for i, n in enumerate(sizes)}
+    ft = dict(base)
+    changed = 0
+    for i in range(0, tensors, 4):
+        ft[f"layer{i}.weight"] = os.urandom(sizes[i])
+        changed += sizes[i]
+    for name, ts, pad in (("base", base, 0), ("ft", ft, 0), ("meta", base, 5000), ("copy", base, 0),
+                          ("plain", ft, 0)):
+        write_raw_safetensors(root / name / "model.safetensors", ts, pad)
+        (root / name / "config.json").write_text(json.dumps({"variant": name}))
+    return changed
