@@ -96,6 +96,7 @@ class FetchConfig:
     concurrency: int = 16
     io_threads: int = 8
     memory_budget: Size = Size(256 * MiB)
+    max_request: Size = Size(64 * MiB)
     deadline: float = 30.0
     probe_interval: float = 5.0
 
@@ -164,6 +165,9 @@ class Config:
         for key, val in positive:
             if val < 1:
                 raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.fetch.max_request < es:
+            raise ConfigError(f"config: fetch.max_request must be at least cache.extent_size ({es}), "
+                              f"got {self.fetch.max_request}")
         if self.fetch.memory_budget < 2 * es:
             raise ConfigError(f"config: fetch.memory_budget must be at least 2 x cache.extent_size ({2 * es}), "
                               f"got {self.fetch.memory_budget}")

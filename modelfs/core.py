@@ -63,7 +63,8 @@ class ModelFS:
         self.fetcher = Fetcher(store, cache, index, self.stats, slots, cfg.fetch.deadline, self.health)
         self.prefetcher = Prefetcher(cfg.prefetch, self.fetcher, cache, index, self.ns, self.stats, self.version,
                                      self.read_version, self.is_open, self.io_limiter,
-                                     workers=max(1, min(cfg.prefetch.concurrency, slots)))
+                                     workers=max(1, min(cfg.prefetch.concurrency, slots)),
+                                     max_request=int(cfg.fetch.max_request))
         self._versions: dict[int, FileVersion] = {}
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
         self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied

@@ -91,6 +91,7 @@ class PrioritySlots:
         self.free = total
         self._demand: deque[trio.Event] = deque()
         self._prefetch: deque[trio.Event] = deque()
+        self._many = trio.Lock()
 
     @property
     def waiting(self) -> int:
@@ -112,6 +113,20 @@ class PrioritySlots:
             else:
                 queue.remove(ev)
             raise
+
+    async def acquire_many(self, n: int) -> None:
+        """`n` slots at prefetch priority (one coalesced GET's share of the memory budget). One task at a
+        time gathers several, so two can never each hold part of what the other waits for."""
+        async with self._many:
+            got = 0
+            try:
+                while got < n:
+                    await self.acquire(demand=False)
+                    got += 1
+            except BaseException:
+                for _ in range(got):
+                    self.release()
+                raise
 
     def release(self) -> None:
         queue = self._demand or self._prefetch
@@ -184,6 +199,72 @@ class Fetcher:
                 self.slots.release()
         return await self._wait(flight)
 
+    def slots_for(self, nbytes: int, extent_size: int) -> int:
+        """GET slots a request of `nbytes` takes: each slot's share of the budget is 2 x extent_size."""
+        return max(1, min(self.slots.total, -(-nbytes // (2 * extent_size))))
+
+    async def prefetch_run(self, ver: FileVersion, run: list[tuple[int, int]]) -> int:
+        """Fetch adjacent uncached extents with one ranged GET per stretch not already in flight, at
+        prefetch priority. Every extent gets its flight at once (no await before), so demand reads of any
+        of them join it instead of fetching it again. Returns the bytes this call fetched."""
+        if self.health is not None and self.health.offline:
+            raise self.health.unreachable_error(f"{ver.info.key} at {run[0][0]}")
+        assert self._nursery is not None, "Fetcher.start() was not called"
+        groups: list[tuple[list[tuple[int, int]], list[_Flight]]] = []
+        waits: list[_Flight] = []
+        current: tuple[list[tuple[int, int]], list[_Flight]] | None = None
+        for start, length in run:
+            key = (ver.vid, start)
+            flight = self._inflight.get(key)
+            if flight is not None:  # someone else's: wait for it, and start a new stretch after it
+                waits.append(flight)
+                current = None
+                continue
+            flight = self._inflight[key] = _Flight()
+            if current is None:
+                current = ([], [])
+                groups.append(current)
+            current[0].append((start, length))
+            current[1].append(flight)
+            waits.append(flight)
+        for extents, flights in groups:
+            self._nursery.start_soon(self._run_many, ver, extents, flights)
+        for flight in waits:
+            await self._wait(flight)
+        return sum(length for extents, _ in groups for _, length in extents)
+
+    async def _run_many(self, ver: FileVersion, run: list[tuple[int, int]], flights: list[_Flight]) -> None:
+        error: BaseException | None = None
+        n = self.slots_for(sum(length for _, length in run), ver.extent_size)
+        try:
+            with trio.fail_after(self.deadline):
+                await self.slots.acquire_many(n)
+                try:
+                    parts = await trio.to_thread.run_sync(self._fetch_run_blocking, ver, run, limiter=self.threads,
+                                                          abandon_on_cancel=True)
+                finally:
+                    for _ in range(n):
+                        self.slots.release()
+            for flight, part in zip(flights, parts, strict=True):
+                flight.data = part
+        except trio.TooSlowError:
+            self.stats.add(read_timeouts=1)
+            error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
+        except (StoreError, OSError) as e:
+            error = e
+        except BaseException as e:
+            error = StoreError(f"fetch of {ver.info.key} was cancelled")
+            if not isinstance(e, trio.Cancelled):
+                error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
+                log.exception("fetch of %s at %d failed", ver.info.key, run[0][0])
+            raise
+        finally:
+            for (start, _), flight in zip(run, flights, strict=True):
+                flight.error = error
+                if self._inflight.get((ver.vid, start)) is flight:
+                    del self._inflight[(ver.vid, start)]
+                flight.done.set()
+
     def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
         """Start the one flight for (version, extent); callers check `_inflight` with no await since."""
         assert self._nursery is not None, "Fetcher.start() was not called"
@@ -238,6 +319,17 @@ class Fetcher:
             cached = self.cache.read(known[0], length, 0, length)
             if cached is not None:
                 return cached
+        data = self._get(ver, start, length)
+        return self._store_extent(ver, start, data)
+
+    def _fetch_run_blocking(self, ver: FileVersion, run: list[tuple[int, int]]) -> list[Buffer]:
+        """One GET for adjacent extents, each then hashed, stored and recorded on its own."""
+        first = run[0][0]
+        total = run[-1][0] + run[-1][1] - first
+        view = memoryview(self._get(ver, first, total))
+        return [self._store_extent(ver, start, view[start - first:start - first + length]) for start, length in run]
+
+    def _get(self, ver: FileVersion, start: int, length: int) -> Buffer:
         try:
             data = self.store.get_range(ver.info, start, length)
         except VersionChanged:
@@ -253,9 +345,14 @@ class Fetcher:
             log.warning("%s", e)
             raise
         self.stats.add(gets=1, bytes_fetched=len(data))
+        return data
+
+    def _store_extent(self, ver: FileVersion, start: int, data: Buffer) -> Buffer:
+        """Hash one extent's bytes, store the block (unless full) and record it in the index."""
+        known = ver.known.get(start)
         digest = block_hash(data)
         if known is not None and known[0] != digest:
-            log.warning("%s at %d: store returned different bytes for the same version; re-indexed",
+            log.warning("%s at %d: the store returned other bytes than the manifest or index says; re-indexed",
                         ver.info.key, start)
         try:
             if not self.cache.put(digest, data):
@@ -272,6 +369,6 @@ class Fetcher:
                 log.warning("cannot write to the block cache (%s): serving from memory without caching",
                             e.strerror or e)
             return data
-        self.index.record(ver.vid, self.store.identity, ver.info, start, digest, length)
-        ver.known[start] = (digest, length)
+        self.index.record(ver.vid, self.store.identity, ver.info, start, digest, len(data))
+        ver.known[start] = (digest, len(data))
         return data

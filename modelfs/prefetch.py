@@ -112,7 +112,8 @@ class Prefetcher:
 
     def __init__(self, cfg: PrefetchConfig, fetcher: Fetcher, cache: BlockCache, index: ChunkIndex,
                  ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion], read: ReadFn,
-                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int) -> None:
+                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
+                 max_request: int = 64 << 20) -> None:
         self.cfg = cfg
         self.fetcher = fetcher
         self.cache = cache
@@ -124,6 +125,7 @@ class Prefetcher:
         self.is_open = is_open
         self.io_limiter = io_limiter
         self.workers = workers
+        self.max_request = max_request
         self.push: PushFn | None = None
         self.push_limiter = trio.CapacityLimiter(2)
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
@@ -308,19 +310,70 @@ class Prefetcher:
     async def _worker(self) -> None:
         while True:
             job, start = await self._next()
+            starts = [start, *self._take_adjacent(job, start)]
             try:
                 if job.error is None:
-                    await self._one(job, start)
+                    if len(starts) == 1:
+                        await self._one(job, start)
+                    else:
+                        await self._many(job, starts)
             except (ModelfsError, OSError) as e:
                 if job.error is None:
                     job.error = e
                     job.pending.clear()
                     log.debug("prefetch of %s stopped: %s", job.node.key, e)
             finally:
-                job.outstanding -= 1
-                job.completed.append(start)
+                job.outstanding -= len(starts)
+                job.completed.extend(starts)
                 if job.finished:
                     self._finish(job)
+
+    def _take_adjacent(self, job: Job, start: int) -> list[int]:
+        """Queued extents that directly follow `start`, to fetch with it in one GET of at most
+        `max_request` bytes. Only for manifest layouts (their extents are tensors, often small) and
+        only when nothing is pushed (a push is per extent)."""
+        ver = job.ver
+        if ver.layout is None or (job.push and self.push is not None and self.cfg.page_cache_push):
+            return []
+        _, length = ver.extent_at(start)
+        end, total = start + length, length
+        taken: list[int] = []
+        while job.pending and job.pending[0] == end:
+            _, length = ver.extent_at(end)
+            if total + length > self.max_request:
+                break
+            taken.append(job.pending.popleft())
+            job.outstanding += 1
+            end, total = end + length, total + length
+        return taken
+
+    async def _many(self, job: Job, starts: list[int]) -> None:
+        """Adjacent extents: the cached ones are skipped, each run of uncached ones is one ranged GET."""
+        ver = job.ver
+        runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, limiter=self.io_limiter)
+        for run in runs:
+            need = sum(length for _, length in run)
+            if not self.cache.fits(need) and not await trio.to_thread.run_sync(
+                    self.cache.make_room, need, self._protect_since(), limiter=self.io_limiter):
+                raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
+            got = await self.fetcher.prefetch_run(ver, run)
+            job.fetched += got
+            self.stats.add(prefetch_bytes=got)
+
+    def _uncached_runs(self, ver: FileVersion, starts: list[int]) -> list[list[tuple[int, int]]]:
+        """From a worker thread: the uncached extents among `starts`, grouped into adjacent runs."""
+        runs: list[list[tuple[int, int]]] = []
+        end = -1
+        for start in starts:
+            _, length = ver.extent_at(start)
+            if self._cached(ver, start, length, False):
+                continue
+            if start == end:
+                runs[-1].append((start, length))
+            else:
+                runs.append([(start, length)])
+            end = start + length
+        return runs
 
     async def _one(self, job: Job, start: int) -> None:
         ver = job.ver

@@ -60,6 +60,8 @@ def test_publish_then_each_variant_fetches_only_what_changed(seaweed: SeaweedSer
 
     fetched, grown = load("base")
     assert fetched >= size * 0.98
+    extents = len(json.loads(os.getxattr(m.path / "base" / "model.safetensors", "user.modelfs.extents"))["extents"])
+    assert m.stats()["gets"] < extents / 2, (m.stats()["gets"], extents)  # adjacent extents: one GET
     du = cli("du", "--json", str(m.path / "ft"), env=env)
     assert du.returncode == 0, du.stderr
     assert json.loads(du.stdout)["total"]["to_fetch"] <= changed + 0.02 * size
