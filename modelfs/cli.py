@@ -20,19 +20,12 @@ from modelfs import __version__
 from modelfs.config import Config, load_config
 from modelfs.errors import ModelfsError
 from modelfs.logs import setup_logging
+from modelfs.stats import human
 
 log = logging.getLogger("modelfs")
 
 #: How long `modelfs mount` waits for the daemon to report the mount ready.
 READY_TIMEOUT = 120.0
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -358,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pb.set_defaults(func=cmd_publish)
 
+    st = sub.add_parser("status", help="exit 0 only if the mount answers, the store is reachable and the "
+                                       "cache writable (liveness probes)")
+    st.add_argument("mountpoint")
+    st.set_defaults(func=cmd_status)
+
     d = sub.add_parser("du", help="logical, unique, cached and still-to-fetch bytes of files on a mount")
     d.add_argument("paths", nargs="+", metavar="PATH")
     d.add_argument("--json", action="store_true")
@@ -368,6 +366,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
     return p
+
+
+#: mount(8) options that concern mount(8), systemd or fstab, not modelfs (the mount is always ro, nodev, nosuid).
+_MOUNT_IGNORED = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+                  "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "sync",
+                  "async", "owner", "group"}
+_MOUNT_FLAGS = {"config": "--config", "cache_dir": "--cache-dir", "endpoint_url": "--endpoint-url",
+                "log_level": "--log-level", "log_file": "--log-file"}
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """`mount.modelfs SOURCE DIR [-o opts]`: what `mount -t modelfs` and fstab lines run.
+
+    Options: config=FILE, cache_dir=DIR, endpoint_url=URL, log_level=, log_file=, allow_other, and any
+    setting as section.key=value; mount(8)'s generic ones (_netdev, nofail, noauto, ...) are ignored.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    opts: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            opts += next(it, "").split(",")
+        elif arg.startswith("-o"):
+            opts += arg[2:].split(",")
+        elif arg in ("-n", "-s", "-f", "-v", "-r", "-w"):  # no mtab, sloppy, fake, verbose, ro, rw
+            continue
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        print("modelfs: error: usage: mount.modelfs SOURCE MOUNTPOINT [-o options]", file=sys.stderr)
+        return 2
+    args = ["mount", *positional]
+    for opt in filter(None, (o.strip() for o in opts)):
+        key, sep, value = opt.partition("=")
+        if key in _MOUNT_IGNORED or key.startswith(("x-systemd.", "x-", "comment")):
+            continue
+        if key == "allow_other" and not sep:
+            args.append("--allow-other")
+        elif key in _MOUNT_FLAGS and sep:
+            args += [_MOUNT_FLAGS[key], value]
+        elif "." in key and sep:
+            args += ["-o", f"{key}={value}"]
+        else:
+            print(f"modelfs: error: unknown mount option {opt!r}", file=sys.stderr)
+            return 1
+    return main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """For liveness probes: exit 0 only if the mount answers, the store is reachable and the cache writable."""
+    try:
+        os.statvfs(args.mountpoint)
+        health = json.loads(os.getxattr(args.mountpoint, "user.modelfs.health"))
+    except OSError as e:
+        print(f"modelfs: {args.mountpoint}: mount does not answer ({e.strerror})")
+        return 1
+    checks = {"mount answers": True, "store reachable": bool(health["store_reachable"]),
+              "cache writable": bool(health["cache_writable"])}
+    for name, ok in checks.items():
+        print(f"{name:16} {'ok' if ok else 'FAILED'}")
+    if health.get("problem"):
+        print(f"problem          {health['problem']}")
+    return 0 if all(checks.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

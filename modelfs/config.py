@@ -136,6 +136,13 @@ class MountConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus metrics: off unless an address is given."""
+
+    address: str = ""
+
+
+@dataclass
 class LogConfig:
     level: str = "INFO"
     file: str = ""
@@ -152,6 +159,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     mount: MountConfig = field(default_factory=MountConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:

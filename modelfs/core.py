@@ -304,6 +304,32 @@ class ModelFS:
         extents = await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
         return {"size": ver.info.size, "manifest": ver.layout is not None, "extents": extents}
 
+    async def health_report(self) -> dict[str, object]:
+        """Checked now: the store answers (within 10 s, or the deadline if shorter), the cache takes a write."""
+        problem = ""
+        try:
+            with trio.fail_after(min(10.0, self.deadline)):
+                await trio.to_thread.run_sync(self.store.check, abandon_on_cancel=True)
+            reachable = True
+        except (ModelfsError, OSError, trio.TooSlowError) as e:
+            reachable, problem = False, str(e) or "the store did not answer in time"
+
+        def probe_cache() -> bool:
+            path = os.path.join(self.cache.blocks_root, f"probe.tmp.{os.getpid()}")  # swept if left behind
+            try:
+                with open(path, "wb") as f:
+                    f.write(b"x")
+                os.unlink(path)
+                return True
+            except OSError:
+                return False
+
+        writable = await trio.to_thread.run_sync(probe_cache, limiter=self.io_limiter)
+        if not writable:
+            problem = problem or f"cannot write to the cache at {self.cache.blocks_root}"
+        return {"store_reachable": reachable, "cache_writable": writable, "offline": self.health.offline,
+                "problem": problem}
+
     # -- counters ---------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -154,6 +156,7 @@ class Fetcher:
         self.stats = stats
         self.deadline = deadline
         self.health = health
+        self.observe: Callable[[float], None] | None = None  # fetch latency, seconds (metrics)
         self.slots = PrioritySlots(slots)
         # Twice the slots: abandoned GETs (past their deadline) hold a thread until botocore gives up.
         self.threads = trio.CapacityLimiter(2 * slots)
@@ -330,6 +333,7 @@ class Fetcher:
         return [self._store_extent(ver, start, view[start - first:start - first + length]) for start, length in run]
 
     def _get(self, ver: FileVersion, start: int, length: int) -> Buffer:
+        began = time.monotonic()
         try:
             data = self.store.get_range(ver.info, start, length)
         except VersionChanged:
@@ -345,6 +349,8 @@ class Fetcher:
             log.warning("%s", e)
             raise
         self.stats.add(gets=1, bytes_fetched=len(data))
+        if self.observe is not None:
+            self.observe(time.monotonic() - began)
         return data
 
     def _store_extent(self, ver: FileVersion, start: int, data: Buffer) -> Buffer:

@@ -33,6 +33,8 @@ T = TypeVar("T")
 FILE_ATTR_TIMEOUT = 24 * 3600.0
 XATTR_STATS = b"user.modelfs.stats"
 XATTR_PID = b"user.modelfs.pid"
+#: Health for `modelfs status`: is the store reachable (checked now), is the cache writable.
+XATTR_HEALTH = b"user.modelfs.health"
 #: Reading this xattr of a file fetches the whole file into the block cache first (`modelfs prefetch`);
 #: a getxattr, because the mount is read-only and setxattr never reaches the daemon.
 XATTR_PREFETCH = b"user.modelfs.prefetch"
@@ -178,6 +180,8 @@ class Operations(pyfuse3.Operations):
             return json.dumps(self.core.counters()).encode()
         if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
             return str(os.getpid()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_HEALTH:
+            return json.dumps(await self.core.health_report()).encode()
         node = self.core.node(inode)
         if not node.is_dir and name == XATTR_PREFETCH:
             return json.dumps(await self.core.warm(inode)).encode()
@@ -190,7 +194,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
-            return [XATTR_STATS, XATTR_PID]
+            return [XATTR_STATS, XATTR_PID, XATTR_HEALTH]
         return [] if self.core.node(inode).is_dir else [XATTR_CACHED, XATTR_EXTENTS]
 
     # Every mutation: EROFS (the mount is also `ro`, so the kernel usually answers first).

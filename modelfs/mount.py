@@ -26,6 +26,8 @@ from modelfs.errors import ConfigError, ModelfsError, StoreUnreachable
 from modelfs.fs import Operations
 from modelfs.health import check_within
 from modelfs.index import ChunkIndex
+from modelfs.metrics import Metrics
+from modelfs.notify import notify, status_line
 from modelfs.remote import open_store
 from modelfs.stats import Stats
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds the daemon lets in-flight requests finish after SIGTERM before cancelling them.
 SHUTDOWN_GRACE = 5.0
+#: Seconds between STATUS updates to systemd.
+STATUS_INTERVAL = 5.0
 
 
 def _unescape(field: str) -> str:
@@ -190,6 +194,10 @@ class Daemon:
                 self.core.health.mark_unreachable(unreachable)
             if cfg.prefetch.page_cache_push:
                 self.core.prefetcher.push = pyfuse3.notify_store
+            if cfg.metrics.address:
+                metrics = Metrics(self.core.counters, lambda: self.core.health.offline)
+                self.core.fetcher.observe = metrics.fetch_seconds.observe
+                metrics.serve(cfg.metrics.address)
             pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
         except BaseException:
             self._close()
@@ -228,6 +236,14 @@ class Daemon:
 
         await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
         on_ready()
+        # systemd (Type=notify): ready only now that the mount answers; then a STATUS line every few seconds.
+        if notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status()}"):
+            while True:
+                await trio.sleep(STATUS_INTERVAL)
+                notify(f"STATUS={self._status()}")
+
+    def _status(self) -> str:
+        return status_line(self.core.counters(), self.core.health.offline)
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -240,6 +256,7 @@ class Daemon:
                     scope.cancel()
                     return
                 log.info("%s: unmounting", signal.Signals(signum).name)
+                notify("STOPPING=1\nSTATUS=stopping: unmounting")
                 pyfuse3.terminate()
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 

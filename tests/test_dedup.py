@@ -72,12 +72,20 @@ def test_publish_then_each_variant_fetches_only_what_changed(seaweed: SeaweedSer
     assert sha(m.path / "plain" / "model.safetensors") == sha(root / "plain" / "model.safetensors")
 
 
-def test_verify_reports_an_object_changed_after_publishing(seaweed: SeaweedServer, variants: tuple[Path, int]) -> None:
+def test_verify_reports_an_object_changed_after_publishing(seaweed: SeaweedServer, variants: tuple[Path, int],
+                                                           mounter: Callable[..., Mount]) -> None:
     root, _ = variants
     env = seaweed.env()
     seaweed.create_bucket(BUCKET)
-    url = f"s3://{BUCKET}/verify-{os.getpid()}/base"
+    prefix = f"verify-{os.getpid()}/base"
+    url = f"s3://{BUCKET}/{prefix}"
     assert cli("publish", str(root / "base"), url, "-q", env=env).returncode == 0
-    seaweed.client().put_object(Bucket=BUCKET, Key=f"verify-{os.getpid()}/base/config.json", Body=b"{}")
+    seaweed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/config.json", Body=b'{"changed": true}')
     r = cli("publish", "--verify", url, "-q", env=env)
     assert r.returncode == 1 and "config.json: object changed since it was published" in r.stderr, r.stderr
+    # The mount no longer trusts that entry (ETag differs): the new bytes, read with fixed extents.
+    m = mounter(url, env=env)
+    assert (m.path / "config.json").read_bytes() == b'{"changed": true}'
+    info = json.loads(os.getxattr(m.path / "config.json", "user.modelfs.extents"))
+    assert info["manifest"] is False
+    assert json.loads(os.getxattr(m.path / "model.safetensors", "user.modelfs.extents"))["manifest"] is True

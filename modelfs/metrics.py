@@ -1,0 +1,81 @@
+"""Prometheus metrics on an opt-in address (`metrics.address`, e.g. "127.0.0.1:9101").
+
+Counters are read from the daemon's `Stats` at scrape time (one source of truth with `modelfs stats`);
+the fetch latency histogram is observed by the fetcher. Served by prometheus-client's own HTTP server
+thread, outside the trio loop: a scrape never waits on FUSE work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from modelfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Stats fields exported as counters `modelfs_<name>_total`.
+COUNTERS = {
+    "bytes_served": "bytes returned to readers",
+    "bytes_fetched": "bytes fetched from the store",
+    "gets": "ranged GETs completed",
+    "cache_hits": "extents served from the block cache",
+    "cache_misses": "extents that needed the store",
+    "dedup_bytes_saved": "fetched bytes whose block was already stored",
+    "evicted_bytes": "bytes of blocks evicted from the cache",
+    "prefetch_bytes": "bytes fetched ahead of readers",
+    "pushed_bytes": "bytes pushed into the page cache",
+    "cache_full_skips": "extents served from memory because the cache had no room",
+    "offline_misses": "uncached reads refused while the store was unreachable",
+}
+#: Stats fields exported as `modelfs_errors_total{kind=...}`.
+ERRORS = ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks", "cache_write_errors", "push_errors")
+#: Point-in-time values exported as gauges.
+GAUGES = {
+    "bytes_in_cache": "bytes of blocks in the cache",
+    "blocks_in_cache": "blocks in the cache",
+    "fetches_in_flight": "GETs in flight",
+    "prefetch_queue": "extents waiting for a prefetch worker",
+}
+
+
+class _StatsCollector(Collector):
+    def __init__(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
+        self._counters = counters
+        self._offline = offline
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        snap = self._counters()
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
+        errors = CounterMetricFamily("modelfs_errors", "errors by kind", labels=["kind"])
+        for kind in ERRORS:
+            errors.add_metric([kind], snap.get(kind, 0))
+        yield errors
+        for name, doc in GAUGES.items():
+            yield GaugeMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
+        yield GaugeMetricFamily("modelfs_offline", "1 while the store is unreachable (offline mode)",
+                                value=1 if self._offline() else 0)
+
+
+class Metrics:
+    """One daemon's registry: its collector and the fetch latency histogram."""
+
+    def __init__(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(counters, offline))
+        self.fetch_seconds = Histogram("modelfs_fetch_seconds", "time of one ranged GET, body included",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                       registry=self.registry)
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"metrics.address {address!r}: cannot serve metrics there ({e})") from None
+        log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
