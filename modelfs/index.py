@@ -142,12 +142,11 @@ class ChunkIndex:
         if self.write_errors == 1:
             log.warning("cannot write to the index (%s): serving without recording what is cached", e)
 
-    def save_listing(self, identity: str, prefix: str, listing: Listing) -> None:
-        """Keep the store's latest listing of `prefix`, for offline mode."""
-        rec = {"dirs": listing.dirs,
-               "objects": [[name, o.size, o.etag, o.mtime] for name, o in listing.objects]}
-        value = json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogatepass")
-        key = f"{identity}\0{prefix}".encode("utf-8", "surrogatepass")
+    @staticmethod
+    def _source_key(identity: str, prefix: str, kind: str = "") -> bytes:
+        return f"{identity}\0{prefix}{chr(0) + kind if kind else ''}".encode("utf-8", "surrogatepass")
+
+    def _put_if_changed(self, key: bytes, value: bytes) -> None:
         try:
             with self.env.begin(write=True, db=self._listings) as txn:
                 if txn.get(key) != value:
@@ -155,11 +154,20 @@ class ChunkIndex:
         except lmdb.Error as e:
             self._write_failed(e)
 
+    def _get_source(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self._listings) as txn:
+            return txn.get(key)
+
+    def save_listing(self, identity: str, prefix: str, listing: Listing) -> None:
+        """Keep the store's latest listing of `prefix`, for offline mode."""
+        rec = {"dirs": listing.dirs,
+               "objects": [[name, o.size, o.etag, o.mtime] for name, o in listing.objects]}
+        self._put_if_changed(self._source_key(identity, prefix),
+                             json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
     def load_listing(self, identity: str, prefix: str) -> Listing | None:
         """The last saved listing of `prefix`, or None if it was never listed."""
-        key = f"{identity}\0{prefix}".encode("utf-8", "surrogatepass")
-        with self.env.begin(db=self._listings) as txn:
-            value = txn.get(key)
+        value = self._get_source(self._source_key(identity, prefix))
         if value is None:
             return None
         rec = json.loads(value.decode("utf-8", "surrogatepass"))
@@ -169,18 +177,10 @@ class ChunkIndex:
 
     def save_manifest(self, identity: str, prefix: str, raw: bytes) -> None:
         """Keep the prefix's manifest, so offline mode reads published files with their layout."""
-        key = f"{identity}\0{prefix}\0manifest".encode("utf-8", "surrogatepass")
-        try:
-            with self.env.begin(write=True, db=self._listings) as txn:
-                if txn.get(key) != raw:
-                    txn.put(key, raw)
-        except lmdb.Error as e:
-            self._write_failed(e)
+        self._put_if_changed(self._source_key(identity, prefix, "manifest"), raw)
 
     def load_manifest(self, identity: str, prefix: str) -> bytes | None:
-        key = f"{identity}\0{prefix}\0manifest".encode("utf-8", "surrogatepass")
-        with self.env.begin(db=self._listings) as txn:
-            return txn.get(key)
+        return self._get_source(self._source_key(identity, prefix, "manifest"))
 
     def versions(self) -> dict[bytes, dict[str, object]]:
         """All recorded versions (for administration and tests)."""
