@@ -135,7 +135,7 @@ class BlockCache:
                  on_corrupt: Callable[[bytes], None] | None = None, max_size: int = 0, min_free: int = 0,
                  on_evict: Callable[[int], None] | None = None) -> None:
         self.blocks_root = os.path.join(root, "blocks")
-        self.root = os.path.join(self.blocks_root, xxhash.xxh3_64_hexdigest(domain.encode()))
+        self.root = self.domain_root(domain)
         _private_dirs(self.root, depth=2)
         self.max_size = max_size
         self.min_free = min_free
@@ -144,6 +144,7 @@ class BlockCache:
         # Every block file of every domain, least recently used first: path -> (size, last use, monotonic).
         self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._pins: dict[str, int] = {}
+        self._kept: set[str] = set()  # block names of pinned models (`modelfs cache pin`)
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
         self._fs_free_value = 0
         self._fs_free_at = -1.0
@@ -156,6 +157,15 @@ class BlockCache:
         self.bytes_stored = 0
         self.blocks_stored = 0
         self.scan()
+
+    def domain_root(self, domain: str) -> str:
+        """The block dir of a trust domain (by default one source bucket or directory)."""
+        return os.path.join(self.blocks_root, xxhash.xxh3_64_hexdigest(domain.encode()))
+
+    def keep(self, names: set[str]) -> None:
+        """Never evict blocks with these names (hex hashes of pinned models' extents), in any domain."""
+        with self._lock:
+            self._kept = set(names)
 
     def path(self, digest: bytes) -> str:
         h = digest.hex()
@@ -234,17 +244,19 @@ class BlockCache:
             for path, (size, used) in self._lru.items():
                 if protect_since is not None and used >= protect_since:
                     break
-                if path not in self._pins:
+                if path not in self._pins and os.path.basename(path) not in self._kept:
                     room += size
         return max(0, room)
 
-    def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False) -> bool:
+    def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
+                  partial: bool = False) -> bool:
         """Evict least recently used, unpinned blocks until `nbytes` fit; False (evicting nothing) if
         they cannot.
 
         Blocks last used at or after `protect_since` are kept (prefetch must not evict what the load it
         serves has just fetched or read); with None any unpinned block may go. `reserve` holds the room
-        for a write in progress, so concurrent writers cannot together overshoot the quota.
+        for a write in progress, so concurrent writers cannot together overshoot the quota. `partial`
+        evicts what it can even when that is not enough (`modelfs cache gc` with pinned models).
         """
         if self.max_size and nbytes > self.max_size:
             return False
@@ -262,10 +274,10 @@ class BlockCache:
             for path, (size, used) in self._lru.items():
                 if freed >= need or (protect_since is not None and used >= protect_since):
                     break
-                if path not in self._pins:
+                if path not in self._pins and os.path.basename(path) not in self._kept:
                     victims.append((path, size))
                     freed += size
-            if freed < need:
+            if freed < need and not (partial and victims):
                 return False
             if reserve:
                 self._reserved += nbytes
@@ -282,7 +294,7 @@ class BlockCache:
                 pass
         if victims and self._on_evict:
             self._on_evict(sum(size for _, size in victims))
-        return True
+        return freed >= need
 
     def contains(self, digest: bytes) -> bool:
         return os.path.exists(self.path(digest))

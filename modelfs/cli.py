@@ -356,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("mountpoint")
     st.set_defaults(func=cmd_status)
 
+    c = sub.add_parser("cache", help="cache admin: ls, verify, gc --to SIZE, pin KEY, unpin KEY")
+    c.add_argument("action", choices=["ls", "verify", "gc", "pin", "unpin"])
+    c.add_argument("key", nargs="?", help="for pin/unpin: a key prefix, as `cache ls` shows it")
+    c.add_argument("--cache-dir", help="the cache dir (default: the daemon's default)")
+    c.add_argument("--to", help="for gc: evict least recently used blocks down to this size")
+    c.add_argument("--source", help="for pin/unpin: the source, when the cache holds several")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_cache)
+
     d = sub.add_parser("du", help="logical, unique, cached and still-to-fetch bytes of files on a mount")
     d.add_argument("paths", nargs="+", metavar="PATH")
     d.add_argument("--json", action="store_true")
@@ -374,6 +383,60 @@ _MOUNT_IGNORED = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "u
                   "async", "owner", "group"}
 _MOUNT_FLAGS = {"config": "--config", "cache_dir": "--cache-dir", "endpoint_url": "--endpoint-url",
                 "log_level": "--log-level", "log_file": "--log-file"}
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Cache administration: ls, verify, gc, pin, unpin (on a cache dir, running daemon or not)."""
+    from modelfs import admin
+    from modelfs.config import Config, parse_size
+
+    cache_dir = os.path.abspath(args.cache_dir or Config().cache.dir)
+    if not os.path.isdir(cache_dir):
+        raise ModelfsError(f"cache dir {cache_dir} does not exist")
+    if args.action == "ls":
+        models = admin.list_models(cache_dir)
+        print(f"{'cached':>11} {'size':>11}  pin  source  key")
+        for mdl in models:
+            pin = "yes" if mdl.pinned else "   "
+            print(f"{human(mdl.cached):>11} {human(mdl.size):>11}  {pin}  {mdl.source}  {mdl.key}")
+        print(f"{human(admin.total_bytes(cache_dir)):>11} {'':>11}       total in blocks")
+        return 0
+    if args.action == "verify":
+        from tqdm import tqdm
+
+        with tqdm(total=admin.total_bytes(cache_dir), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="verify", disable=args.quiet) as bar:
+            checked, bad = admin.verify(cache_dir, bar.update)
+        for path in bad:
+            print(f"modelfs: dropped corrupt block {path}", file=sys.stderr)
+        print(f"modelfs: {checked} blocks checked, {len(bad)} corrupt (dropped; refetched when read)")
+        return 1 if bad else 0
+    if args.action == "gc":
+        if not args.to:
+            raise ModelfsError("cache gc needs --to SIZE (e.g. --to 100GiB, or 0 for everything not pinned)")
+        before, after = admin.gc(cache_dir, int(parse_size(args.to, "--to")))
+        print(f"modelfs: cache {human(before)} -> {human(after)} (pinned models kept)")
+        return 0
+    if not args.key:
+        raise ModelfsError(f"cache {args.action} needs a KEY prefix (see `modelfs cache ls`)")
+    pins = admin.load_pins(cache_dir)
+    source = args.source
+    if source is None:
+        sources = {m.source for m in admin.list_models(cache_dir)}
+        if len(sources) != 1:
+            raise ModelfsError(f"cache holds {len(sources)} sources: name one with --source (see `cache ls`)")
+        source = sources.pop()
+    keys = pins.setdefault(source, [])
+    if args.action == "pin":
+        keys.append(args.key)
+    elif args.key in keys:
+        keys.remove(args.key)
+    else:
+        raise ModelfsError(f"{args.key!r} is not pinned for {source}")
+    admin.save_pins(cache_dir, pins)
+    print(f"modelfs: {'pinned' if args.action == 'pin' else 'unpinned'} {source} {args.key} "
+          "(a running daemon applies it at its next start)")
+    return 0
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

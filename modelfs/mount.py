@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from modelfs.admin import pinned_blocks
 from modelfs.cache import BlockCache
 from modelfs.config import Config
 from modelfs.core import ModelFS
@@ -189,6 +190,7 @@ class Daemon:
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
                                min_free=int(cfg.cache.min_free), on_evict=lambda n: stats.add(evicted_bytes=n))
             self._resources.append(cache.close)
+            cache.keep(pinned_blocks(cache_dir, index))  # `modelfs cache pin`: never evicted
             self.core = ModelFS(cfg, store, index, cache, stats)
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable)

@@ -192,3 +192,34 @@ def test_status_for_liveness_probes(seaweed: SeaweedServer, s3_checkpoint: str,
         proxy.blackhole(False)
     gone = cli("status", str(m.path.parent / "nowhere"))
     assert gone.returncode == 1
+
+
+def test_cache_admin_ls_verify_pin_gc(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
+    m = mounter(str(checkpoint.root), args=["-o", "prefetch.checkpoint_sets=false"])
+    shard = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    (m.path / shard).read_bytes()
+    (m.path / checkpoint.torch_file).read_bytes()
+    m.umount()
+    cache = str(m.cache_dir)
+    ls = cli("cache", "ls", "--cache-dir", cache)
+    assert ls.returncode == 0 and shard in ls.stdout and checkpoint.torch_file in ls.stdout, ls.stdout
+    # A flipped block is found and dropped by verify.
+    blocks = sorted(p for p in (m.cache_dir / "blocks").rglob("*") if p.is_file())
+    raw = bytearray(blocks[0].read_bytes())
+    raw[0] ^= 1
+    blocks[0].write_bytes(bytes(raw))
+    bad = cli("cache", "verify", "--cache-dir", cache, "-q")
+    assert bad.returncode == 1 and "1 corrupt" in bad.stdout and not blocks[0].exists()
+    assert cli("cache", "verify", "--cache-dir", cache, "-q").returncode == 0
+    # Pin the torch checkpoint, gc everything else away.
+    assert cli("cache", "pin", checkpoint.torch_file.split("/")[0] + "/", "--cache-dir", cache).returncode == 0
+    gc = cli("cache", "gc", "--to", "0", "--cache-dir", cache)
+    assert gc.returncode == 0, gc.stderr
+    after = cli("cache", "ls", "--cache-dir", cache).stdout
+    torch_line = next(line for line in after.splitlines() if line.endswith(checkpoint.torch_file))
+    shard_line = next(line for line in after.splitlines() if line.endswith(shard))
+    assert "yes" in torch_line and not torch_line.strip().startswith("0 B")  # pinned: kept
+    assert shard_line.strip().startswith("0 B")  # not pinned: evicted
+    assert cli("cache", "unpin", checkpoint.torch_file.split("/")[0] + "/", "--cache-dir", cache).returncode == 0
+    assert cli("cache", "gc", "--to", "0", "--cache-dir", cache).returncode == 0
+    assert not [p for p in (m.cache_dir / "blocks").rglob("*") if p.is_file()]
