@@ -133,7 +133,7 @@ class BlockCache:
 
     def __init__(self, root: str, domain: str, open_files: int = 256,
                  on_corrupt: Callable[[bytes], None] | None = None, max_size: int = 0, min_free: int = 0,
-                 on_evict: Callable[[int], None] | None = None) -> None:
+                 on_evict: Callable[[int, int], None] | None = None) -> None:
         self.blocks_root = os.path.join(root, "blocks")
         self.root = self.domain_root(domain)
         _private_dirs(self.root, depth=2)
@@ -293,7 +293,7 @@ class BlockCache:
             except FileNotFoundError:
                 pass
         if victims and self._on_evict:
-            self._on_evict(sum(size for _, size in victims))
+            self._on_evict(len(victims), sum(size for _, size in victims))
         return freed >= need
 
     def contains(self, digest: bytes) -> bool:

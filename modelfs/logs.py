@@ -53,12 +53,38 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+#: syslog priorities for the journal's `<N>` line prefix (sd-daemon(3)).
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class JournalFormatter(RedactingFormatter):
+    """Under systemd (stderr is the journal): `<priority>logger: message`, one line per event (the
+    journal stamps time and unit itself; a traceback's lines are joined with " | ")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record).replace("\n", " | ")
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:inode of the stream it connected; it must be our stderr."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return stream == f"{st.st_dev}:{st.st_ino}"
+    except (OSError, ValueError):
+        return False
+
+
 def setup_logging(level: str, file: str | None = None) -> None:
     """Root logging to `file` (or stderr) at `level`, scrubbed; chatty libraries capped at WARNING."""
     for name in _SECRET_ENV:
         register_secret(os.environ.get(name))
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not file and _stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

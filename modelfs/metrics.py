@@ -26,6 +26,7 @@ COUNTERS = {
     "cache_hits": "extents served from the block cache",
     "cache_misses": "extents that needed the store",
     "dedup_bytes_saved": "fetched bytes whose block was already stored",
+    "evictions": "blocks evicted from the cache",
     "evicted_bytes": "bytes of blocks evicted from the cache",
     "prefetch_bytes": "bytes fetched ahead of readers",
     "pushed_bytes": "bytes pushed into the page cache",

@@ -188,7 +188,8 @@ class Daemon:
             stats = Stats()
             cache = BlockCache(cache_dir, store.domain, cfg.cache.open_files,
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
-                               min_free=int(cfg.cache.min_free), on_evict=lambda n: stats.add(evicted_bytes=n))
+                               min_free=int(cfg.cache.min_free),
+                               on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n))
             self._resources.append(cache.close)
             cache.keep(pinned_blocks(cache_dir, index))  # `modelfs cache pin`: never evicted
             self.core = ModelFS(cfg, store, index, cache, stats)

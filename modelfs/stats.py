@@ -21,6 +21,7 @@ class Stats:
     version_changes: int = 0
     cache_write_errors: int = 0
     cache_full_skips: int = 0
+    evictions: int = 0
     evicted_bytes: int = 0
     read_timeouts: int = 0
     offline_misses: int = 0

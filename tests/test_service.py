@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -96,8 +97,10 @@ def test_sigterm_with_a_blocked_reader_unmounts_and_exits(seaweed: SeaweedServer
             reader = subprocess.Popen([sys.executable, "-c", f"open({target!r}, 'rb').read()"],
                                       stderr=subprocess.DEVNULL)
             assert proxy.wait_stalled(1, timeout=60)
+            began = time.monotonic()
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=60) == 0  # within its 5 s grace; bounded here only as a safety net
+            print(f"SIGTERM with a blocked reader: daemon exited after {time.monotonic() - began:.1f} s")
             assert not is_mounted(str(mnt))
             assert reader.wait(timeout=60) != 0  # the blocked reader got an error, not a hang
         finally:
@@ -110,8 +113,6 @@ def test_sigterm_with_a_blocked_reader_unmounts_and_exits(seaweed: SeaweedServer
 
 
 def _wait_mounted(mnt: Path, limit: float = 120) -> bool:
-    import time
-
     end = time.monotonic() + limit
     while time.monotonic() < end:
         try:
