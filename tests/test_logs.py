@@ -39,3 +39,17 @@ def test_setup_logging_scrubs_tracebacks_and_caps_botocore(tmp_path: Path, monke
     assert "session-token-value-1234567890" not in text and "[redacted]" in text
     assert "secret headers" not in text
     logging.getLogger().handlers.clear()
+
+
+def test_journal_format_is_one_line_with_priority() -> None:
+    import sys
+
+    from modelfs.logs import JournalFormatter
+
+    fmt = JournalFormatter("%(name)s: %(message)s")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        rec = logging.LogRecord("modelfs.x", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+    line = fmt.format(rec)
+    assert line.startswith("<3>modelfs.x: failed here") and "\n" not in line and "RuntimeError: boom" in line
