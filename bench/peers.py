@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfs.mount import alive
 from modelfs.testing.seaweed import ACCESS_KEY, REGION, SECRET_KEY
 
 BIN = Path(sys.executable).parent
@@ -56,15 +57,6 @@ def force_unmount(path: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, timeout=60)
     if is_mounted(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=60)
-
-
-def _alive(pid: int) -> bool:
-    """Alive and not a zombie (a reaped-later child of someone else still shows as Z)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def peak_rss(pid: int) -> int | None:
@@ -261,9 +253,9 @@ class Modelfs:
                 self.cli("umount", str(mnt), timeout=90)
             force_unmount(mnt)
             deadline = time.monotonic() + 30
-            while pid and _alive(pid) and time.monotonic() < deadline:
+            while pid and alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 

@@ -234,6 +234,10 @@ class BlockCache:
             return False
         return not self.min_free or self._fs_free() - self._reserved - nbytes >= self.min_free
 
+    def _evictable(self, path: str) -> bool:
+        """Not being read or mapped, and not of a pinned model (call with the lock held)."""
+        return path not in self._pins and os.path.basename(path) not in self._kept
+
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting blocks that could be evicted (only those last used before
         `protect_since`, a time.monotonic() value, when given)."""
@@ -244,7 +248,7 @@ class BlockCache:
             for path, (size, used) in self._lru.items():
                 if protect_since is not None and used >= protect_since:
                     break
-                if path not in self._pins and os.path.basename(path) not in self._kept:
+                if self._evictable(path):
                     room += size
         return max(0, room)
 
@@ -274,7 +278,7 @@ class BlockCache:
             for path, (size, used) in self._lru.items():
                 if freed >= need or (protect_since is not None and used >= protect_since):
                     break
-                if path not in self._pins and os.path.basename(path) not in self._kept:
+                if self._evictable(path):
                     victims.append((path, size))
                     freed += size
             if freed < need and not (partial and victims):

@@ -240,13 +240,7 @@ class ModelFS:
             start, length = ver.extent_at(pos)
             inner = pos - start
             n = min(end, start + length) - pos
-            ext = ver.known.get(start)
-            if ext is None:
-                ext = self.index.lookup(ver.vid, start)
-                if ext is not None and ext[1] == length:
-                    ver.known[start] = ext
-                else:
-                    ext = None
+            ext = ver.lookup(self.index, start, length)
             data = self.cache.read(ext[0], length, inner, n) if ext is not None else None
             if data is None:
                 misses += 1
@@ -269,40 +263,30 @@ class ModelFS:
 
     async def cached_bytes(self, inode: int) -> int:
         """How many bytes of a file the block cache holds (progress of a warm-up)."""
-        node = self.ns.get(inode)
-        if node.is_dir:
-            raise IsADirectoryError(node.key)
-        ver = self.version(node)
-
-        def count() -> int:
-            total = 0
-            for start, length in ver.extents():
-                ext = ver.known.get(start) or self.index.lookup(ver.vid, start)
-                if ext is not None and ext[1] == length and self.cache.contains(ext[0]):
-                    total += length
-            return total
-
-        return await trio.to_thread.run_sync(count, limiter=self.io_limiter)
+        _, states = await self._extent_states(inode)
+        return sum(length for _, length, cached in states if cached)
 
     async def extent_map(self, inode: int) -> dict[str, object]:
         """For `modelfs du`: the file's extents as [hash hex or None if unknown, length, cached]."""
+        ver, states = await self._extent_states(inode)
+        return {"size": ver.info.size, "manifest": ver.layout is not None,
+                "extents": [[digest.hex() if digest else None, length, cached] for digest, length, cached in states]}
+
+    async def _extent_states(self, inode: int) -> tuple[FileVersion, list[tuple[bytes | None, int, bool]]]:
+        """Every extent of a file: its hash if known, its length, and whether the cache holds it."""
         node = self.ns.get(inode)
         if node.is_dir:
             raise IsADirectoryError(node.key)
         ver = self.version(node)
 
-        def collect() -> list[list[object]]:
-            out: list[list[object]] = []
+        def collect() -> list[tuple[bytes | None, int, bool]]:
+            out: list[tuple[bytes | None, int, bool]] = []
             for start, length in ver.extents():
-                ext = ver.known.get(start) or self.index.lookup(ver.vid, start)
-                if ext is None or ext[1] != length:
-                    out.append([None, length, False])
-                else:
-                    out.append([ext[0].hex(), length, self.cache.contains(ext[0])])
+                ext = ver.lookup(self.index, start, length)
+                out.append((ext[0], length, self.cache.contains(ext[0])) if ext else (None, length, False))
             return out
 
-        extents = await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
-        return {"size": ver.info.size, "manifest": ver.layout is not None, "extents": extents}
+        return ver, await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
 
     async def health_report(self) -> dict[str, object]:
         """Checked now: the store answers (within 10 s, or the deadline if shorter), the cache takes a write."""

@@ -21,8 +21,9 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -61,6 +62,17 @@ class FileVersion:
             ver.layout = [off for off, _, _ in extents]
             ver.known = {off: (digest, length) for off, length, digest in extents}
         return ver
+
+    def lookup(self, index: ChunkIndex, start: int, length: int) -> tuple[bytes, int] | None:
+        """(hash, length) of the extent at `start`, if this version or the index knows it (then
+        remembered here, so the index is asked once per extent per version)."""
+        ext = self.known.get(start)
+        if ext is None:
+            ext = index.lookup(self.vid, start)
+            if ext is None or ext[1] != length:
+                return None
+            self.known[start] = ext
+        return ext
 
     def extent_at(self, offset: int) -> tuple[int, int]:
         """(start, length) of the extent holding byte `offset`."""
@@ -176,19 +188,23 @@ class Fetcher:
         """The whole extent [start, start+length) of `ver` for a demand read: joins a flight or starts one."""
         flight = self._inflight.get((ver.vid, start))
         if flight is None:
-            if self.health is not None and self.health.offline:
-                self.stats.add(offline_misses=1)
-                raise self.health.unreachable_error(f"{ver.info.key} at {start}")
+            self._refuse_if_offline(ver, start, demand=True)
             flight = self._launch(ver, start, length, slot_held=False)
         return await self._wait(flight)
+
+    def _refuse_if_offline(self, ver: FileVersion, start: int, demand: bool = False) -> None:
+        """While the store is unreachable, uncached bytes fail at once instead of waiting out retries."""
+        if self.health is not None and self.health.offline:
+            if demand:
+                self.stats.add(offline_misses=1)
+            raise self.health.unreachable_error(f"{ver.info.key} at {start}")
 
     async def prefetch(self, ver: FileVersion, start: int, length: int) -> Buffer | None:
         """Fetch an extent that is not cached, at prefetch priority. None if it is cached after all."""
         key = (ver.vid, start)
         flight = self._inflight.get(key)
         if flight is None:
-            if self.health is not None and self.health.offline:
-                raise self.health.unreachable_error(f"{ver.info.key} at {start}")
+            self._refuse_if_offline(ver, start)
             await self.slots.acquire(demand=False)
             flight = self._inflight.get(key)  # someone may have started it while we waited
             if flight is None and ver.known.get(start) is not None and await trio.to_thread.run_sync(
@@ -210,8 +226,7 @@ class Fetcher:
         """Fetch adjacent uncached extents with one ranged GET per stretch not already in flight, at
         prefetch priority. Every extent gets its flight at once (no await before), so demand reads of any
         of them join it instead of fetching it again. Returns the bytes this call fetched."""
-        if self.health is not None and self.health.offline:
-            raise self.health.unreachable_error(f"{ver.info.key} at {run[0][0]}")
+        self._refuse_if_offline(ver, run[0][0])
         assert self._nursery is not None, "Fetcher.start() was not called"
         groups: list[tuple[list[tuple[int, int]], list[_Flight]]] = []
         waits: list[_Flight] = []
@@ -231,28 +246,51 @@ class Fetcher:
             current[1].append(flight)
             waits.append(flight)
         for extents, flights in groups:
-            self._nursery.start_soon(self._run_many, ver, extents, flights)
+            n = self.slots_for(sum(length for _, length in extents), ver.extent_size)
+            self._nursery.start_soon(self._fly, ver, extents, flights, partial(self.slots.acquire_many, n), n,
+                                     partial(self._fetch_run_blocking, ver, extents))
         for flight in waits:
             await self._wait(flight)
         return sum(length for extents, _ in groups for _, length in extents)
 
-    async def _run_many(self, ver: FileVersion, run: list[tuple[int, int]], flights: list[_Flight]) -> None:
+    def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
+        """Start the one flight for (version, extent); callers check `_inflight` with no await since."""
+        assert self._nursery is not None, "Fetcher.start() was not called"
+        key = (ver.vid, start)
+        assert key not in self._inflight
+        flight = self._inflight[key] = _Flight()
+        acquire = trio.lowlevel.checkpoint if slot_held else partial(self.slots.acquire, demand=True)
+        self._nursery.start_soon(self._fly, ver, [(start, length)], [flight], acquire, 1,
+                                 lambda: [self._fetch_blocking(ver, start, length)])
+        return flight
+
+    @staticmethod
+    async def _wait(flight: _Flight) -> Buffer:
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.data
+
+    async def _fly(self, ver: FileVersion, run: list[tuple[int, int]], flights: list[_Flight],
+                   acquire: Callable[[], Awaitable[None]], slots: int, blocking: Callable[[], list[Buffer]]) -> None:
+        """Carry out the flights of `run` (one extent, or adjacent ones in one GET): take `slots` GET slots
+        with `acquire`, run `blocking` in a worker thread, all within fetch.deadline, then hand each
+        flight its bytes or the error and forget it."""
         error: BaseException | None = None
-        n = self.slots_for(sum(length for _, length in run), ver.extent_size)
         try:
             with trio.fail_after(self.deadline):
-                await self.slots.acquire_many(n)
+                await acquire()
                 try:
-                    parts = await trio.to_thread.run_sync(self._fetch_run_blocking, ver, run, limiter=self.threads,
-                                                          abandon_on_cancel=True)
+                    parts = await trio.to_thread.run_sync(blocking, limiter=self.threads, abandon_on_cancel=True)
                 finally:
-                    for _ in range(n):
+                    for _ in range(slots):
                         self.slots.release()
             for flight, part in zip(flights, parts, strict=True):
                 flight.data = part
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
+            log.warning("%s", error)
         except (StoreError, OSError) as e:
             error = e
         except BaseException as e:
@@ -267,51 +305,6 @@ class Fetcher:
                 if self._inflight.get((ver.vid, start)) is flight:
                     del self._inflight[(ver.vid, start)]
                 flight.done.set()
-
-    def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
-        """Start the one flight for (version, extent); callers check `_inflight` with no await since."""
-        assert self._nursery is not None, "Fetcher.start() was not called"
-        key = (ver.vid, start)
-        assert key not in self._inflight
-        flight = self._inflight[key] = _Flight()
-        self._nursery.start_soon(self._run, key, flight, ver, start, length, slot_held)
-        return flight
-
-    @staticmethod
-    async def _wait(flight: _Flight) -> Buffer:
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        return flight.data
-
-    async def _run(self, key: tuple[bytes, int], flight: _Flight, ver: FileVersion, start: int, length: int,
-                   slot_held: bool) -> None:
-        try:
-            with trio.fail_after(self.deadline):
-                if not slot_held:
-                    await self.slots.acquire(demand=True)
-                try:
-                    flight.data = await trio.to_thread.run_sync(self._fetch_blocking, ver, start, length,
-                                                                limiter=self.threads, abandon_on_cancel=True)
-                finally:
-                    self.slots.release()
-        except trio.TooSlowError:
-            self.stats.add(read_timeouts=1)
-            flight.error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline "
-                                      f"({self.deadline:g} s)")
-            log.warning("%s", flight.error)
-        except (StoreError, OSError) as e:
-            flight.error = e
-        except BaseException as e:
-            flight.error = StoreError(f"fetch of {ver.info.key} was cancelled")
-            if not isinstance(e, trio.Cancelled):
-                flight.error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
-                log.exception("fetch of %s at %d failed", ver.info.key, start)
-            raise
-        finally:
-            if self._inflight.get(key) is flight:
-                del self._inflight[key]
-            flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> Buffer:
         """GET, hash, store block, record extent. Runs in a worker thread."""

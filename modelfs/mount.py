@@ -285,7 +285,7 @@ def task_tree() -> str:
     return "\n".join(lines)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -310,7 +310,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 10.0) -> None:
     fusermount(real, lazy)
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.05)
     if pid:

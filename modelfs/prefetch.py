@@ -353,12 +353,16 @@ class Prefetcher:
         runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, limiter=self.io_limiter)
         for run in runs:
             need = sum(length for _, length in run)
-            if not self.cache.fits(need) and not await trio.to_thread.run_sync(
-                    self.cache.make_room, need, self._protect_since(), limiter=self.io_limiter):
-                raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
+            await self._make_room(need)
             got = await self.fetcher.prefetch_run(ver, run)
             job.fetched += got
             self.stats.add(prefetch_bytes=got)
+
+    async def _make_room(self, nbytes: int) -> None:
+        """Room for `nbytes` of prefetch, evicting only blocks older than the load being served."""
+        if not self.cache.fits(nbytes) and not await trio.to_thread.run_sync(
+                self.cache.make_room, nbytes, self._protect_since(), limiter=self.io_limiter):
+            raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
 
     def _uncached_runs(self, ver: FileVersion, starts: list[int]) -> list[list[tuple[int, int]]]:
         """From a worker thread: the uncached extents among `starts`, grouped into adjacent runs."""
@@ -383,9 +387,7 @@ class Prefetcher:
                      and start not in self._pushed.get(inode, ()) and self.is_open(inode))
         data = await trio.to_thread.run_sync(self._cached, ver, start, length, want_push, limiter=self.io_limiter)
         if data is None:
-            if not self.cache.fits(length) and not await trio.to_thread.run_sync(
-                    self.cache.make_room, length, self._protect_since(), limiter=self.io_limiter):
-                raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
+            await self._make_room(length)
             data = await self.fetcher.prefetch(ver, start, length)
             if data is not None:
                 job.fetched += length
@@ -405,12 +407,9 @@ class Prefetcher:
     def _cached(self, ver: FileVersion, start: int, length: int,
                 want_data: bool) -> mmap.mmap | Buffer | bool | None:
         """From a worker thread: the extent mapped if cached and wanted, True if cached, None if not."""
-        ext = ver.known.get(start)
+        ext = ver.lookup(self.index, start, length)
         if ext is None:
-            ext = self.index.lookup(ver.vid, start)
-            if ext is None or ext[1] != length:
-                return None
-            ver.known[start] = ext
+            return None
         if want_data:
             return self.cache.map(ext[0], length)
         return True if self.cache.contains(ext[0]) else None

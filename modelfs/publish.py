@@ -12,7 +12,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import botocore.exceptions as bexc
 import xxhash
@@ -20,7 +19,8 @@ from boto3.s3.transfer import TransferConfig
 
 from modelfs import manifest as mf
 from modelfs.config import MiB, S3Config
-from modelfs.errors import ModelfsError, StoreError
+from modelfs.errors import ModelfsError, NotFound, StoreError
+from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store, parse_s3_url
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,11 @@ def _store(url: str, s3: S3Config) -> S3Store:
     return store
 
 
-def _head(store: S3Store, key: str) -> dict[str, Any] | None:
+def _head(store: S3Store, key: str) -> ObjectInfo | None:
     try:
-        return store.client.head_object(Bucket=store.bucket, Key=store.prefix + key)  # type: ignore[no-any-return]
-    except bexc.ClientError as e:
-        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return None
-        raise StoreError(f"HEAD {key} failed: {e.response.get('Error', {}).get('Code', '?')}") from None
+        return store.head(key)
+    except NotFound:
+        return None
 
 
 def read_manifest(store: S3Store) -> mf.Manifest | None:
@@ -81,8 +79,8 @@ def publish(local_dir: str, url: str, s3: S3Config, max_extent: int = 8 * MiB, c
         extents = mf.file_extents(path, max_extent)
         head = _head(store, rel)
         prev = old.files.get(rel)
-        if (head is not None and prev is not None and int(head["ContentLength"]) == size
-                and str(head["ETag"]) == prev.etag and prev.extents == extents):
+        if (head is not None and prev is not None and head.size == size and head.etag == prev.etag
+                and prev.extents == extents):
             report.skipped.append(rel)
             new.files[rel] = prev
             progress(size)
@@ -92,9 +90,9 @@ def publish(local_dir: str, url: str, s3: S3Config, max_extent: int = 8 * MiB, c
         except (bexc.ClientError, bexc.BotoCoreError, OSError) as e:
             raise StoreError(f"upload of {rel} failed: {type(e).__name__}") from None
         head = _head(store, rel)
-        if head is None or int(head["ContentLength"]) != size:
+        if head is None or head.size != size:
             raise StoreError(f"upload of {rel} did not land")
-        new.files[rel] = mf.FileEntry(size, str(head["ETag"]), extents)
+        new.files[rel] = mf.FileEntry(size, head.etag, extents)
         report.uploaded.append(rel)
         report.bytes_uploaded += size
     store.client.put_object(Bucket=store.bucket, Key=store.prefix + mf.KEY, Body=new.dumps(),
@@ -117,7 +115,7 @@ def verify(url: str, s3: S3Config, progress: Progress = lambda n: None,
         if head is None:
             problems.append(f"{rel}: object missing")
             continue
-        if str(head["ETag"]) != entry.etag:
+        if head.etag != entry.etag:
             problems.append(f"{rel}: object changed since it was published (ETag)")
             continue
         body = store.client.get_object(Bucket=store.bucket, Key=store.prefix + rel, IfMatch=entry.etag)["Body"]
