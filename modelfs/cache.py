@@ -7,7 +7,8 @@ only between objects of one domain, because xxh3 is fast, not collision-resistan
 A block is written under `<name>.tmp.<pid>.<n>` and renamed, so a crash never leaves a partial block
 under a real name; temp files are swept at start. A block is verified against its name the first time
 this process serves it (blocks are not fsync'ed; see `index`), and dropped if it does not match.
-Open block fds are pooled (LRU, bounded), never one per block.
+Blocks are served through read-only mappings (`map`; `mapped.MappedBlocks` keeps the recent ones): the
+fd is closed as soon as the block is mapped, so open files never grow with the cache.
 
 Space: blocks of every domain under `<cache>/blocks` count against `cache.max_size`, and the cache
 filesystem keeps `cache.min_free` free. Room is made by evicting the least recently used blocks; a block
@@ -69,78 +70,17 @@ def _private_dirs(path: str, depth: int) -> None:
         os.makedirs(p, mode=0o700, exist_ok=True)
 
 
-class _FdPool:
-    """A bounded LRU of read-only block fds; an fd in use is never closed under its reader."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users]
-        self._lock = threading.Lock()
-
-    def acquire(self, path: str) -> int:
-        with self._lock:
-            ent = self._fds.get(path)
-            if ent is not None:
-                ent[1] += 1
-                self._fds.move_to_end(path)
-                return ent[0]
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        with self._lock:
-            ent = self._fds.get(path)
-            if ent is not None:  # another thread opened it meanwhile: use theirs
-                os.close(fd)
-                ent[1] += 1
-                return ent[0]
-            self._fds[path] = [fd, 1]
-            self._shrink()
-        return fd
-
-    def release(self, path: str) -> None:
-        with self._lock:
-            ent = self._fds.get(path)
-            if ent is not None:
-                ent[1] -= 1
-            self._shrink()
-
-    def forget(self, path: str) -> None:
-        """Close `path`'s fd once idle (the block is being dropped)."""
-        with self._lock:
-            ent = self._fds.get(path)
-            if ent is not None and ent[1] == 0:
-                os.close(ent[0])
-                del self._fds[path]
-
-    def _shrink(self) -> None:
-        if len(self._fds) <= self.capacity:
-            return
-        for path in list(self._fds):
-            if len(self._fds) <= self.capacity:
-                break
-            fd, users = self._fds[path]
-            if users == 0:
-                os.close(fd)
-                del self._fds[path]
-
-    def close(self) -> None:
-        with self._lock:
-            for fd, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-
 class BlockCache:
     """Content-addressed blocks on local disk. All methods block: call them from worker threads."""
 
-    def __init__(self, root: str, domain: str, open_files: int = 256,
-                 on_corrupt: Callable[[bytes], None] | None = None, max_size: int = 0, min_free: int = 0,
-                 on_evict: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, root: str, domain: str, on_corrupt: Callable[[bytes], None] | None = None,
+                 max_size: int = 0, min_free: int = 0, on_evict: Callable[[int, int], None] | None = None) -> None:
         self.blocks_root = os.path.join(root, "blocks")
         self.root = self.domain_root(domain)
         _private_dirs(self.root, depth=2)
         self.max_size = max_size
         self.min_free = min_free
         self._on_evict = on_evict
-        self._pool = _FdPool(open_files)
         # Every block file of every domain, least recently used first: path -> (size, last use, monotonic).
         self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._pins: dict[str, int] = {}
@@ -156,6 +96,8 @@ class BlockCache:
         self._on_corrupt = on_corrupt
         self.bytes_stored = 0
         self.blocks_stored = 0
+        self.maps_made = 0  # block files mapped (`map`), and of those, hashed to verify them
+        self.verifications = 0
         self.scan()
 
     def domain_root(self, domain: str) -> str:
@@ -291,7 +233,6 @@ class BlockCache:
                 self.blocks_stored -= 1
                 self._verified.discard(_digest_of(path))
         for path, _ in victims:
-            self._pool.forget(path)
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -324,65 +265,60 @@ class BlockCache:
             raise _Missing
         return False, None
 
+    def verified(self, digest: bytes) -> bool:
+        """Whether this process has checked the block against its hash (or wrote it itself)."""
+        return digest in self._verified
+
     def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
-        """`size` bytes at `offset` of the block `digest` (of `length` bytes), or None if missing or bad."""
-        with self.pinned(digest) as path:
-            data = self._read_pinned(digest, path, length, offset, size)
-        if data is not None:
-            self._touch(path)
-        return data
-
-    def _read_pinned(self, digest: bytes, path: str, length: int, offset: int, size: int) -> bytes | None:
-        try:
-            first, data = self._first_serve(digest, lambda: self._verify_and_read(digest, length, offset, size))
-        except _Missing:
-            return None
-        if first:
-            return data
-        try:
-            fd = self._pool.acquire(path)
-        except FileNotFoundError:
+        """A copy of `size` bytes at `offset` of the block (for administration and tests; the daemon serves
+        views of `map` instead), or None if it is missing or bad."""
+        m = self.map(digest, length)
+        if m is None:
             return None
         try:
-            data = os.pread(fd, size, offset)
+            return m[offset:offset + size]
         finally:
-            self._pool.release(path)
-        if len(data) != size:  # truncated under us since it was verified
-            self.drop(digest, "truncated")
-            return None
-        return data
+            m.close()
 
-    def map(self, digest: bytes, length: int) -> mmap.mmap | None:
-        """The whole block mapped read-only (populated), verified on first serve; None if missing or bad.
+    def map(self, digest: bytes, length: int, populate: bool = True) -> mmap.mmap | None:
+        """The whole block mapped read-only, verified on first serve; None if missing, short or bad.
 
-        For pushing whole extents into the page cache: no copy into Python memory, no allocation.
-        The caller closes the map (it stays valid even if the block is evicted meanwhile).
+        A block file whose size is not `length` is dropped (counted as corrupt) before it is mapped, so a
+        mapping never reaches past the end of its file: no SIGBUS from a block this checked. (Blocks are
+        written once and renamed into place; nothing in modelfs truncates one afterwards.) `populate`
+        faults every page in now, in the caller's (worker) thread, rather than later in a READ. The
+        mapping stays valid if the block is evicted meanwhile; the fd is closed at once.
         """
         with self.pinned(digest) as path:
-            m = self._map_pinned(digest, path, length)
+            m = self._map_pinned(digest, path, length, populate)
         if m is not None:
             self._touch(path)
         return m
 
-    def _map_pinned(self, digest: bytes, path: str, length: int) -> mmap.mmap | None:
+    def _map_pinned(self, digest: bytes, path: str, length: int, populate: bool) -> mmap.mmap | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size != length:
-                self.drop(digest, "truncated" if os.fstat(fd).st_size < length else "corrupt")
+            size = os.fstat(fd).st_size
+            if size != length or not length:
+                self.drop(digest, "truncated" if size < length else "corrupt")
                 return None
-            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        with self._lock:
+            self.maps_made += 1
 
         def verify() -> bool:
-            if block_hash(m) != digest:
-                return False
+            ok = block_hash(m) == digest
             with self._lock:
-                self._verified.add(digest)
-            return True
+                self.verifications += 1
+                if ok:
+                    self._verified.add(digest)
+            return ok
 
         try:
             first, ok = self._first_serve(digest, verify)
@@ -395,27 +331,12 @@ class BlockCache:
             return None
         return m
 
-    def _verify_and_read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
-        path = self.path(digest)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                data = f.read(length + 1)
-        except FileNotFoundError:
-            return None
-        if len(data) != length or block_hash(data) != digest:
-            self.drop(digest, "truncated" if len(data) < length else "corrupt")
-            return None
-        with self._lock:
-            self._verified.add(digest)
-        return data[offset:offset + size]
-
     def drop(self, digest: bytes, why: str) -> None:
         """Remove a block that failed verification; the caller refetches."""
         path = self.path(digest)
         log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
         with self._lock:
             self._verified.discard(digest)
-        self._pool.forget(path)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -501,4 +422,4 @@ class BlockCache:
             raise
 
     def close(self) -> None:
-        self._pool.close()
+        """Nothing is held open between calls (mappings close their fds at once); kept for symmetry."""

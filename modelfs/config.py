@@ -85,7 +85,7 @@ class CacheConfig:
     extent_size: Size = Size(8 * MiB)
     max_size: Size = Size(0)
     min_free: Size = Size(1 * GiB)
-    open_files: int = 256
+    map_budget: Size = Size(128 * MiB)
     index_map_size: Size = Size(64 * GiB)
 
 
@@ -168,7 +168,7 @@ class Config:
         if es < 64 * KiB or es > 256 * MiB or es % 4096:
             raise ConfigError(f"config: cache.extent_size must be a multiple of 4KiB in [64KiB, 256MiB], got {es}")
         positive = (("fetch.concurrency", self.fetch.concurrency), ("fetch.io_threads", self.fetch.io_threads),
-                    ("cache.open_files", self.cache.open_files), ("mount.fuse_tasks", self.mount.fuse_tasks),
+                    ("mount.fuse_tasks", self.mount.fuse_tasks),
                     ("s3.max_attempts", self.s3.max_attempts), ("prefetch.concurrency", self.prefetch.concurrency))
         for key, val in positive:
             if val < 1:
@@ -176,6 +176,9 @@ class Config:
         if self.fetch.max_request < es:
             raise ConfigError(f"config: fetch.max_request must be at least cache.extent_size ({es}), "
                               f"got {self.fetch.max_request}")
+        if self.cache.map_budget < es:
+            raise ConfigError(f"config: cache.map_budget must be at least cache.extent_size ({es}), "
+                              f"got {self.cache.map_budget}")
         if self.fetch.memory_budget < 2 * es:
             raise ConfigError(f"config: fetch.memory_budget must be at least 2 x cache.extent_size ({2 * es}), "
                               f"got {self.fetch.memory_budget}")

@@ -1,8 +1,9 @@
 """The filesystem core, without FUSE: namespace -> chunk index -> block cache -> fetcher -> store.
 
-`fs.Operations` is a thin boundary over this class; tests drive it directly, without a mount. Every
-blocking step (store listing, LMDB, block files) runs in a worker thread under a CapacityLimiter, so
-the trio thread that serves FUSE never blocks.
+`fs.Operations` is a thin boundary over this class; tests drive it directly, without a mount. A READ of
+a mapped block is answered on the trio thread (a slice of the mapping, `extents`); every blocking step
+(store listing, LMDB, opening, mapping and verifying block files, GETs) runs in a worker thread under a
+CapacityLimiter, so the trio thread that serves FUSE never waits on the disk or the network.
 """
 
 from __future__ import annotations
@@ -10,36 +11,28 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass
 
 import trio
 
+from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreUnreachable
-from modelfs.fetch import Buffer, Fetcher, FileVersion
+from modelfs.extents import Extents, Where
+from modelfs.fetch import Buffer, Fetcher
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import DIR as MANIFEST_DIR
 from modelfs.manifest import NAME as MANIFEST_NAME
 from modelfs.manifest import FileEntry, Manifest, ManifestError
+from modelfs.mapped import MappedBlocks
 from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
-from modelfs.remote import Listing, Store
+from modelfs.remote import Listing, Store, read_bytes
 from modelfs.stats import Stats
+from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Piece:
-    """The part of one extent that a read needs; `data` is None on a cache miss."""
-
-    start: int
-    length: int
-    inner: int
-    size: int
-    data: Buffer | None
 
 
 class ModelFS:
@@ -58,12 +51,16 @@ class ModelFS:
         self.deadline = cfg.fetch.deadline
         self.health = Health(store.check, store.describe(), cfg.fetch.probe_interval, cfg.fetch.deadline)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl)
-        # GET buffers plus prefetched extents awaiting their push stay within fetch.memory_budget.
-        slots = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // (2 * self.extent_size)))
-        self.fetcher = Fetcher(store, cache, index, self.stats, slots, cfg.fetch.deadline, self.health)
-        self.prefetcher = Prefetcher(cfg.prefetch, self.fetcher, cache, index, self.ns, self.stats, self.version,
-                                     self.read_version, self.is_open, self.io_limiter,
-                                     workers=max(1, min(cfg.prefetch.concurrency, slots)),
+        # GET buffers: at most fetch.concurrency of them, within fetch.memory_budget.
+        count = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // self.extent_size))
+        self.buffers = BufferPool(count, self.extent_size)
+        self.maps = MappedBlocks(int(cfg.cache.map_budget))
+        self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
+                               self.health)
+        self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter)
+        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, cache, self.ns, self.stats, self.version,
+                                     self.extents.copy, self.is_open, self.io_limiter,
+                                     workers=max(1, min(cfg.prefetch.concurrency, count)),
                                      max_request=int(cfg.fetch.max_request))
         self._versions: dict[int, FileVersion] = {}
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
@@ -115,7 +112,7 @@ class ModelFS:
                 return None
             if found.size > 256 << 20:
                 raise ManifestError(f"manifest of /{prefix} is {found.size} bytes: ignored")
-            raw = bytes(self.store.get_range(found, 0, found.size)) if found.size else b""
+            raw = read_bytes(self.store, found, 0, found.size)
             self.index.save_manifest(self.store.identity, prefix, raw)
             return found.etag, raw
 
@@ -204,52 +201,21 @@ class ModelFS:
             self.prefetcher.released(node)
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
+        """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
+        else through `extents` (map it in a worker thread, or join or start its GET)."""
         node, ver = self._handles[fh]
         self.prefetcher.on_read(node, ver, offset, size)
-        data = await self.read_version(ver, offset, size)
-        self.stats.add(bytes_served=len(data))
-        return data
-
-    async def read_version(self, ver: FileVersion, offset: int, size: int) -> Buffer:
-        """Bytes [offset, offset+size) of one version, from the cache or the store."""
         end = min(offset + size, ver.info.size)
         if offset >= end:
             return b""
-        pieces = await trio.to_thread.run_sync(self._read_cached, ver, offset, end, limiter=self.io_limiter)
-        missing = [p for p in pieces if p.data is None]
-        if len(missing) == 1:
-            await self._fill(ver, missing[0])
-        elif missing:
-            async with trio.open_nursery() as nursery:
-                for p in missing:
-                    nursery.start_soon(self._fill, ver, p)
-        data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)  # type: ignore[misc]
-        assert data is not None
-        return data
-
-    async def _fill(self, ver: FileVersion, piece: _Piece) -> None:
-        extent = await self.fetcher.fetch(ver, piece.start, piece.length)
-        piece.data = memoryview(extent)[piece.inner:piece.inner + piece.size]
-
-    def _read_cached(self, ver: FileVersion, offset: int, end: int) -> list[_Piece]:
-        """Split [offset, end) by extent and read what the cache holds. Runs in a worker thread."""
-        pieces: list[_Piece] = []
-        pos = offset
-        hits = misses = 0
-        while pos < end:
-            start, length = ver.extent_at(pos)
-            inner = pos - start
-            n = min(end, start + length) - pos
-            ext = ver.lookup(self.index, start, length)
-            data = self.cache.read(ext[0], length, inner, n) if ext is not None else None
-            if data is None:
-                misses += 1
-            else:
-                hits += 1
-            pieces.append(_Piece(start, length, inner, n, data))
-            pos += n
-        self.stats.add(cache_hits=hits, cache_misses=misses)
-        return pieces
+        self.stats.bytes_served += end - offset
+        start, length = ver.extent_at(offset)
+        if end > start + length:  # across an extent edge: the pieces are copied into one buffer
+            return await self.extents.copy(ver, offset, end - offset)
+        view = self.extents.mapped(ver, start, offset - start, end - offset)
+        if view is None:
+            view = await self.extents.read(ver, start, length, offset - start, end - offset)
+        return view
 
     # -- cache warming (`modelfs prefetch`) ----------------------------------------------------------
 
@@ -282,8 +248,8 @@ class ModelFS:
         def collect() -> list[tuple[bytes | None, int, bool]]:
             out: list[tuple[bytes | None, int, bool]] = []
             for start, length in ver.extents():
-                ext = ver.lookup(self.index, start, length)
-                out.append((ext[0], length, self.cache.contains(ext[0])) if ext else (None, length, False))
+                digest, where = self.extents.state(ver, start, length)
+                out.append((digest, length, where is Where.CACHED))
             return out
 
         return ver, await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
@@ -318,6 +284,10 @@ class ModelFS:
 
     def counters(self) -> dict[str, int]:
         snap = self.stats.snapshot()
+        snap["mapped_blocks"] = len(self.maps)
+        snap["blocks_mapped"] = self.cache.maps_made
+        snap["blocks_verified"] = self.cache.verifications
+        snap["reads_not_resident"] = self.maps.not_resident
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["blocks_in_cache"] = self.cache.blocks_stored
         snap["fetches_in_flight"] = self.fetcher.in_flight

@@ -1,177 +1,135 @@
-"""The fetcher: a bounded pool of ranged GETs, single-flight per extent, that fills cache and index.
+"""The fetcher: ranged GETs into pooled buffers, single-flight per extent, filling cache and index.
 
-An extent is fetched at most once at a time however many readers want it: the first asks, the rest
-wait on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader
-that goes away never cancels a GET that others wait for.
+An extent is fetched at most once at a time however many readers want it: the first asks, the rest wait
+on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader that goes
+away never cancels a GET that others wait for.
 
-GET slots are shared by demand reads and prefetch, and a freed slot goes to a waiting demand read
-first: prefetch never delays a loader's own read by more than one GET. Memory is bounded: at most
-`slots` GET buffers plus as many prefetched extents waiting to be pushed, i.e. 2 x slots x extent
-<= fetch.memory_budget.
+Memory: a GET runs only while it holds pooled buffers (`buffers.BufferPool`, fetch.memory_budget), one
+per extent, or several extents packed into one; a freed buffer goes to a waiting demand read first, so
+prefetch never delays a loader's own read by more than one GET. The worker thread reads the body
+straight into the buffer, hashes it, writes the block and records it; readers waiting on the flight are
+then answered from a mapping of the new block (when a reader waits for it) or from the buffer itself.
 
-Every flight has a deadline (`fetch.deadline`): past it, its readers get EIO and the flight is
-forgotten, so the next read starts a fresh GET instead of joining a stuck one. The stuck GET's thread is
-abandoned, not killed; it ends at botocore's read timeout, and keeps its thread token until then, so
+Buffer lifetime (a `_Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
+ended, which for a GET abandoned at its deadline can be long after the flight failed, and (2) every reader
+that waited on its flights has taken its view (readers answer synchronously once woken: see `buffers`).
+
+Every flight has a deadline (`fetch.deadline`): past it, its readers get EIO and the flight is forgotten,
+so the next read starts a fresh GET instead of joining a stuck one. The stuck GET's thread is abandoned,
+not killed; it ends at botocore's read timeout, and keeps its thread token and buffers until then, so
 abandoned GETs can never pile up beyond the thread limit.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
+import mmap
+import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
+from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.health import Health
-from modelfs.index import ChunkIndex, version_id
-from modelfs.remote import ObjectInfo, Store
+from modelfs.index import ChunkIndex
+from modelfs.mapped import MappedBlocks
+from modelfs.remote import Store
 from modelfs.stats import Stats
+from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+Extent = tuple[int, int]  # (start, length)
 
 
-@dataclass(eq=False)
-class FileVersion:
-    """One immutable version of a file, and what is known of its extents (offset -> (hash, length)).
+class _Lease:
+    """Pooled buffers held by one GET, by its worker thread and by its flight task; the last to let go
+    hands them back (on the trio thread).
 
-    Extents are fixed-size (`extent_size`) unless a manifest gave this version a content-following
-    `layout` (sorted starts); then `known` starts out with every extent's hash, so extents whose content
-    is already cached are served without a GET, whichever version or file stored them.
+    The thread's hold is settled exactly once, whatever the timing of a cancellation: by the thread when
+    it ends, or, if the thread never got to start (cancelled while queued), by the flight task, in which
+    case a thread that starts after all does nothing.
     """
 
-    info: ObjectInfo
-    vid: bytes
-    extent_size: int
-    known: dict[int, tuple[bytes, int]] = field(default_factory=dict)
-    layout: list[int] | None = None
+    __slots__ = ("_lock", "_thread", "bufs", "holders", "pool")
 
-    @classmethod
-    def of(cls, identity: str, info: ObjectInfo, extent_size: int,
-           extents: list[tuple[int, int, bytes]] | None = None) -> FileVersion:
-        ver = cls(info, version_id(identity, info), extent_size)
-        if extents:
-            ver.layout = [off for off, _, _ in extents]
-            ver.known = {off: (digest, length) for off, length, digest in extents}
-        return ver
+    def __init__(self, pool: BufferPool, bufs: list[mmap.mmap]) -> None:
+        self.pool = pool
+        self.bufs = bufs
+        self.holders = 2
+        self._lock = threading.Lock()
+        self._thread = "queued"  # -> "running" (the thread drops its hold) or "void" (the flight did)
 
-    def lookup(self, index: ChunkIndex, start: int, length: int) -> tuple[bytes, int] | None:
-        """(hash, length) of the extent at `start`, if this version or the index knows it (then
-        remembered here, so the index is asked once per extent per version)."""
-        ext = self.known.get(start)
-        if ext is None:
-            ext = index.lookup(self.vid, start)
-            if ext is None or ext[1] != length:
-                return None
-            self.known[start] = ext
-        return ext
+    def thread_begins(self) -> bool:
+        """From the worker thread: False if the flight already gave up on it (then do nothing)."""
+        with self._lock:
+            if self._thread == "void":
+                return False
+            self._thread = "running"
+            return True
 
-    def extent_at(self, offset: int) -> tuple[int, int]:
-        """(start, length) of the extent holding byte `offset`."""
-        if self.layout is not None:
-            start = self.layout[bisect.bisect_right(self.layout, offset) - 1]
-            return start, self.known[start][1]
-        start = offset - offset % self.extent_size
-        return start, min(self.extent_size, self.info.size - start)
+    def thread_never_ran(self) -> None:
+        """From the flight task, after the thread call raised: settle the thread's hold if it never began."""
+        with self._lock:
+            if self._thread != "queued":
+                return
+            self._thread = "void"
+        self.drop()
 
-    def extents(self) -> list[tuple[int, int]]:
-        """Every (start, length) of the file, in file order."""
-        return self.starts_in(0, self.info.size)
-
-    def starts_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """(start, length) of every extent overlapping [lo, hi), in file order."""
-        out: list[tuple[int, int]] = []
-        pos = max(0, lo)
-        while pos < min(hi, self.info.size):
-            start, length = self.extent_at(pos)
-            out.append((start, length))
-            pos = start + length
-        return out
-
-
-class PrioritySlots:
-    """A counting semaphore whose waiters for demand reads are woken before waiters for prefetch."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._demand: deque[trio.Event] = deque()
-        self._prefetch: deque[trio.Event] = deque()
-        self._many = trio.Lock()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._demand) + len(self._prefetch)
-
-    async def acquire(self, demand: bool) -> None:
-        if self.free > 0 and (demand or not self._demand):
-            self.free -= 1
-            await trio.lowlevel.checkpoint()
-            return
-        ev = trio.Event()
-        queue = self._demand if demand else self._prefetch
-        queue.append(ev)
-        try:
-            await ev.wait()  # a releaser hands its slot over by setting ev
-        except BaseException:
-            if ev.is_set():
-                self.release()  # granted, but we are cancelled: pass it on
-            else:
-                queue.remove(ev)
-            raise
-
-    async def acquire_many(self, n: int) -> None:
-        """`n` slots at prefetch priority (one coalesced GET's share of the memory budget). One task at a
-        time gathers several, so two can never each hold part of what the other waits for."""
-        async with self._many:
-            got = 0
-            try:
-                while got < n:
-                    await self.acquire(demand=False)
-                    got += 1
-            except BaseException:
-                for _ in range(got):
-                    self.release()
-                raise
-
-    def release(self) -> None:
-        queue = self._demand or self._prefetch
-        if queue:
-            queue.popleft().set()
-        else:
-            self.free += 1
+    def drop(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            for buf in self.bufs:
+                self.pool.release(buf)
+            self.bufs = []
 
 
 @dataclass(eq=False)
 class _Flight:
+    """One extent being fetched. After `done`: `data` (the whole extent) or `error`."""
+
     done: trio.Event = field(default_factory=trio.Event)
-    data: Buffer = b""
+    data: memoryview | None = None
     error: BaseException | None = None
+    waiters: int = 0  # readers waiting for `data`; the buffers stay out of the pool until they took it
+    drained: trio.Event | None = None
+
+
+def pack(run: list[Extent], size: int) -> list[int]:
+    """Which buffer (0, 1, ...) each extent of a run goes to: consecutive extents share a `size`-byte
+    buffer while they fit, and an extent never straddles two (each is hashed and written on its own)."""
+    out: list[int] = []
+    used, n = size, -1
+    for _, length in run:
+        if used + length > size:
+            n, used = n + 1, 0
+        out.append(n)
+        used += length
+    return out
 
 
 class Fetcher:
     """Turns cache misses into ranged GETs."""
 
-    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, stats: Stats, slots: int,
-                 deadline: float = 30.0, health: Health | None = None) -> None:
+    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, maps: MappedBlocks, stats: Stats,
+                 pool: BufferPool, deadline: float = 30.0, health: Health | None = None,
+                 observe: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.index = index
+        self.maps = maps
         self.stats = stats
+        self.pool = pool
         self.deadline = deadline
         self.health = health
-        self.observe: Callable[[float], None] | None = None  # fetch latency, seconds (metrics)
-        self.slots = PrioritySlots(slots)
-        # Twice the slots: abandoned GETs (past their deadline) hold a thread until botocore gives up.
-        self.threads = trio.CapacityLimiter(2 * slots)
+        self.observe = observe  # fetch latency in seconds (metrics), from worker threads
+        # Twice the buffers: abandoned GETs (past their deadline) hold a thread until botocore gives up.
+        self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._write_error_logged = False
@@ -184,13 +142,41 @@ class Fetcher:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    async def fetch(self, ver: FileVersion, start: int, length: int) -> Buffer:
-        """The whole extent [start, start+length) of `ver` for a demand read: joins a flight or starts one."""
+    def flight(self, ver: FileVersion, start: int) -> _Flight | None:
+        return self._inflight.get((ver.vid, start))
+
+    # -- demand ------------------------------------------------------------------------------------
+
+    async def fetch(self, ver: FileVersion, start: int, length: int) -> memoryview:
+        """The whole extent for a demand read: joins its flight or starts one. The view is valid until the
+        caller's next checkpoint (it may be a pooled buffer): slice it and answer, or copy it."""
         flight = self._inflight.get((ver.vid, start))
         if flight is None:
             self._refuse_if_offline(ver, start, demand=True)
-            flight = self._launch(ver, start, length, slot_held=False)
-        return await self._wait(flight)
+            flight = self._launch(ver, [(start, length)], self._buffers_for(length, demand=True))
+        return await self.wait(flight)
+
+    @staticmethod
+    async def wait(flight: _Flight) -> memoryview:
+        """A flight's data, under the same validity rule as `fetch`."""
+        flight.waiters += 1
+        try:
+            await flight.done.wait()
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and flight.drained is not None:
+                flight.drained.set()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    @staticmethod
+    async def settle(flight: _Flight) -> None:
+        """Wait for a flight without taking its data (prefetch): raises its error, holds no buffer."""
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
 
     def _refuse_if_offline(self, ver: FileVersion, start: int, demand: bool = False) -> None:
         """While the store is unreachable, uncached bytes fail at once instead of waiting out retries."""
@@ -199,94 +185,146 @@ class Fetcher:
                 self.stats.add(offline_misses=1)
             raise self.health.unreachable_error(f"{ver.info.key} at {start}")
 
-    async def prefetch(self, ver: FileVersion, start: int, length: int) -> Buffer | None:
-        """Fetch an extent that is not cached, at prefetch priority. None if it is cached after all."""
+    # -- prefetch ----------------------------------------------------------------------------------
+
+    async def prefetch(self, ver: FileVersion, start: int, length: int) -> bool:
+        """Fetch an extent that is not cached, at prefetch priority; False if someone else's flight or the
+        cache had it by the time a buffer was free. Buffers are taken before the flight is made, so a demand
+        read never joins a flight still queued behind prefetch."""
         key = (ver.vid, start)
         flight = self._inflight.get(key)
         if flight is None:
             self._refuse_if_offline(ver, start)
-            await self.slots.acquire(demand=False)
+            bufs = await self._buffers_for(length, demand=False)()
             flight = self._inflight.get(key)  # someone may have started it while we waited
-            if flight is None and ver.known.get(start) is not None and await trio.to_thread.run_sync(
-                    self.cache.contains, ver.known[start][0]):
-                self.slots.release()  # fetched by a flight that finished while we waited
-                return None
-            flight = self._inflight.get(key)  # ... or while we looked in the cache
+            if flight is None and ver.known.get(start) is not None:
+                try:
+                    cached = await trio.to_thread.run_sync(self.cache.contains, ver.known[start][0])
+                except BaseException:
+                    self._give_back(bufs)
+                    raise
+                flight = self._inflight.get(key)  # ... or while we looked in the cache
+                if cached and flight is None:
+                    self._give_back(bufs)  # stored by a flight that finished while we waited
+                    return False
             if flight is None:
-                flight = self._launch(ver, start, length, slot_held=True)
-            else:
-                self.slots.release()
-        return await self._wait(flight)
+                flight = self._launch(ver, [(start, length)], self._given(bufs))
+                await self.settle(flight)
+                return True
+            self._give_back(bufs)
+        await self.settle(flight)
+        return False
 
-    def slots_for(self, nbytes: int, extent_size: int) -> int:
-        """GET slots a request of `nbytes` takes: each slot's share of the budget is 2 x extent_size."""
-        return max(1, min(self.slots.total, -(-nbytes // (2 * extent_size))))
-
-    async def prefetch_run(self, ver: FileVersion, run: list[tuple[int, int]]) -> int:
+    async def prefetch_run(self, ver: FileVersion, run: list[Extent]) -> int:
         """Fetch adjacent uncached extents with one ranged GET per stretch not already in flight, at
         prefetch priority. Every extent gets its flight at once (no await before), so demand reads of any
         of them join it instead of fetching it again. Returns the bytes this call fetched."""
         self._refuse_if_offline(ver, run[0][0])
-        assert self._nursery is not None, "Fetcher.start() was not called"
-        groups: list[tuple[list[tuple[int, int]], list[_Flight]]] = []
+        stretches: list[list[Extent]] = []
         waits: list[_Flight] = []
-        current: tuple[list[tuple[int, int]], list[_Flight]] | None = None
+        current: list[Extent] | None = None
+        size = self.pool.size
         for start, length in run:
-            key = (ver.vid, start)
-            flight = self._inflight.get(key)
+            flight = self._inflight.get((ver.vid, start))
             if flight is not None:  # someone else's: wait for it, and start a new stretch after it
                 waits.append(flight)
                 current = None
                 continue
-            flight = self._inflight[key] = _Flight()
-            if current is None:
-                current = ([], [])
-                groups.append(current)
-            current[0].append((start, length))
-            current[1].append(flight)
-            waits.append(flight)
-        for extents, flights in groups:
-            n = self.slots_for(sum(length for _, length in extents), ver.extent_size)
-            self._nursery.start_soon(self._fly, ver, extents, flights, partial(self.slots.acquire_many, n), n,
-                                     partial(self._fetch_run_blocking, ver, extents))
+            # A stretch is as many extents as the pool's buffers hold; an extent larger than a buffer
+            # goes alone.
+            if current is None or length > size or max(pack([*current, (start, length)], size)) >= self.pool.total:
+                current = []
+                stretches.append(current)
+            current.append((start, length))
+            if length > size:
+                current = None
+        fetched = 0
+        for stretch in stretches:
+            n = max(pack(stretch, size)) + 1 if stretch[0][1] <= size else self._tokens(stretch[0][1])
+            flights = self._launch_many(ver, stretch, self._many(n))
+            waits.extend(flights)
+            fetched += sum(length for _, length in stretch)
         for flight in waits:
-            await self._wait(flight)
-        return sum(length for extents, _ in groups for _, length in extents)
+            await self.settle(flight)
+        return fetched
 
-    def _launch(self, ver: FileVersion, start: int, length: int, slot_held: bool) -> _Flight:
-        """Start the one flight for (version, extent); callers check `_inflight` with no await since."""
-        assert self._nursery is not None, "Fetcher.start() was not called"
-        key = (ver.vid, start)
-        assert key not in self._inflight
-        flight = self._inflight[key] = _Flight()
-        acquire = trio.lowlevel.checkpoint if slot_held else partial(self.slots.acquire, demand=True)
-        self._nursery.start_soon(self._fly, ver, [(start, length)], [flight], acquire, 1,
-                                 lambda: [self._fetch_blocking(ver, start, length)])
-        return flight
+    # -- flights -----------------------------------------------------------------------------------
+
+    def _tokens(self, length: int) -> int:
+        return min(self.pool.total, -(-length // self.pool.size))
+
+    def _buffers_for(self, length: int, demand: bool) -> Callable[[], Awaitable[list[mmap.mmap]]]:
+        """How a GET of one extent takes its buffers: one, or (an extent larger than a buffer, from a
+        manifest with larger extents) as many as its length needs, held as tokens for a buffer of its own."""
+        if length <= self.pool.size:
+            async def one() -> list[mmap.mmap]:
+                return [await self.pool.acquire(demand)]
+            return one
+        return self._many(self._tokens(length))
+
+    def _many(self, n: int) -> Callable[[], Awaitable[list[mmap.mmap]]]:
+        async def many() -> list[mmap.mmap]:
+            return await self.pool.acquire_many(n)
+        return many
 
     @staticmethod
-    async def _wait(flight: _Flight) -> Buffer:
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        return flight.data
+    def _given(bufs: list[mmap.mmap]) -> Callable[[], Awaitable[list[mmap.mmap]]]:
+        async def given() -> list[mmap.mmap]:
+            return bufs
+        return given
 
-    async def _fly(self, ver: FileVersion, run: list[tuple[int, int]], flights: list[_Flight],
-                   acquire: Callable[[], Awaitable[None]], slots: int, blocking: Callable[[], list[Buffer]]) -> None:
-        """Carry out the flights of `run` (one extent, or adjacent ones in one GET): take `slots` GET slots
-        with `acquire`, run `blocking` in a worker thread, all within fetch.deadline, then hand each
-        flight its bytes or the error and forget it."""
+    def _give_back(self, bufs: list[mmap.mmap]) -> None:
+        for buf in bufs:
+            self.pool.release(buf)
+
+    def _launch(self, ver: FileVersion, run: list[Extent], acquire: Callable[[], Awaitable[list[mmap.mmap]]]
+                ) -> _Flight:
+        return self._launch_many(ver, run, acquire)[0]
+
+    def _launch_many(self, ver: FileVersion, run: list[Extent],
+                     acquire: Callable[[], Awaitable[list[mmap.mmap]]]) -> list[_Flight]:
+        """Start the one flight of each extent of `run` (one GET); callers check `_inflight` with no await
+        since."""
+        assert self._nursery is not None, "Fetcher.start() was not called"
+        flights = []
+        for start, _ in run:
+            key = (ver.vid, start)
+            assert key not in self._inflight
+            flights.append(self._inflight.setdefault(key, _Flight()))
+        self._nursery.start_soon(self._fly, ver, run, flights, acquire)
+        return flights
+
+    def _views(self, run: list[Extent], bufs: list[mmap.mmap]) -> list[memoryview]:
+        """Where each extent's bytes go: its place in a pooled buffer, or a buffer of its own if larger."""
+        if len(run) == 1 and run[0][1] > self.pool.size:
+            return [memoryview(bytearray(run[0][1]))]
+        views: list[memoryview] = []
+        offsets = [0] * len(bufs)
+        for (_, length), i in zip(run, pack(run, self.pool.size), strict=True):
+            views.append(memoryview(bufs[i])[offsets[i]:offsets[i] + length])
+            offsets[i] += length
+        return views
+
+    async def _fly(self, ver: FileVersion, run: list[Extent], flights: list[_Flight],
+                   acquire: Callable[[], Awaitable[list[mmap.mmap]]]) -> None:
+        """Carry out the flights of `run` (one extent, or adjacent ones in one GET): take buffers, run the
+        GET in a worker thread, all within fetch.deadline, then hand each flight its bytes or the error."""
         error: BaseException | None = None
+        lease: _Lease | None = None
         try:
             with trio.fail_after(self.deadline):
-                await acquire()
+                bufs = await acquire()
+                lease = _Lease(self.pool, bufs)
+                views = self._views(run, bufs)
+                token = trio.lowlevel.current_trio_token()
                 try:
-                    parts = await trio.to_thread.run_sync(blocking, limiter=self.threads, abandon_on_cancel=True)
-                finally:
-                    for _ in range(slots):
-                        self.slots.release()
-            for flight, part in zip(flights, parts, strict=True):
-                flight.data = part
+                    got = await trio.to_thread.run_sync(self._fetch_blocking, ver, run, views, flights, lease, token,
+                                                        limiter=self.threads, abandon_on_cancel=True)
+                except BaseException:
+                    lease.thread_never_ran()
+                    raise
+            for flight, view, (digest, mapping) in zip(flights, views, got, strict=True):
+                flight.data = view if mapping is None else self.maps.put(digest, mapping)
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
@@ -304,31 +342,51 @@ class Fetcher:
                 flight.error = error
                 if self._inflight.get((ver.vid, start)) is flight:
                     del self._inflight[(ver.vid, start)]
+                if flight.waiters:
+                    flight.drained = trio.Event()
                 flight.done.set()
+            if lease is not None:
+                try:
+                    for flight in flights:  # woken readers take their views before the buffers move on
+                        if flight.drained is not None:
+                            await flight.drained.wait()
+                finally:
+                    lease.drop()
 
-    def _fetch_blocking(self, ver: FileVersion, start: int, length: int) -> Buffer:
-        """GET, hash, store block, record extent. Runs in a worker thread."""
-        known = ver.known.get(start)
-        if known is not None:
-            # A flight for this extent may have completed between the reader's cache check and this
-            # flight's start: serve what it stored instead of fetching the same bytes twice.
-            cached = self.cache.read(known[0], length, 0, length)
-            if cached is not None:
-                return cached
-        data = self._get(ver, start, length)
-        return self._store_extent(ver, start, data)
+    def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
+                        lease: _Lease, token: trio.lowlevel.TrioToken) -> list[tuple[bytes, mmap.mmap | None]]:
+        """GET, hash, store blocks, record extents; map the new block of a flight a reader waits on.
+        Runs in a worker thread; drops the thread's hold on the buffers when it ends, however it ends."""
+        if not lease.thread_begins():
+            return []
+        try:
+            if len(run) == 1:
+                start, length = run[0]
+                known = ver.known.get(start)
+                if known is not None:
+                    # A flight for this extent may have completed between the reader's cache check and this
+                    # flight's start: serve what it stored instead of fetching the same bytes twice.
+                    m = self.cache.map(known[0], length)
+                    if m is not None:
+                        return [(known[0], m)]
+            self._get(ver, run[0][0], views)
+            out: list[tuple[bytes, mmap.mmap | None]] = []
+            for (start, length), view, flight in zip(run, views, flights, strict=True):
+                digest, stored = self._store_extent(ver, start, view)
+                # A reader waiting now will read the rest of this block next: map it (its pages were just
+                # written, so this costs page tables only). Prefetched blocks are mapped when first read.
+                out.append((digest, self.cache.map(digest, length) if stored and flight.waiters else None))
+            return out
+        finally:
+            try:
+                token.run_sync_soon(lease.drop)
+            except trio.RunFinishedError:
+                pass  # the daemon is gone: nothing to hand back to
 
-    def _fetch_run_blocking(self, ver: FileVersion, run: list[tuple[int, int]]) -> list[Buffer]:
-        """One GET for adjacent extents, each then hashed, stored and recorded on its own."""
-        first = run[0][0]
-        total = run[-1][0] + run[-1][1] - first
-        view = memoryview(self._get(ver, first, total))
-        return [self._store_extent(ver, start, view[start - first:start - first + length]) for start, length in run]
-
-    def _get(self, ver: FileVersion, start: int, length: int) -> Buffer:
+    def _get(self, ver: FileVersion, start: int, views: list[memoryview]) -> None:
         began = time.monotonic()
         try:
-            data = self.store.get_range(ver.info, start, length)
+            self.store.read_into(ver.info, start, views)
         except VersionChanged:
             self.stats.add(version_changes=1)
             raise
@@ -341,13 +399,13 @@ class Fetcher:
             self.stats.add(store_errors=1)
             log.warning("%s", e)
             raise
-        self.stats.add(gets=1, bytes_fetched=len(data))
+        self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))
         if self.observe is not None:
             self.observe(time.monotonic() - began)
-        return data
 
-    def _store_extent(self, ver: FileVersion, start: int, data: Buffer) -> Buffer:
-        """Hash one extent's bytes, store the block (unless full) and record it in the index."""
+    def _store_extent(self, ver: FileVersion, start: int, data: memoryview) -> tuple[bytes, bool]:
+        """Hash one extent's bytes, store the block (unless full) and record it in the index; returns the
+        hash and whether the block is in the cache now."""
         known = ver.known.get(start)
         digest = block_hash(data)
         if known is not None and known[0] != digest:
@@ -360,14 +418,14 @@ class Fetcher:
             # Quota reached with every block in use, or the disk is full: serve this extent from memory.
             self.stats.add(cache_full_skips=1)
             log.debug("%s at %d not cached: %s", ver.info.key, start, e.strerror)
-            return data
+            return digest, False
         except OSError as e:
             self.stats.add(cache_write_errors=1)
             if not self._write_error_logged:
                 self._write_error_logged = True
                 log.warning("cannot write to the block cache (%s): serving from memory without caching",
                             e.strerror or e)
-            return data
+            return digest, False
         self.index.record(ver.vid, self.store.identity, ver.info, start, digest, len(data))
         ver.known[start] = (digest, len(data))
-        return data
+        return digest, True

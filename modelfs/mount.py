@@ -6,7 +6,6 @@ process and returns once `serve()` reports that the mount answers.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -112,20 +111,6 @@ def lock_cache_dir(path: str) -> int:
     return fd
 
 
-def bound_malloc_retention() -> None:
-    """Allocate extent buffers (>= 1 MiB) with mmap and give them back on free.
-
-    glibc otherwise raises its mmap threshold after the first large free, serves later 8 MiB buffers
-    from the heap, and keeps them: the daemon's RSS would grow with the checkpoint it streams.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        log.debug("mallopt unavailable: not glibc")
-
-
 def fuse_options(cfg: Config) -> set[str]:
     opts = {"ro", "nodev", "nosuid", "noatime", "default_permissions", "fsname=modelfs", "subtype=modelfs"}
     if cfg.mount.allow_other:
@@ -166,7 +151,6 @@ class Daemon:
         if not cfg.mountpoint:
             raise ConfigError("no mountpoint given")
         cache_dir = os.path.abspath(cfg.cache.dir)
-        bound_malloc_retention()
         # Everything that can be checked is checked before anything in the cache dir is touched.
         store = open_store(cfg.source, cfg.s3)
         self._resources.append(store.close)
@@ -186,7 +170,7 @@ class Daemon:
             if unreachable is not None and index.load_listing(store.identity, "") is None:
                 raise StoreUnreachable(f"{unreachable}, and the cache holds no listing of it to serve offline")
             stats = Stats()
-            cache = BlockCache(cache_dir, store.domain, cfg.cache.open_files,
+            cache = BlockCache(cache_dir, store.domain,
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
                                min_free=int(cfg.cache.min_free),
                                on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n))

@@ -8,6 +8,8 @@ Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of 
   space of the cache filesystem;
 - sequential streams (`readahead.StreamTracker`) for any other file read sequentially.
 
+Extents whose blocks are already on disk (a warm load) are mapped and verified here, ahead of the
+loader, so its READs find them mapped and are answered on the trio thread; the others are fetched.
 Extents of a file that is open are pushed into the kernel page cache (`push`, which is FUSE's
 notify_store, injected by the mount; the core knows nothing of FUSE) so that the loader's reads and
 page faults never reach the daemon. Pushes run in their own threads: a push can wait for a page lock
@@ -22,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import mmap
 import re
 import struct
 import time
@@ -35,11 +36,12 @@ import trio
 from modelfs.cache import BlockCache
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Buffer, Fetcher, FileVersion
-from modelfs.index import ChunkIndex
+from modelfs.extents import Extents, Where
+from modelfs.fetch import Buffer
 from modelfs.namespace import Namespace, Node
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.stats import Stats
+from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +112,13 @@ class Job:
 class Prefetcher:
     """Schedules prefetch jobs and runs them on `workers` tasks in the daemon's nursery."""
 
-    def __init__(self, cfg: PrefetchConfig, fetcher: Fetcher, cache: BlockCache, index: ChunkIndex,
+    def __init__(self, cfg: PrefetchConfig, extents: Extents, cache: BlockCache,
                  ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion], read: ReadFn,
                  is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20) -> None:
         self.cfg = cfg
-        self.fetcher = fetcher
+        self.extents = extents
         self.cache = cache
-        self.index = index
         self.ns = ns
         self.stats = stats
         self.version_of = version_of
@@ -235,6 +236,7 @@ class Prefetcher:
 
     async def _schedule_whole(self, node: Node, push: bool) -> Job:
         ver = self.version_of(node)
+        await trio.to_thread.run_sync(self.extents.learn, ver, limiter=self.io_limiter)
         order = [s for s, _ in ver.extents()]
         # A manifest's layout is cut at tensor boundaries: its file order already is the offset order.
         if node.name.endswith(".safetensors") and ver.info.size > 8 and ver.layout is None:
@@ -354,7 +356,7 @@ class Prefetcher:
         for run in runs:
             need = sum(length for _, length in run)
             await self._make_room(need)
-            got = await self.fetcher.prefetch_run(ver, run)
+            got = await self.extents.fetch_run(ver, run)
             job.fetched += got
             self.stats.add(prefetch_bytes=got)
 
@@ -370,7 +372,7 @@ class Prefetcher:
         end = -1
         for start in starts:
             _, length = ver.extent_at(start)
-            if self._cached(ver, start, length, False):
+            if self.extents.state(ver, start, length)[1] is Where.CACHED:
                 continue
             if start == end:
                 runs[-1].append((start, length))
@@ -380,41 +382,20 @@ class Prefetcher:
         return runs
 
     async def _one(self, job: Job, start: int) -> None:
+        """One extent: verified ahead if cached, else fetched; then pushed if the file is open."""
         ver = job.ver
         inode = job.node.inode
         _, length = ver.extent_at(start)
-        want_push = (job.push and self.push is not None and self.cfg.page_cache_push
-                     and start not in self._pushed.get(inode, ()) and self.is_open(inode))
-        data = await trio.to_thread.run_sync(self._cached, ver, start, length, want_push, limiter=self.io_limiter)
-        if data is None:
-            await self._make_room(length)
-            data = await self.fetcher.prefetch(ver, start, length)
-            if data is not None:
-                job.fetched += length
-                self.stats.add(prefetch_bytes=length)
-            elif want_push:
-                data = await trio.to_thread.run_sync(self._cached, ver, start, length, True,
-                                                     limiter=self.io_limiter)
-        if want_push and not isinstance(data, bool) and data is not None and self.is_open(inode):
-            try:
-                await trio.to_thread.run_sync(self._push, inode, start, data, limiter=self.push_limiter)
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
-        elif isinstance(data, mmap.mmap):
-            data.close()
+        if await self.extents.warm(ver, start, length, self._make_room, ahead=job.push and self.is_open(inode)):
+            job.fetched += length
+            self.stats.add(prefetch_bytes=length)
+        if (job.push and self.push is not None and self.cfg.page_cache_push
+                and start not in self._pushed.get(inode, ()) and self.is_open(inode)):
+            view = await self.extents.mapping(ver, start, length)
+            if view is not None and self.is_open(inode):
+                await trio.to_thread.run_sync(self._push, inode, start, view, limiter=self.push_limiter)
 
-    def _cached(self, ver: FileVersion, start: int, length: int,
-                want_data: bool) -> mmap.mmap | Buffer | bool | None:
-        """From a worker thread: the extent mapped if cached and wanted, True if cached, None if not."""
-        ext = ver.lookup(self.index, start, length)
-        if ext is None:
-            return None
-        if want_data:
-            return self.cache.map(ext[0], length)
-        return True if self.cache.contains(ext[0]) else None
-
-    def _push(self, inode: int, start: int, data: Buffer | mmap.mmap) -> None:
+    def _push(self, inode: int, start: int, data: Buffer) -> None:
         """From a push thread: hand one extent to the kernel page cache, if memory allows."""
         assert self.push is not None
         if mem_available() - len(data) < int(self.cfg.push_min_available):

@@ -8,7 +8,11 @@ from dataclasses import dataclass, field, fields
 
 @dataclass
 class Stats:
-    """Monotonic counters; `add` is safe from worker threads."""
+    """Monotonic counters; `add` is safe from worker threads.
+
+    `bytes_served`, `cache_hits` and `cache_misses` are bumped per READ on the trio thread with a plain
+    `+=` (no lock on the hot path); nothing else writes them, so they need none.
+    """
 
     bytes_served: int = 0
     bytes_fetched: int = 0

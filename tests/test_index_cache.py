@@ -10,6 +10,7 @@ import pytest
 
 from modelfs.cache import BlockCache, block_hash
 from modelfs.index import ChunkIndex, version_id
+from modelfs.mapped import MappedBlocks
 from modelfs.remote import ObjectInfo
 
 INFO = ObjectInfo("m/model.safetensors", 100, '"etag-1"', 0.0)
@@ -82,7 +83,7 @@ def test_many_threads_read_and_write_index(tmp_path: Path) -> None:
 
 
 def test_cache_put_read_dedup_and_permissions(tmp_path: Path) -> None:
-    cache = BlockCache(str(tmp_path), "domain", open_files=4)
+    cache = BlockCache(str(tmp_path), "domain")
     data = os.urandom(100_000)
     h = block_hash(data)
     assert cache.put(h, data) is True
@@ -141,14 +142,61 @@ def test_scan_sweeps_temp_files_and_counts(tmp_path: Path) -> None:
     assert fresh.bytes_stored == 5000 and fresh.blocks_stored == 1
 
 
-def test_fd_pool_stays_bounded(tmp_path: Path) -> None:
-    cache = BlockCache(str(tmp_path), "d", open_files=8)
-    blocks = [os.urandom(1000) for _ in range(50)]
+def test_mapped_blocks_bound_descriptors_and_bytes(tmp_path: Path) -> None:
+    """Each mapping holds an fd (CPython's mmap keeps a dup): the pool caps them by count and by bytes, and
+    a dropped mapping gives its fd back once no view of it is left."""
+    cache = BlockCache(str(tmp_path), "d")
+    blocks = [os.urandom(1000 + i) for i in range(50)]
     for b in blocks:
         cache.put(block_hash(b), b)
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(3):
-        for b in blocks:
-            assert cache.read(block_hash(b), 1000, 10, 20) == b[10:30]
-    assert len(os.listdir("/proc/self/fd")) - before <= 8
-    cache.close()
+    maps = MappedBlocks(budget=1 << 20, max_maps=8)
+    kept = None
+    for i, b in enumerate(blocks):
+        m = cache.map(block_hash(b), len(b))
+        assert m is not None
+        view = maps.put(block_hash(b), m)
+        del m
+        assert bytes(view[10:30]) == b[10:30]
+        if i == 0:
+            kept = view  # a view handed out stays valid after its mapping left the pool
+        del view
+        assert len(maps) <= 8 and len(os.listdir("/proc/self/fd")) - before <= 9
+    assert kept is not None and bytes(kept) == blocks[0]
+    assert maps.view(block_hash(blocks[0]), 0, 10) is None  # dropped from the pool long ago
+    assert bytes(maps.view(block_hash(blocks[-1]), 5, 10) or b"") == blocks[-1][5:15]
+    small = MappedBlocks(budget=3 * 1049)
+    for b in blocks[:10]:
+        small.put(block_hash(b), cache.map(block_hash(b), len(b)))  # type: ignore[arg-type]
+        assert small.bytes <= 3 * 1049
+    del kept
+    maps.clear()
+    small.clear()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_views_of_unresident_pages_are_refused(tmp_path: Path) -> None:
+    """mincore: a READ over pages the kernel dropped must not fault them in on the trio thread."""
+    cache = BlockCache(str(tmp_path), "d")
+    data = os.urandom(1 << 20)
+    h = block_hash(data)
+    cache.put(h, data)
+    maps = MappedBlocks(budget=4 << 20)
+    m = cache.map(h, len(data))
+    assert m is not None
+    maps.put(h, m)
+    assert bytes(maps.view(h, 4096, 65536) or b"") == data[4096:69632]
+    del m
+    maps.clear()
+    fd = os.open(cache.path(h), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the block's pages from the page cache
+    finally:
+        os.close(fd)
+    unpopulated = cache.map(h, len(data), populate=False)
+    assert unpopulated is not None
+    maps.put(h, unpopulated)
+    assert maps.view(h, 0, 65536) is None and maps.not_resident == 1
+    cache.map(h, len(data))  # populate (what the worker-thread path does) brings the pages back
+    assert bytes(maps.view(h, 0, 65536) or b"") == data[:65536]

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
-from modelfs.fetch import PrioritySlots
 from modelfs.index import ChunkIndex
 from modelfs.prefetch import safetensors_order
 from modelfs.remote.local import LocalStore
@@ -228,49 +229,71 @@ def test_warm_fills_the_cache_and_reports(tmp_path: Path) -> None:
         close()
 
 
-def test_priority_slots_serve_demand_first() -> None:
+def test_buffer_pool_serves_demand_first() -> None:
     order: list[str] = []
 
     async def main() -> None:
-        slots = PrioritySlots(1)
-        await slots.acquire(demand=False)
+        pool = BufferPool(1, 4096)
+        held = await pool.acquire(demand=False)
 
         async def take(tag: str, demand: bool) -> None:
-            await slots.acquire(demand)
+            buf = await pool.acquire(demand)
             order.append(tag)
-            slots.release()
+            pool.release(buf)
 
         async with trio.open_nursery() as n:
             for i in range(3):
                 n.start_soon(take, f"p{i}", False)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             n.start_soon(take, "d", True)
-            await trio.sleep(0.01)
-            slots.release()
-        assert slots.free == 1
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.waiting == 4
+            pool.release(held)
+        assert pool.free == 1 and pool.waiting == 0
 
     trio.run(main)
     assert order[0] == "d" and sorted(order[1:]) == ["p0", "p1", "p2"]
 
 
-def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+def test_cancelled_waiter_does_not_leak_a_buffer() -> None:
     async def main() -> None:
-        slots = PrioritySlots(1)
-        await slots.acquire(demand=True)
-        with trio.move_on_after(0.01):
-            await slots.acquire(demand=False)
-        slots.release()
-        assert slots.free == 1 and slots.waiting == 0
+        pool = BufferPool(1, 4096)
+        held = await pool.acquire(demand=True)
+        async with trio.open_nursery() as n:
+            n.start_soon(pool.acquire, False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.waiting == 1
+            n.cancel_scope.cancel()
+        pool.release(held)
+        assert pool.free == 1 and pool.waiting == 0
+        again = await pool.acquire(demand=False)
+        assert again is held  # reused, not a new one
 
     trio.run(main)
 
 
 @pytest.mark.parametrize("budget", ["128KiB", "1MiB"])
-def test_memory_budget_bounds_get_slots(tmp_path: Path, budget: str) -> None:
-    (tmp_path / "src").mkdir()
-    core, close = make_core(tmp_path / "src", tmp_path / "cache", **{"fetch.memory_budget": budget})
+def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
+    """A cold load of a file far larger than the budget makes no more buffers than the budget holds."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 5 * EXTENT + i for i in range(40)})
+    core, close = make_core(src, tmp_path / "cache", **{"fetch.memory_budget": budget})
+
+    async def body(core: ModelFS) -> None:
+        assert core.buffers.total * EXTENT <= int(core.cfg.fetch.memory_budget)
+        fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
+        got = bytearray()
+        for off in range(0, len(data), 100_000):
+            got += await core.read(fh, off, 100_000)
+        await settle(core)
+        assert bytes(got) == data
+        assert len(data) > 10 * int(core.cfg.fetch.memory_budget)
+        assert 0 < core.buffers._made <= core.buffers.total
+        await trio.testing.wait_all_tasks_blocked()
+        assert core.buffers.free == core.buffers.total  # every buffer came back
+
     try:
-        total = core.fetcher.slots.total + core.prefetcher.workers
-        assert total * EXTENT <= int(core.cfg.fetch.memory_budget)
+        run(core, body)
     finally:
         close()

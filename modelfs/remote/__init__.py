@@ -6,6 +6,7 @@ CapacityLimiters. Keys are relative to the source root ("" is the root; director
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,11 +51,21 @@ class Store(Protocol):
         """List the direct children of `prefix` ("" or "a/b/")."""
         ...
 
-    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes | bytearray:
-        """Exactly `length` bytes of version `obj` from `start`; VersionChanged if it was overwritten."""
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+        """Fill `views`, in order, with the bytes of version `obj` from `start` on (one ranged request for
+        all of them: they are consecutive in the object); VersionChanged if it was overwritten. The caller
+        owns the buffers (`buffers.BufferPool`), so nothing is allocated per request."""
         ...
 
     def close(self) -> None: ...
+
+
+def read_bytes(store: Store, obj: ObjectInfo, start: int, length: int) -> bytes:
+    """`length` bytes of `obj` from `start` as a new bytes object (small metadata reads: manifests)."""
+    buf = bytearray(length)
+    if length:
+        store.read_into(obj, start, [memoryview(buf)])
+    return bytes(buf)
 
 
 def open_store(source: str, s3_cfg: object) -> Store:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 
 from modelfs.errors import ConfigError, NotFound, StoreError, VersionChanged
 from modelfs.remote import Listing, ObjectInfo
@@ -60,7 +61,7 @@ class LocalStore:
                     listing.objects.append((entry.name, ObjectInfo(key, st.st_size, _etag(st), st.st_mtime)))
         return listing
 
-    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
         try:
             fd = os.open(self._path(obj.key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -70,14 +71,19 @@ class LocalStore:
         try:
             if _etag(os.fstat(fd)) != obj.etag:
                 raise VersionChanged(f"{obj.key} changed in the store")
-            parts = [os.pread(fd, length, start)]
-            done = len(parts[0])
-            while 0 < done < length and parts[-1]:
-                parts.append(os.pread(fd, length - done, start + done))
-                done += len(parts[-1])
-            if done != length or _etag(os.fstat(fd)) != obj.etag:
+            pending = [v for v in views if len(v)]
+            pos = start
+            while pending:
+                n = os.preadv(fd, pending, pos)
+                if n == 0:
+                    raise VersionChanged(f"{obj.key} changed in the store while it was read")
+                pos += n
+                while pending and n >= len(pending[0]):
+                    n -= len(pending.pop(0))
+                if n:
+                    pending[0] = pending[0][n:]
+            if _etag(os.fstat(fd)) != obj.etag:
                 raise VersionChanged(f"{obj.key} changed in the store while it was read")
-            return parts[0] if len(parts) == 1 else b"".join(parts)
         except OSError as e:
             raise StoreError(f"cannot read {obj.key}: {e.strerror}") from None
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -55,30 +56,55 @@ def _status(e: bexc.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def _read_into(body: Any, buf: bytearray) -> int:
-    """Read a response body straight into `buf`: one extent-sized buffer, no intermediate chunk copies.
+def _read_into(body: Any, views: Sequence[memoryview]) -> int:
+    """Read a response body straight into `views`, in order: the socket's bytes land in the pooled
+    buffers with no intermediate chunk (one copy, the kernel's). Returns the bytes read.
 
-    urllib3's response (botocore's StreamingBody wraps it as `_raw_stream`) supports readinto; other
-    bodies fall back to chunked reads.
+    urllib3's own readinto reads a chunk into a new bytes object and copies it; under it (botocore's
+    StreamingBody wraps urllib3's response as `_raw_stream`, which holds http.client's as `_fp`),
+    http.client reads into the caller's buffer directly. Once the body is read to its end (checked with
+    one more read), the connection goes back to urllib3's pool (keep-alive). Other bodies fall back to
+    chunked reads.
     """
-    view = memoryview(buf)
+    want = sum(len(v) for v in views)
     got = 0
     raw = getattr(body, "_raw_stream", None)
-    if raw is not None and hasattr(raw, "readinto"):
-        while got < len(buf):
-            n = raw.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        if got == len(buf) and raw.read(1):
-            raise StoreError(f"long body: more than {len(buf)} bytes for a ranged GET")
+    fp = getattr(raw, "_fp", None)
+    if hasattr(fp, "readinto") and hasattr(raw, "release_conn"):
+        reader, rest, done = fp.readinto, fp.read, raw.release_conn
+    elif hasattr(raw, "readinto"):
+        reader, rest, done = raw.readinto, raw.read, None
+    else:
+        reader = None
+    if reader is not None:
+        for view in views:
+            filled = 0
+            while filled < len(view):
+                n = reader(view[filled:])
+                if not n:
+                    return got + filled
+                filled += n
+            got += filled
+        if rest(1):
+            raise StoreError(f"long body: more than {want} bytes for a ranged GET")
+        if done is not None:
+            done()  # the body is read to its end: the connection goes back to urllib3's pool
         return got
+    it = iter(views)
+    view = next(it, None)
+    filled = 0
     for chunk in body.iter_chunks(1 << 20):
-        n = len(chunk)
-        if got + n > len(buf):
-            raise StoreError(f"long body: more than {len(buf)} bytes for a ranged GET")
-        view[got:got + n] = chunk
-        got += n
+        pos = 0
+        while pos < len(chunk):
+            if view is None:
+                raise StoreError(f"long body: more than {want} bytes for a ranged GET")
+            n = min(len(chunk) - pos, len(view) - filled)
+            view[filled:filled + n] = chunk[pos:pos + n]
+            filled += n
+            pos += n
+            got += n
+            if filled == len(view):
+                view, filled = next(it, None), 0
     return got
 
 
@@ -174,10 +200,10 @@ class S3Store:
             raise self._fail(e, f"listing {full!r}", silence_is_unreachable=True) from None
         return listing
 
-    def get_range(self, obj: ObjectInfo, start: int, length: int) -> bytearray:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
         key = self.prefix + obj.key
+        length = sum(len(v) for v in views)
         rng = f"bytes={start}-{start + length - 1}"
-        buf = bytearray(length)
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
                 resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, IfMatch=obj.etag)
@@ -191,9 +217,9 @@ class S3Store:
                 raise self._fail(e, f"GET {obj.key}") from None
             body = resp["Body"]
             try:  # ... but not the body: a short, reset or stalled body is retried here
-                got = _read_into(body, buf)
+                got = _read_into(body, views)
                 if got == length:
-                    return buf
+                    return
                 err: Exception = StoreError(f"short body: {got} of {length} bytes")
             except _BODY_ERRORS as e:
                 err = e

@@ -1,0 +1,195 @@
+"""Where an extent's bytes are, and the one way to get them.
+
+Every reader of extents asks here: the core's READs, the prefetcher, `modelfs du` and the progress of
+`modelfs prefetch`. The places, cheapest first:
+
+  mapped     a verified block mapped read-only (`mapped.MappedBlocks`): a READ is a slice of it, answered
+             on the trio thread with no I/O
+  in flight  a GET is under way (`fetch.Fetcher`): join it, and answer from its mapping or buffer
+  cached     a block on disk: a worker thread maps it, verifying it the first time this daemon serves it
+  missing    the index does not know the extent, or its block is not on disk: a ranged GET
+
+Views handed out follow `buffers`' rule: valid until the caller's next checkpoint (answer a READ with
+them, or copy them).
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from modelfs.cache import BlockCache
+from modelfs.fetch import Extent, Fetcher
+from modelfs.index import ChunkIndex
+from modelfs.mapped import MappedBlocks
+from modelfs.stats import Stats
+from modelfs.version import FileVersion
+
+#: Seconds the prefetcher waits for the loader to use blocks mapped ahead before it stops protecting them.
+AHEAD_WAIT = 2.0
+
+
+class Where(enum.Enum):
+    MAPPED = "mapped"
+    IN_FLIGHT = "in flight"
+    CACHED = "cached"
+    MISSING = "missing"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A block being mapped by a worker thread; `view` once `done` (None: not cached)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    view: memoryview | None = None
+
+
+class Extents:
+    """The read path below the core: mapped blocks, flights, block files, GETs."""
+
+    def __init__(self, index: ChunkIndex, cache: BlockCache, maps: MappedBlocks, fetcher: Fetcher,
+                 stats: Stats, io_limiter: trio.CapacityLimiter) -> None:
+        self.index = index
+        self.cache = cache
+        self.maps = maps
+        self.fetcher = fetcher
+        self.stats = stats  # cache_hits / cache_misses: READ pieces served from the cache / that waited for a GET
+        self.io_limiter = io_limiter
+        self._mapping: dict[tuple[bytes, int], _Pending] = {}
+
+    # -- the trio thread, no I/O -------------------------------------------------------------------------
+
+    def mapped(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+        """Bytes [inner, inner+size) of the extent at `start` if its block is mapped and those pages are in
+        memory; else None (then `read`)."""
+        ext = ver.known.get(start)
+        if ext is None:
+            return None
+        view = self.maps.view(ext[0], inner, size)
+        if view is not None:
+            self.stats.cache_hits += 1
+        return view
+
+    def where(self, ver: FileVersion, start: int) -> Where | None:
+        """Mapped or in flight (known without I/O); None: ask `state` in a worker thread."""
+        ext = ver.known.get(start)
+        if ext is not None and ext[0] in self.maps:
+            return Where.MAPPED
+        return Where.IN_FLIGHT if self.fetcher.flight(ver, start) is not None else None
+
+    # -- async: may wait for a worker thread or a GET ------------------------------------------------------
+
+    async def read(self, ver: FileVersion, start: int, length: int, inner: int, size: int) -> memoryview:
+        """Bytes [inner, inner+size) of the extent [start, start+length), for a demand read."""
+        flight = self.fetcher.flight(ver, start)
+        if flight is None:
+            view = await self._map(ver, start, length)
+            if view is not None:
+                self.stats.cache_hits += 1
+                return view[inner:inner + size]
+            self.stats.cache_misses += 1
+            data = await self.fetcher.fetch(ver, start, length)
+        else:
+            self.stats.cache_misses += 1
+            data = await self.fetcher.wait(flight)
+        return data[inner:inner + size]
+
+    async def copy(self, ver: FileVersion, offset: int, size: int) -> bytearray:
+        """Bytes [offset, offset+size) of a version in a new buffer (headers and indexes the prefetcher
+        parses; READs that cross an extent edge)."""
+        end = min(offset + size, ver.info.size)
+        out = bytearray(max(0, end - offset))
+        pos = offset
+        while pos < end:
+            start, length = ver.extent_at(pos)
+            n = min(end, start + length) - pos
+            view = self.mapped(ver, start, pos - start, n)
+            if view is None:
+                view = await self.read(ver, start, length, pos - start, n)
+            out[pos - offset:pos - offset + n] = view  # copied before the next await
+            pos += n
+        return out
+
+    async def warm(self, ver: FileVersion, start: int, length: int,
+                   make_room: Callable[[int], Awaitable[None]], ahead: bool = True) -> bool:
+        """Prefetch one extent: fetch it (after `make_room`) unless its block is on disk. With `ahead` (a
+        file being read) a block on disk is mapped and verified now, ahead of the reader, so it is read
+        from disk, hashed and mapped once (the lead is bounded by the pool: `mapped`). True if fetched."""
+        where = self.where(ver, start)
+        if where is Where.MAPPED:
+            return False
+        if where is Where.IN_FLIGHT:
+            flight = self.fetcher.flight(ver, start)
+            assert flight is not None
+            await self.fetcher.settle(flight)
+            return False
+        if not ahead:
+            _, where = await trio.to_thread.run_sync(self.state, ver, start, length, limiter=self.io_limiter)
+            if where is Where.CACHED:
+                return False
+            await make_room(length)
+            return await self.fetcher.prefetch(ver, start, length)
+        if ver.known.get(start) is not None and not self.maps.ahead_fits(length):
+            # Far enough ahead of the loader: wait for it to read what was mapped ahead.
+            with trio.move_on_after(AHEAD_WAIT) as waited:
+                await self.maps.wait_ahead(length)
+            if waited.cancelled_caught:
+                self.maps.release_ahead()
+        if await self._map(ver, start, length, ahead=True) is not None:
+            return False
+        await make_room(length)
+        return await self.fetcher.prefetch(ver, start, length)
+
+    async def fetch_run(self, ver: FileVersion, run: list[Extent]) -> int:
+        """Fetch adjacent uncached extents in as few GETs as the buffers allow; returns bytes fetched."""
+        return await self.fetcher.prefetch_run(ver, run)
+
+    async def mapping(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
+        """The whole cached extent as a view of its mapping (for a page-cache push, from a worker thread:
+        a mapping stays valid as long as the view lives); None if it is not cached."""
+        ext = ver.known.get(start)
+        view = self.maps.whole(ext[0]) if ext is not None else None
+        return view if view is not None else await self._map(ver, start, length)
+
+    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False) -> memoryview | None:
+        """Map the extent's block in a worker thread (verifying it on first serve) and keep the mapping;
+        single-flight: READs that arrive together (the kernel's readahead sends several) and the prefetcher
+        share one mapping. A view of the whole block, or None if it is not cached."""
+        key = (ver.vid, start)
+        pending = self._mapping.get(key)
+        if pending is not None:
+            await pending.done.wait()
+            return pending.view
+        pending = self._mapping[key] = _Pending()
+        try:
+            m = await trio.to_thread.run_sync(self._map_cached, ver, start, length, limiter=self.io_limiter)
+            if m is not None:
+                pending.view = self.maps.put(ver.known[start][0], m, ahead=ahead)
+        finally:
+            del self._mapping[key]
+            pending.done.set()
+        return pending.view
+
+    # -- worker threads --------------------------------------------------------------------------------
+
+    def _map_cached(self, ver: FileVersion, start: int, length: int) -> mmap.mmap | None:
+        """The extent's block mapped (and verified on first serve), or None if it is not cached."""
+        ext = ver.lookup(self.index, start, length)
+        return self.cache.map(ext[0], length) if ext is not None else None
+
+    def learn(self, ver: FileVersion) -> None:
+        """Every extent of `ver` the index knows, in one scan (before prefetching a whole file: then the
+        prefetcher knows each extent's block without a lookup per extent)."""
+        ver.learn(self.index)
+
+    def state(self, ver: FileVersion, start: int, length: int) -> tuple[bytes | None, Where]:
+        """The extent's hash if known, and whether its block is on disk (CACHED) or not (MISSING). Blocks
+        on disk: call from a worker thread."""
+        ext = ver.lookup(self.index, start, length)
+        if ext is None:
+            return None, Where.MISSING
+        return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING

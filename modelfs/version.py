@@ -1,0 +1,79 @@
+"""One immutable version of a file (key + ETag + size) and the layout of its extents.
+
+A version never changes its bytes, so what is learnt about it (which content hash holds each extent) never
+needs invalidation: a new ETag is a new version, with a new id (`index.version_id`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from modelfs.index import ChunkIndex, version_id
+from modelfs.remote import ObjectInfo
+
+
+@dataclass(eq=False)
+class FileVersion:
+    """One immutable version of a file, and what is known of its extents (offset -> (hash, length)).
+
+    Extents are fixed-size (`extent_size`) unless a manifest gave this version a content-following
+    `layout` (sorted starts); then `known` starts out with every extent's hash, so extents whose content
+    is already cached are served without a GET, whichever version or file stored them.
+    """
+
+    info: ObjectInfo
+    vid: bytes
+    extent_size: int
+    known: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    layout: list[int] | None = None
+
+    @classmethod
+    def of(cls, identity: str, info: ObjectInfo, extent_size: int,
+           extents: list[tuple[int, int, bytes]] | None = None) -> FileVersion:
+        ver = cls(info, version_id(identity, info), extent_size)
+        if extents:
+            ver.layout = [off for off, _, _ in extents]
+            ver.known = {off: (digest, length) for off, length, digest in extents}
+        return ver
+
+    def lookup(self, index: ChunkIndex, start: int, length: int) -> tuple[bytes, int] | None:
+        """(hash, length) of the extent at `start`, if this version or the index knows it (then
+        remembered here, so the index is asked once per extent per version)."""
+        ext = self.known.get(start)
+        if ext is None:
+            ext = index.lookup(self.vid, start)
+            if ext is None or ext[1] != length:
+                return None
+            self.known[start] = ext
+        return ext
+
+    def learn(self, index: ChunkIndex) -> None:
+        """Remember every extent of this version the index knows (one scan; from a worker thread)."""
+        if self.layout is not None and len(self.known) == len(self.layout):
+            return  # a manifest already gave every extent
+        for start, ext in index.extents(self.vid).items():
+            if start not in self.known and 0 <= start < self.info.size and self.extent_at(start) == (start, ext[1]):
+                self.known[start] = ext
+
+    def extent_at(self, offset: int) -> tuple[int, int]:
+        """(start, length) of the extent holding byte `offset`."""
+        if self.layout is not None:
+            start = self.layout[bisect.bisect_right(self.layout, offset) - 1]
+            return start, self.known[start][1]
+        start = offset - offset % self.extent_size
+        return start, min(self.extent_size, self.info.size - start)
+
+    def extents(self) -> list[tuple[int, int]]:
+        """Every (start, length) of the file, in file order."""
+        return self.starts_in(0, self.info.size)
+
+    def starts_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(start, length) of every extent overlapping [lo, hi), in file order."""
+        out: list[tuple[int, int]] = []
+        pos = max(0, lo)
+        while pos < min(hi, self.info.size):
+            start, length = self.extent_at(pos)
+            out.append((start, length))
+            pos = start + length
+        return out
