@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ceiling import cpu_seconds
+from ceiling import markdown as ceiling_markdown
+from ceiling import measure as measure_ceiling
 from peers import (
     FuseSystem,
     Modelfs,
@@ -76,6 +79,7 @@ class LoadOut:
     tensors: int
     nbytes: int
     verified: int | None
+    daemon_cpu: float | None = None  # CPU seconds the serving daemon spent from release to the loader's exit
 
 
 class LoadProc:
@@ -182,18 +186,29 @@ class Bench:
         self.tensor_bytes = int(index["metadata"]["total_size"])
 
     def load(self, path: Path, *, verify: bool = False, drop: bool = False,
-             before: Callable[[], None] | None = None) -> LoadOut:
-        """One timed load in a fresh process; ``before`` (a download) runs inside the timing."""
+             before: Callable[[], None] | None = None, daemon: int = 0) -> LoadOut:
+        """One timed load in a fresh process; ``before`` (a download) runs inside the timing. With a
+        ``daemon`` pid, also the CPU that daemon spent serving it."""
         with loaders([path], [self.src if verify else None], self.timeout) as (lp,):
             if drop:
                 drop_caches()
+            c0 = cpu_seconds(daemon) if daemon else 0.0
             lp.t0 = time.time()
             if before is not None:
                 before()
             lp.go()
             out = lp.result()
+            if daemon:
+                out.daemon_cpu = cpu_seconds(daemon) - c0
         self.check(out, verify)
         return out
+
+    def record_cpu(self, r: SystemResult, phase: str, out: LoadOut) -> str:
+        """Keep the daemon's CPU for this load; returns it for the log line."""
+        if out.daemon_cpu is None:
+            return ""
+        r.extra.setdefault(f"{phase}_daemon_cpu_s", []).append(out.daemon_cpu)
+        return f", daemon {out.daemon_cpu * 1000 / (self.size / 2**20):.2f} CPU-ms/MiB"
 
     def check(self, out: LoadOut, verify: bool) -> None:
         """Every load must produce every tensor with every byte; the verifying one must match the source."""
@@ -260,7 +275,7 @@ class Bench:
         for i in range(self.reps):
             shutil.rmtree(cache, ignore_errors=True)
             with system.mounted(mnt, cache) as pid:
-                out = self.load(mnt, verify=i == 0, drop=True)
+                out = self.load(mnt, verify=i == 0, drop=True, daemon=pid)
                 r.cold.append(out.elapsed)
                 r.verified_tensors = r.verified_tensors or out.verified
                 note = ""
@@ -274,19 +289,19 @@ class Bench:
                 ex.setdefault("cold_peak_rss_bytes", []).append(rss)
             ex.setdefault("cache_bytes_after_cold", []).append(dir_bytes(cache))
             say(f"{r.name} cold {i + 1}/{self.reps}: {out.elapsed:.2f} s (peak RSS "
-                f"{(rss or 0) / 2**20:.0f} MiB{note})")
-            with system.mounted(mnt, cache):
-                out = self.load(mnt, drop=True)
+                f"{(rss or 0) / 2**20:.0f} MiB{note}{self.record_cpu(r, 'cold', out)})")
+            with system.mounted(mnt, cache) as pid:
+                out = self.load(mnt, drop=True, daemon=pid)
                 r.warm.append(out.elapsed)
                 note = ""
                 if mfs is not None:
                     st = mfs.stats(mnt)
                     ex.setdefault("warm_bytes_fetched", []).append(st["bytes_fetched"])
                     note = f" (fetched {st['bytes_fetched']} B)"
-                say(f"{r.name} warm {i + 1}/{self.reps}: {out.elapsed:.2f} s{note}")
-                out = self.load(mnt)
+                say(f"{r.name} warm {i + 1}/{self.reps}: {out.elapsed:.2f} s{note}{self.record_cpu(r, 'warm', out)}")
+                out = self.load(mnt, daemon=pid)
                 r.hot.append(out.elapsed)
-                say(f"{r.name} hot {i + 1}/{self.reps}: {out.elapsed:.2f} s")
+                say(f"{r.name} hot {i + 1}/{self.reps}: {out.elapsed:.2f} s{self.record_cpu(r, 'hot', out)}")
             shutil.rmtree(cache, ignore_errors=True)
 
     def modelfs_four(self, system: Modelfs, r: SystemResult, nproc: int = 4) -> None:
@@ -349,12 +364,15 @@ def machine_facts() -> dict[str, Any]:
 
 
 def write_results(out: Path, results: list[SystemResult], facts: dict[str, Any], run_args: dict[str, Any],
-                  final: bool) -> str:
+                  final: bool, ceiling: dict[str, Any] | None = None) -> str:
     """Rewritten after every system, so a run that dies late still leaves what it measured."""
-    cks = checks(results, facts["checkpoint_bytes"])
+    cks = checks(results, facts["checkpoint_bytes"], ceiling)
     table = markdown(results, cks, facts)
+    if ceiling is not None:
+        table += ("\n### Read ceiling: sequential `cat`, serving CPU per MiB beside the floor\n\n"
+                  + ceiling_markdown(ceiling))
     doc = {"machine": facts, "args": run_args, "complete": final, "systems": {r.key: r.to_json() for r in results},
-           "targets": [c.to_json() for c in cks]}
+           "targets": [c.to_json() for c in cks], "ceiling": ceiling}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(table)
     title = (f"Load every tensor of a {facts['checkpoint_bytes'] / 2**30:.2f} GiB 4-shard checkpoint from S3 "
@@ -367,7 +385,8 @@ def render(out: Path) -> None:
     """Re-derive results.md / .png (and the targets in .json) from a finished run's raw timings."""
     doc = json.loads((out / "results.json").read_text())
     results = [from_json(k, v) for k, v in doc["systems"].items()]
-    print(write_results(out, results, doc["machine"], doc["args"], doc.get("complete", False)), end="")
+    print(write_results(out, results, doc["machine"], doc["args"], doc.get("complete", False), doc.get("ceiling")),
+          end="")
 
 
 def parse_args() -> argparse.Namespace:
@@ -379,6 +398,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, help="where the scratch directory goes (default $TMPDIR)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one load may take before it counts failed")
     ap.add_argument("--no-four", action="store_true", help="skip the four-process modelfs phase (knob sweeps)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the read-ceiling table (sequential cat through modelfs beside local disk and floorfs)")
     ap.add_argument("--render", action="store_true",
                     help="only re-render results.md/.png from --out's results.json (after changing report.py)")
     ap.add_argument("--modelfs-option", action="append", metavar="SECTION.KEY=VALUE",
@@ -415,6 +436,7 @@ def main() -> None:
         f"{', '.join(f'{k} {v}' for k, v in facts['versions'].items())}")
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=args.workdir))
     results: list[SystemResult] = []
+    ceiling: dict[str, Any] | None = None
     run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     table = ""
     try:
@@ -464,10 +486,16 @@ def main() -> None:
                     say(f"{r.name} FAILED: {r.error}")
                 r.extra["phase_seconds"] = round(time.perf_counter() - started, 1)
                 table = write_results(args.out, results, facts, run_args, final=False)
+            if "modelfs" in args.only and not args.no_ceiling:
+                say("== read ceiling: sequential cat through local disk, floorfs and modelfs")
+                try:
+                    ceiling = measure_ceiling(src, work, Modelfs(store, work, b.modelfs_options), args.reps, say)
+                except Exception as e:
+                    say(f"read ceiling FAILED: {type(e).__name__}: {e}")
         finally:
             server.stop()
         facts["loadavg_end"] = os.getloadavg()
-        table = write_results(args.out, results, facts, run_args, final=True)
+        table = write_results(args.out, results, facts, run_args, final=True, ceiling=ceiling)
     finally:
         stuck = [p for p in work.glob("mnt-*") if is_mounted(p)]
         for p in stuck:

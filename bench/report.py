@@ -20,6 +20,8 @@ TARGET_WARM_VS_LOCAL = 1.2
 TARGET_HOT_VS_LOCAL = 1.2
 TARGET_RSS_MIB = 400
 TARGET_FETCHED = 1.02
+TARGET_WARM_CPU_VS_FLOOR = 1.5  # daemon CPU per MiB, warm cat, x the floor (floorfs pread, backing pages dropped)
+TARGET_COLD_CPU_MS = 2.0  # daemon CPU ms per MiB, cold cat (the fetch included)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Check:
     def shown_ratio(self) -> str:
         if self.ratio is None:
             return "—"
-        digits = 2 if self.unit == "x" else 0
+        digits = 2 if self.unit in ("x", " ms") else 0
         if f"{self.ratio:.{digits}f}" == f"{self.bound:.{digits}f}":
             digits += 2  # "1.20x ... NO" would read as a contradiction
         return f"{self.ratio:.{digits}f}{self.unit}"
@@ -108,8 +110,8 @@ def _secs(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f} s"
 
 
-def checks(results: list[SystemResult], size: int) -> list[Check]:
-    """The issue's targets, each computed from medians of this run only (the machine is noisy)."""
+def checks(results: list[SystemResult], size: int, ceiling: dict[str, Any] | None = None) -> list[Check]:
+    """The targets, each computed from medians of this run only (the machine is noisy)."""
     by = {r.key: r for r in results if any(r.series(p) for p in PHASES)}
     m = by.get("modelfs")
     if m is None:
@@ -141,7 +143,33 @@ def checks(results: list[SystemResult], size: int) -> list[Check]:
         out.append(Check(f"bytes fetched / checkpoint, {label} (max of reps)",
                          "—" if worst is None else f"{worst / 2**20:.1f} MiB", f"checkpoint {size / 2**20:.1f} MiB",
                          _ratio(worst, size), TARGET_FETCHED))
+    rows = (ceiling or {}).get("rows", {})
+    floor = rows.get("floor_pread", {}).get("median_cpu_ms_per_mib")
+    warm = rows.get("modelfs_warm", {}).get("median_cpu_ms_per_mib")
+    cold = rows.get("modelfs_cold", {}).get("median_cpu_ms_per_mib")
+    if rows:
+        out.append(Check("daemon CPU per MiB, warm `cat`, vs the floor (floorfs pread, backing pages dropped)",
+                         "—" if warm is None else f"{warm:.3f} ms", "—" if floor is None else f"floor {floor:.3f} ms",
+                         _ratio(warm, floor), TARGET_WARM_CPU_VS_FLOOR))
+        out.append(Check("daemon CPU per MiB, cold `cat` (the fetch included)",
+                         "—" if cold is None else f"{cold:.3f} ms", "—", cold, TARGET_COLD_CPU_MS, " ms"))
     return out
+
+
+def cpu_table(results: list[SystemResult], size: int) -> list[str]:
+    """Each FUSE daemon's CPU per MiB loaded, per phase (medians): what serving the load cost."""
+    rows = []
+    for r in results:
+        cells = []
+        for phase in PHASES:
+            xs = r.extra.get(f"{phase}_daemon_cpu_s", [])
+            cells.append(f"{statistics.median(xs) * 1000 / (size / 2**20):.2f}" if xs else "—")
+        if any(c != "—" for c in cells):
+            rows.append(f"| {r.name} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    return ["", "Daemon CPU per MiB loaded (utime + stime of the FUSE daemon during the load, ms per MiB, median):",
+            "", "| daemon | cold | warm | hot |", "| --- | ---: | ---: | ---: |", *rows]
 
 
 def _load(facts: dict[str, Any]) -> str:
@@ -190,6 +218,7 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
             info.append(f"{r.name} {max(rss) / 2**20:.0f} MiB")
     if info:
         lines += ["", "Peers' daemon peak RSS during a cold load (for context): " + ", ".join(info) + "."]
+    lines += cpu_table(results, size)
     lines += ["", "How each system ran (URL: the SeaweedFS endpoint; WORK: the scratch directory). Every load "
               "must return every tensor and byte; the first load of each system is also compared, tensor by "
               "tensor (`torch.equal`), with the source:", ""]

@@ -59,7 +59,7 @@ class ModelFS:
                                self.health)
         self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter)
         self.prefetcher = Prefetcher(cfg.prefetch, self.extents, cache, self.ns, self.stats, self.version,
-                                     self.extents.copy, self.is_open, self.io_limiter,
+                                     self.is_open, self.io_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
                                      max_request=int(cfg.fetch.max_request))
         self._versions: dict[int, FileVersion] = {}

@@ -25,7 +25,7 @@ import trio
 from modelfs.cache import BlockCache
 from modelfs.fetch import Extent, Fetcher
 from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks
+from modelfs.mapped import MappedBlocks, populate
 from modelfs.stats import Stats
 from modelfs.version import FileVersion
 
@@ -81,35 +81,57 @@ class Extents:
             return Where.MAPPED
         return Where.IN_FLIGHT if self.fetcher.flight(ver, start) is not None else None
 
+    def complete(self, ver: FileVersion) -> bool:
+        """Every extent's block was verified by this daemon (so it is on disk: eviction forgets it). Then
+        prefetch has nothing to do for the file: a re-open, a hot load, is served by the page cache."""
+        verified = self.cache.verified
+        for start, _ in ver.extents():
+            ext = ver.known.get(start)
+            if ext is None or not verified(ext[0]):
+                return False
+        return True
+
     # -- async: may wait for a worker thread or a GET ------------------------------------------------------
 
-    async def read(self, ver: FileVersion, start: int, length: int, inner: int, size: int) -> memoryview:
-        """Bytes [inner, inner+size) of the extent [start, start+length), for a demand read."""
+    async def read(self, ver: FileVersion, start: int, length: int, inner: int, size: int,
+                   demand: bool = True) -> memoryview:
+        """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted,
+        and its mapping may displace others), or for the prefetcher's own parsing."""
         flight = self.fetcher.flight(ver, start)
+        ext = ver.known.get(start)
+        mapping = self.maps.entry(ext[0]) if ext is not None else None
+        if mapping is not None:  # mapped, but these pages left memory: fault them in off the trio thread
+            try:
+                await trio.to_thread.run_sync(populate, mapping, inner, size, limiter=self.io_limiter)
+            except OSError:
+                self.maps.discard(ext[0])  # its file changed under it: map (and check) it again below
+            else:
+                self.stats.cache_hits += demand
+                return mapping.view[inner:inner + size]
         if flight is None:
-            view = await self._map(ver, start, length)
+            view = await self._map(ver, start, length, evict=demand)
             if view is not None:
-                self.stats.cache_hits += 1
+                self.stats.cache_hits += demand
                 return view[inner:inner + size]
-            self.stats.cache_misses += 1
+            self.stats.cache_misses += demand
             data = await self.fetcher.fetch(ver, start, length)
         else:
-            self.stats.cache_misses += 1
+            self.stats.cache_misses += demand
             data = await self.fetcher.wait(flight)
         return data[inner:inner + size]
 
-    async def copy(self, ver: FileVersion, offset: int, size: int) -> bytearray:
-        """Bytes [offset, offset+size) of a version in a new buffer (headers and indexes the prefetcher
-        parses; READs that cross an extent edge)."""
+    async def copy(self, ver: FileVersion, offset: int, size: int, demand: bool = True) -> bytearray:
+        """Bytes [offset, offset+size) of a version in a new buffer: READs that cross an extent edge, and
+        (not `demand`) the headers and indexes the prefetcher parses."""
         end = min(offset + size, ver.info.size)
         out = bytearray(max(0, end - offset))
         pos = offset
         while pos < end:
             start, length = ver.extent_at(pos)
             n = min(end, start + length) - pos
-            view = self.mapped(ver, start, pos - start, n)
+            view = self.mapped(ver, start, pos - start, n) if demand else None
             if view is None:
-                view = await self.read(ver, start, length, pos - start, n)
+                view = await self.read(ver, start, length, pos - start, n, demand)
             out[pos - offset:pos - offset + n] = view  # copied before the next await
             pos += n
         return out
@@ -133,14 +155,14 @@ class Extents:
                 return False
             await make_room(length)
             return await self.fetcher.prefetch(ver, start, length)
-        if ver.known.get(start) is not None and not self.maps.ahead_fits(length):
-            # Far enough ahead of the loader: wait for it to read what was mapped ahead.
-            with trio.move_on_after(AHEAD_WAIT) as waited:
-                await self.maps.wait_ahead(length)
-            if waited.cancelled_caught:
-                self.maps.release_ahead()
-        if await self._map(ver, start, length, ahead=True) is not None:
-            return False
+        if ver.known.get(start) is not None:  # the index knows its block (`learn`): likely on disk
+            # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
+            await self.maps.reserve_ahead(length, AHEAD_WAIT)
+            try:
+                if await self._map(ver, start, length, ahead=True) is not None:
+                    return False
+            finally:
+                self.maps.unreserve(length)
         await make_room(length)
         return await self.fetcher.prefetch(ver, start, length)
 
@@ -153,12 +175,14 @@ class Extents:
         a mapping stays valid as long as the view lives); None if it is not cached."""
         ext = ver.known.get(start)
         view = self.maps.whole(ext[0]) if ext is not None else None
-        return view if view is not None else await self._map(ver, start, length)
+        return view if view is not None else await self._map(ver, start, length, evict=False)
 
-    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False) -> memoryview | None:
-        """Map the extent's block in a worker thread (verifying it on first serve) and keep the mapping;
-        single-flight: READs that arrive together (the kernel's readahead sends several) and the prefetcher
-        share one mapping. A view of the whole block, or None if it is not cached."""
+    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False,
+                   evict: bool = True) -> memoryview | None:
+        """Map the extent's block in a worker thread (verifying it on first serve) and keep the mapping
+        (`mapped.MappedBlocks.put`); single-flight: READs that arrive together (the kernel's readahead
+        sends several) and the prefetcher share one mapping. A view of the whole block, or None if it is
+        not cached."""
         key = (ver.vid, start)
         pending = self._mapping.get(key)
         if pending is not None:
@@ -168,7 +192,7 @@ class Extents:
         try:
             m = await trio.to_thread.run_sync(self._map_cached, ver, start, length, limiter=self.io_limiter)
             if m is not None:
-                pending.view = self.maps.put(ver.known[start][0], m, ahead=ahead)
+                pending.view = self.maps.put(ver.known[start][0], m, ahead=ahead, evict=evict)
         finally:
             del self._mapping[key]
             pending.done.set()

@@ -1,8 +1,8 @@
 """The prefetcher: decides what to fetch before the loader asks, and hands it to the kernel page cache.
 
 Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of worker tasks:
-- whole file: opening a checkpoint file (`prefetch.patterns`) schedules every extent, in the order
-  the loader will likely read it (safetensors: the header, then tensors by data offset);
+- whole file: opening a checkpoint file (`prefetch.patterns`) schedules every extent in file order,
+  which is the order `load_file` reads a safetensors file (the header, then tensors by data offset);
 - checkpoint sets: opening `*.index.json` of a sharded checkpoint, or one shard of a
   `name-0000K-of-0000N.ext` set, schedules the other shards into the block cache, within the free
   space of the cache filesystem;
@@ -25,7 +25,6 @@ import fnmatch
 import json
 import logging
 import re
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,30 +45,9 @@ from modelfs.version import FileVersion
 log = logging.getLogger(__name__)
 
 PushFn = Callable[[int, int, Buffer], None]
-ReadFn = Callable[[FileVersion, int, int], Awaitable[Buffer]]
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
-#: The largest safetensors header we parse to order a prefetch (the format allows 100 MB).
-_MAX_HEADER = 100 << 20
-
-
-def safetensors_order(header: bytes, file_size: int, extent_size: int) -> list[int]:
-    """Extent starts in the order a loader reads a safetensors file: header, then tensors by data offset."""
-    meta = json.loads(header)
-    base = 8 + len(header)
-    begins = sorted(base + int(v["data_offsets"][0]) for k, v in meta.items()
-                    if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v)
-    order: list[int] = []
-    seen: set[int] = set()
-    for off in [0, *begins, *range(0, file_size, extent_size)]:
-        start = min(off, max(file_size - 1, 0)) // extent_size * extent_size
-        if start not in seen:
-            seen.add(start)
-            order.append(start)
-    return order
-
-
 def mem_available() -> int:
     """MemAvailable from /proc/meminfo, in bytes (0 if unknown: then nothing is pushed)."""
     try:
@@ -113,7 +91,7 @@ class Prefetcher:
     """Schedules prefetch jobs and runs them on `workers` tasks in the daemon's nursery."""
 
     def __init__(self, cfg: PrefetchConfig, extents: Extents, cache: BlockCache,
-                 ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion], read: ReadFn,
+                 ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion],
                  is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20) -> None:
         self.cfg = cfg
@@ -122,7 +100,6 @@ class Prefetcher:
         self.ns = ns
         self.stats = stats
         self.version_of = version_of
-        self.read = read
         self.is_open = is_open
         self.io_limiter = io_limiter
         self.workers = workers
@@ -235,23 +212,18 @@ class Prefetcher:
         return job
 
     async def _schedule_whole(self, node: Node, push: bool) -> Job:
+        """Every extent in file order: the order `load_file` reads a safetensors file (the header, then
+        tensors by data offset) and `torch.load` a zip, and what a sequential reader needs next."""
         ver = self.version_of(node)
+        if not (push and self._pushing()) and self.extents.complete(ver):
+            done = Job(node, ver, push)  # every block served before: nothing to fetch or verify
+            done.done.set()
+            return done
         await trio.to_thread.run_sync(self.extents.learn, ver, limiter=self.io_limiter)
-        order = [s for s, _ in ver.extents()]
-        # A manifest's layout is cut at tensor boundaries: its file order already is the offset order.
-        if node.name.endswith(".safetensors") and ver.info.size > 8 and ver.layout is None:
-            try:
-                order = await self._safetensors_order(ver)
-            except (ModelfsError, OSError, ValueError, KeyError, TypeError) as e:
-                log.debug("%s: no safetensors order (%s); file order", node.key, e)
-        return self._submit(node, ver, order, push)
+        return self._submit(node, ver, [s for s, _ in ver.extents()], push)
 
-    async def _safetensors_order(self, ver: FileVersion) -> list[int]:
-        (n,) = struct.unpack("<Q", bytes(await self.read(ver, 0, 8)))
-        if n <= 0 or n > _MAX_HEADER or 8 + n > ver.info.size:
-            raise ValueError("not a safetensors header")
-        header = bytes(await self.read(ver, 8, n))
-        return safetensors_order(header, ver.info.size, ver.extent_size)
+    def _pushing(self) -> bool:
+        return self.push is not None and self.cfg.page_cache_push
 
     async def _schedule_set(self, node: Node) -> None:
         """Schedule the other shards of node's checkpoint into the block cache, as space allows."""
@@ -263,7 +235,7 @@ class Prefetcher:
                 ver = self.version_of(node)
                 if ver.info.size > 64 << 20:
                     return
-                index = json.loads(bytes(await self.read(ver, 0, ver.info.size)))
+                index = json.loads(bytes(await self.extents.copy(ver, 0, ver.info.size, demand=False)))
                 names = sorted(set(index.get("weight_map", {}).values()))
             else:
                 m = _SHARD.match(node.name)
@@ -276,7 +248,8 @@ class Prefetcher:
         budget = await trio.to_thread.run_sync(self.cache.headroom, self._protect_since())
         for name in names:
             shard = siblings.get(name)
-            if shard is None or shard.is_dir or shard.inode in self._jobs:
+            if shard is None or shard.is_dir or shard.inode in self._jobs or self.extents.complete(
+                    self.version_of(shard)):
                 continue
             assert shard.info is not None
             if shard.info.size > budget:
@@ -335,7 +308,7 @@ class Prefetcher:
         `max_request` bytes. Only for manifest layouts (their extents are tensors, often small) and
         only when nothing is pushed (a push is per extent)."""
         ver = job.ver
-        if ver.layout is None or (job.push and self.push is not None and self.cfg.page_cache_push):
+        if ver.layout is None or (job.push and self._pushing()):
             return []
         _, length = ver.extent_at(start)
         end, total = start + length, length
@@ -389,8 +362,7 @@ class Prefetcher:
         if await self.extents.warm(ver, start, length, self._make_room, ahead=job.push and self.is_open(inode)):
             job.fetched += length
             self.stats.add(prefetch_bytes=length)
-        if (job.push and self.push is not None and self.cfg.page_cache_push
-                and start not in self._pushed.get(inode, ()) and self.is_open(inode)):
+        if job.push and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
             view = await self.extents.mapping(ver, start, length)
             if view is not None and self.is_open(inode):
                 await trio.to_thread.run_sync(self._push, inode, start, view, limiter=self.push_limiter)

@@ -10,7 +10,7 @@ import pytest
 
 from modelfs.cache import BlockCache, block_hash
 from modelfs.index import ChunkIndex, version_id
-from modelfs.mapped import MappedBlocks
+from modelfs.mapped import MappedBlocks, populate
 from modelfs.remote import ObjectInfo
 
 INFO = ObjectInfo("m/model.safetensors", 100, '"etag-1"', 0.0)
@@ -198,5 +198,7 @@ def test_views_of_unresident_pages_are_refused(tmp_path: Path) -> None:
     assert unpopulated is not None
     maps.put(h, unpopulated)
     assert maps.view(h, 0, 65536) is None and maps.not_resident == 1
-    cache.map(h, len(data))  # populate (what the worker-thread path does) brings the pages back
+    entry = maps.entry(h)
+    assert entry is not None
+    populate(entry, 1000, 65536)  # what the worker-thread path does: fault the same mapping's pages in
     assert bytes(maps.view(h, 0, 65536) or b"") == data[:65536]

@@ -17,7 +17,6 @@ from modelfs.cache import BlockCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.index import ChunkIndex
-from modelfs.prefetch import safetensors_order
 from modelfs.remote.local import LocalStore
 
 EXTENT = 64 * 1024
@@ -75,15 +74,6 @@ async def settle(core: ModelFS) -> None:
     with trio.fail_after(30):
         while not core.prefetcher.idle or core.fetcher.in_flight:
             await trio.sleep(0.01)
-
-
-def test_safetensors_order_follows_offsets_and_starts_with_header() -> None:
-    header = json.dumps({"__metadata__": {}, "b": {"data_offsets": [300_000, 400_000]},
-                         "a": {"data_offsets": [0, 300_000]}}).encode()
-    order = safetensors_order(header, 8 + len(header) + 400_000, EXTENT)
-    assert order[0] == 0
-    assert sorted(order) == list(range(0, 8 + len(header) + 400_000, EXTENT))
-    assert len(order) == len(set(order))
 
 
 def test_open_prefetches_whole_checkpoint_file(tmp_path: Path) -> None:
