@@ -300,34 +300,43 @@ class BlockCache:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        m: mmap.mmap | None = None
         try:
             size = os.fstat(fd).st_size
-            if size != length or not length:
-                self.drop(digest, "truncated" if size < length else "corrupt")
-                return None
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-            m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ)
+            if size == length and length:
+                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+                m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        with self._lock:
-            self.maps_made += 1
+        bad = "truncated" if size < length else "corrupt"
+        if m is not None:
+            with self._lock:
+                self.maps_made += 1
 
         def verify() -> bool:
-            ok = block_hash(m) == digest
+            # Dropped here, inside the single flight, so a thread waiting for this verdict never finds
+            # the bad file still in place (and a GET of the same content never dedups against it).
+            ok = m is not None and block_hash(m) == digest
             with self._lock:
-                self.verifications += 1
+                self.verifications += m is not None
                 if ok:
                     self._verified.add(digest)
+            if not ok:
+                self.drop(digest, bad)
             return ok
 
         try:
-            first, ok = self._first_serve(digest, verify)
-        except _Missing:
-            m.close()
-            return None
-        if first and not ok:
-            m.close()
-            self.drop(digest, "corrupt")
+            first, verdict = self._first_serve(digest, verify)
+        except _Missing:  # another thread found it bad (and dropped it) while we waited
+            verdict = False
+        else:
+            if not first:  # verified before
+                verdict = m is not None
+                if m is None:  # ... but its file has changed size since
+                    self.drop(digest, bad)
+        if not verdict:
+            if m is not None:
+                m.close()
             return None
         return m
 

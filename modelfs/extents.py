@@ -155,14 +155,13 @@ class Extents:
                 return False
             await make_room(length)
             return await self.fetcher.prefetch(ver, start, length)
-        if ver.known.get(start) is not None:  # the index knows its block (`learn`): likely on disk
-            # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
-            await self.maps.reserve_ahead(length, AHEAD_WAIT)
-            try:
-                if await self._map(ver, start, length, ahead=True) is not None:
-                    return False
-            finally:
-                self.maps.unreserve(length)
+        # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
+        await self.maps.reserve_ahead(length, AHEAD_WAIT)
+        try:
+            if await self._map(ver, start, length, ahead=True) is not None:
+                return False
+        finally:
+            self.maps.unreserve(length)
         await make_room(length)
         return await self.fetcher.prefetch(ver, start, length)
 

@@ -200,3 +200,14 @@ def test_mount_from_config_file_with_endpoint_in_config(seaweed: object, s3_chec
     assert (m.path / rel).read_bytes() == (checkpoint.root / rel).read_bytes()
     size = (checkpoint.root / rel).stat().st_size
     assert m.stats()["gets"] == -(-size // (4 << 20))  # 4 MiB extents from the file
+
+
+def test_max_background_is_applied_through_fusectl(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
+    """mount.max_background reaches the kernel: fusectl is mounted if it was not, and the connection's queue
+    depth and congestion threshold are set and logged."""
+    m = mounter(str(checkpoint.root), args=["-o", "mount.max_background=64"])
+    conn = Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(m.path).st_dev))
+    assert (conn / "max_background").read_text().strip() == "64"
+    assert (conn / "congestion_threshold").read_text().strip() == "48"
+    log = (m.cache_dir / "modelfs.log").read_text()
+    assert f"set {conn}/max_background = 64" in log
