@@ -34,8 +34,8 @@ def main() -> None:
     rows = []
     for label, option in SETTINGS:
         with tempfile.TemporaryDirectory(prefix="modelfs-knobs-") as out:
-            cmd = [sys.executable, str(HERE / "bench.py"), "--only", "modelfs", "--no-four", "--size-gib",
-                   str(args.size_gib), "--reps", str(args.reps), "--out", out]
+            cmd = [sys.executable, str(HERE / "bench.py"), "--only", "modelfs", "--no-four", "--no-ceiling",
+                   "--size-gib", str(args.size_gib), "--reps", str(args.reps), "--out", out]
             if option:
                 cmd += ["--modelfs-option", option]
             print(f"== {label}", flush=True)

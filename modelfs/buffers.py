@@ -1,9 +1,9 @@
 """GET buffers: a bounded pool of reusable extent buffers, handed to demand reads before prefetch.
 
 `fetch.memory_budget` is real tokens here: the pool holds `count` buffers of `size` bytes (anonymous
-mappings, page-aligned, made on first use and reused for the life of the daemon), and a GET runs only while
-it holds one buffer per extent it fetches. Nothing is allocated per GET, so the process-wide malloc tuning
-this replaced (every 8 MiB buffer an mmap + munmap + page faults) is gone.
+mappings, page-aligned, made on first use and reused), and a GET runs only while it holds one buffer per
+extent it fetches. Nothing is allocated per GET, so the process-wide malloc tuning this replaced (every
+8 MiB buffer an mmap + munmap + page faults) is gone. An idle daemon gives their memory back (`trim`).
 
 A buffer given back goes straight to the longest-waiting demand fetch, else the longest-waiting prefetch,
 else onto the free list. Lifetime rule, relied on by `fetch`: a buffer changes hands only on the trio
@@ -36,6 +36,7 @@ class BufferPool:
         self.total = count
         self.size = size
         self._made = 0
+        self.taken = 0  # buffers handed out so far (the idle trim watches it)
         self._free: list[mmap.mmap] = []
         self._demand: deque[_Waiter] = deque()
         self._prefetch: deque[_Waiter] = deque()
@@ -50,11 +51,19 @@ class BufferPool:
     def waiting(self) -> int:
         return len(self._demand) + len(self._prefetch)
 
+    def trim(self) -> int:
+        """Give the memory of every free buffer back to the system (the daemon is idle); they fault in
+        again, zeroed, when next used. Returns the bytes given back."""
+        for buf in self._free:
+            buf.madvise(mmap.MADV_DONTNEED)
+        return len(self._free) * self.size
+
     def _take(self) -> mmap.mmap:
+        self.taken += 1
         if self._free:
             return self._free.pop()
         self._made += 1
-        return mmap.mmap(-1, self.size)
+        return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     async def acquire(self, demand: bool) -> mmap.mmap:
         """One buffer; a prefetch waits while any demand fetch waits."""

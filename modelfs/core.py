@@ -34,6 +34,9 @@ from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
+#: Seconds without READs or GETs after which the daemon gives back its buffers and mappings.
+IDLE_TRIM = 30.0
+
 
 class ModelFS:
     """Read-only view of a store; call `start(nursery)` once before serving."""
@@ -75,6 +78,23 @@ class ModelFS:
         self.fetcher.start(nursery)
         self.prefetcher.start(nursery)
         nursery.start_soon(self.health.probe_loop)
+        nursery.start_soon(self._trim_when_idle)
+
+    async def _trim_when_idle(self) -> None:
+        """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
+        GET, give back the GET buffers' memory and drop the mapped blocks (their pages stay in the page
+        cache, reclaimable; the next READ maps them again)."""
+        seen, trimmed = (-1, -1), False
+        while True:
+            await trio.sleep(IDLE_TRIM)
+            now = (self.stats.bytes_served, self.buffers.taken)
+            if now != seen:
+                seen, trimmed = now, False
+            elif not trimmed:
+                freed = self.buffers.trim() + self.maps.bytes
+                self.maps.clear()
+                trimmed = True
+                log.debug("idle: gave back %d bytes of GET buffers and block mappings", freed)
 
     async def _list_dir(self, prefix: str) -> Listing:
         """The store's listing, saved for offline mode; the saved one while the store is unreachable."""

@@ -287,3 +287,39 @@ def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
         run(core, body)
     finally:
         close()
+
+
+def test_an_idle_daemon_gives_back_buffers_and_mappings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a load, an idle core drops its block mappings and returns its GET buffers' pages to the system;
+    the next read still gets every byte."""
+    import ctypes
+
+    import modelfs.core
+    from modelfs.mapped import PAGE, _libc, address_of
+
+    monkeypatch.setattr(modelfs.core, "IDLE_TRIM", 0.05)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 3 * EXTENT + i for i in range(8)})
+    core, close = make_core(src, tmp_path / "cache")
+
+    def resident(buf: object) -> int:
+        vec = ctypes.create_string_buffer(len(buf) // PAGE)  # type: ignore[arg-type]
+        assert _libc.mincore(address_of(buf), len(buf), vec) == 0  # type: ignore[arg-type]
+        return sum(b & 1 for b in vec.raw)
+
+    async def body(core: ModelFS) -> None:
+        fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        await settle(core)
+        assert len(core.maps) > 0 and core.buffers._free
+        assert any(resident(b) for b in core.buffers._free)
+        with trio.fail_after(30):
+            while len(core.maps) or any(resident(b) for b in core.buffers._free):
+                await trio.sleep(0.05)
+        assert bytes(await core.read(fh, 1000, 5 * EXTENT)) == data[1000:1000 + 5 * EXTENT]
+
+    try:
+        run(core, body)
+    finally:
+        close()
