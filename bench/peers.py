@@ -260,6 +260,16 @@ class Modelfs:
                     os.kill(pid, signal.SIGKILL)
 
 
+class ModelfsPush(Modelfs):
+    """modelfs with page-cache push on (`prefetch.page_cache_push`), to decide that default by measurement."""
+
+    key = "modelfs-push"
+    name = "modelfs, page-cache push on"
+
+    def __init__(self, store: Store, work: Path, options: list[str]) -> None:
+        super().__init__(store, work, [*options, "prefetch.page_cache_push=true"])
+
+
 def s5cmd_argv(store: Store, dest: Path) -> list[str]:
     """Download the whole prefix with s5cmd's defaults (256 workers, 5 parts in flight per file)."""
     return [find_tool("s5cmd") or "s5cmd", "--endpoint-url", store.endpoint_url, "cp",

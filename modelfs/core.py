@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -28,8 +29,10 @@ from modelfs.manifest import FileEntry, Manifest, ManifestError
 from modelfs.mapped import MappedBlocks
 from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
+from modelfs.push import PushFn, PushGate
 from modelfs.remote import Listing, Store, read_bytes
 from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
@@ -42,29 +45,35 @@ class ModelFS:
     """Read-only view of a store; call `start(nursery)` once before serving."""
 
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None, push: PushFn | None = None,
+                 observe: Callable[[float], None] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
         self.cache = cache
         self.stats = stats or Stats()
         self.extent_size = int(cfg.cache.extent_size)
+        # Cache-disk threads for demand reads, apart from the prefetcher's: prefetch never starves a READ.
         self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
+        self.prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
         self.deadline = cfg.fetch.deadline
         self.health = Health(store.check, store.describe(), cfg.fetch.probe_interval, cfg.fetch.deadline)
-        self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl)
+        self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl, in_use=self.is_open, on_drop=self._dropped)
         # GET buffers: at most fetch.concurrency of them, within fetch.memory_budget.
         count = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // self.extent_size))
         self.buffers = BufferPool(count, self.extent_size)
         self.maps = MappedBlocks(int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health)
-        self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter)
+                               self.health, observe)
+        self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter,
+                               self.prefetch_limiter, cfg.fetch.deadline)
+        gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
+            if push is not None and cfg.prefetch.page_cache_push else None
         self.prefetcher = Prefetcher(cfg.prefetch, self.extents, cache, self.ns, self.stats, self.version,
-                                     self.is_open, self.io_limiter,
+                                     self.is_open, self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
-                                     max_request=int(cfg.fetch.max_request))
+                                     max_request=int(cfg.fetch.max_request), gate=gate)
         self._versions: dict[int, FileVersion] = {}
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
         self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied
@@ -73,12 +82,16 @@ class ModelFS:
         self._dir_handles: dict[int, list[Node]] = {}
         self._fh = itertools.count(1)
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Background work (fetch flights, prefetch workers, the offline probe) belongs to `nursery`."""
-        self.fetcher.start(nursery)
-        self.prefetcher.start(nursery)
-        nursery.start_soon(self.health.probe_loop)
-        nursery.start_soon(self._trim_when_idle)
+    def start(self, nursery: trio.Nursery) -> Supervisor:
+        """Background work (fetch flights, prefetch workers, the offline probe, the idle trim) belongs to
+        `nursery`, supervised: no failure in it reaches the nursery (`supervise`). Returns the supervisor,
+        for the daemon's own background tasks."""
+        self.supervisor = Supervisor(nursery, self.stats)
+        self.fetcher.start(self.supervisor)
+        self.prefetcher.start(self.supervisor)
+        self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
+        self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
+        return self.supervisor
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
@@ -161,10 +174,26 @@ class ModelFS:
         return self.ns.get(inode)
 
     async def lookup(self, parent: int, name: str) -> Node:
+        """A name in a directory; the caller tells the kernel, which then holds one more reference to the
+        inode (`remember`) until it sends `forget`."""
         node = self.ns.get(parent)
         if not node.is_dir:
             raise NotFound(f"{node.key} is not a directory")
         return await self.ns.lookup(node, name)
+
+    def remember(self, node: Node) -> None:
+        """The kernel was handed `node` (a LOOKUP reply, or a readdirplus entry)."""
+        self.ns.remember(node.inode)
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        """The kernel let go of `nlookup` references to `inode` (FUSE FORGET)."""
+        self.ns.forget(inode, nlookup)
+
+    def _dropped(self, inode: int) -> None:
+        """The namespace let go of `inode` (gone from the store's listing, unknown to the kernel, closed):
+        so does everything keyed by it."""
+        self._versions.pop(inode, None)
+        self.prefetcher.forget(inode)
 
     async def opendir(self, inode: int) -> int:
         node = self.ns.get(inode)
@@ -219,6 +248,7 @@ class ModelFS:
         if not self._open[node.inode]:
             del self._open[node.inode]
             self.prefetcher.released(node)
+            self.ns.collect(node.inode)
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
@@ -305,6 +335,8 @@ class ModelFS:
     def counters(self) -> dict[str, int]:
         snap = self.stats.snapshot()
         snap["mapped_blocks"] = len(self.maps)
+        snap["inodes"] = len(self.ns)
+        snap["versions_held"] = len(self._versions)
         snap["blocks_mapped"] = self.cache.maps_made
         snap["blocks_verified"] = self.cache.verifications
         snap["reads_not_resident"] = self.maps.not_resident

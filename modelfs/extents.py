@@ -19,15 +19,19 @@ import enum
 import mmap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from modelfs.cache import BlockCache
+from modelfs.errors import ModelfsError
 from modelfs.fetch import Extent, Fetcher
 from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks, populate
 from modelfs.stats import Stats
 from modelfs.version import FileVersion
+
+_T = TypeVar("_T")
 
 #: Seconds the prefetcher waits for the loader to use blocks mapped ahead before it stops protecting them.
 AHEAD_WAIT = 2.0
@@ -52,13 +56,20 @@ class Extents:
     """The read path below the core: mapped blocks, flights, block files, GETs."""
 
     def __init__(self, index: ChunkIndex, cache: BlockCache, maps: MappedBlocks, fetcher: Fetcher,
-                 stats: Stats, io_limiter: trio.CapacityLimiter) -> None:
+                 stats: Stats, io_limiter: trio.CapacityLimiter, prefetch_limiter: trio.CapacityLimiter,
+                 deadline: float = 30.0) -> None:
         self.index = index
         self.cache = cache
         self.maps = maps
         self.fetcher = fetcher
         self.stats = stats  # cache_hits / cache_misses: READ pieces served from the cache / that waited for a GET
+        # Cache-disk threads: READs take `io_limiter` tokens, the prefetcher `prefetch_limiter` ones, so
+        # prefetch never delays a READ's map; a READ waits at most `deadline` for the disk.
         self.io_limiter = io_limiter
+        self.prefetch_limiter = prefetch_limiter
+        self.deadline = deadline
+        # Threads in all, with room for READ threads abandoned at their deadline until they end.
+        self._threads = trio.CapacityLimiter(2 * (io_limiter.total_tokens + prefetch_limiter.total_tokens))
         self._mapping: dict[tuple[bytes, int], _Pending] = {}
 
     # -- the trio thread, no I/O -------------------------------------------------------------------------
@@ -102,14 +113,14 @@ class Extents:
         mapping = self.maps.entry(ext[0]) if ext is not None else None
         if mapping is not None:  # mapped, but these pages left memory: fault them in off the trio thread
             try:
-                await trio.to_thread.run_sync(populate, mapping, inner, size, limiter=self.io_limiter)
+                await self._disk(demand, populate, mapping, inner, size)
             except OSError:
                 self.maps.discard(ext[0])  # its file changed under it: map (and check) it again below
             else:
                 self.stats.cache_hits += demand
                 return mapping.view[inner:inner + size]
         if flight is None:
-            view = await self._map(ver, start, length, evict=demand)
+            view = await self._map(ver, start, length, evict=demand, demand=demand)
             if view is not None:
                 self.stats.cache_hits += demand
                 return view[inner:inner + size]
@@ -150,7 +161,7 @@ class Extents:
             await self.fetcher.settle(flight)
             return False
         if not ahead:
-            _, where = await trio.to_thread.run_sync(self.state, ver, start, length, limiter=self.io_limiter)
+            _, where = await self._disk(False, self.state, ver, start, length)
             if where is Where.CACHED:
                 return False
             await make_room(length)
@@ -158,7 +169,7 @@ class Extents:
         # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
         await self.maps.reserve_ahead(length, AHEAD_WAIT)
         try:
-            if await self._map(ver, start, length, ahead=True) is not None:
+            if await self._map(ver, start, length, ahead=True, demand=False) is not None:
                 return False
         finally:
             self.maps.unreserve(length)
@@ -174,10 +185,10 @@ class Extents:
         a mapping stays valid as long as the view lives); None if it is not cached."""
         ext = ver.known.get(start)
         view = self.maps.whole(ext[0]) if ext is not None else None
-        return view if view is not None else await self._map(ver, start, length, evict=False)
+        return view if view is not None else await self._map(ver, start, length, evict=False, demand=False)
 
-    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False,
-                   evict: bool = True) -> memoryview | None:
+    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False, evict: bool = True,
+                   demand: bool = True) -> memoryview | None:
         """Map the extent's block in a worker thread (verifying it on first serve) and keep the mapping
         (`mapped.MappedBlocks.put`); single-flight: READs that arrive together (the kernel's readahead
         sends several) and the prefetcher share one mapping. A view of the whole block, or None if it is
@@ -189,13 +200,27 @@ class Extents:
             return pending.view
         pending = self._mapping[key] = _Pending()
         try:
-            m = await trio.to_thread.run_sync(self._map_cached, ver, start, length, limiter=self.io_limiter)
+            m = await self._disk(demand, self._map_cached, ver, start, length)
             if m is not None:
                 pending.view = self.maps.put(ver.known[start][0], m, ahead=ahead, evict=evict)
         finally:
             del self._mapping[key]
             pending.done.set()
         return pending.view
+
+    async def _disk(self, demand: bool, fn: Callable[..., _T], *args: object) -> _T:
+        """Run blocking cache-disk work in a worker thread: for a READ under its own limiter and within
+        fetch.deadline (a disk that stops answering fails that READ with EIO, its thread abandoned);
+        for the prefetcher under the prefetcher's."""
+        if not demand:
+            async with self.prefetch_limiter:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
+        try:
+            with trio.fail_after(self.deadline):
+                async with self.io_limiter:
+                    return await trio.to_thread.run_sync(fn, *args, limiter=self._threads, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise ModelfsError(f"the block cache did not answer within fetch.deadline ({self.deadline:g} s)") from None
 
     # -- worker threads --------------------------------------------------------------------------------
 

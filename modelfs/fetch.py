@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from modelfs import faults
 from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
@@ -39,6 +40,7 @@ from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks
 from modelfs.remote import Store
 from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
@@ -131,12 +133,13 @@ class Fetcher:
         # Twice the buffers: abandoned GETs (past their deadline) hold a thread until botocore gives up.
         self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
-        self._nursery: trio.Nursery | None = None
+        self._supervisor: Supervisor | None = None
         self._write_error_logged = False
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Flights run in `nursery`, which owns them: cancelling it cancels every wait."""
-        self._nursery = nursery
+    def start(self, supervisor: Supervisor) -> None:
+        """Flights run supervised in the daemon's nursery, which owns them: cancelling it cancels every
+        wait, and no failure in one reaches the FUSE loop."""
+        self._supervisor = supervisor
 
     @property
     def in_flight(self) -> int:
@@ -285,13 +288,13 @@ class Fetcher:
                      acquire: Callable[[], Awaitable[list[mmap.mmap]]]) -> list[_Flight]:
         """Start the one flight of each extent of `run` (one GET); callers check `_inflight` with no await
         since."""
-        assert self._nursery is not None, "Fetcher.start() was not called"
+        assert self._supervisor is not None, "Fetcher.start() was not called"
         flights = []
         for start, _ in run:
             key = (ver.vid, start)
             assert key not in self._inflight
             flights.append(self._inflight.setdefault(key, _Flight()))
-        self._nursery.start_soon(self._fly, ver, run, flights, acquire)
+        self._supervisor.spawn(self._fly, ver, run, flights, acquire, name=f"fetch of {ver.info.key}")
         return flights
 
     def _views(self, run: list[Extent], bufs: list[mmap.mmap]) -> list[memoryview]:
@@ -331,12 +334,13 @@ class Fetcher:
             log.warning("%s", error)
         except (StoreError, OSError) as e:
             error = e
-        except BaseException as e:
+        except trio.Cancelled:
             error = StoreError(f"fetch of {ver.info.key} was cancelled")
-            if not isinstance(e, trio.Cancelled):
-                error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
-                log.exception("fetch of %s at %d failed", ver.info.key, run[0][0])
             raise
+        except Exception as e:  # a bug: this flight's readers get EIO, the mount keeps serving
+            error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
+            assert self._supervisor is not None
+            self._supervisor.failed(f"the fetch of {ver.info.key} at {run[0][0]}", e)
         finally:
             for (start, _), flight in zip(run, flights, strict=True):
                 flight.error = error
@@ -360,6 +364,7 @@ class Fetcher:
         if not lease.thread_begins():
             return []
         try:
+            faults.check("flight", ver.info.key)
             if len(run) == 1:
                 start, length = run[0]
                 known = ver.known.get(start)

@@ -3,6 +3,11 @@
 Thin on purpose: each handler converts arguments, calls the core, and turns the result into
 pyfuse3 types. Every exception becomes an errno here, in `_errors`, and nowhere else; an unexpected
 one is logged and answered with EIO, because pyfuse3 would otherwise stop the whole filesystem.
+
+Every request is answered: pyfuse3 replies only when a handler returns or raises FUSEError, so a
+handler that is cancelled (the daemon is stopping) answers EIO rather than leave its request pending. A
+READ left pending would keep its page locked in the kernel, and a page-cache push waiting on that page
+would sleep there, uninterruptibly, for good.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError
@@ -63,6 +69,9 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except trio.Cancelled:
+            # Answer, even now: the task ends right after (pyfuse3's loop stops at its next checkpoint).
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except (ModelfsError, OSError) as e:
             code = to_errno(e)
             if code not in (errno.ENOENT, errno.EROFS, errno.ENODATA):
@@ -127,10 +136,21 @@ class Operations(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         if text == "..":
-            return self.attrs(self.core.node(self.core.node(parent_inode).parent))
-        if text == ".":
-            return self.attrs(self.core.node(parent_inode))
-        return self.attrs(await self.core.lookup(parent_inode, text))
+            node = self.core.node(self.core.node(parent_inode).parent)
+        elif text == ".":
+            node = self.core.node(parent_inode)
+        else:
+            node = await self.core.lookup(parent_inode, text)
+        attrs = self.attrs(node)
+        self.core.remember(node)  # the reply gives the kernel a reference; FORGET gives it back
+        return attrs
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            try:
+                self.core.forget(inode, nlookup)
+            except Exception:  # FORGET has no reply: nothing to answer, never let it stop the loop
+                log.exception("unexpected error in forget of inode %d", inode)
 
     @_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -145,6 +165,7 @@ class Operations(pyfuse3.Operations):
         for i, node in enumerate(self.core.readdir(fh, start_id), start=start_id + 1):
             if not pyfuse3.readdir_reply(token, node.name.encode("utf-8"), self.attrs(node), i):
                 break
+            self.core.remember(node)  # a readdirplus entry is a reference too
 
     @_errors
     async def releasedir(self, fh: int) -> None:

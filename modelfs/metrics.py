@@ -33,8 +33,9 @@ COUNTERS = {
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
 }
-#: Stats fields exported as `modelfs_errors_total{kind=...}`.
-ERRORS = ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks", "cache_write_errors", "push_errors")
+#: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
+ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks",
+                         "cache_write_errors", "push_errors")} | {"internal": "internal_errors"}
 #: Point-in-time values exported as gauges.
 GAUGES = {
     "bytes_in_cache": "bytes of blocks in the cache",
@@ -54,8 +55,8 @@ class _StatsCollector(Collector):
         for name, doc in COUNTERS.items():
             yield CounterMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
         errors = CounterMetricFamily("modelfs_errors", "errors by kind", labels=["kind"])
-        for kind in ERRORS:
-            errors.add_metric([kind], snap.get(kind, 0))
+        for kind, field in ERRORS.items():
+            errors.add_metric([kind], snap.get(field, 0))
         yield errors
         for name, doc in GAUGES.items():
             yield GaugeMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
@@ -66,12 +67,16 @@ class _StatsCollector(Collector):
 class Metrics:
     """One daemon's registry: its collector and the fetch latency histogram."""
 
-    def __init__(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(counters, offline))
         self.fetch_seconds = Histogram("modelfs_fetch_seconds", "time of one ranged GET, body included",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                        registry=self.registry)
+
+    def collect_from(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
+        """Export a core's counters (the histogram exists first, so the core gets `fetch_seconds.observe`
+        when it is made)."""
+        self.registry.register(_StatsCollector(counters, offline))
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

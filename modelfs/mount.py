@@ -12,12 +12,14 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from modelfs import faults
 from modelfs.admin import pinned_blocks
 from modelfs.cache import BlockCache
 from modelfs.config import Config
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds the daemon lets in-flight requests finish after SIGTERM before cancelling them.
 SHUTDOWN_GRACE = 5.0
+#: Seconds after SIGTERM that page-cache pushes already in the kernel get to finish, requests still answered.
+PUSH_DRAIN = 3.0
+#: Seconds after SIGTERM after which the daemon aborts its own FUSE connection (fusectl) if it is still
+#: not done: the last resort, so that no thread of it or of a reader stays in D state.
+ABORT_AFTER = 12.0
 #: Seconds between STATUS updates to systemd.
 STATUS_INTERVAL = 5.0
 
@@ -73,6 +80,34 @@ def fusermount(path: str, lazy: bool) -> None:
         raise ModelfsError(f"cannot unmount {path}: {msg}")
 
 
+def mount_minor(path: str) -> int | None:
+    """The device minor of the mount at `path` from /proc/self/mountinfo (for a FUSE mount: its
+    connection number under fusectl), without touching the mount itself (it may be dead)."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if _unescape(fields[4]) == path:
+                    return int(fields[2].split(":")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def abort_connection(minor: int) -> bool:
+    """Abort FUSE connection `minor` through fusectl (mounted first if need be): every request pending
+    on it fails and every thread waiting in it wakes up. True if the abort was written."""
+    if not ensure_fusectl():
+        return False
+    try:
+        with open(os.path.join(FUSECTL, str(minor), "abort"), "w") as f:
+            f.write("1")
+    except OSError:
+        return False
+    return True
+
+
 def prepare_mountpoint(path: str) -> str:
     """Check the mountpoint and clear a stale mount left by a crashed daemon; return its real path."""
     real = os.path.realpath(path)
@@ -80,6 +115,10 @@ def prepare_mountpoint(path: str) -> str:
         if not is_stale(real):
             raise ConfigError(f"mountpoint {path} is already mounted")
         log.warning("clearing stale mount at %s left by a daemon that is gone", real)
+        minor = mount_minor(real)
+        # A thread of the dead daemon stuck in the kernel would hold the old connection open: abort it.
+        if minor is not None and abort_connection(minor):
+            log.info("aborted the stale mount's FUSE connection %d", minor)
         fusermount(real, lazy=True)
     if not os.path.exists(real):
         raise ConfigError(f"mountpoint {path} does not exist")
@@ -183,6 +222,8 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._resources: list[Callable[[], None]] = []
+        self._minor: int | None = None
+        self._watchdog: threading.Timer | None = None
 
     def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
         """Mount and serve until unmounted or SIGTERM/SIGINT; raises ModelfsError before mounting."""
@@ -192,6 +233,7 @@ class Daemon:
         if not cfg.mountpoint:
             raise ConfigError("no mountpoint given")
         cache_dir = os.path.abspath(cfg.cache.dir)
+        faults.arm_from_environment()  # test-only fault injection; nothing unless MODELFS_TEST_FAULTS is set
         # Everything that can be checked is checked before anything in the cache dir is touched.
         store = open_store(cfg.source, cfg.s3)
         self._resources.append(store.close)
@@ -217,26 +259,28 @@ class Daemon:
                                on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n))
             self._resources.append(cache.close)
             cache.keep(pinned_blocks(cache_dir, index))  # `modelfs cache pin`: never evicted
-            self.core = ModelFS(cfg, store, index, cache, stats)
+            metrics = Metrics() if cfg.metrics.address else None
+            self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
+                                observe=metrics.fetch_seconds.observe if metrics else None)
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable)
-            if cfg.prefetch.page_cache_push:
-                self.core.prefetcher.push = pyfuse3.notify_store
-            if cfg.metrics.address:
-                metrics = Metrics(self.core.counters, lambda: self.core.health.offline)
-                self.core.fetcher.observe = metrics.fetch_seconds.observe
+            if metrics is not None:
+                metrics.collect_from(self.core.counters, lambda: self.core.health.offline)
                 metrics.serve(cfg.metrics.address)
             pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
         except BaseException:
             self._close()
             raise
         log.info("mounted %s at %s (cache %s)", store.describe(), mountpoint, cache_dir)
+        self._minor = mount_minor(mountpoint)
         try:
             trio.run(self._main, mountpoint, on_ready)
         finally:
             try:
                 pyfuse3.close(unmount=True)
             finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
                 self._close()
             log.info("unmounted %s", mountpoint)
 
@@ -249,9 +293,9 @@ class Daemon:
 
     async def _main(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self.core.start(nursery)
-            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-            nursery.start_soon(self._announce, mountpoint, on_ready)
+            supervisor = self.core.start(nursery)
+            supervisor.spawn(self._watch_signals, nursery.cancel_scope, name="signal handling", restart=True)
+            nursery.start_soon(self._announce, mountpoint, on_ready)  # a failure here fails the mount
             await pyfuse3.main(min_tasks=4, max_tasks=self.cfg.mount.fuse_tasks)
             nursery.cancel_scope.cancel()
 
@@ -270,6 +314,23 @@ class Daemon:
                 await trio.sleep(STATUS_INTERVAL)
                 notify(f"STATUS={self._status()}")
 
+    def _arm_watchdog(self) -> None:
+        """The last resort, in a plain thread (trio may be the one stuck): if the daemon is still not done
+        ABORT_AFTER seconds from now, abort its own FUSE connection, which wakes every thread waiting in
+        the kernel on it, so that trio.run returns and nothing stays in D state."""
+        if self._watchdog is not None or self._minor is None:
+            return
+        minor = self._minor
+
+        def abort() -> None:
+            log.error("still not stopped %g s after the signal: aborting FUSE connection %d", ABORT_AFTER, minor)
+            if not abort_connection(minor):
+                log.error("could not abort FUSE connection %d (fusectl)", minor)
+
+        self._watchdog = threading.Timer(ABORT_AFTER, abort)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
     def _status(self) -> str:
         return status_line(self.core.counters(), self.core.health.offline)
 
@@ -285,6 +346,13 @@ class Daemon:
                     return
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 notify("STOPPING=1\nSTATUS=stopping: unmounting")
+                self._arm_watchdog()
+                gate = self.core.prefetcher.gate
+                if gate is not None:  # no push may be in the kernel once requests stop being answered
+                    gate.close()
+                    if not await gate.drained(PUSH_DRAIN):
+                        log.warning("page-cache pushes still in the kernel %g s after %s", PUSH_DRAIN,
+                                    signal.Signals(signum).name)
                 pyfuse3.terminate()
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 

@@ -8,6 +8,11 @@ Keys are arbitrary strings; names are not. A segment that is empty (`a//b`, a le
 `/` marker object), `.` or `..`, longer than 255 bytes, or holding NUL or bytes that are not UTF-8 is
 hidden (logged once), so no key maps to a path outside the mount. A name that is both an object and a
 prefix (`a` and `a/b`) appears once, as the directory.
+
+Inode lifetime: a node is held while it is in its directory's latest listing, while the kernel holds a
+reference to it (one per LOOKUP reply or readdirplus entry, given back by FORGET: `remember` / `forget`),
+or while it is open (`in_use`). Once none of these holds, it is dropped and `on_drop` tells the core, so
+memory follows what the kernel and the store show, not every ETag ever seen.
 """
 
 from __future__ import annotations
@@ -70,10 +75,14 @@ class Namespace:
     """Inode table and directory cache. `list_dir` is the store's listing, awaited in a worker thread."""
 
     def __init__(self, list_dir: Callable[[str], Awaitable[Listing]], ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, in_use: Callable[[int], bool] = lambda _: False,
+                 on_drop: Callable[[int], None] = lambda _: None) -> None:
         self._list_dir = list_dir
         self.ttl = ttl
         self._clock = clock
+        self._in_use = in_use
+        self._on_drop = on_drop
+        self._lookups: dict[int, int] = {}  # inode -> references the kernel holds
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, ROOT_INODE, "", "")}
         self._next_inode = ROOT_INODE + 1
         self._logged_hidden: set[str] = set()
@@ -82,6 +91,40 @@ class Namespace:
     def root(self) -> Node:
         return self._nodes[ROOT_INODE]
 
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def remember(self, inode: int) -> None:
+        """The kernel got one more reference to `inode`."""
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        """The kernel gave back `nlookup` references to `inode`."""
+        left = self._lookups.get(inode, 0) - nlookup
+        if left > 0:
+            self._lookups[inode] = left
+            return
+        self._lookups.pop(inode, None)
+        self.collect(inode)
+
+    def _listed(self, node: Node) -> bool:
+        """Whether `node` is reachable: its directory holds it and is reachable itself."""
+        while node.inode != ROOT_INODE:
+            parent = self._nodes.get(node.parent)
+            if parent is None or parent.children.get(node.name) is not node:
+                return False
+            node = parent
+        return True
+
+    def collect(self, inode: int) -> None:
+        """Drop `inode` if nothing holds it any more (not listed, no kernel reference, not open)."""
+        node = self._nodes.get(inode)
+        if node is None or inode == ROOT_INODE or inode in self._lookups or self._in_use(inode) or self._listed(node):
+            return
+        del self._nodes[inode]
+        self._on_drop(inode)
+        for child in list(node.children.values()):  # a dropped directory's entries are unreachable too
+            self.collect(child.inode)
     def get(self, inode: int) -> Node:
         try:
             return self._nodes[inode]
@@ -130,6 +173,9 @@ class Namespace:
             new[raw] = node
         directory.children = new
         directory.listed_at = self._clock()
+        for raw, node in old.items():
+            if new.get(raw) is not node:  # replaced (a new ETag) or gone from the store
+                self.collect(node.inode)
 
     def _make(self, parent: Node, name: str, key: str, info: ObjectInfo | None) -> Node:
         node = Node(self._next_inode, parent.inode, name, key, info)

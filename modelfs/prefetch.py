@@ -10,13 +10,13 @@ Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of 
 
 Extents whose blocks are already on disk (a warm load) are mapped and verified here, ahead of the
 loader, so its READs find them mapped and are answered on the trio thread; the others are fetched.
-Extents of a file that is open are pushed into the kernel page cache (`push`, which is FUSE's
-notify_store, injected by the mount; the core knows nothing of FUSE) so that the loader's reads and
-page faults never reach the daemon. Pushes run in their own threads: a push can wait for a page lock
-held by a read request, and that read must still be answerable by the I/O threads. Pushing stops while
-the machine has less than `push_min_available` memory available.
+With page-cache push on, extents of a file that is open are also handed to the kernel page cache
+(`push.PushGate` over FUSE's notify_store, given by the mount; the core knows nothing of FUSE), so the
+loader's reads and page faults never reach the daemon. Pushes run in threads of their own: a push can
+wait for a page lock held by a READ, and that READ must still be answerable.
 
-Workers take GET slots at prefetch priority (`fetch.PrioritySlots`), so demand reads go first.
+Workers take GET buffers at prefetch priority (`buffers.BufferPool`), and map blocks under a limiter of
+their own, so demand reads go first.
 """
 
 from __future__ import annotations
@@ -32,34 +32,22 @@ from dataclasses import dataclass, field
 
 import trio
 
+from modelfs import faults
 from modelfs.cache import BlockCache
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
 from modelfs.extents import Extents, Where
-from modelfs.fetch import Buffer
 from modelfs.namespace import Namespace, Node
+from modelfs.push import PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
-PushFn = Callable[[int, int, Buffer], None]
-
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
-def mem_available() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (0 if unknown: then nothing is pushed)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @dataclass(eq=False)
 class Job:
     """Prefetch of some extents of one file. `push`: also hand them to the page cache."""
@@ -93,7 +81,7 @@ class Prefetcher:
     def __init__(self, cfg: PrefetchConfig, extents: Extents, cache: BlockCache,
                  ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion],
                  is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
-                 max_request: int = 64 << 20) -> None:
+                 max_request: int = 64 << 20, gate: PushGate | None = None) -> None:
         self.cfg = cfg
         self.extents = extents
         self.cache = cache
@@ -104,7 +92,8 @@ class Prefetcher:
         self.io_limiter = io_limiter
         self.workers = workers
         self.max_request = max_request
-        self.push: PushFn | None = None
+        self.gate = gate  # page-cache push: None when off
+        # Pushes have threads of their own: one waiting in the kernel must never hold a demand read's.
         self.push_limiter = trio.CapacityLimiter(2)
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
         # reordering never splits a stream.
@@ -115,13 +104,14 @@ class Prefetcher:
         self._wakeup = trio.Event()
         self._trackers: dict[int, StreamTracker] = {}
         self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
-        self._nursery: trio.Nursery | None = None
+        self._supervisor: Supervisor | None = None
         self._scheduling = 0
 
-    def start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-        for _ in range(self.workers):
-            nursery.start_soon(self._worker)
+    def start(self, supervisor: Supervisor) -> None:
+        """Workers and scheduling steps run supervised: a failure stops one job, never the mount."""
+        self._supervisor = supervisor
+        for i in range(self.workers):
+            supervisor.spawn(self._worker, name=f"prefetch worker {i}", restart=True)
 
     @property
     def queued(self) -> int:
@@ -135,7 +125,7 @@ class Prefetcher:
 
     def opened(self, node: Node) -> None:
         """A file was opened: whole-file and checkpoint-set prefetch as configured."""
-        if self._nursery is None:
+        if self._supervisor is None:
             return
         if self.cfg.whole_file and self.is_checkpoint(node.name):
             self._spawn(self._schedule_whole, node, True)
@@ -143,8 +133,8 @@ class Prefetcher:
             self._spawn(self._schedule_set, node)
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Run a scheduling step in the daemon's nursery (it may read a header or list a directory)."""
-        assert self._nursery is not None
+        """Run a scheduling step, supervised (it may read an index or list a directory)."""
+        assert self._supervisor is not None
         self._scheduling += 1
 
         async def step() -> None:
@@ -153,7 +143,7 @@ class Prefetcher:
             finally:
                 self._scheduling -= 1
 
-        self._nursery.start_soon(step)
+        self._supervisor.spawn(step, name=f"prefetch scheduling ({getattr(fn, '__name__', fn)})")
 
     @property
     def idle(self) -> bool:
@@ -177,6 +167,11 @@ class Prefetcher:
         rng = tracker.on_read(offset, size)
         if rng is not None:
             self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], push=True)
+
+    def forget(self, inode: int) -> None:
+        """The namespace dropped `inode`: nothing of it is kept here either (a job still running ends)."""
+        self._trackers.pop(inode, None)
+        self._pushed.pop(inode, None)
 
     def released(self, node: Node) -> None:
         """The last handle of `node` closed: keep filling the block cache, stop pushing."""
@@ -223,7 +218,7 @@ class Prefetcher:
         return self._submit(node, ver, [s for s, _ in ver.extents()], push)
 
     def _pushing(self) -> bool:
-        return self.push is not None and self.cfg.page_cache_push
+        return self.gate is not None and self.gate.is_open
 
     async def _schedule_set(self, node: Node) -> None:
         """Schedule the other shards of node's checkpoint into the block cache, as space allows."""
@@ -288,20 +283,29 @@ class Prefetcher:
             starts = [start, *self._take_adjacent(job, start)]
             try:
                 if job.error is None:
+                    faults.check("prefetch", job.node.key)
                     if len(starts) == 1:
                         await self._one(job, start)
                     else:
                         await self._many(job, starts)
             except (ModelfsError, OSError) as e:
-                if job.error is None:
-                    job.error = e
-                    job.pending.clear()
-                    log.debug("prefetch of %s stopped: %s", job.node.key, e)
+                self._stop(job, e)
+            except Exception as e:  # a bug: this job stops, the worker and the mount carry on
+                assert self._supervisor is not None
+                self._supervisor.failed(f"the prefetch of {job.node.key}", e)
+                self._stop(job, ModelfsError(f"prefetch of {job.node.key} failed: internal error"))
             finally:
                 job.outstanding -= len(starts)
                 job.completed.extend(starts)
                 if job.finished:
                     self._finish(job)
+
+    @staticmethod
+    def _stop(job: Job, e: BaseException) -> None:
+        if job.error is None:
+            job.error = e
+            job.pending.clear()
+            log.debug("prefetch of %s stopped: %s", job.node.key, e)
 
     def _take_adjacent(self, job: Job, start: int) -> list[int]:
         """Queued extents that directly follow `start`, to fetch with it in one GET of at most
@@ -364,20 +368,7 @@ class Prefetcher:
             self.stats.add(prefetch_bytes=length)
         if job.push and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
             view = await self.extents.mapping(ver, start, length)
-            if view is not None and self.is_open(inode):
-                await trio.to_thread.run_sync(self._push, inode, start, view, limiter=self.push_limiter)
-
-    def _push(self, inode: int, start: int, data: Buffer) -> None:
-        """From a push thread: hand one extent to the kernel page cache, if memory allows."""
-        assert self.push is not None
-        if mem_available() - len(data) < int(self.cfg.push_min_available):
-            self.stats.add(push_skipped_bytes=len(data))
-            return
-        try:
-            self.push(inode, start, data)
-        except OSError as e:
-            self.stats.add(push_errors=1)
-            log.debug("page-cache push of inode %d at %d failed: %s", inode, start, e)
-            return
-        self._pushed.setdefault(inode, set()).add(start)
-        self.stats.add(pushed_bytes=len(data))
+            assert self.gate is not None
+            if view is not None and await trio.to_thread.run_sync(self.gate.push, inode, start, view, self.is_open,
+                                                                  limiter=self.push_limiter):
+                self._pushed.setdefault(inode, set()).add(start)

@@ -33,6 +33,7 @@ class Stats:
     pushed_bytes: int = 0
     push_skipped_bytes: int = 0
     push_errors: int = 0
+    internal_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

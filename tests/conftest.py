@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from modelfs.mount import is_mounted
+from modelfs.mount import abort_connection, alive, is_mounted, mount_minor
 from modelfs.testing.seaweed import SeaweedServer
 
 BUCKET = "models"
@@ -89,6 +89,7 @@ class Mount:
     env: dict[str, str]
     pid: int = 0
     args: list[str] = field(default_factory=list)
+    minor: int | None = None  # the FUSE connection's number under /sys/fs/fuse/connections
 
     def stats(self) -> dict[str, int]:
         return json.loads(os.getxattr(self.path, "user.modelfs.stats"))
@@ -143,6 +144,15 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> 
                           env=full_env, timeout=timeout)
 
 
+def _exited(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while pid and alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -165,7 +175,7 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
             log = cache_dir / "modelfs.log"
             raise AssertionError(f"mount failed: {r.stderr}\n{log.read_text() if log.exists() else ''}")
         pid = int(os.getxattr(path, "user.modelfs.pid"))
-        mount = Mount(source, path, cache_dir, env or {}, pid, list(args), factory=make)
+        mount = Mount(source, path, cache_dir, env or {}, pid, list(args), mount_minor(str(path)), factory=make)
         mounts.append(mount)
         return mount
 
@@ -173,9 +183,10 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     for m in mounts:
         if is_mounted(str(m.path)):
             subprocess.run(["fusermount3", "-uz", str(m.path)], capture_output=True)
-        deadline = time.monotonic() + 10
-        while m.pid and os.path.exists(f"/proc/{m.pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if not _exited(m.pid, 10) and m.minor is not None:
+            # Stuck (a thread in the kernel on this connection): abort our own connection, never anyone else's.
+            abort_connection(m.minor)
+            _exited(m.pid, 5)
         _kill(m.pid)
 
 

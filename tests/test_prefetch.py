@@ -35,7 +35,8 @@ def write_safetensors(path: Path, tensors: dict[str, int], metadata_pad: int = 0
     return data
 
 
-def make_core(src: Path, cache_dir: Path, **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
+def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview], None] | None = None,
+              **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT),
                              "fetch.memory_budget": str(16 * EXTENT), "cache.min_free": "0",
                              **overrides})
@@ -43,7 +44,7 @@ def make_core(src: Path, cache_dir: Path, **overrides: str) -> tuple[ModelFS, Ca
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
     cache = BlockCache(str(cache_dir), store.domain, max_size=int(cfg.cache.max_size),
                        min_free=int(cfg.cache.min_free))
-    core = ModelFS(cfg, store, index, cache)
+    core = ModelFS(cfg, store, index, cache, push=push)
 
     def close() -> None:
         cache.close()
@@ -179,10 +180,9 @@ def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 99_999 for i in range(10)})
-    core, close = make_core(src, tmp_path / "cache", **{"prefetch.push_min_available": "0",
-                                                        "prefetch.page_cache_push": "true"})
     pushed: dict[int, bytes] = {}
-    core.prefetcher.push = lambda inode, off, buf: pushed.__setitem__(off, bytes(buf))
+    core, close = make_core(src, tmp_path / "cache", push=lambda inode, off, buf: pushed.__setitem__(off, bytes(buf)),
+                            **{"prefetch.push_min_available": "0", "prefetch.page_cache_push": "true"})
 
     async def body(core: ModelFS) -> None:
         inode = await lookup(core, "m.safetensors")
