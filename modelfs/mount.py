@@ -81,9 +81,9 @@ def fusermount(path: str, lazy: bool) -> None:
 
 
 def mount_minor(path: str) -> int | None:
-    """The device minor of the mount at `path` from /proc/self/mountinfo (for a FUSE mount: its
-    connection number under fusectl), without touching the mount itself (it may be dead)."""
-    path = os.path.realpath(path)
+    """The device minor of the mount at `path` (a resolved path) from /proc/self/mountinfo: for a FUSE
+    mount, its connection number under fusectl. Touches nothing under `path`: the mount may be dead, or
+    not served yet by this very process."""
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:

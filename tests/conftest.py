@@ -172,6 +172,10 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         cache_dir = cache_dir or tmp_path / f"cache{n}"
         r = cli("mount", source, str(path), "--cache-dir", str(cache_dir), *args, env=env)
         if r.returncode != 0:
+            minor = mount_minor(str(path))
+            if minor is not None:  # mounted, but never answered: abort our own connection, unmount
+                abort_connection(minor)
+                subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
             log = cache_dir / "modelfs.log"
             raise AssertionError(f"mount failed: {r.stderr}\n{log.read_text() if log.exists() else ''}")
         pid = int(os.getxattr(path, "user.modelfs.pid"))

@@ -92,17 +92,19 @@ def test_inodes_the_kernel_still_holds_are_kept(tmp_path: Path) -> None:
 
 @requires_fuse
 def test_forget_through_a_mount_lets_old_versions_go(tmp_path: Path, mounter: Callable[..., Mount]) -> None:
-    """Through a real mount: 100 overwrites, each looked up and read; once the kernel drops its inodes
-    (drop_caches sends FORGET), the daemon holds a handful of inodes, not 100 versions."""
+    """Through a real mount: 100 overwrites, each looked up and read: as the kernel sends FORGET for the
+    replaced inodes (and for the rest after drop_caches), the daemon holds a handful, not 100 versions."""
     src = tmp_path / "src"
     src.mkdir()
     notes = src / "notes.txt"
     rewrite(notes, 0)
     m = mounter(str(src), args=["-o", "mount.metadata_ttl=0"])
+    most = 0
     for i in range(1, 101):
         data = rewrite(notes, i)
         assert (m.path / "notes.txt").read_bytes() == data
-    assert m.stats()["inodes"] > 2
+        most = max(most, m.stats()["inodes"])
+    assert most <= 4, most  # the kernel forgets a replaced inode promptly; the daemon lets it go
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2")  # evict dentries and inodes: the kernel sends FORGET for each

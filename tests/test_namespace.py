@@ -76,6 +76,7 @@ def test_ttl_relist_new_etag_is_new_inode_and_unchanged_keeps_inode() -> None:
 
     async def main() -> None:
         m1 = await ns.lookup(ns.root, "m")
+        ns.remember(m1.inode)  # the kernel holds it (a LOOKUP reply)
         n1 = await ns.lookup(ns.root, "n")
         lister.listings[""] = Listing(objects=[obj("m", '"v2"'), obj("n", '"n1"')])
         now[0] = 5.0
@@ -85,7 +86,10 @@ def test_ttl_relist_new_etag_is_new_inode_and_unchanged_keeps_inode() -> None:
         m2 = await ns.lookup(ns.root, "m")
         assert m2.inode != m1.inode and m2.info is not None and m2.info.etag == '"v2"'
         assert (await ns.lookup(ns.root, "n")) is n1
-        assert ns.get(m1.inode) is m1  # the old version stays addressable for open handles
+        assert ns.get(m1.inode) is m1  # the old version stays addressable while the kernel holds it
+        ns.forget(m1.inode, 1)
+        with pytest.raises(NotFound):
+            ns.get(m1.inode)  # replaced, unreferenced, not open: let go
 
     trio.run(main)
 

@@ -57,8 +57,7 @@ def test_a_long_lived_loop_is_restarted_and_cancellation_still_ends_it() -> None
                 await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
 
-    with trio.testing.MockClock(autojump_threshold=0) as clock:
-        trio.run(main, clock=clock)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert runs == 3 and stats.internal_errors == 2
 
 
@@ -80,10 +79,11 @@ def test_push_gate_pushes_in_chunks_and_stops_between_them_once_closed() -> None
     pushed: list[tuple[int, int]] = []
     entered = threading.Event()
     go_on = threading.Event()
+    hold_second = threading.Event()
 
     def push(inode: int, offset: int, data: memoryview) -> None:
         pushed.append((offset, len(data)))
-        if len(pushed) == 2:  # the second chunk waits in the "kernel" until the test closes the gate
+        if hold_second.is_set() and len(pushed) == 2:  # this chunk waits in the "kernel" for the test
             entered.set()
             go_on.wait(10)
 
@@ -92,6 +92,7 @@ def test_push_gate_pushes_in_chunks_and_stops_between_them_once_closed() -> None
     assert gate.push(7, 0, data[: CHUNK + 1], lambda _: True)
     assert pushed == [(0, CHUNK), (CHUNK, 1)] and stats.pushed_bytes == CHUNK + 1
     pushed.clear()
+    hold_second.set()
 
     result: list[bool] = []
     t = threading.Thread(target=lambda: result.append(gate.push(7, 0, data, lambda _: True)))
