@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfs.cache import BlockCache, block_hash
+from modelfs.cachedir import CacheDir
 from modelfs.errors import ModelfsError
 from modelfs.index import ChunkIndex
-
-PINS = "pins.json"
 
 
 @dataclass
@@ -30,25 +29,26 @@ class CachedModel:
 
 
 def _index(cache_dir: str) -> ChunkIndex:
-    path = os.path.join(cache_dir, "index")
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        raise ModelfsError(f"{cache_dir} is not a modelfs cache dir (no index)")
-    return ChunkIndex(path, 64 << 30)
+    where = CacheDir(cache_dir)
+    if not where.has_index():
+        raise ModelfsError(f"{where} is not a modelfs cache dir (no index)")
+    return ChunkIndex(where.index, 64 << 30)
 
 
 def load_pins(cache_dir: str) -> dict[str, list[str]]:
+    path = CacheDir(cache_dir).pins
     try:
-        with open(os.path.join(cache_dir, PINS)) as f:
+        with open(path) as f:
             pins = json.load(f)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise ModelfsError(f"cannot read {os.path.join(cache_dir, PINS)}: {e}") from None
+        raise ModelfsError(f"cannot read {path}: {e}") from None
     return {str(k): [str(p) for p in v] for k, v in pins.items()}
 
 
 def save_pins(cache_dir: str, pins: dict[str, list[str]]) -> None:
-    path = os.path.join(cache_dir, PINS)
+    path = CacheDir(cache_dir).pins
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump({k: sorted(set(v)) for k, v in pins.items() if v}, f, indent=1)
@@ -74,7 +74,7 @@ def list_models(cache_dir: str) -> list[CachedModel]:
     index = _index(cache_dir)
     pins = load_pins(cache_dir)
     try:
-        blocks = {name for _, _, files in os.walk(os.path.join(cache_dir, "blocks")) for name in files}
+        blocks = {name for _, _, files in os.walk(CacheDir(cache_dir).blocks) for name in files}
         out = []
         for vid, rec in index.versions().items():
             extents = index.extents(vid)
@@ -90,7 +90,7 @@ def verify(cache_dir: str, progress: Callable[[int], object] = lambda n: None) -
     """Hash every block against its name; drop the bad ones. Returns (blocks checked, bad block paths)."""
     checked = 0
     bad: list[str] = []
-    for dirpath, _dirs, files in os.walk(os.path.join(cache_dir, "blocks")):
+    for dirpath, _dirs, files in os.walk(CacheDir(cache_dir).blocks):
         for name in files:
             if ".tmp." in name:
                 continue
@@ -110,7 +110,7 @@ def verify(cache_dir: str, progress: Callable[[int], object] = lambda n: None) -
 
 def total_bytes(cache_dir: str) -> int:
     total = 0
-    for dirpath, _dirs, files in os.walk(os.path.join(cache_dir, "blocks")):
+    for dirpath, _dirs, files in os.walk(CacheDir(cache_dir).blocks):
         for name in files:
             try:
                 total += os.stat(os.path.join(dirpath, name)).st_size
@@ -122,9 +122,7 @@ def total_bytes(cache_dir: str) -> int:
 def gc(cache_dir: str, target: int) -> tuple[int, int]:
     """Evict least recently used, unpinned blocks until the cache holds at most `target` bytes.
     The cache must not be in use (one daemon per cache dir: it keeps its own accounting)."""
-    from modelfs.mount import lock_cache_dir
-
-    lock = lock_cache_dir(cache_dir)
+    lock = CacheDir(cache_dir).lock()
     try:
         index = _index(cache_dir)
         try:

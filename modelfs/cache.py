@@ -12,7 +12,7 @@ fd is closed as soon as the block is mapped, so open files never grow with the c
 
 Space: blocks of every domain under `<cache>/blocks` count against `cache.max_size`, and the cache
 filesystem keeps `cache.min_free` free. Room is made by evicting the least recently used blocks; a block
-that is being read or mapped is pinned and never evicted (an unlinked file that is open stays readable
+that is being mapped is held (`held`) and never evicted (an unlinked file that is open stays readable
 anyway). When no room can be made, or the disk is full regardless (ENOSPC), `put` raises CacheFull and
 the caller serves the bytes from memory: a full cache costs warmth, never a failed read.
 """
@@ -33,6 +33,8 @@ from typing import TypeVar
 
 import xxhash
 
+from modelfs.cachedir import CacheDir
+
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -43,7 +45,7 @@ class _Missing(Exception):
 
 
 class CacheFull(OSError):
-    """No room for a block: quota reached with every block pinned or protected, or the disk is full."""
+    """No room for a block: quota reached with every block held, kept or protected, or the disk is full."""
 
     def __init__(self, why: str) -> None:
         super().__init__(errno.ENOSPC, why)
@@ -75,7 +77,7 @@ class BlockCache:
 
     def __init__(self, root: str, domain: str, on_corrupt: Callable[[bytes], None] | None = None,
                  max_size: int = 0, min_free: int = 0, on_evict: Callable[[int, int], None] | None = None) -> None:
-        self.blocks_root = os.path.join(root, "blocks")
+        self.blocks_root = CacheDir(root).blocks
         self.root = self.domain_root(domain)
         _private_dirs(self.root, depth=2)
         self.max_size = max_size
@@ -83,7 +85,7 @@ class BlockCache:
         self._on_evict = on_evict
         # Every block file of every domain, least recently used first: path -> (size, last use, monotonic).
         self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        self._pins: dict[str, int] = {}
+        self._held: dict[str, int] = {}  # path -> mappings being made of it now
         self._kept: set[str] = set()  # block names of pinned models (`modelfs cache pin`)
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
         self._fs_free_value = 0
@@ -148,18 +150,18 @@ class BlockCache:
                 self._lru.move_to_end(path)
 
     @contextlib.contextmanager
-    def pinned(self, digest: bytes) -> Iterator[str]:
+    def held(self, digest: bytes) -> Iterator[str]:
         """Keep the block from eviction while the caller reads it; yields its path."""
         path = self.path(digest)
         with self._lock:
-            self._pins[path] = self._pins.get(path, 0) + 1
+            self._held[path] = self._held.get(path, 0) + 1
         try:
             yield path
         finally:
             with self._lock:
-                n = self._pins.pop(path) - 1
+                n = self._held.pop(path) - 1
                 if n:
-                    self._pins[path] = n
+                    self._held[path] = n
 
     def _fs_free(self, fresh: bool = False) -> int:
         """Free bytes on the cache filesystem; re-measured at most every 0.5 s (a statvfs per block
@@ -178,7 +180,7 @@ class BlockCache:
 
     def _evictable(self, path: str) -> bool:
         """Not being read or mapped, and not of a pinned model (call with the lock held)."""
-        return path not in self._pins and os.path.basename(path) not in self._kept
+        return path not in self._held and os.path.basename(path) not in self._kept
 
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting blocks that could be evicted (only those last used before
@@ -196,11 +198,11 @@ class BlockCache:
 
     def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
                   partial: bool = False) -> bool:
-        """Evict least recently used, unpinned blocks until `nbytes` fit; False (evicting nothing) if
+        """Evict least recently used blocks (not held, not kept) until `nbytes` fit; False (evicting nothing) if
         they cannot.
 
         Blocks last used at or after `protect_since` are kept (prefetch must not evict what the load it
-        serves has just fetched or read); with None any unpinned block may go. `reserve` holds the room
+        serves has just fetched or read); with None any block not held or kept may go. `reserve` holds the room
         for a write in progress, so concurrent writers cannot together overshoot the quota. `partial`
         evicts what it can even when that is not enough (`modelfs cache gc` with pinned models).
         """
@@ -289,13 +291,13 @@ class BlockCache:
         faults every page in now, in the caller's (worker) thread, rather than later in a READ. The
         mapping stays valid if the block is evicted meanwhile; the fd is closed at once.
         """
-        with self.pinned(digest) as path:
-            m = self._map_pinned(digest, path, length, populate)
+        with self.held(digest) as path:
+            m = self._map_held(digest, path, length, populate)
         if m is not None:
             self._touch(path)
         return m
 
-    def _map_pinned(self, digest: bytes, path: str, length: int, populate: bool) -> mmap.mmap | None:
+    def _map_held(self, digest: bytes, path: str, length: int, populate: bool) -> mmap.mmap | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

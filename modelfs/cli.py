@@ -17,6 +17,7 @@ import time
 from typing import Any, NoReturn
 
 from modelfs import __version__
+from modelfs.cachedir import CacheDir
 from modelfs.config import Config, load_config
 from modelfs.errors import ModelfsError
 from modelfs.logs import setup_logging
@@ -87,15 +88,13 @@ def _run_foreground(cfg: Config, ready_fd: int | None) -> int:
 
 def _spawn_daemon(cfg: Config, argv: list[str]) -> int:
     """Start the daemon in its own session and return once it reports the mount ready."""
-    cache_dir = os.path.abspath(cfg.cache.dir)
+    cache_dir = CacheDir(cfg.cache.dir)
+    cache_dir.create()
+    log_path = os.path.abspath(cfg.log.file or cache_dir.log)
     try:
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        log_path = os.path.abspath(cfg.log.file or os.path.join(cache_dir, "modelfs.log"))
         log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child
-    except FileExistsError:
-        raise ModelfsError(f"cache dir {cache_dir} is not a directory") from None
     except OSError as e:
-        raise ModelfsError(f"cache dir {cache_dir} is not writable: {e.strerror}") from None
+        raise ModelfsError(f"cannot write the log {log_path}: {e.strerror}") from None
     r, w = os.pipe()
     # The child parses the same command line (and environment) again, in the foreground.
     child_argv = [sys.executable, "-m", "modelfs", *argv, "--foreground", "--ready-fd", str(w), "--log-file", log_path]
@@ -236,31 +235,15 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_du(args: argparse.Namespace) -> int:
     """Logical, unique, cached and still-to-fetch bytes per file and in total (dedup across files)."""
-    files = _files_under(args.paths)
-    seen: dict[str, tuple[int, bool]] = {}  # hash -> (length, cached), over every file
-    totals = {"logical": 0, "unique": 0, "cached": 0, "to_fetch": 0}
-    rows: list[tuple[str, dict[str, int]]] = []
-    for path, _ in files:
+    from modelfs.extents import usage
+
+    maps: list[tuple[str, dict[str, object]]] = []
+    for path, _ in _files_under(args.paths):
         try:
-            info = json.loads(os.getxattr(path, "user.modelfs.extents"))
+            maps.append((path, json.loads(os.getxattr(path, "user.modelfs.extents"))))
         except OSError as e:
             raise ModelfsError(f"{path} is not on a modelfs mount ({e.strerror})") from None
-        row = {"logical": int(info["size"]), "unique": 0, "cached": 0, "to_fetch": 0}
-        own: set[str] = set()
-        for digest, length, cached in info["extents"]:
-            if digest is not None and digest in own:
-                continue
-            if digest is not None:
-                own.add(digest)
-            row["unique"] += length
-            row["cached" if cached else "to_fetch"] += length
-            if digest is None or digest not in seen:
-                totals["unique"] += length
-                totals["cached" if cached else "to_fetch"] += length
-                if digest is not None:
-                    seen[digest] = (length, cached)
-        totals["logical"] += row["logical"]
-        rows.append((path, row))
+    rows, totals = usage(maps)
     if args.json:
         print(json.dumps({"files": dict(rows), "total": totals}, indent=2))
         return 0

@@ -70,8 +70,8 @@ class ModelFS:
                                self.prefetch_limiter, cfg.fetch.deadline)
         gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
             if push is not None and cfg.prefetch.page_cache_push else None
-        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, cache, self.ns, self.stats, self.version,
-                                     self.is_open, self.prefetch_limiter,
+        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self, cache, self.ns, self.stats,
+                                     self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
                                      max_request=int(cfg.fetch.max_request), gate=gate)
         self._versions: dict[int, FileVersion] = {}

@@ -241,3 +241,30 @@ class Extents:
         if ext is None:
             return None, Where.MISSING
         return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING
+
+
+def usage(maps: list[tuple[str, dict[str, object]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
+    """`modelfs du`: from each file's extent map (`ModelFS.extent_map`: size, and [hash or None, length,
+    cached] per extent), its logical, unique, cached and still-to-fetch bytes, and the totals with every
+    extent shared between files counted once (extents of unknown hash count as their own)."""
+    seen: set[str] = set()
+    totals = {"logical": 0, "unique": 0, "cached": 0, "to_fetch": 0}
+    rows: list[tuple[str, dict[str, int]]] = []
+    for path, info in maps:
+        row = {"logical": int(info["size"]), "unique": 0, "cached": 0, "to_fetch": 0}  # type: ignore[call-overload]
+        own: set[str] = set()
+        for digest, length, cached in info["extents"]:  # type: ignore[attr-defined]
+            if digest is not None and digest in own:
+                continue
+            if digest is not None:
+                own.add(digest)
+            row["unique"] += length
+            row["cached" if cached else "to_fetch"] += length
+            if digest is None or digest not in seen:
+                totals["unique"] += length
+                totals["cached" if cached else "to_fetch"] += length
+                if digest is not None:
+                    seen.add(digest)
+        totals["logical"] += row["logical"]
+        rows.append((path, row))
+    return rows, totals

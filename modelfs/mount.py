@@ -7,7 +7,6 @@ process and returns once `serve()` reports that the mount answers.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ import trio
 from modelfs import faults
 from modelfs.admin import pinned_blocks
 from modelfs.cache import BlockCache
+from modelfs.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.core import ModelFS
 from modelfs.errors import ConfigError, ModelfsError, StoreUnreachable
@@ -132,24 +132,6 @@ def prepare_mountpoint(path: str) -> str:
     return real
 
 
-def lock_cache_dir(path: str) -> int:
-    """One daemon per cache dir (LMDB has one writer); returns the held lock fd."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise ConfigError(f"cache dir {path} is not writable: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"cache dir {path} is in use by another modelfs daemon (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def fuse_options(cfg: Config) -> set[str]:
     opts = {"ro", "nodev", "nosuid", "noatime", "default_permissions", "fsname=modelfs", "subtype=modelfs"}
     if cfg.mount.allow_other:
@@ -232,7 +214,7 @@ class Daemon:
             raise ConfigError("no source given (s3://BUCKET/PREFIX or a directory)")
         if not cfg.mountpoint:
             raise ConfigError("no mountpoint given")
-        cache_dir = os.path.abspath(cfg.cache.dir)
+        cache_dir = CacheDir(cfg.cache.dir)
         faults.arm_from_environment()  # test-only fault injection; nothing unless MODELFS_TEST_FAULTS is set
         # Everything that can be checked is checked before anything in the cache dir is touched.
         store = open_store(cfg.source, cfg.s3)
@@ -244,21 +226,21 @@ class Daemon:
                 check_within(store.check, cfg.fetch.deadline, store.describe())
             except StoreUnreachable as e:
                 unreachable = e
-                if not os.path.exists(os.path.join(cache_dir, "index", "data.mdb")):
+                if not cache_dir.has_index():
                     raise StoreUnreachable(f"{e}, and the cache holds nothing of it to serve offline") from None
-            lock_fd = lock_cache_dir(cache_dir)
+            lock_fd = cache_dir.lock()
             self._resources.append(lambda: os.close(lock_fd))
-            index = ChunkIndex(os.path.join(cache_dir, "index"), int(cfg.cache.index_map_size))
+            index = ChunkIndex(cache_dir.index, int(cfg.cache.index_map_size))
             self._resources.append(index.close)
             if unreachable is not None and index.load_listing(store.identity, "") is None:
                 raise StoreUnreachable(f"{unreachable}, and the cache holds no listing of it to serve offline")
             stats = Stats()
-            cache = BlockCache(cache_dir, store.domain,
+            cache = BlockCache(cache_dir.path, store.domain,
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
                                min_free=int(cfg.cache.min_free),
                                on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n))
             self._resources.append(cache.close)
-            cache.keep(pinned_blocks(cache_dir, index))  # `modelfs cache pin`: never evicted
+            cache.keep(pinned_blocks(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None
             self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
                                 observe=metrics.fetch_seconds.observe if metrics else None)

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -48,6 +49,15 @@ log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
+class OpenFiles(Protocol):
+    """What the prefetcher needs of the files it serves (the core): a node's version, and whether it is
+    open (pushes and mapping ahead are for open files only)."""
+
+    def version(self, node: Node) -> FileVersion: ...
+
+    def is_open(self, inode: int) -> bool: ...
+
+
 @dataclass(eq=False)
 class Job:
     """Prefetch of some extents of one file. `push`: also hand them to the page cache."""
@@ -78,17 +88,16 @@ class Job:
 class Prefetcher:
     """Schedules prefetch jobs and runs them on `workers` tasks in the daemon's nursery."""
 
-    def __init__(self, cfg: PrefetchConfig, extents: Extents, cache: BlockCache,
-                 ns: Namespace, stats: Stats, version_of: Callable[[Node], FileVersion],
-                 is_open: Callable[[int], bool], io_limiter: trio.CapacityLimiter, workers: int,
+    def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: BlockCache,
+                 ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20, gate: PushGate | None = None) -> None:
         self.cfg = cfg
         self.extents = extents
         self.cache = cache
         self.ns = ns
         self.stats = stats
-        self.version_of = version_of
-        self.is_open = is_open
+        self.version_of = files.version
+        self.is_open = files.is_open
         self.io_limiter = io_limiter
         self.workers = workers
         self.max_request = max_request

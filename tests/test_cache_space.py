@@ -44,10 +44,10 @@ def test_a_block_being_read_is_never_evicted(tmp_path: Path) -> None:
     a, b, c = blocks(3)
     cache.put(block_hash(a), a)
     cache.put(block_hash(b), b)
-    with cache.pinned(block_hash(a)):
+    with cache.held(block_hash(a)):
         cache.put(block_hash(c), c)  # a is oldest but pinned: b goes
         assert cache.contains(block_hash(a)) and not cache.contains(block_hash(b))
-    with cache.pinned(block_hash(a)), cache.pinned(block_hash(c)), pytest.raises(CacheFull):
+    with cache.held(block_hash(a)), cache.held(block_hash(c)), pytest.raises(CacheFull):
         cache.put(block_hash(b), b)  # everything pinned: no room, nothing written
     assert cache.bytes_stored <= 2 * BLOCK
     assert not any(".tmp." in f.name for f in (tmp_path / "blocks").rglob("*"))

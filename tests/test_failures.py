@@ -21,7 +21,7 @@ import pytest
 
 from modelfs.cache import block_hash
 from modelfs.index import ChunkIndex
-from modelfs.mount import is_mounted, is_stale
+from modelfs.mount import alive, is_mounted, is_stale
 from tests.conftest import Checkpoint, Mount, requires_fuse
 from tests.conftest import sha256_file as sha
 
@@ -83,17 +83,27 @@ def test_kill_9_during_prefetch_then_restart_is_clean(s3: tuple[str, dict[str, s
     f = open(m.path / checkpoint.hf_dir / "model.safetensors.index.json", "rb")  # noqa: SIM115
     f.read()  # schedules every shard: heavy prefetch
     deadline = time.monotonic() + 60
-    while m.stats()["gets"] < 3 and time.monotonic() < deadline:
+    while not (m.stats()["gets"] >= 3 and m.stats()["fetches_in_flight"] > 0) and time.monotonic() < deadline:
         time.sleep(0.01)
+    st = m.stats()
+    assert st["gets"] >= 3 and st["fetches_in_flight"] > 0, st  # killed in the middle of fetching
     os.kill(m.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         f.close()  # the daemon is gone: ECONNABORTED
-    while os.path.exists(f"/proc/{m.pid}") and "Z" not in Path(f"/proc/{m.pid}/stat").read_text().split()[2]:
+    deadline = time.monotonic() + 30
+    while alive(m.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert not alive(m.pid)
     assert is_mounted(str(m.path)) and is_stale(str(m.path))
+    # What a kill in the middle of a block write leaves (whether or not this kill landed in one): a temp
+    # file beside the final name. The restart must sweep it, and never serve or index it.
+    left = [p for p in block_files(m.cache_dir) if ".tmp." in p.name]
+    some_block = next(p for p in block_files(m.cache_dir) if ".tmp." not in p.name)
+    planted = some_block.with_name(f"{'ab' * 16}.tmp.{m.pid}.7")
+    planted.write_bytes(some_block.read_bytes()[:1000])
     again = m.remount()  # clears the stale mount by itself
     assert not is_stale(str(again.path))
-    assert not [p for p in block_files(m.cache_dir) if ".tmp." in p.name]
+    assert not [p for p in block_files(m.cache_dir) if ".tmp." in p.name], (left, planted)
     assert_identical(again, checkpoint)
     again.umount()
     assert check_index_consistent(m.cache_dir) > 0

@@ -8,7 +8,6 @@ import mmap
 import os
 import random
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +34,15 @@ def test_tree_sizes_and_ls(backend: tuple[str, dict[str, str]], checkpoint: Chec
     assert r.returncode == 0 and "model.safetensors.index.json" in r.stdout
     st = (m.path / checkpoint.torch_file).stat()
     assert st.st_mode & 0o777 == 0o444 and (m.path / "run42").stat().st_mode & 0o777 == 0o555
-    if source.startswith("s3://"):  # LastModified is the upload time, at 1 s resolution
-        assert abs(st.st_mtime - time.time()) < 3600
+    if source.startswith("s3://"):  # the object's LastModified (upload time, 1 s resolution)
+        import boto3
+
+        bucket, _, prefix = source.removeprefix("s3://").partition("/")
+        head = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).head_object(
+            Bucket=bucket, Key=prefix + checkpoint.torch_file)
+        assert st.st_mtime == head["LastModified"].timestamp()
     else:
         assert abs(st.st_mtime - (checkpoint.root / checkpoint.torch_file).stat().st_mtime) < 1e-3
     assert os.path.isdir(m.path / checkpoint.hf_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from modelfs import mount
 from modelfs.mount import is_mounted
 from modelfs.testing.faultproxy import Fault, FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
@@ -99,8 +100,10 @@ def test_sigterm_with_a_blocked_reader_unmounts_and_exits(seaweed: SeaweedServer
             assert proxy.wait_stalled(1, timeout=60)
             began = time.monotonic()
             daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=60) == 0  # within its 5 s grace; bounded here only as a safety net
-            print(f"SIGTERM with a blocked reader: daemon exited after {time.monotonic() - began:.1f} s")
+            assert daemon.wait(timeout=60) == 0
+            # The blocked READ is cancelled once the grace has passed, and answered: the daemon is gone well
+            # before the watchdog's fusectl abort would be needed (a bound that catches a hang, not a timing).
+            assert time.monotonic() - began < mount.ABORT_AFTER, time.monotonic() - began
             assert not is_mounted(str(mnt))
             assert reader.wait(timeout=60) != 0  # the blocked reader got an error, not a hang
         finally:

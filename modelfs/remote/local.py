@@ -11,7 +11,7 @@ import stat
 from collections.abc import Sequence
 
 from modelfs.errors import ConfigError, NotFound, StoreError, VersionChanged
-from modelfs.remote import Listing, ObjectInfo
+from modelfs.remote.base import Listing, ObjectInfo
 
 
 def _etag(st: os.stat_result) -> str:

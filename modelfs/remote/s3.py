@@ -21,7 +21,7 @@ from botocore.config import Config as BotoConfig
 
 from modelfs.errors import ConfigError, NotFound, StoreError, StoreUnreachable, VersionChanged
 from modelfs.logs import register_secret
-from modelfs.remote import Listing, ObjectInfo
+from modelfs.remote.base import Listing, ObjectInfo
 
 if TYPE_CHECKING:
     from modelfs.config import S3Config

@@ -1,0 +1,66 @@
+"""The store interface: what the core needs from S3 or a local directory, and nothing more.
+
+Every method blocks (network or disk), so the core calls them from worker threads under trio
+CapacityLimiters. Keys are relative to the source root ("" is the root; directory prefixes end in "/").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One immutable version of an object: (key, ETag, size) never changes its bytes."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+@dataclass
+class Listing:
+    """One level of a delimiter listing: raw child names, unsanitized (the namespace decides)."""
+
+    dirs: list[str] = field(default_factory=list)
+    objects: list[tuple[str, ObjectInfo]] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """A read-only object store. Implementations: `remote.s3.S3Store`, `remote.local.LocalStore`."""
+
+    #: Stable identity of the source (for version ids and the dedup trust domain); no secrets.
+    identity: str
+    #: Trust domain: blocks are shared by content only between sources of one domain.
+    domain: str
+
+    def describe(self) -> str:
+        """A human-readable name for logs and errors; never contains credentials."""
+        ...
+
+    def check(self) -> None:
+        """Fail with one clear StoreError if the store cannot be used (unreachable, no bucket, denied)."""
+        ...
+
+    def list_dir(self, prefix: str) -> Listing:
+        """List the direct children of `prefix` ("" or "a/b/")."""
+        ...
+
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+        """Fill `views`, in order, with the bytes of version `obj` from `start` on (one ranged request for
+        all of them: they are consecutive in the object); VersionChanged if it was overwritten. The caller
+        owns the buffers (`buffers.BufferPool`), so nothing is allocated per request."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def read_bytes(store: Store, obj: ObjectInfo, start: int, length: int) -> bytes:
+    """`length` bytes of `obj` from `start` as a new bytes object (small metadata reads: manifests)."""
+    buf = bytearray(length)
+    if length:
+        store.read_into(obj, start, [memoryview(buf)])
+    return bytes(buf)

@@ -1,0 +1,128 @@
+"""An in-memory object store that implements the `remote.Store` interface for real, with faults to inject.
+
+For tests of the core without a mount or a server (the integration tests keep SeaweedFS and the fault
+proxy): objects with ETags (a new one on every put, as S3 gives), delimiter listings, ranged reads into
+the caller's buffers with If-Match semantics (an overwritten or deleted object is `VersionChanged`). It
+records every ranged read, and misbehaves on request, as Mountpoint's failure client does:
+
+- `fail_reads(n, error)`: the next n ranged reads raise `error` (a countdown);
+- `stall_reads()` / `release()`: ranged reads block (in their worker thread) until released;
+- `unreachable = True`: every call raises `StoreUnreachable`, as a store that cannot be reached does.
+
+Thread-safe: the core calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
+from modelfs.errors import NotFound, StoreError, StoreUnreachable, VersionChanged
+from modelfs.remote.base import Listing, ObjectInfo
+
+
+class MemoryStore:
+    """Objects under keys like S3's (no leading '/', '/' separates levels)."""
+
+    def __init__(self, name: str = "mem") -> None:
+        self.identity = f"mem:{name}"
+        self.domain = self.identity
+        self.unreachable = False
+        self._objects: dict[str, tuple[ObjectInfo, bytes]] = {}
+        self._etags = itertools.count(1)
+        self._lock = threading.Lock()
+        self._fail: list[BaseException] = []
+        self._stalled = threading.Event()
+        self._stalled.set()  # set = not stalled
+        self.reads: list[tuple[str, int, int]] = []  # (key, start, length) of every ranged read
+        self.waiting = 0  # ranged reads blocked in a stall right now
+
+    # -- set-up by tests ---------------------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        with self._lock:
+            info = ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time())
+            self._objects[key] = (info, bytes(data))
+        return info
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def fail_reads(self, n: int, error: BaseException) -> None:
+        """The next `n` ranged reads raise `error`."""
+        with self._lock:
+            self._fail += [error] * n
+
+    def stall_reads(self) -> None:
+        self._stalled.clear()
+
+    def release(self) -> None:
+        self._stalled.set()
+
+    # -- the Store interface -----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return self.identity
+
+    def _reachable(self) -> None:
+        if self.unreachable:
+            raise StoreUnreachable(f"store {self.identity} cannot be reached")
+
+    def check(self) -> None:
+        self._reachable()
+
+    def list_dir(self, prefix: str) -> Listing:
+        self._reachable()
+        listing = Listing()
+        dirs: set[str] = set()
+        with self._lock:
+            objects = sorted(self._objects.items())
+        for key, (info, _) in objects:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            head, sep, _ = rest.partition("/")
+            if sep:
+                dirs.add(head)
+            else:
+                listing.objects.append((rest, info))
+        listing.dirs = sorted(dirs)
+        if prefix and not listing.dirs and not listing.objects:
+            raise NotFound(f"no such directory: {prefix}")
+        return listing
+
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+        length = sum(len(v) for v in views)
+        with self._lock:
+            self.reads.append((obj.key, start, length))
+            error = self._fail.pop(0) if self._fail else None
+        self._reachable()
+        if error is not None:
+            raise error
+        if not self._stalled.is_set():
+            with self._lock:
+                self.waiting += 1
+            try:
+                self._stalled.wait()
+            finally:
+                with self._lock:
+                    self.waiting -= 1
+        with self._lock:
+            current = self._objects.get(obj.key)
+        if current is None:
+            raise VersionChanged(f"{obj.key} was removed from the store")
+        info, data = current
+        if info.etag != obj.etag:
+            raise VersionChanged(f"{obj.key} was overwritten in the store")
+        if start + length > len(data):
+            raise StoreError(f"range {start}+{length} beyond the end of {obj.key}")
+        pos = start
+        for v in views:
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+
+    def close(self) -> None:
+        self.release()

@@ -1,0 +1,203 @@
+"""The core's failure behaviour without a mount: an in-memory store that misbehaves on request
+(`modelfs.testing.memstore`), the core under trio's MockClock where time matters.
+
+Covered here: the fetch deadline, offline refusal, the offline probe, the listing saved for offline use,
+serving from memory when the cache has no room, coalesced GETs up to fetch.max_request. The same cases
+run against SeaweedFS and the fault proxy through real mounts in test_remote_faults.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from modelfs.cache import BlockCache
+from modelfs.config import load_config
+from modelfs.core import ModelFS
+from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
+from modelfs.index import ChunkIndex
+from modelfs.manifest import KEY as MANIFEST_KEY
+from modelfs.manifest import FileEntry, Manifest, file_extents
+from modelfs.testing.memstore import MemoryStore
+
+EXTENT = 64 * 1024
+QUIET = {"prefetch.whole_file": "false", "prefetch.sequential": "false", "prefetch.checkpoint_sets": "false"}
+
+
+def run(store: MemoryStore, cache_dir: Path, body: Callable[[ModelFS], Awaitable[None]], max_size: int = 0,
+        **overrides: str) -> ModelFS:
+    """A fresh core (a new daemon) over `store` and `cache_dir`, under a MockClock that jumps ahead once
+    every task has waited half a real second (worker threads keep real time)."""
+    cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT), "cache.min_free": "0",
+                             "fetch.deadline": "30", "fetch.probe_interval": "5", **QUIET, **overrides})
+    index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
+    cache = BlockCache(str(cache_dir), store.domain, max_size=max_size)
+    core = ModelFS(cfg, store, index, cache)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            core.start(nursery)
+            with trio.fail_after(600):  # virtual seconds: a read that never returns fails the test
+                await body(core)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
+    finally:
+        store.release()
+        index.close()
+    return core
+
+
+async def open_file(core: ModelFS, name: str) -> int:
+    node = await core.lookup(1, name)
+    return core.open(node.inode, os.O_RDONLY)
+
+
+def test_a_stalled_store_fails_the_read_at_the_deadline_and_the_next_read_fetches_afresh(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(3 * EXTENT)
+    store.put("w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        fh = await open_file(core, "w.bin")
+        store.stall_reads()
+        began = trio.current_time()
+        with pytest.raises(StoreError, match=r"fetch\.deadline") as failed:
+            await core.read(fh, 0, 100)
+        assert failed.value.errno == errno.EIO
+        assert trio.current_time() - began == pytest.approx(30, abs=1)  # the deadline, in virtual time
+        assert core.stats.read_timeouts == 1 and core.fetcher.in_flight == 0  # the stuck flight is forgotten
+        got: list[bytes] = []
+
+        async def again() -> None:
+            got.append(bytes(await core.read(fh, 0, 100)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(again)
+            while store.waiting < 2:  # a fresh GET beside the abandoned one, not a join of it
+                await trio.sleep(0.01)
+            store.release()
+        assert got == [data[:100]] and len(store.reads) == 2
+
+    run(store, tmp_path / "cache", body)
+
+
+def test_an_unreachable_store_turns_uncached_reads_into_instant_errors_and_the_probe_ends_it(tmp_path: Path) -> None:
+    store = MemoryStore()
+    cached, uncached = os.urandom(2 * EXTENT), os.urandom(2 * EXTENT)
+    store.put("cached.bin", cached)
+    store.put("uncached.bin", uncached)
+
+    async def body(core: ModelFS) -> None:
+        fh_c = await open_file(core, "cached.bin")
+        fh_u = await open_file(core, "uncached.bin")
+        assert bytes(await core.read(fh_c, 0, len(cached))) == cached
+        store.unreachable = True
+        with pytest.raises(StoreUnreachable):
+            await core.read(fh_u, 0, 100)  # the GET that finds the store gone
+        assert core.health.offline
+        reads = len(store.reads)
+        with pytest.raises(StoreUnreachable) as refused:
+            await core.read(fh_u, EXTENT, 100)
+        assert refused.value.errno == errno.EIO and "offline mode" in str(refused.value)
+        assert len(store.reads) == reads and core.stats.offline_misses == 1  # refused without asking the store
+        assert bytes(await core.read(fh_c, 0, len(cached))) == cached  # cached bytes still load
+        await trio.sleep(12)  # probes every 5 s find the store still gone
+        assert core.health.offline
+        store.unreachable = False
+        await trio.sleep(6)
+        assert not core.health.offline  # the next probe ended offline mode
+        assert bytes(await core.read(fh_u, EXTENT, 100)) == uncached[EXTENT:EXTENT + 100]
+
+    run(store, tmp_path / "cache", body)
+
+
+def test_a_daemon_started_while_the_store_is_unreachable_serves_the_saved_listing(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(EXTENT + 7)
+    store.put("ckpt/w.bin", data)
+    store.put("ckpt/never-read.bin", b"x" * 100)
+
+    async def first(core: ModelFS) -> None:
+        ckpt = await core.lookup(1, "ckpt")
+        fh = core.open((await core.lookup(ckpt.inode, "w.bin")).inode, os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, len(data))) == data
+
+    run(store, tmp_path / "cache", first)
+    store.unreachable = True
+
+    async def offline(core: ModelFS) -> None:
+        core.health.mark_unreachable(StoreUnreachable("gone"))  # as the mount does when its check fails
+        ckpt = await core.lookup(1, "ckpt")
+        names = {n.name for n in (await core.ns.children(ckpt)).values()}
+        assert names == {"w.bin", "never-read.bin"}  # from the listing saved in the index
+        fh = core.open((await core.lookup(ckpt.inode, "w.bin")).inode, os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, len(data))) == data  # from the block cache
+        fh2 = core.open((await core.lookup(ckpt.inode, "never-read.bin")).inode, os.O_RDONLY)
+        with pytest.raises(ModelfsError) as e:
+            await core.read(fh2, 0, 10)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(ModelfsError):
+            await core.lookup(1, "never-listed")
+
+    run(store, tmp_path / "cache", offline)
+
+
+def test_a_cache_with_no_room_serves_from_memory(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(3 * EXTENT)
+    store.put("w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        fh = await open_file(core, "w.bin")
+        for _ in range(2):
+            got = b"".join([bytes(await core.read(fh, off, EXTENT)) for off in range(0, len(data), EXTENT)])
+            assert got == data
+        assert core.stats.cache_full_skips == 6 and core.cache.blocks_stored == 0
+        assert len(store.reads) == 6  # nothing could be kept: every read fetched again
+
+    run(store, tmp_path / "cache", body, max_size=EXTENT // 2)  # smaller than one extent: never room
+
+
+def write_safetensors(path: Path, sizes: list[int]) -> None:
+    header = {f"t{i}": {"dtype": "U8", "shape": [n], "data_offsets": [sum(sizes[:i]), sum(sizes[:i + 1])]}
+              for i, n in enumerate(sizes)}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + os.urandom(sum(sizes)))
+
+
+def test_adjacent_manifest_extents_are_fetched_in_requests_up_to_max_request(tmp_path: Path) -> None:
+    """A published file of many small tensors: whole-file prefetch coalesces adjacent uncached extents
+    into ranged GETs of at most fetch.max_request bytes, each extent still stored and verified alone."""
+    local = tmp_path / "m.safetensors"
+    write_safetensors(local, [20_000 + 37 * i for i in range(60)])
+    data = local.read_bytes()
+    store = MemoryStore()
+    info = store.put("m.safetensors", data)
+    extents = file_extents(str(local), EXTENT)
+    store.put(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
+    max_request = 256 * 1024
+
+    async def body(core: ModelFS) -> None:
+        await core.ns.children(core.ns.root)  # lists the prefix: reads its manifest
+        node = await core.lookup(1, "m.safetensors")
+        assert core.version(node).layout is not None  # the manifest's extents are used
+        assert (await core.warm(node.inode))["fetched"] == len(data)
+        fh = core.open(node.inode, os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        gets = [r for r in store.reads if r[0] == "m.safetensors"]
+        assert all(length <= max_request for _, _, length in gets)
+        assert sum(length for _, _, length in gets) == len(data)  # every byte once
+        assert len(gets) < len(extents) / 4  # coalesced: far fewer GETs than extents
+        assert core.cache.blocks_stored == len({d for _, _, d in extents})  # each extent its own block
+
+    run(store, tmp_path / "cache", body, **{"prefetch.whole_file": "true", "fetch.max_request": str(max_request)})
