@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-knobs bench-dedup system venv clean
+.PHONY: demo test lint bench bench-knobs bench-dedup system venv clean install uninstall
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -39,6 +39,13 @@ bench-knobs: venv
 
 bench-dedup: venv
 	$(PY) bench/dedup.py
+
+# A host install matching systemd/modelfs@.service (root; DESTDIR= installs under another root).
+install: system
+	DESTDIR=$(DESTDIR) sh daemon/install.sh install
+
+uninstall:
+	DESTDIR=$(DESTDIR) sh daemon/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

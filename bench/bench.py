@@ -55,7 +55,7 @@ PREFIX = "ckpt/"
 HERE = Path(__file__).resolve().parent
 LOADER = HERE / "loader.py"
 RESULTS = HERE / "results"
-SYSTEMS = ("local", "s5cmd", "rclone", "s3fs", "modelfs", "modelfs-push")
+SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-push")
 
 
 def say(msg: str) -> None:
@@ -86,12 +86,13 @@ class LoadOut:
 class LoadProc:
     """A loader child, imported and waiting: the parent drops caches, then releases it with go()."""
 
-    def __init__(self, path: Path, verify: Path | None, timeout: float) -> None:
+    def __init__(self, path: Path | str, verify: Path | None, timeout: float, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.timeout = timeout
         self.err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        argv = [sys.executable, str(LOADER), str(path), *(["--verify", str(verify)] if verify else [])]
+        argv = [sys.executable, str(LOADER), str(path), *(["--verify", str(verify)] if verify else []), *extra]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-                                     bufsize=0, start_new_session=True)
+                                     bufsize=0, start_new_session=True, env={**os.environ, **(env or {})})
         self.buf = b""
         self.t0 = 0.0
         self._read(lambda b: b"ready\n" in b, time.monotonic() + 120)
@@ -149,12 +150,13 @@ class LoadProc:
 
 
 @contextlib.contextmanager
-def loaders(paths: list[Path], verify: list[Path | None], timeout: float) -> Iterator[list[LoadProc]]:
+def loaders(paths: list[Path | str], verify: list[Path | None], timeout: float, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[list[LoadProc]]:
     """Several loader children at once; every one is killed on the way out if it is still running."""
     procs: list[LoadProc] = []
     try:
         for p, v in zip(paths, verify, strict=True):
-            procs.append(LoadProc(p, v, timeout))
+            procs.append(LoadProc(p, v, timeout, extra, env))
         yield procs
     finally:
         for lp in procs:
@@ -186,11 +188,12 @@ class Bench:
         self.tensors = len(index["weight_map"])
         self.tensor_bytes = int(index["metadata"]["total_size"])
 
-    def load(self, path: Path, *, verify: bool = False, drop: bool = False,
-             before: Callable[[], None] | None = None, daemon: int = 0) -> LoadOut:
+    def load(self, path: Path | str, *, verify: bool = False, drop: bool = False,
+             before: Callable[[], None] | None = None, daemon: int = 0, extra: tuple[str, ...] = (),
+             env: dict[str, str] | None = None) -> LoadOut:
         """One timed load in a fresh process; ``before`` (a download) runs inside the timing. With a
         ``daemon`` pid, also the CPU that daemon spent serving it."""
-        with loaders([path], [self.src if verify else None], self.timeout) as (lp,):
+        with loaders([path], [self.src if verify else None], self.timeout, extra, env) as (lp,):
             if drop:
                 drop_caches()
             c0 = cpu_seconds(daemon) if daemon else 0.0
@@ -262,6 +265,21 @@ class Bench:
             say(f"s5cmd cold {i + 1}/{self.reps}: {total:.2f} s (download {downloads[-1]:.2f} s + load "
                 f"{out.elapsed:.2f} s)")
 
+    def runai(self, r: SystemResult) -> None:
+        """Run:ai Model Streamer straight from the S3 server into memory (needs loader changes: the rival
+        outside filesystems), cold only: it keeps no cache."""
+        shards = sorted(set(json.loads((self.src / INDEX_NAME).read_text())["weight_map"].values()))
+        url = f"s3://{self.store.bucket}/{self.store.prefix}"
+        env = {**self.store.env, "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "AWS_EC2_METADATA_DISABLED": "true"}
+        r.command = placeholders(f"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING=0 AWS_ENDPOINT_URL="
+                                 f"{self.store.endpoint_url} SafetensorsStreamer().stream_files({url}<shard>...)",
+                                 self.store, self.work)
+        for i in range(self.reps):
+            out = self.load(url, verify=i == 0, drop=True, extra=("--runai", ",".join(shards)), env=env)
+            r.cold.append(out.elapsed)
+            r.verified_tensors = r.verified_tensors or out.verified
+            say(f"{r.name} cold {i + 1}/{self.reps}: {out.elapsed:.2f} s")
+
     def fuse(self, system: FuseSystem | Modelfs, r: SystemResult) -> None:
         """cold: empty cache, new mount; warm: same cache, new mount; hot: same mount again.
 
@@ -304,6 +322,22 @@ class Bench:
                 r.hot.append(out.elapsed)
                 say(f"{r.name} hot {i + 1}/{self.reps}: {out.elapsed:.2f} s{self.record_cpu(r, 'hot', out)}")
             shutil.rmtree(cache, ignore_errors=True)
+
+    def modelfs_key_order(self, system: Modelfs, r: SystemResult) -> None:
+        """Cold loads in key-name order (safe_open + get_tensor, as vLLM iterates), beside load_file's: how
+        whole-file prefetch copes with a reader that jumps around the shards."""
+        mnt, cache = self.work / "mnt-modelfs", self.work / "cache-modelfs"
+        mnt.mkdir(exist_ok=True)
+        for i in range(self.reps):
+            shutil.rmtree(cache, ignore_errors=True)
+            with system.mounted(mnt, cache) as pid:
+                out = self.load(mnt, verify=i == 0, drop=True, daemon=pid, extra=("--key-order",))
+                st = system.settled_stats(mnt)
+            r.extra.setdefault("cold_key_order_s", []).append(out.elapsed)
+            r.extra.setdefault("cold_key_order_bytes_fetched", []).append(st["bytes_fetched"])
+            say(f"modelfs cold, key-name order {i + 1}/{self.reps}: {out.elapsed:.2f} s, fetched "
+                f"{st['bytes_fetched'] / self.size:.3f}x")
+        shutil.rmtree(cache, ignore_errors=True)
 
     def modelfs_four(self, system: Modelfs, r: SystemResult, nproc: int = 4) -> None:
         """Four loaders released together on one fresh mount: each byte should still be fetched once."""
@@ -457,7 +491,8 @@ def main() -> None:
                 f"{server.endpoint_url} in {time.perf_counter() - t:.1f} s")
             store = Store(server.endpoint_url, BUCKET, PREFIX, server.env())
             b = Bench(work, store, src, args)
-            names = {"local": "local disk", "s5cmd": "s5cmd download + load", "rclone": Rclone.name,
+            names = {"local": "local disk", "s5cmd": "s5cmd download + load",
+                     "runai": "Run:ai Model Streamer (from S3, loader changed)", "rclone": Rclone.name,
                      "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-push": ModelfsPush.name}
             for key in SYSTEMS:
                 if key not in args.only:
@@ -471,6 +506,8 @@ def main() -> None:
                         b.local(r)
                     elif key == "s5cmd":
                         b.s5cmd(r)
+                    elif key == "runai":
+                        b.runai(r)
                     elif key == "rclone":
                         b.fuse(Rclone(store, work), r)
                     elif key == "s3fs":
@@ -484,6 +521,7 @@ def main() -> None:
                         b.fuse(mfs, r)
                         if not args.no_four:
                             b.modelfs_four(mfs, r)
+                            b.modelfs_key_order(mfs, r)
                 except Exception as e:
                     r.error = f"{type(e).__name__}: {e}"
                     say(f"{r.name} FAILED: {r.error}")

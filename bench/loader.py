@@ -34,16 +34,52 @@ def verify(got: dict[str, torch.Tensor], source: Path) -> int:
     return len(want)
 
 
+def stream_with_runai(url: str, shards: list[str]) -> dict[str, torch.Tensor]:
+    """Run:ai Model Streamer, the rival that needs loader changes: every shard streamed from S3 into memory
+    (its SafetensorsStreamer, concurrent ranged GETs), each tensor cloned out of its reused buffer."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    out: dict[str, torch.Tensor] = {}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files([url.rstrip("/") + "/" + s for s in shards])
+        for name, tensor in streamer.get_tensors():
+            out[name] = tensor.clone()
+    return out
+
+
+def load_in_key_order(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """As vLLM and SGLang load: `safe_open` each shard of the index and `get_tensor` in key-name order
+    (layers.10 before layers.2), so the reads jump around the files; each tensor copied out."""
+    from safetensors import safe_open
+
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    handles = {s: safe_open(str(ckpt_dir / s), framework="pt") for s in sorted(set(index["weight_map"].values()))}
+    for key in sorted(index["weight_map"]):
+        out[key] = handles[index["weight_map"][key]].get_tensor(key).clone()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("path", type=Path, help="checkpoint directory (with model.safetensors.index.json)")
+    ap.add_argument("path", help="checkpoint directory (with model.safetensors.index.json), or with --runai an "
+                                 "s3://BUCKET/PREFIX/ URL")
     ap.add_argument("--verify", type=Path, help="local source checkpoint to compare every tensor with")
+    ap.add_argument("--runai", metavar="SHARDS", help="stream these comma-separated shards with Run:ai Model Streamer")
+    ap.add_argument("--key-order", action="store_true", help="safe_open + get_tensor in key-name order (vLLM-style)")
     args = ap.parse_args()
+    if args.runai:
+        import runai_model_streamer  # noqa: F401 - imported before "ready" so the import is not timed
     print("ready", flush=True)
     if not sys.stdin.readline():
         raise SystemExit("loader: parent went away before go")
     start, t0 = time.time(), time.perf_counter()
-    state = load_all_safetensors(args.path)
+    if args.runai:
+        state = stream_with_runai(args.path, args.runai.split(","))
+    elif args.key_order:
+        state = load_in_key_order(Path(args.path))
+    else:
+        state = load_all_safetensors(Path(args.path))
     elapsed, end = time.perf_counter() - t0, time.time()
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     print(json.dumps({"start": start, "end": end, "elapsed": elapsed, "tensors": len(state), "bytes": nbytes}),

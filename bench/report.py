@@ -199,6 +199,9 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
     walls = four.extra.get("four_process_wall_s", []) if four else []
     if walls:
         lines.append(f"| modelfs cold, 4 processes at once (wall) | {_cell(walls)} | — | — |")
+    keyed = four.extra.get("cold_key_order_s", []) if four else []
+    if keyed:
+        lines.append(f"| modelfs cold, `safe_open` in key-name order (vLLM-style) | {_cell(keyed)} | — | — |")
     lines += [
         "",
         "cold: empty cache, fresh mount, page cache dropped (s5cmd: download into an empty directory, then load). "
