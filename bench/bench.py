@@ -34,7 +34,7 @@ from ceiling import measure as measure_ceiling
 from peers import (
     FuseSystem,
     Modelfs,
-    ModelfsPush,
+    ModelfsNoPush,
     Rclone,
     S3fs,
     Store,
@@ -55,7 +55,7 @@ PREFIX = "ckpt/"
 HERE = Path(__file__).resolve().parent
 LOADER = HERE / "loader.py"
 RESULTS = HERE / "results"
-SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-push")
+SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-nopush")
 
 
 def say(msg: str) -> None:
@@ -493,7 +493,7 @@ def main() -> None:
             b = Bench(work, store, src, args)
             names = {"local": "local disk", "s5cmd": "s5cmd download + load",
                      "runai": "Run:ai Model Streamer (from S3, loader changed)", "rclone": Rclone.name,
-                     "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-push": ModelfsPush.name}
+                     "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-nopush": ModelfsNoPush.name}
             for key in SYSTEMS:
                 if key not in args.only:
                     continue
@@ -514,8 +514,8 @@ def main() -> None:
                         if shutil.which("s3fs") is None:
                             raise RuntimeError("s3fs is not installed (apt-get install s3fs; `make bench` does)")
                         b.fuse(S3fs(store, work), r)
-                    elif key == "modelfs-push":  # the same daemon with page-cache push on, side by side
-                        b.fuse(ModelfsPush(store, work, b.modelfs_options), r)
+                    elif key == "modelfs-nopush":  # the same daemon with page-cache push off, side by side
+                        b.fuse(ModelfsNoPush(store, work, b.modelfs_options), r)
                     else:
                         mfs = Modelfs(store, work, b.modelfs_options)
                         b.fuse(mfs, r)

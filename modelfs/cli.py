@@ -94,7 +94,8 @@ def _spawn_daemon(cfg: Config, argv: list[str]) -> int:
     try:
         log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child
     except OSError as e:
-        raise ModelfsError(f"cannot write the log {log_path}: {e.strerror}") from None
+        where = f"cache dir {cache_dir}" if not cfg.log.file else f"log file {log_path}"
+        raise ModelfsError(f"{where} is not writable: {e.strerror}") from None
     r, w = os.pipe()
     # The child parses the same command line (and environment) again, in the foreground.
     child_argv = [sys.executable, "-m", "modelfs", *argv, "--foreground", "--ready-fd", str(w), "--log-file", log_path]

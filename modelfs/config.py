@@ -116,7 +116,7 @@ class PrefetchConfig:
     sequential: bool = True
     initial_window: Size = Size(16 * MiB)
     max_window: Size = Size(1024 * MiB)
-    page_cache_push: bool = False
+    page_cache_push: bool = True
     push_min_available: Size = Size(2 * GiB)
 
 

@@ -318,10 +318,10 @@ class Prefetcher:
 
     def _take_adjacent(self, job: Job, start: int) -> list[int]:
         """Queued extents that directly follow `start`, to fetch with it in one GET of at most
-        `max_request` bytes. Only for manifest layouts (their extents are tensors, often small) and
-        only when nothing is pushed (a push is per extent)."""
+        `max_request` bytes. Only for manifest layouts (their extents are tensors, often small); each
+        extent is still pushed on its own afterwards."""
         ver = job.ver
-        if ver.layout is None or (job.push and self._pushing()):
+        if ver.layout is None:
             return []
         _, length = ver.extent_at(start)
         end, total = start + length, length
@@ -345,6 +345,8 @@ class Prefetcher:
             got = await self.extents.fetch_run(ver, run)
             job.fetched += got
             self.stats.add(prefetch_bytes=got)
+        for start in starts:
+            await self._push(job, start)
 
     async def _make_room(self, nbytes: int) -> None:
         """Room for `nbytes` of prefetch, evicting only blocks older than the load being served."""
@@ -375,8 +377,14 @@ class Prefetcher:
         if await self.extents.warm(ver, start, length, self._make_room, ahead=job.push and self.is_open(inode)):
             job.fetched += length
             self.stats.add(prefetch_bytes=length)
+        await self._push(job, start)
+
+    async def _push(self, job: Job, start: int) -> None:
+        """Hand a prefetched extent of an open file to the page cache (through the gate), once."""
+        inode = job.node.inode
         if job.push and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
-            view = await self.extents.mapping(ver, start, length)
+            _, length = job.ver.extent_at(start)
+            view = await self.extents.mapping(job.ver, start, length)
             assert self.gate is not None
             if view is not None and await trio.to_thread.run_sync(self.gate.push, inode, start, view, self.is_open,
                                                                   limiter=self.push_limiter):

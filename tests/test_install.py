@@ -31,6 +31,11 @@ def test_install_into_a_root_verify_run_reinstall_uninstall(tmp_path: Path) -> N
     (root / "usr/local/bin/someone-elses-tool").write_text("#!/bin/sh\n")
     (root / "etc/systemd/system").mkdir(parents=True)
     (root / "etc/systemd/system/other.service").write_text("[Service]\nExecStart=/bin/true\n")
+    # The root gets the host's own units (sysinit.target and the rest), as a real root has them.
+    for units in ("usr/lib/systemd/system", "lib/systemd/system"):
+        if (Path("/") / units / "sysinit.target").exists():
+            shutil.copytree(Path("/") / units, root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+            break
     before = tree(root)
 
     r = make("install", root)
