@@ -87,6 +87,7 @@ class CacheConfig:
     min_free: Size = Size(1 * GiB)
     map_budget: Size = Size(128 * MiB)
     index_map_size: Size = Size(64 * GiB)
+    preallocate: bool = True
 
 
 @dataclass

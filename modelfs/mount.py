@@ -238,7 +238,8 @@ class Daemon:
             cache = BlockCache(cache_dir.path, store.domain,
                                on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
                                min_free=int(cfg.cache.min_free),
-                               on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n))
+                               on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n),
+                               preallocate=cfg.cache.preallocate)
             self._resources.append(cache.close)
             cache.keep(pinned_blocks(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None

@@ -113,6 +113,8 @@ class Prefetcher:
         self._wakeup = trio.Event()
         self._trackers: dict[int, StreamTracker] = {}
         self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
+        # inode -> extent start -> [lo, hi): bytes READs of an open file were answered with (not to push)
+        self._served: dict[int, dict[int, list[int]]] = {}
         self._supervisor: Supervisor | None = None
         self._scheduling = 0
 
@@ -161,12 +163,8 @@ class Prefetcher:
 
     def on_read(self, node: Node, ver: FileVersion, offset: int, size: int) -> None:
         """A demand read: feeds the stream detector; also tells us what the kernel lost."""
-        pushed = self._pushed.get(node.inode)
-        if pushed:
-            # The kernel asks for bytes we pushed: they were evicted (or raced our push). Forget them,
-            # so a later job pushes them again.
-            start, _ = ver.extent_at(offset)
-            pushed.discard(start)
+        if self.gate is not None:
+            self._note_served(node.inode, ver, offset, size)
         job = self._jobs.get(node.inode)
         if not self.cfg.sequential or (job is not None and job.push):
             return  # already being prefetched into the page cache
@@ -177,10 +175,32 @@ class Prefetcher:
         if rng is not None:
             self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], push=True)
 
+    def _note_served(self, inode: int, ver: FileVersion, offset: int, size: int) -> None:
+        """What a READ tells the pusher. The kernel asks for bytes we pushed: they were evicted (or raced
+        our push), so forget them and a later job pushes them again. And the bytes this READ is answered
+        with are in the page cache now: a push of its extent leaves them out (in a cold load the loader
+        often reads an extent as it lands, before its push, which would copy it into the kernel twice).
+        One [lo, hi) range per extent, grown by the contiguous READs of a sequential reader."""
+        start, length = ver.extent_at(offset)
+        pushed = self._pushed.get(inode)
+        if pushed:
+            pushed.discard(start)
+        end = min(offset + size, start + length)
+        served = self._served.get(inode)
+        if served is None:
+            served = self._served[inode] = {}
+        got = served.get(start)
+        if got is not None and got[0] <= end and offset <= got[1]:
+            got[0] = min(got[0], offset)
+            got[1] = max(got[1], end)
+        elif got is None or end - offset > got[1] - got[0]:
+            served[start] = [offset, end]
+
     def forget(self, inode: int) -> None:
         """The namespace dropped `inode`: nothing of it is kept here either (a job still running ends)."""
         self._trackers.pop(inode, None)
         self._pushed.pop(inode, None)
+        self._served.pop(inode, None)
 
     def released(self, node: Node) -> None:
         """The last handle of `node` closed: keep filling the block cache, stop pushing."""
@@ -188,6 +208,7 @@ class Prefetcher:
         if job is not None:
             job.push = False
         self._trackers.pop(node.inode, None)
+        self._served.pop(node.inode, None)
 
     async def warm(self, node: Node) -> Job:
         """Fetch the whole file into the block cache (for `modelfs prefetch`); returns the finished job."""
@@ -384,8 +405,18 @@ class Prefetcher:
         inode = job.node.inode
         if job.push and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
             _, length = job.ver.extent_at(start)
-            view = await self.extents.mapping(job.ver, start, length)
-            assert self.gate is not None
-            if view is not None and await trio.to_thread.run_sync(self.gate.push, inode, start, view, self.is_open,
-                                                                  limiter=self.push_limiter):
+            lo, hi = self._served.get(inode, {}).get(start, (start, start))
+            gaps = [(a, b) for a, b in ((start, lo), (hi, start + length)) if b > a]
+            pushed = True
+            if gaps:
+                view = await self.extents.mapping(job.ver, start, length)
+                assert self.gate is not None
+                pushed = view is not None and await trio.to_thread.run_sync(
+                    self._push_gaps, inode, start, view, gaps, limiter=self.push_limiter)
+            if pushed:
                 self._pushed.setdefault(inode, set()).add(start)
+
+    def _push_gaps(self, inode: int, start: int, view: memoryview, gaps: list[tuple[int, int]]) -> bool:
+        """From a push thread: the parts of an extent no READ has answered yet, into the page cache."""
+        assert self.gate is not None
+        return all(self.gate.push(inode, a, view[a - start:b - start], self.is_open) for a, b in gaps)

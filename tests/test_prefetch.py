@@ -201,6 +201,36 @@ def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
         close()
 
 
+def test_bytes_a_read_answered_are_left_out_of_the_push(tmp_path: Path) -> None:
+    """A cold loader often reads an extent as it lands, before its push: the pages the READs filled are
+    not copied into the kernel a second time; the rest of the extent is."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(20 * EXTENT)
+    (src / "blob.dat").write_bytes(data)  # not a checkpoint name: prefetched as a sequential stream
+    pushed: dict[int, bytes] = {}
+    core, close = make_core(src, tmp_path / "cache", push=lambda inode, off, buf: pushed.__setitem__(off, bytes(buf)),
+                            **{"prefetch.push_min_available": "0", "prefetch.page_cache_push": "true",
+                               "prefetch.initial_window": str(4 * EXTENT)})
+    step = EXTENT // 4
+
+    async def body(core: ModelFS) -> None:
+        fh = core.open(await lookup(core, "blob.dat"), os.O_RDONLY)
+        for off in range(0, 3 * step, step):  # the third READ makes it a stream: its window is pushed
+            assert bytes(await core.read(fh, off, step)) == data[off:off + step]
+        await settle(core)
+        first = min(pushed)
+        assert first == 3 * step, sorted(pushed)  # extent 0 is pushed from where the READs stopped
+        got = b"".join(pushed[o] for o in sorted(pushed))
+        assert got == data[first:first + len(got)] and len(got) >= 4 * EXTENT - first
+        assert core.stats.pushed_bytes == len(got)
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
 def test_warm_fills_the_cache_and_reports(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -123,3 +123,28 @@ def test_push_gate_stops_when_the_file_is_released() -> None:
     gate = PushGate(push, Stats(), min_available=0)
     assert not gate.push(7, 0, memoryview(bytearray(2 * CHUNK)), lambda inode: inode in open_files)
     assert calls == [0]
+
+
+def test_a_cancelled_handler_still_answers_eio() -> None:
+    """pyfuse3 replies only when a handler returns or raises FUSEError: a cancelled handler must raise
+    FUSEError(EIO), or its request stays unanswered (and a push waiting on its page sleeps for good)."""
+    import errno
+
+    import pyfuse3
+
+    from modelfs.fs import _errors
+
+    entered = []
+
+    @_errors
+    async def handler() -> None:
+        entered.append(True)
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as answered, trio.CancelScope() as scope:
+            scope.cancel()  # the daemon is stopping: the handler's first checkpoint raises Cancelled
+            await handler()
+        assert answered.value.errno == errno.EIO and entered
+
+    trio.run(main)
