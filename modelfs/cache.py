@@ -330,6 +330,8 @@ class BlockCache:
         try:
             size = os.fstat(fd).st_size
             if size == length and length:
+                if populate:  # the whole block's reads queued at once, not one fault's read-around at a time
+                    os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
                 flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
                 m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ)
         finally:

@@ -25,11 +25,11 @@ import trio
 
 from modelfs.cache import BlockCache
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Extent, Fetcher
+from modelfs.fetch import Fetcher
 from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks, populate
 from modelfs.stats import Stats
-from modelfs.version import FileVersion
+from modelfs.version import Extent, FileVersion
 
 _T = TypeVar("_T")
 

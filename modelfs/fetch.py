@@ -41,12 +41,11 @@ from modelfs.mapped import MappedBlocks
 from modelfs.remote import Store
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion
+from modelfs.version import Extent, FileVersion
 
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
-Extent = tuple[int, int]  # (start, length)
 
 
 class _Lease:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from modelfs.errors import ModelfsError
+from modelfs.version import HashedExtent
 
 FORMAT = "modelfs-manifest"
 VERSION = 1
@@ -41,7 +42,6 @@ NAME = "manifest.json"
 #: Where a prefix's manifest is, relative to the prefix.
 KEY = f"{DIR}/{NAME}"
 
-Extent = tuple[int, int, bytes]  # offset, length, xxh3-128 digest
 
 
 class ManifestError(ModelfsError):
@@ -52,7 +52,7 @@ class ManifestError(ModelfsError):
 class FileEntry:
     size: int
     etag: str
-    extents: list[Extent]
+    extents: list[HashedExtent]
 
     def check(self, path: str) -> None:
         pos = 0
@@ -124,7 +124,7 @@ def _safetensors_bounds(f: object, size: int, max_extent: int) -> list[tuple[int
     return bounds
 
 
-def file_extents(path: str, max_extent: int) -> list[Extent]:
+def file_extents(path: str, max_extent: int) -> list[HashedExtent]:
     """The content-following extents of a local file, hashed."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -134,7 +134,7 @@ def file_extents(path: str, max_extent: int) -> list[Extent]:
 
             avg = max(64 << 10, max_extent // 4)
             bounds = [(c.offset, c.length) for c in FastCDC(avg_size=avg).cut_file(path)] if size else []
-        out: list[Extent] = []
+        out: list[HashedExtent] = []
         for off, length in bounds:
             f.seek(off)
             out.append((off, length, xxhash.xxh3_128_digest(f.read(length))))

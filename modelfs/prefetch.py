@@ -43,7 +43,7 @@ from modelfs.push import PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion
+from modelfs.version import Extent, FileVersion
 
 log = logging.getLogger(__name__)
 
@@ -375,9 +375,9 @@ class Prefetcher:
                 self.cache.make_room, nbytes, self._protect_since(), limiter=self.io_limiter):
             raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
 
-    def _uncached_runs(self, ver: FileVersion, starts: list[int]) -> list[list[tuple[int, int]]]:
+    def _uncached_runs(self, ver: FileVersion, starts: list[int]) -> list[list[Extent]]:
         """From a worker thread: the uncached extents among `starts`, grouped into adjacent runs."""
-        runs: list[list[tuple[int, int]]] = []
+        runs: list[list[Extent]] = []
         end = -1
         for start in starts:
             _, length = ver.extent_at(start)

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from modelfs.index import ChunkIndex, version_id
 from modelfs.remote import ObjectInfo
 
+#: (start, length): the one name for an extent of a file version, wherever it is passed around. A plain
+#: tuple, because one is made for every READ.
+Extent = tuple[int, int]
+#: (start, length, xxh3-128 digest): an extent whose content hash a published manifest gives.
+HashedExtent = tuple[int, int, bytes]
+
 
 @dataclass(eq=False)
 class FileVersion:
@@ -30,7 +36,7 @@ class FileVersion:
 
     @classmethod
     def of(cls, identity: str, info: ObjectInfo, extent_size: int,
-           extents: list[tuple[int, int, bytes]] | None = None) -> FileVersion:
+           extents: list[HashedExtent] | None = None) -> FileVersion:
         ver = cls(info, version_id(identity, info), extent_size)
         if extents:
             ver.layout = [off for off, _, _ in extents]
@@ -56,7 +62,7 @@ class FileVersion:
             if start not in self.known and 0 <= start < self.info.size and self.extent_at(start) == (start, ext[1]):
                 self.known[start] = ext
 
-    def extent_at(self, offset: int) -> tuple[int, int]:
+    def extent_at(self, offset: int) -> Extent:
         """(start, length) of the extent holding byte `offset`."""
         if self.layout is not None:
             start = self.layout[bisect.bisect_right(self.layout, offset) - 1]
@@ -64,13 +70,13 @@ class FileVersion:
         start = offset - offset % self.extent_size
         return start, min(self.extent_size, self.info.size - start)
 
-    def extents(self) -> list[tuple[int, int]]:
+    def extents(self) -> list[Extent]:
         """Every (start, length) of the file, in file order."""
         return self.starts_in(0, self.info.size)
 
-    def starts_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+    def starts_in(self, lo: int, hi: int) -> list[Extent]:
         """(start, length) of every extent overlapping [lo, hi), in file order."""
-        out: list[tuple[int, int]] = []
+        out: list[Extent] = []
         pos = max(0, lo)
         while pos < min(hi, self.info.size):
             start, length = self.extent_at(pos)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,16 @@ ref = torch.load(sys.argv[2], weights_only=True)
 assert tensors.keys() == ref.keys()
 assert all(torch.equal(tensors[k], ref[k]) for k in ref)
 """
+
+
+def eventually(check: Callable[[], bool], limit: float = 120.0) -> bool:
+    """Poll `check` until it holds (a bound that only detects a hang, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_prefetch_cli_warms_the_cache_then_a_load_needs_no_get(seaweed: object, s3_checkpoint: str,
@@ -77,3 +89,29 @@ def test_cold_load_with_prefetch_fetches_each_byte_once(seaweed: object, s3_chec
     assert stats["prefetch_bytes"] > 0
     hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
     assert stats["bytes_fetched"] <= hf_bytes * 1.02
+
+
+def test_an_opened_checkpoint_is_pushed_into_the_page_cache(seaweed: object, s3_checkpoint: str,
+                                                            checkpoint: Checkpoint,
+                                                            mounter: Callable[..., Mount]) -> None:
+    """Opening a shard pushes all of it into the kernel page cache, so reading it through that fd afterwards
+    never reaches the daemon. (`pushed_bytes` alone only counts what the daemon handed to notify_store.)"""
+    m = mounter(s3_checkpoint, env=seaweed.env())  # type: ignore[attr-defined]
+    shard = sorted(f for f in checkpoint.files() if f.startswith(checkpoint.hf_dir) and f.endswith(".safetensors"))[0]
+    size = checkpoint.files()[shard]
+    fd = os.open(m.path / shard, os.O_RDONLY)  # open only: whole-file prefetch with push starts
+    try:
+        # No READ until the push is done: the daemon leaves bytes a READ already answered out of a push.
+        assert eventually(lambda: m.stats()["pushed_bytes"] >= size), m.stats()
+        before = m.stats()
+        assert before["pushed_bytes"] == size and before["push_errors"] == 0, before
+        assert before["bytes_served"] == 0, before
+        got = bytearray()
+        while chunk := os.pread(fd, 1 << 20, len(got)):
+            got += chunk
+        assert bytes(got) == (checkpoint.root / shard).read_bytes()
+        after = m.stats()
+        # Every byte came from the page cache: the kernel sent the daemon no READ.
+        assert after["bytes_served"] == before["bytes_served"], after
+    finally:
+        os.close(fd)

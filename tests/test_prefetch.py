@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -294,24 +295,37 @@ def test_cancelled_waiter_does_not_leak_a_buffer() -> None:
 
 @pytest.mark.parametrize("budget", ["128KiB", "1MiB"])
 def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
-    """A cold load of a file far larger than the budget makes no more buffers than the budget holds."""
+    """A cold load of a file far larger than the budget holds no more GET-buffer bytes than the budget: the
+    bytes of every buffer the pool hands out (the real mappings, not a count of them) add up to at most it."""
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 5 * EXTENT + i for i in range(40)})
     core, close = make_core(src, tmp_path / "cache", **{"fetch.memory_budget": budget})
+    handed: dict[int, mmap.mmap] = {}  # id -> every buffer handed out (kept alive, so ids stay unique)
+    take = core.buffers._take
+
+    def recording_take() -> mmap.mmap:
+        buf = take()
+        handed[id(buf)] = buf
+        return buf
+
+    core.buffers._take = recording_take  # type: ignore[method-assign]
 
     async def body(core: ModelFS) -> None:
-        assert core.buffers.total * EXTENT <= int(core.cfg.fetch.memory_budget)
         fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
         got = bytearray()
         for off in range(0, len(data), 100_000):
             got += await core.read(fh, off, 100_000)
         await settle(core)
         assert bytes(got) == data
-        assert len(data) > 10 * int(core.cfg.fetch.memory_budget)
-        assert 0 < core.buffers._made <= core.buffers.total
+        budget_bytes = int(core.cfg.fetch.memory_budget)
+        assert len(data) > 10 * budget_bytes
+        held = sum(len(buf) for buf in handed.values())
+        assert 0 < held <= budget_bytes, (held, budget_bytes, len(handed))
+        assert len(handed) == core.buffers.total  # the load used the whole pool: the bound was reached
         await trio.testing.wait_all_tasks_blocked()
         assert core.buffers.free == core.buffers.total  # every buffer came back
+        assert {id(b) for b in core.buffers._free} == set(handed)  # ... and no other buffer was made
 
     try:
         run(core, body)

@@ -120,9 +120,12 @@ def test_unsatisfiable_read_gets_eio_others_carry_on_then_recovers(proxy: FaultP
 def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
                                                         checkpoint: Checkpoint,
                                                         mounter: Callable[..., Mount]) -> None:
-    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, "-o", "fetch.deadline=600"])
+    # One stalled attempt held throughout (read timeout past the hang bound below, the stall past both), so
+    # "the stuck GET has not completed" is a state the test can check, not a race with botocore's retries.
+    hang_bound = 60.0
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, "-o", "fetch.deadline=600", "-o", "s3.read_timeout=300"])
     stuck = checkpoint.torch_file
-    proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1])
+    rule = proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1])
     child = subprocess.Popen([sys.executable, "-c", READ_ONE, str(m.path / stuck)], stdout=subprocess.PIPE)
     assert proxy.wait_stalled(1, timeout=60)
     child.send_signal(signal.SIGKILL)
@@ -132,7 +135,19 @@ def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: 
     # daemon, not to the reader that started them.
     assert before["fetches_in_flight"] >= 1 and before["gets"] == 0, before
     other = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
-    assert read_in_child(m.path / other) == sha(checkpoint.root / other)
+    try:
+        # The bound only detects a hang: a daemon that runs one GET at a time never serves this file while
+        # the stall holds its only thread.
+        digest = read_in_child(m.path / other, timeout=hang_bound)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{other} was not served while the GET of {stuck} stalled")
+    assert digest == sha(checkpoint.root / other)
+    # Ordering, not time: all of the other file was served WHILE the stuck GET was still held, unanswered.
+    assert proxy.stalled == 1 and rule.fired == 1
+    assert proxy.requests_matching(method="GET", path_contains=stuck.split("/")[-1]) == 1  # no retry either
+    during = m.stats()
+    # Fetched: the other file, and not one byte of the stuck one.
+    assert during["fetches_in_flight"] >= 1 and during["bytes_fetched"] == checkpoint.files()[other], during
     proxy.clear()
     proxy.release()
     assert read_in_child(m.path / stuck) == sha(checkpoint.root / stuck)
