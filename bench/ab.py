@@ -1,0 +1,77 @@
+"""Interleaved A/B of modelfs settings: cold and warm loads of one checkpoint, configs taking turns.
+
+Each round runs every config once, in turn (fresh cache for each config's cold load, then a remount for
+its warm load), so a drift of the machine during the run hits every config alike. Prints each load with
+the daemon's CPU per MiB and its counters, then medians. For deciding a default on measurement:
+
+    python bench/ab.py --size-gib 1 --rounds 3 --config on: --config off:cache.preallocate=false   (root)
+
+A config is NAME:SECTION.KEY=VALUE,... (nothing after the colon: the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from peers import Modelfs, Store
+
+from bench import BUCKET, PREFIX, Bench
+from modelfs.testing.checkpoints import make_demo_checkpoint
+from modelfs.testing.seaweed import SeaweedServer
+
+COUNTERS = ("bytes_served", "pushed_bytes", "bytes_fetched", "blocks_verified", "blocks_mapped")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--config", action="append", required=True, metavar="NAME:OPTIONS")
+    ap.add_argument("--phases", default="cold,warm", help="cold, warm or both (comma-separated)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelfs-ab-"))
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        src = work / "src"
+        make_demo_checkpoint(src, total_bytes=int(args.size_gib * 2**30 * 129 / 128))
+        server = SeaweedServer(work / "weed").start()
+        try:
+            server.create_bucket(BUCKET)
+            server.upload_dir(src, BUCKET, PREFIX)
+            store = Store(server.endpoint_url, BUCKET, PREFIX, server.env())
+            bench = Bench(work, store, src, argparse.Namespace(reps=1, timeout=600, modelfs_option=[]))
+            mib = bench.size / 2**20
+            mnt = work / "mnt"
+            mnt.mkdir()
+            for _ in range(args.rounds):
+                for config in args.config:
+                    name, _, opts = config.partition(":")
+                    system = Modelfs(store, work, [o for o in opts.split(",") if o])
+                    cache = work / f"cache-{name}"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    for phase in args.phases.split(","):
+                        with system.mounted(mnt, cache) as pid:
+                            out = bench.load(mnt, drop=True, daemon=pid)
+                            st = system.settled_stats(mnt)
+                        cpu = (out.daemon_cpu or 0.0) * 1000 / mib
+                        runs.setdefault((name, phase), []).append((out.elapsed, cpu))
+                        counters = " ".join(f"{k}={st.get(k, 0) / 2**20 if 'bytes' in k else st.get(k, 0):.0f}"
+                                            for k in COUNTERS)
+                        print(f"{name:12s} {phase:5s} {out.elapsed:6.2f} s  daemon {cpu:5.2f} ms/MiB  {counters}",
+                              flush=True)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("== medians (load seconds, daemon CPU ms per MiB)")
+    for (name, phase), v in runs.items():
+        print(f"{name:12s} {phase:5s} {statistics.median(x for x, _ in v):6.2f} s  "
+              f"{statistics.median(y for _, y in v):5.2f} ms/MiB")
+
+
+if __name__ == "__main__":
+    main()
