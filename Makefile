@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-knobs bench-dedup system venv clean install uninstall
+.PHONY: demo test lint bench bench-knobs bench-dedup bench-fleet system venv clean install uninstall
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -39,6 +39,11 @@ bench-knobs: venv
 
 bench-dedup: venv
 	$(PY) bench/dedup.py
+
+# Three nodes rolling out one checkpoint, with and without the shared cache tier.
+bench-fleet: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/fleet.py $(BENCH_ARGS)
 
 # A host install matching systemd/modelfs@.service (root; DESTDIR= installs under another root).
 install: system

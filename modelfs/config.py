@@ -137,6 +137,18 @@ class MountConfig:
 
 
 @dataclass
+class SharedConfig:
+    """A cache tier shared by a fleet, on an S3-compatible store: off unless `url` is set."""
+
+    url: str = ""
+    endpoint_url: str = ""
+    deadline: float = 2.0
+    write_back: bool = True
+    trust: str = "all"
+    node_id: str = ""
+
+
+@dataclass
 class MetricsConfig:
     """Prometheus metrics: off unless an address is given."""
 
@@ -160,6 +172,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     mount: MountConfig = field(default_factory=MountConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -197,6 +210,13 @@ class Config:
         if self.s3.addressing_style not in ("auto", "path", "virtual"):
             raise ConfigError(f"config: s3.addressing_style must be auto, path or virtual, got "
                               f"{self.s3.addressing_style!r}")
+        if self.shared.trust not in ("all", "manifest"):
+            raise ConfigError(f"config: shared.trust must be all or manifest, got {self.shared.trust!r}")
+        if self.shared.deadline <= 0:
+            raise ConfigError(f"config: shared.deadline must be a positive number of seconds, got "
+                              f"{self.shared.deadline}")
+        if self.shared.url and not self.shared.url.startswith("s3://"):
+            raise ConfigError(f"config: shared.url must be s3://BUCKET/PREFIX, got {self.shared.url!r}")
         if self.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"config: log.level must be DEBUG, INFO, WARNING or ERROR, got {self.log.level!r}")
 

@@ -31,6 +31,7 @@ from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
 from modelfs.push import PushFn, PushGate
 from modelfs.remote import Listing, Store, read_bytes
+from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
@@ -46,7 +47,7 @@ class ModelFS:
 
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
                  stats: Stats | None = None, push: PushFn | None = None,
-                 observe: Callable[[float], None] | None = None) -> None:
+                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
@@ -58,14 +59,15 @@ class ModelFS:
         self.prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
         self.deadline = cfg.fetch.deadline
-        self.health = Health(store.check, store.describe(), cfg.fetch.probe_interval, cfg.fetch.deadline)
+        self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl, in_use=self.is_open, on_drop=self._dropped)
         # GET buffers: at most fetch.concurrency of them, within fetch.memory_budget.
         count = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // self.extent_size))
         self.buffers = BufferPool(count, self.extent_size)
         self.maps = MappedBlocks(int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health, observe)
+                               self.health, observe, shared)
+        self.shared = shared
         self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter,
                                self.prefetch_limiter, cfg.fetch.deadline)
         gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
@@ -73,7 +75,7 @@ class ModelFS:
         self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self, cache, self.ns, self.stats,
                                      self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
-                                     max_request=int(cfg.fetch.max_request), gate=gate)
+                                     max_request=int(cfg.fetch.max_request), gate=gate, shared=shared)
         self._versions: dict[int, FileVersion] = {}
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
         self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied
@@ -88,6 +90,8 @@ class ModelFS:
         for the daemon's own background tasks."""
         self.supervisor = Supervisor(nursery, self.stats)
         self.fetcher.start(self.supervisor)
+        if self.shared is not None:
+            self.shared.start(self.supervisor)
         self.prefetcher.start(self.supervisor)
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
@@ -270,12 +274,16 @@ class ModelFS:
     # -- cache warming (`modelfs prefetch`) ----------------------------------------------------------
 
     async def warm(self, inode: int) -> dict[str, int]:
-        """Fetch a whole file into the block cache; returns its size and the bytes that needed GETs."""
+        """Fetch a whole file into the block cache, and into the shared tier if there is one (one
+        `modelfs prefetch` warms a fleet); returns its size and the bytes that needed GETs."""
         node = self.ns.get(inode)
         if node.is_dir:
             raise IsADirectoryError(node.key)
         job = await self.prefetcher.warm(node)
-        return {"size": self.version(node).info.size, "fetched": job.fetched}
+        ver = self.version(node)
+        if self.shared is not None:
+            await self.shared.fill(ver, ver.extents())
+        return {"size": ver.info.size, "fetched": job.fetched}
 
     async def cached_bytes(self, inode: int) -> int:
         """How many bytes of a file the block cache holds (progress of a warm-up)."""

@@ -39,6 +39,7 @@ from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks
 from modelfs.remote import Store
+from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import Extent, FileVersion
@@ -119,7 +120,7 @@ class Fetcher:
 
     def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, maps: MappedBlocks, stats: Stats,
                  pool: BufferPool, deadline: float = 30.0, health: Health | None = None,
-                 observe: Callable[[float], None] | None = None) -> None:
+                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None) -> None:
         self.store = store
         self.cache = cache
         self.index = index
@@ -129,6 +130,7 @@ class Fetcher:
         self.deadline = deadline
         self.health = health
         self.observe = observe  # fetch latency in seconds (metrics), from worker threads
+        self.shared = shared  # asked before the origin; what the origin gives is written back to it
         # Twice the buffers: abandoned GETs (past their deadline) hold a thread until botocore gives up.
         self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
@@ -373,19 +375,60 @@ class Fetcher:
                     m = self.cache.map(known[0], length)
                     if m is not None:
                         return [(known[0], m)]
-            self._get(ver, run[0][0], views)
-            out: list[tuple[bytes, mmap.mmap | None]] = []
-            for (start, length), view, flight in zip(run, views, flights, strict=True):
-                digest, stored = self._store_extent(ver, start, view)
-                # A reader waiting now will read the rest of this block next: map it (its pages were just
-                # written, so this costs page tables only). Prefetched blocks are mapped when first read.
-                out.append((digest, self.cache.map(digest, length) if stored and flight.waiters else None))
-            return out
+            shared: list[bytes | None] = [None] * len(run)  # hashes of the extents the shared tier gave
+            claimed: list[int] = []  # extents this node fetches from the origin for the fleet
+            if self.shared is not None:
+                for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
+                    shared[i] = self.shared.fetch(ver, start, view)
+                    if shared[i] is None:
+                        mine = self.shared.claim(ver, start)
+                        if mine is False:  # another node is fetching it: wait for it, within bounds
+                            shared[i] = self.shared.wait_for(ver, start, view)
+                        elif mine:
+                            claimed.append(i)
+            try:
+                return self._from_origin(ver, run, views, flights, shared, claimed)
+            finally:
+                for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
+                    assert self.shared is not None
+                    self.shared.release(ver, run[i][0])
         finally:
             try:
                 token.run_sync_soon(lease.drop)
             except trio.RunFinishedError:
                 pass  # the daemon is gone: nothing to hand back to
+
+    def _from_origin(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
+                     shared: list[bytes | None], claimed: list[int]) -> list[tuple[bytes, mmap.mmap | None]]:
+        """GET what the shared tier did not give (one GET per stretch of such extents), store every
+        extent, share what came from the origin: at once if this node claimed it (other nodes wait for
+        it), else in the background."""
+        i = 0
+        while i < len(run):
+            if shared[i] is not None:
+                i += 1
+                continue
+            j = i
+            while j < len(run) and shared[j] is None:
+                j += 1
+            self._get(ver, run[i][0], views[i:j])
+            i = j
+        out: list[tuple[bytes, mmap.mmap | None]] = []
+        for i, ((start, length), view, flight) in enumerate(zip(run, views, flights, strict=True)):
+            digest, stored = self._store_extent(ver, start, view, shared[i])
+            if self.shared is not None and shared[i] is None:
+                if i in claimed:
+                    claimed.remove(i)
+                    if stored:
+                        self.shared.share_now(ver, start, digest, length)
+                    else:
+                        self.shared.release(ver, start)
+                elif stored:
+                    self.shared.write_back(ver, start, digest, length)
+            # A reader waiting now will read the rest of this block next: map it (its pages were just
+            # written, so this costs page tables only). Prefetched blocks are mapped when first read.
+            out.append((digest, self.cache.map(digest, length) if stored and flight.waiters else None))
+        return out
 
     def _get(self, ver: FileVersion, start: int, views: list[memoryview]) -> None:
         began = time.monotonic()
@@ -407,11 +450,13 @@ class Fetcher:
         if self.observe is not None:
             self.observe(time.monotonic() - began)
 
-    def _store_extent(self, ver: FileVersion, start: int, data: memoryview) -> tuple[bytes, bool]:
-        """Hash one extent's bytes, store the block (unless full) and record it in the index; returns the
-        hash and whether the block is in the cache now."""
+    def _store_extent(self, ver: FileVersion, start: int, data: memoryview,
+                      digest: bytes | None = None) -> tuple[bytes, bool]:
+        """Hash one extent's bytes (unless the caller did), store the block (unless full) and record it in
+        the index; returns the hash and whether the block is in the cache now."""
         known = ver.known.get(start)
-        digest = block_hash(data)
+        if digest is None:
+            digest = block_hash(data)
         if known is not None and known[0] != digest:
             log.warning("%s at %d: the store returned other bytes than the manifest or index says; re-indexed",
                         ver.info.key, start)

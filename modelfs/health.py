@@ -24,9 +24,10 @@ class Health:
     """Thread-safe offline flag, set from fetch threads, cleared by `probe_loop` in the daemon's nursery."""
 
     def __init__(self, check: Callable[[], None], describe: str, interval: float = 5.0,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, mode: str = "offline mode, serving what the cache holds") -> None:
         self._check = check
         self._describe = describe
+        self._mode = mode  # what being unreachable means, for the log
         self.interval = interval
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -41,17 +42,17 @@ class Health:
             if self._offline_since is not None:
                 return
             self._offline_since = time.monotonic()
-        log.warning("store %s unreachable (%s): offline mode, serving what the cache holds", self._describe, why)
+        log.warning("%s unreachable (%s): %s", self._describe, why, self._mode)
 
     def mark_reachable(self) -> None:
         with self._lock:
             since, self._offline_since = self._offline_since, None
         if since is not None:
-            log.warning("store %s reachable again after %.0f s: offline mode ended", self._describe,
-                        time.monotonic() - since)
+            log.warning("%s reachable again after %.0f s: %s ended", self._describe,
+                        time.monotonic() - since, self._mode.split(",")[0])
 
     def unreachable_error(self, what: str) -> StoreUnreachable:
-        return StoreUnreachable(f"store {self._describe} is unreachable (offline mode) and {what} is not cached")
+        return StoreUnreachable(f"{self._describe} is unreachable (offline mode) and {what} is not cached")
 
     async def probe_loop(self) -> None:
         """While offline, check the store every `interval` seconds (each check bounded by `timeout`)."""

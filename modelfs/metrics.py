@@ -32,10 +32,18 @@ COUNTERS = {
     "pushed_bytes": "bytes pushed into the page cache",
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
+    "shared_hits": "extents read from the shared cache tier instead of the origin",
+    "shared_misses": "extents the shared cache tier did not have",
+    "shared_bytes_read": "bytes read from the shared cache tier",
+    "shared_bytes_written": "bytes written back to the shared cache tier",
+    "shared_writeback_dropped": "write-backs dropped because their queue was full",
+    "shared_waits": "extents waited for in the shared tier while another node fetched them",
 }
 #: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
 ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks",
-                         "cache_write_errors", "push_errors")} | {"internal": "internal_errors"}
+                         "cache_write_errors", "push_errors")} | {
+    "internal": "internal_errors", "shared": "shared_errors", "shared_write": "shared_write_errors",
+    "shared_corrupt": "shared_corrupt"}
 #: Point-in-time values exported as gauges.
 GAUGES = {
     "bytes_in_cache": "bytes of blocks in the cache",

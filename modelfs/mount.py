@@ -31,6 +31,7 @@ from modelfs.index import ChunkIndex
 from modelfs.metrics import Metrics
 from modelfs.notify import notify, status_line
 from modelfs.remote import open_store
+from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,11 @@ class Daemon:
             self._resources.append(cache.close)
             cache.keep(pinned_blocks(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None
+            shared = SharedTier.open(cfg, store.domain, stats, cache) if cfg.shared.url else None
+            if shared is not None:
+                self._resources.append(shared.close)
             self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
-                                observe=metrics.fetch_seconds.observe if metrics else None)
+                                observe=metrics.fetch_seconds.observe if metrics else None, shared=shared)
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable)
             if metrics is not None:

@@ -41,6 +41,7 @@ from modelfs.extents import Extents, Where
 from modelfs.namespace import Namespace, Node
 from modelfs.push import PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
+from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import Extent, FileVersion
@@ -90,7 +91,8 @@ class Prefetcher:
 
     def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: BlockCache,
                  ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
-                 max_request: int = 64 << 20, gate: PushGate | None = None) -> None:
+                 max_request: int = 64 << 20, gate: PushGate | None = None,
+                 shared: SharedTier | None = None) -> None:
         self.cfg = cfg
         self.extents = extents
         self.cache = cache
@@ -102,6 +104,7 @@ class Prefetcher:
         self.workers = workers
         self.max_request = max_request
         self.gate = gate  # page-cache push: None when off
+        self.shared = shared  # with a shared tier, nodes start prefetching a file at different points
         # Pushes have threads of their own: one waiting in the kernel must never hold a demand read's.
         self.push_limiter = trio.CapacityLimiter(2)
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
@@ -245,7 +248,11 @@ class Prefetcher:
             done.done.set()
             return done
         await trio.to_thread.run_sync(self.extents.learn, ver, limiter=self.io_limiter)
-        return self._submit(node, ver, [s for s, _ in ver.extents()], push)
+        starts = [s for s, _ in ver.extents()]
+        if self.shared is not None:  # cooperative fetch: each node of a fleet starts somewhere else
+            k = self.shared.rotation(ver.vid.hex(), len(starts))
+            starts = starts[k:] + starts[:k]
+        return self._submit(node, ver, starts, push)
 
     def _pushing(self) -> bool:
         return self.gate is not None and self.gate.is_open
@@ -271,6 +278,9 @@ class Prefetcher:
             log.debug("%s: no checkpoint set to prefetch (%s)", node.key, e)
             return
         budget = await trio.to_thread.run_sync(self.cache.headroom, self._protect_since())
+        if self.shared is not None and names:
+            k = self.shared.rotation(parent.key, len(names))
+            names = names[k:] + names[:k]
         for name in names:
             shard = siblings.get(name)
             if shard is None or shard.is_dir or shard.inode in self._jobs or self.extents.complete(

@@ -34,6 +34,15 @@ class Stats:
     push_skipped_bytes: int = 0
     push_errors: int = 0
     internal_errors: int = 0
+    shared_hits: int = 0
+    shared_misses: int = 0
+    shared_bytes_read: int = 0
+    shared_bytes_written: int = 0
+    shared_errors: int = 0
+    shared_write_errors: int = 0
+    shared_corrupt: int = 0
+    shared_writeback_dropped: int = 0
+    shared_waits: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

@@ -8,11 +8,12 @@ If-Match with the version's ETag, so bytes of two versions are never combined.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
 import botocore.exceptions as bexc
@@ -56,7 +57,7 @@ def _status(e: bexc.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def _read_into(body: Any, views: Sequence[memoryview]) -> int:
+def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = None) -> int:
     """Read a response body straight into `views`, in order: the socket's bytes land in the pooled
     buffers with no intermediate chunk (one copy, the kernel's). Returns the bytes read.
 
@@ -64,7 +65,7 @@ def _read_into(body: Any, views: Sequence[memoryview]) -> int:
     StreamingBody wraps urllib3's response as `_raw_stream`, which holds http.client's as `_fp`),
     http.client reads into the caller's buffer directly. Once the body is read to its end (checked with
     one more read), the connection goes back to urllib3's pool (keep-alive). Other bodies fall back to
-    chunked reads.
+    chunked reads. Past `deadline` (time.monotonic), TimeoutError, however the bytes trickle in.
     """
     want = sum(len(v) for v in views)
     got = 0
@@ -84,6 +85,8 @@ def _read_into(body: Any, views: Sequence[memoryview]) -> int:
                 if not n:
                     return got + filled
                 filled += n
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("the body did not arrive within the deadline")
             got += filled
         if rest(1):
             raise StoreError(f"long body: more than {want} bytes for a ranged GET")
@@ -230,6 +233,80 @@ class S3Store:
                 time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
         raise StoreError(f"GET {obj.key} failed {_BODY_ATTEMPTS} times reading the body: "
                          f"{err if isinstance(err, StoreError) else type(err).__name__}")
+
+    def get_into(self, key: str, views: Sequence[memoryview], deadline: float | None = None
+                 ) -> dict[str, str] | None:
+        """Fill `views` with the whole object `key` (any version; for the shared cache tier, whose keys
+        never change content), returning its user metadata; None if there is no such object. One
+        attempt, within `deadline` (time.monotonic) if given: the caller decides what a failure means."""
+        length = sum(len(v) for v in views)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except bexc.ClientError as e:
+            if _status(e) == 404 or _code(e) in ("NoSuchKey", "404"):
+                return None
+            raise self._fail(e, f"GET {key}") from None
+        except (bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"GET {key}", silence_is_unreachable=True) from None
+        if int(resp.get("ContentLength", -1)) != length:
+            resp["Body"].close()
+            raise StoreError(f"GET {key}: {resp.get('ContentLength')} bytes, expected {length}")
+        body = resp["Body"]
+        try:
+            got = _read_into(body, views, deadline)
+        except _BODY_ERRORS as e:
+            raise self._fail(e, f"GET {key}", silence_is_unreachable=True) from None
+        finally:
+            body.close()
+        if got != length:
+            raise StoreError(f"GET {key}: short body, {got} of {length} bytes")
+        return dict(resp.get("Metadata") or {})
+
+    def put(self, key: str, body: bytes | BinaryIO, metadata: dict[str, str], if_absent: bool = False) -> bool:
+        """Write object `key` (the shared cache tier's write-back); `body` may be a block's mapping, read
+        as a file (no copy of it in Python). With `if_absent`, only if no object `key` exists (a
+        conditional PUT, If-None-Match: *): False if one does."""
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body, Metadata=metadata, **extra)
+        except bexc.ClientError as e:
+            if if_absent and (_status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict")):
+                return False
+            raise self._fail(e, f"PUT {key}", silence_is_unreachable=True) from None
+        except (bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"PUT {key}", silence_is_unreachable=True) from None
+        return True
+
+    def age(self, key: str) -> float | None:
+        """Seconds since object `key` was written, by the store's own clock (its Date header against the
+        object's Last-Modified, so no clock of this host is involved); None if there is no such object."""
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except bexc.ClientError as e:
+            if _status(e) == 404:
+                return None
+            raise self._fail(e, f"HEAD {key}") from None
+        except (bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"HEAD {key}", silence_is_unreachable=True) from None
+        now = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(now).timestamp() - r["LastModified"].timestamp())
+        except (TypeError, ValueError):
+            return 0.0
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (bexc.ClientError, bexc.BotoCoreError, OSError) as e:
+            raise self._fail(e, f"DELETE {key}", silence_is_unreachable=True) from None
+
+    def exists(self, key: str) -> bool:
+        """Whether object `key` exists (a HEAD)."""
+        try:
+            self.head(key)
+        except NotFound:
+            return False
+        return True
 
     def head(self, key: str) -> ObjectInfo:
         try:

@@ -1,0 +1,310 @@
+"""The shared cache tier: blocks a fleet shares on an S3-compatible store, so it fetches each from the origin
+about once.
+
+On a local miss the fetcher asks this tier before the origin (`SharedTier.fetch`, from its worker thread);
+what came from the origin is written back here in the background (`SharedTier.write_back`: a bounded queue
+drained by supervised tasks; never on a reader's path). A tier that is down, slow or failing is skipped,
+like the origin in offline mode, and probed again every `fetch.probe_interval`: it never costs a load more
+than `shared.deadline` per request.
+
+Layout, under the prefix of `shared.url` (version 1):
+
+    v1/<domain>/<h>                   an extent whose xxh3-128 content hash is <h> (32 hex digits)
+    v1/<domain>/ver/<vid>/<offset>    the extent at byte <offset> of file version <vid> (hex version id:
+                                      key + ETag + size, `index.version_id`), for files whose extents'
+                                      hashes readers cannot know in advance (no published manifest);
+                                      user metadata `xxh3` = the hex hash of its bytes
+
+    v1/claims/<domain>/...            a claim: the node named in its body is fetching that extent from
+                                      the origin now (cooperative fetch); deleted once the extent is
+                                      shared, ignored once older than a flight can last
+
+<domain> is the xxh3-64 of the origin's trust domain (one bucket by default), as in the local block cache:
+content is shared by hash only within one trust domain.
+
+Invariants:
+- A key's bytes never change. A content key holds exactly the bytes that hash to its name; a version key
+  holds the bytes of an immutable version at that offset. So nothing is ever invalidated, and any object
+  may vanish at any time (the bucket's lifecycle rules are its eviction): a vanished object is a miss.
+- Writers PUT whole objects; S3 makes a PUT visible whole or not at all. A crash mid-PUT leaves nothing.
+- Readers trust nothing they read here: the length must be the extent's, and the hash must be the one the
+  reader expects (the manifest's, for a content key) or, for a version key, the one in its metadata, which
+  catches damage but not a writer who lies (SECURITY.md). A mismatch is counted and the origin is used.
+- A claim is made with a conditional PUT (If-None-Match: *): of nodes that miss one extent at once,
+  exactly one fetches it from the origin and shares it before it answers its own readers; the others
+  poll the tier for it, for a bounded time, then fetch it themselves. A claim left by a node that died is
+  taken over once older than any flight may run (by the store's clock, not a node's).
+- Which key an extent goes under depends only on its file version: manifest versions use content keys
+  (their readers know every hash), other versions use version keys. Every node picks the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+import trio
+import xxhash
+
+from modelfs.cache import BlockCache, block_hash
+from modelfs.config import Config
+from modelfs.errors import ModelfsError, StoreError
+from modelfs.health import Health
+from modelfs.remote.s3 import S3Store, parse_s3_url
+from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
+from modelfs.version import FileVersion
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "v1"
+#: Write-backs waiting for a writer; more are dropped (and counted), never waited for.
+QUEUE = 256
+WRITERS = 2
+#: How often a node waiting for an extent another node claimed looks for it in the tier.
+CLAIM_POLL = 0.05
+
+
+def domain_dir(domain: str) -> str:
+    return xxhash.xxh3_64_hexdigest(domain.encode())
+
+
+def content_key(domain: str, digest: bytes) -> str:
+    return f"{LAYOUT}/{domain_dir(domain)}/{digest.hex()}"
+
+
+def version_key(domain: str, vid: bytes, offset: int) -> str:
+    return f"{LAYOUT}/{domain_dir(domain)}/ver/{vid.hex()}/{offset}"
+
+
+def claim_key(key: str) -> str:
+    return f"{LAYOUT}/claims/{key.removeprefix(LAYOUT + '/')}"
+
+
+def node_id(cfg: Config) -> str:
+    """This node's name in cooperative fetch: `shared.node_id`, else hostname and cache dir (two daemons
+    on one host are two nodes)."""
+    return cfg.shared.node_id or f"{socket.gethostname()}:{os.path.abspath(cfg.cache.dir)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _WriteBack:
+    key: str
+    digest: bytes
+    length: int
+
+
+class SharedTier:
+    """The shared tier of one daemon: reads from fetch worker threads, write-backs from its own tasks."""
+
+    def __init__(self, store: S3Store, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
+                 probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
+                 flight_deadline: float = 30.0) -> None:
+        self.store = store
+        self.domain = domain
+        self.stats = stats
+        self.cache = cache
+        self.deadline = deadline
+        self.writes = write_back
+        self.manifest_only = trust == "manifest"
+        self.node = node
+        # A peer's claimed extent normally lands within a GET and a PUT; past this, fetch it here.
+        self.wait = 4 * deadline
+        self.stale_after = flight_deadline + self.wait
+        self.health = Health(store.check, f"shared cache tier {store.describe()}", probe_interval, deadline,
+                             mode="skipped, loads go to the origin")
+        self._send, self._receive = trio.open_memory_channel[_WriteBack](QUEUE)
+        self._limiter = trio.CapacityLimiter(WRITERS)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._corrupt_logged = False
+
+    @classmethod
+    def open(cls, cfg: Config, domain: str, stats: Stats, cache: BlockCache) -> SharedTier:
+        """The tier `cfg.shared` describes (its store reached lazily: a tier that is down at mount is just
+        skipped). One attempt per request, timeouts of `shared.deadline`: a failing tier is skipped, not
+        retried."""
+        bucket, prefix = parse_s3_url(cfg.shared.url)
+        s3 = dataclasses.replace(cfg.s3, endpoint_url=cfg.shared.endpoint_url or cfg.s3.endpoint_url,
+                                 max_attempts=1, connect_timeout=cfg.shared.deadline,
+                                 read_timeout=cfg.shared.deadline)
+        return cls(S3Store(bucket, prefix, s3), domain, stats, cache, deadline=cfg.shared.deadline,
+                   probe_interval=cfg.fetch.probe_interval, write_back=cfg.shared.write_back,
+                   trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline)
+
+    def start(self, supervisor: Supervisor) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        supervisor.spawn(self.health.probe_loop, name="shared tier probe", restart=True)
+        for i in range(WRITERS):
+            supervisor.spawn(self._writer, name=f"shared tier writer {i}", restart=True)
+
+    def key(self, ver: FileVersion, start: int) -> str | None:
+        """Where an extent lives in the tier; None if it may not be read from or written to it (trust)."""
+        if ver.layout is not None:
+            return content_key(self.domain, ver.known[start][0])
+        return None if self.manifest_only else version_key(self.domain, ver.vid, start)
+
+    def rotation(self, seed: str, n: int) -> int:
+        """Where this node starts prefetching `n` things named by `seed` (the extents of a file version, the
+        shards of a checkpoint): nodes that load one new checkpoint at once each start elsewhere, so they
+        fetch different extents from the origin and share them here."""
+        return xxhash.xxh3_64_intdigest(f"{self.node}\0{seed}".encode()) % n if n else 0
+
+    # -- reads (fetch worker threads) -------------------------------------------------------------------
+
+    def fetch(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
+        """Fill `view` with the extent at `start` from the tier; its verified hash, or None (not there,
+        not trusted, tier skipped or failing, or bytes that do not check out: the origin then serves)."""
+        found, digest = self._read(ver, start, view)
+        if found:
+            self.stats.add(shared_misses=int(digest is None))
+        return digest
+
+    def _read(self, ver: FileVersion, start: int, view: memoryview) -> tuple[bool, bytes | None]:
+        """(True, hash) for a verified hit, (True, None) for a miss; (False, None) when the tier was not
+        asked or failed, or its bytes did not check out (nothing more to expect from it)."""
+        key = self.key(ver, start)
+        if key is None or self.health.offline:
+            return False, None
+        began = time.monotonic()
+        try:
+            meta = self.store.get_into(key, [view], deadline=began + self.deadline)
+        except (ModelfsError, OSError) as e:
+            self.stats.add(shared_errors=1)
+            self.health.mark_unreachable(e)
+            return False, None
+        if meta is None:
+            return True, None
+        digest = block_hash(view)
+        want = ver.known[start][0] if ver.layout is not None else _hex(meta.get("xxh3", ""))
+        if digest != want:
+            self.stats.add(shared_corrupt=1)
+            if not self._corrupt_logged:
+                self._corrupt_logged = True
+                log.warning("shared cache tier: %s does not match its hash: ignored, the origin serves it", key)
+            return False, None
+        self.stats.add(shared_hits=1, shared_bytes_read=len(view))
+        return True, digest
+
+    # -- cooperative fetch (fetch worker threads) ----------------------------------------------------------
+
+    def claim(self, ver: FileVersion, start: int) -> bool | None:
+        """After a miss: True if this node is to fetch the extent from the origin and share it at once
+        (`share_now`); False if another node is fetching it now (`wait_for` it); None if the tier cannot
+        say (fetch it, and share it in the background as usual)."""
+        key = self.key(ver, start)
+        if key is None or not self.writes or self.health.offline:
+            return None
+        ckey = claim_key(key)
+        try:
+            if self.store.put(ckey, self.node.encode(), {}, if_absent=True):
+                return True
+            age = self.store.age(ckey)
+            if age is None or age > self.stale_after:  # shared meanwhile, or its node died: ours now
+                self.store.put(ckey, self.node.encode(), {})
+                return True
+            return False
+        except (ModelfsError, OSError) as e:
+            self.stats.add(shared_errors=1)
+            self.health.mark_unreachable(e)
+            return None
+
+    def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
+        """The extent another node claimed, once it lands in the tier (verified hash), polling for at most
+        `wait` seconds; None if it did not (then this node fetches it from the origin)."""
+        self.stats.add(shared_waits=1)
+        until = time.monotonic() + self.wait
+        while True:
+            found, digest = self._read(ver, start, view)
+            if digest is not None or not found:
+                return digest
+            if time.monotonic() >= until:
+                self.stats.add(shared_misses=1)
+                return None
+            time.sleep(CLAIM_POLL)
+
+    def share_now(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
+        """Share an extent this node claimed, now (other nodes are waiting for it), then drop the claim."""
+        key = self.key(ver, start)
+        if key is not None:
+            self._put(_WriteBack(key, digest, length), False)
+            self.release(ver, start)
+
+    def release(self, ver: FileVersion, start: int) -> None:
+        """Drop this node's claim (shared, or the fetch failed: others need not wait any longer)."""
+        key = self.key(ver, start)
+        if key is None:
+            return
+        try:
+            self.store.delete(claim_key(key))
+        except (ModelfsError, OSError) as e:
+            log.debug("shared cache tier: claim of %s not dropped: %s", key, e)
+
+    # -- write-back ------------------------------------------------------------------------------------
+
+    def write_back(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
+        """From a fetch worker thread: queue an extent just fetched from the origin (and stored in the local
+        cache) for the tier. Never waits: a full queue drops it (counted)."""
+        key = self.key(ver, start)
+        if not self.writes or key is None or self._token is None:
+            return
+        item = _WriteBack(key, digest, length)
+        try:
+            self._token.run_sync_soon(self._enqueue, item)
+        except trio.RunFinishedError:
+            pass
+
+    async def fill(self, ver: FileVersion, extents: Sequence[tuple[int, int]]) -> None:
+        """Make sure the tier holds these extents of a version the local cache holds (`modelfs prefetch`
+        warms the fleet): each is written unless the tier has it already."""
+        for start, length in extents:
+            key = self.key(ver, start)
+            known = ver.known.get(start)
+            if key is None or known is None or self.health.offline:
+                continue
+            await trio.to_thread.run_sync(self._put, _WriteBack(key, known[0], length), True,
+                                          limiter=self._limiter, abandon_on_cancel=True)
+
+    def _enqueue(self, item: _WriteBack) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self.stats.add(shared_writeback_dropped=1)
+
+    async def _writer(self) -> None:
+        async for item in self._receive:
+            if not self.health.offline:
+                await trio.to_thread.run_sync(self._put, item, False, limiter=self._limiter,
+                                              abandon_on_cancel=True)
+
+    def _put(self, item: _WriteBack, unless_there: bool) -> None:
+        """PUT one block from the local cache (its mapping is the body: no copy in Python)."""
+        try:
+            if unless_there and self.store.exists(item.key):
+                return
+            m = self.cache.map(item.digest, item.length, populate=False)
+            if m is None:
+                return  # evicted (or never stored: the cache was full) since: nothing to share
+            try:
+                self.store.put(item.key, m, {"xxh3": item.digest.hex()})
+            finally:
+                m.close()
+        except (StoreError, OSError) as e:
+            self.stats.add(shared_write_errors=1)
+            log.debug("shared cache tier: write-back of %s failed: %s", item.key, e)
+            self.health.mark_unreachable(e)
+            return
+        self.stats.add(shared_bytes_written=item.length)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return b""

@@ -1,0 +1,175 @@
+"""The shared cache tier across nodes: real SeaweedFS (origin and shared tier as two buckets), the origin
+behind the fault proxy so the bytes it serves are counted from its request log, and up to three daemons on
+this machine with their own cache dirs and mountpoints (three nodes of a fleet)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.checkpoints import make_variant_set
+from modelfs.testing.faultproxy import Fault, FaultProxy
+from modelfs.testing.seaweed import SeaweedServer
+from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
+from tests.conftest import sha256_file as sha
+
+pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
+
+SHARED_BUCKET = "fleet-cache"
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def origin_bytes(proxy: FaultProxy) -> int:
+    """Bytes of ranged GETs the origin answered (from the proxy's own log, not the daemons' counters)."""
+    total = 0
+    for rec in proxy.log:
+        m = _RANGE.fullmatch(rec.range or "")
+        if rec.method == "GET" and m and rec.fault is None and not rec.blackholed:
+            total += int(m.group(2)) - int(m.group(1)) + 1
+    return total
+
+
+def load_tree(root: Path, want: Path) -> None:
+    """Read every file under `root` and compare it with the source tree `want`."""
+    files = sorted(p.relative_to(want) for p in want.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == files
+    for rel in files:
+        assert sha(root / rel) == sha(want / rel), rel
+
+
+def settled_write_backs(m: Mount, limit: float = 120) -> dict[str, int]:
+    """Counters once every extent this node fetched from the origin is in the shared tier (bounded wait:
+    a write-back that never lands fails the test, it does not hang it)."""
+    deadline = time.monotonic() + limit
+    while True:
+        st = m.stats()
+        if st["fetches_in_flight"] == 0 and st["prefetch_queue"] == 0 and \
+                st["shared_bytes_written"] >= st["bytes_fetched"] > 0:
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def fleet(seaweed: SeaweedServer, mounter: Callable[..., Mount]) -> Iterator[Callable[..., Mount]]:
+    """node(source, shared_endpoint=..., extra=[...]) -> a daemon of this fleet: origin through `origin`
+    (the proxy below), shared tier at s3://fleet-cache/<test>/ (SeaweedFS direct, or a given endpoint)."""
+    seaweed.create_bucket(SHARED_BUCKET)
+    prefix = f"t{os.getpid()}-{time.monotonic_ns()}"
+    with FaultProxy(seaweed.endpoint_url) as origin:
+        env = {**seaweed.env(), "AWS_ENDPOINT_URL": origin.endpoint_url}
+
+        def node(source: str, shared_endpoint: str = seaweed.endpoint_url, extra: tuple[str, ...] = ()) -> Mount:
+            return mounter(source, env=env, args=["-o", f"shared.url=s3://{SHARED_BUCKET}/{prefix}",
+                                                  "-o", f"shared.endpoint_url={shared_endpoint}", *extra])
+
+        node.origin = origin  # type: ignore[attr-defined]
+        node.prefix = prefix  # type: ignore[attr-defined]
+        yield node
+
+
+def test_a_second_node_loads_from_the_shared_tier_not_the_origin(s3_checkpoint: str, checkpoint: Checkpoint,
+                                                                 fleet: Callable[..., Mount]) -> None:
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    size = sum(checkpoint.files().values())
+    a = fleet(s3_checkpoint)
+    load_tree(a.path, checkpoint.root)
+    st = settled_write_backs(a)
+    assert origin_bytes(origin) >= size * 0.98 and st["shared_hits"] == 0
+    origin.clear_log()
+
+    b = fleet(s3_checkpoint)
+    load_tree(b.path, checkpoint.root)
+    fetched = origin_bytes(origin)
+    assert fetched <= 0.02 * size, (fetched, size, b.stats())
+    st = b.stats()
+    assert st["shared_hits"] > 0 and st["shared_bytes_read"] >= size * 0.98 and st["shared_corrupt"] == 0
+
+
+def test_a_fine_tune_fetches_only_its_changed_tensors_from_the_origin(seaweed: SeaweedServer, tmp_path: Path,
+                                                                     fleet: Callable[..., Mount]) -> None:
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    root = tmp_path / "variants"
+    changed = make_variant_set(root)
+    prefix = f"ft-{fleet.prefix}"  # type: ignore[attr-defined]
+    for d in ("base", "ft"):
+        r = cli("publish", str(root / d), f"s3://{BUCKET}/{prefix}/{d}", "-q", env=seaweed.env())
+        assert r.returncode == 0, r.stderr
+    source = f"s3://{BUCKET}/{prefix}"
+    a = fleet(source)
+    load_tree(a.path / "base", root / "base")
+    settled_write_backs(a)
+    origin.clear_log()
+
+    b = fleet(source)  # an empty local cache: only the shared tier knows the base's tensors
+    load_tree(b.path / "ft", root / "ft")
+    size = (root / "ft" / "model.safetensors").stat().st_size
+    fetched = origin_bytes(origin)
+    assert fetched <= changed + 0.02 * size, (fetched, changed, size)
+    assert b.stats()["shared_hits"] > 0
+
+
+def test_three_nodes_loading_at_once_fetch_about_once_from_the_origin(s3_checkpoint: str, checkpoint: Checkpoint,
+                                                                      fleet: Callable[..., Mount]) -> None:
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    size = sum(checkpoint.files().values())
+    nodes = [fleet(s3_checkpoint) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def load(m: Mount) -> None:
+        try:
+            load_tree(m.path, checkpoint.root)
+        except BaseException as e:  # handed to the test thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(m,)) for m in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a load hung"
+    assert not errors, errors
+    fetched = origin_bytes(origin)
+    assert fetched <= 1.5 * size, (fetched / size, [m.stats()["shared_hits"] for m in nodes])
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "503", "flipped"])
+def test_a_failing_shared_tier_never_fails_or_stalls_a_load(fault: str, seaweed: SeaweedServer, s3_checkpoint: str,
+                                                            checkpoint: Checkpoint,
+                                                            fleet: Callable[..., Mount]) -> None:
+    with FaultProxy(seaweed.endpoint_url) as tier:
+        a = fleet(s3_checkpoint, shared_endpoint=tier.endpoint_url)
+        load_tree(a.path, checkpoint.root)
+        settled_write_backs(a)
+        if fault == "blackhole":
+            tier.blackhole()
+        elif fault == "503":
+            tier.add_rule(Fault.slow_down(), method="GET")
+        else:  # every object of the tier with one bit flipped, its metadata kept
+            s3 = seaweed.client()
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket=SHARED_BUCKET,
+                                                         Prefix=fleet.prefix)["Contents"]]  # type: ignore[attr-defined]
+            for key in keys:
+                obj = s3.get_object(Bucket=SHARED_BUCKET, Key=key)
+                data = bytearray(obj["Body"].read())
+                data[len(data) // 2] ^= 0x01
+                s3.put_object(Bucket=SHARED_BUCKET, Key=key, Body=bytes(data), Metadata=obj["Metadata"])
+        b = fleet(s3_checkpoint, shared_endpoint=tier.endpoint_url, extra=("-o", "shared.deadline=1"))
+        began = time.monotonic()
+        load_tree(b.path, checkpoint.root)  # every byte right: from the origin
+        took = time.monotonic() - began
+        st = b.stats()
+        assert st["shared_hits"] == 0, st
+        if fault == "flipped":
+            assert st["shared_corrupt"] >= 1, st
+        else:
+            # Skipped after the first failure, not asked for every extent: the load cannot stall on it.
+            assert 1 <= st["shared_errors"] <= 4, st
+        assert took < 120, took  # a hang bound, not a timing
+        tier.blackhole(False)
