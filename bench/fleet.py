@@ -46,9 +46,10 @@ def origin_bytes(proxy: FaultProxy) -> int:
 
 
 def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared: bool, stagger: float,
-             proxy: FaultProxy, tag: str, timeout: float) -> dict[str, float]:
+             proxy: FaultProxy, tag: str, timeout: float, extra: list[str]) -> dict[str, float]:
     """One rollout: `nodes` fresh daemons, one loader each; returns wall time and origin bytes / checkpoint."""
     opts = [f"shared.url=s3://{SHARED_BUCKET}/{tag}", f"shared.endpoint_url={store.endpoint_url}"] if shared else []
+    opts += extra
     origin = Store(proxy.endpoint_url, store.bucket, store.prefix,
                    {**store.env, "AWS_ENDPOINT_URL": proxy.endpoint_url})
     with contextlib.ExitStack() as stack:
@@ -68,10 +69,16 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
                     time.sleep(0.01)
                 lp.go()
             outs = [lp.result() for lp in procs]
+            stats = [Modelfs(origin, work, opts).settled_stats(m) for m in mnts]
         if outs[0].verified is None:
             raise RuntimeError("the first node's load was not verified")
         wall = max(o.end for o in outs) - t0
-    return {"wall_s": wall, "origin_x": origin_bytes(proxy) / size, "each_s": [o.elapsed for o in outs]}  # type: ignore[dict-item]
+    keys = ("bytes_fetched", "shared_hits", "shared_misses", "shared_waits", "shared_errors", "shared_corrupt",
+            "shared_bytes_written", "shared_writeback_dropped")
+    say("  per node: " + "; ".join(" ".join(f"{k.removeprefix('shared_')}={st.get(k, 0)}" for k in keys)
+                                   for st in stats))
+    return {"wall_s": wall, "origin_x": origin_bytes(proxy) / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
+            "nodes": [{k: st.get(k, 0) for k in keys} for st in stats]}  # type: ignore[dict-item]
 
 
 def main() -> None:
@@ -82,6 +89,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a setting for every node (e.g. shared.deadline=10)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelfs-fleet-"))
     results: dict[str, list[dict[str, Any]]] = {}
@@ -103,7 +112,8 @@ def main() -> None:
                             name = f"{'shared tier' if shared else 'origin only'}, " \
                                    f"{'at once' if not stagger else f'staggered {stagger:g} s'}"
                             r = scenario(work, store, src, size, args.nodes, shared, stagger, proxy,
-                                         f"r{rep}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}", args.timeout)
+                                         f"r{rep}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}", args.timeout,
+                                         args.modelfs_option)
                             results.setdefault(name, []).append(r)
                             say(f"{name} {rep + 1}/{args.reps}: slowest load done {r['wall_s']:.2f} s after the first "
                                 f"release, origin {r['origin_x']:.2f}x the checkpoint")

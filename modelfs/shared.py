@@ -52,7 +52,7 @@ import xxhash
 
 from modelfs.cache import BlockCache, block_hash
 from modelfs.config import Config
-from modelfs.errors import ModelfsError, StoreError
+from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
 from modelfs.health import Health
 from modelfs.remote.s3 import S3Store, parse_s3_url
 from modelfs.stats import Stats
@@ -103,8 +103,11 @@ class SharedTier:
 
     def __init__(self, store: S3Store, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
                  probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
-                 flight_deadline: float = 30.0) -> None:
+                 flight_deadline: float = 30.0, writer: S3Store | None = None) -> None:
         self.store = store
+        # Writes send a whole block before the answer comes: they get the origin's timeouts, not the
+        # per-request deadline of reads (a write-back is never on a reader's path).
+        self.writer = writer or store
         self.domain = domain
         self.stats = stats
         self.cache = cache
@@ -128,12 +131,14 @@ class SharedTier:
         skipped). One attempt per request, timeouts of `shared.deadline`: a failing tier is skipped, not
         retried."""
         bucket, prefix = parse_s3_url(cfg.shared.url)
-        s3 = dataclasses.replace(cfg.s3, endpoint_url=cfg.shared.endpoint_url or cfg.s3.endpoint_url,
-                                 max_attempts=1, connect_timeout=cfg.shared.deadline,
-                                 read_timeout=cfg.shared.deadline)
-        return cls(S3Store(bucket, prefix, s3), domain, stats, cache, deadline=cfg.shared.deadline,
+        endpoint = cfg.shared.endpoint_url or cfg.s3.endpoint_url
+        reads = dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1,
+                                    connect_timeout=cfg.shared.deadline, read_timeout=cfg.shared.deadline)
+        writes = dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1)
+        return cls(S3Store(bucket, prefix, reads), domain, stats, cache, deadline=cfg.shared.deadline,
                    probe_interval=cfg.fetch.probe_interval, write_back=cfg.shared.write_back,
-                   trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline)
+                   trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline,
+                   writer=S3Store(bucket, prefix, writes))
 
     def start(self, supervisor: Supervisor) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -281,26 +286,31 @@ class SharedTier:
                                               abandon_on_cancel=True)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
-        """PUT one block from the local cache (its mapping is the body: no copy in Python)."""
+        """PUT one block from the local cache (its mapping is the body: no copy in Python). A failed
+        write is counted; only a tier that cannot be reached at all is skipped for it (a read-only or
+        full tier still serves reads)."""
         try:
-            if unless_there and self.store.exists(item.key):
+            if unless_there and self.writer.exists(item.key):
                 return
             m = self.cache.map(item.digest, item.length, populate=False)
             if m is None:
                 return  # evicted (or never stored: the cache was full) since: nothing to share
             try:
-                self.store.put(item.key, m, {"xxh3": item.digest.hex()})
+                self.writer.put(item.key, m, {"xxh3": item.digest.hex()})
             finally:
                 m.close()
         except (StoreError, OSError) as e:
             self.stats.add(shared_write_errors=1)
             log.debug("shared cache tier: write-back of %s failed: %s", item.key, e)
-            self.health.mark_unreachable(e)
+            if isinstance(e, StoreUnreachable):
+                self.health.mark_unreachable(e)
             return
         self.stats.add(shared_bytes_written=item.length)
 
     def close(self) -> None:
         self.store.close()
+        if self.writer is not self.store:
+            self.writer.close()
 
 
 def _hex(text: str) -> bytes:
