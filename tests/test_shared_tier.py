@@ -173,3 +173,19 @@ def test_a_failing_shared_tier_never_fails_or_stalls_a_load(fault: str, seaweed:
             assert 1 <= st["shared_errors"] <= 4, st
         assert took < 120, took  # a hang bound, not a timing
         tier.blackhole(False)
+
+
+def test_prefetch_on_one_node_warms_the_fleet(s3_checkpoint: str, checkpoint: Checkpoint,
+                                              fleet: Callable[..., Mount]) -> None:
+    """`modelfs prefetch` with a shared tier fills the tier too (one CI step warms the fleet), even for
+    extents the node's own cache already held."""
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    size = sum(checkpoint.files().values())
+    a = fleet(s3_checkpoint, extra=("-o", "shared.write_back=false"))  # nothing shared in the background
+    r = cli("prefetch", str(a.path), env=a.env)
+    assert r.returncode == 0, r.stderr
+    assert a.stats()["shared_bytes_written"] >= size * 0.98, a.stats()
+    origin.clear_log()
+    b = fleet(s3_checkpoint)
+    load_tree(b.path, checkpoint.root)
+    assert origin_bytes(origin) <= 0.02 * size, b.stats()
