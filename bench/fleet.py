@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -33,16 +32,6 @@ from modelfs.testing.faultproxy import FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
 
 SHARED_BUCKET = "fleet-cache"
-_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
-
-
-def origin_bytes(proxy: FaultProxy) -> int:
-    total = 0
-    for rec in proxy.log:
-        m = _RANGE.fullmatch(rec.range or "")
-        if rec.method == "GET" and m:
-            total += int(m.group(2)) - int(m.group(1)) + 1
-    return total
 
 
 def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared: bool, stagger: float,
@@ -77,7 +66,7 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
             "shared_bytes_written", "shared_writeback_dropped")
     say("  per node: " + "; ".join(" ".join(f"{k.removeprefix('shared_')}={st.get(k, 0)}" for k in keys)
                                    for st in stats))
-    return {"wall_s": wall, "origin_x": origin_bytes(proxy) / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
+    return {"wall_s": wall, "origin_x": proxy.ranged_bytes() / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
             "nodes": [{k: st.get(k, 0) for k in keys} for st in stats]}  # type: ignore[dict-item]
 
 

@@ -106,6 +106,17 @@ class Mount:
     factory: Callable[..., Mount] = field(default=lambda *a, **k: None, repr=False)  # type: ignore[assignment]
 
 
+def eventually(check: Callable[[], bool], limit: float = 120.0) -> bool:
+    """Poll `check` until it holds: a bounded wait for a background state change (it only detects a hang,
+    it asserts no timing)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 4 MiB pieces (also through a mount)."""
     import hashlib

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Checkpoint, Mount, cli, requires_fuse
+from tests.conftest import Checkpoint, Mount, cli, eventually, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 
@@ -24,16 +23,6 @@ ref = torch.load(sys.argv[2], weights_only=True)
 assert tensors.keys() == ref.keys()
 assert all(torch.equal(tensors[k], ref[k]) for k in ref)
 """
-
-
-def eventually(check: Callable[[], bool], limit: float = 120.0) -> bool:
-    """Poll `check` until it holds (a bound that only detects a hang, not a timing assertion)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_prefetch_cli_warms_the_cache_then_a_load_needs_no_get(seaweed: object, s3_checkpoint: str,

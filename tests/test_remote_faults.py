@@ -22,7 +22,7 @@ import pytest
 
 from modelfs.testing.faultproxy import Fault, FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
-from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
+from tests.conftest import BUCKET, Checkpoint, Mount, cli, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
@@ -49,16 +49,6 @@ def read_in_child(path: Path, timeout: float = 120) -> str:
     """Read a whole file in a child process (a hung read can then never hang the test run)."""
     r = subprocess.run([sys.executable, "-c", READ_ONE, str(path)], capture_output=True, text=True, timeout=timeout)
     return r.stdout.strip()
-
-
-def eventually(check: Callable[[], bool], limit: float = 60.0) -> bool:
-    """Poll `check` until it holds (a bounded wait for a background state change, not a timing assertion)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture

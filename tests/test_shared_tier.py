@@ -5,7 +5,6 @@ this machine with their own cache dirs and mountpoints (three nodes of a fleet).
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,17 +21,6 @@ from tests.conftest import sha256_file as sha
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 
 SHARED_BUCKET = "fleet-cache"
-_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
-
-
-def origin_bytes(proxy: FaultProxy) -> int:
-    """Bytes of ranged GETs the origin answered (from the proxy's own log, not the daemons' counters)."""
-    total = 0
-    for rec in proxy.log:
-        m = _RANGE.fullmatch(rec.range or "")
-        if rec.method == "GET" and m and rec.fault is None and not rec.blackholed:
-            total += int(m.group(2)) - int(m.group(1)) + 1
-    return total
 
 
 def load_tree(root: Path, want: Path) -> None:
@@ -81,12 +69,12 @@ def test_a_second_node_loads_from_the_shared_tier_not_the_origin(s3_checkpoint: 
     a = fleet(s3_checkpoint)
     load_tree(a.path, checkpoint.root)
     st = settled_write_backs(a)
-    assert origin_bytes(origin) >= size * 0.98 and st["shared_hits"] == 0
+    assert origin.ranged_bytes() >= size * 0.98 and st["shared_hits"] == 0
     origin.clear_log()
 
     b = fleet(s3_checkpoint)
     load_tree(b.path, checkpoint.root)
-    fetched = origin_bytes(origin)
+    fetched = origin.ranged_bytes()
     assert fetched <= 0.02 * size, (fetched, size, b.stats())
     st = b.stats()
     assert st["shared_hits"] > 0 and st["shared_bytes_read"] >= size * 0.98 and st["shared_corrupt"] == 0
@@ -110,7 +98,7 @@ def test_a_fine_tune_fetches_only_its_changed_tensors_from_the_origin(seaweed: S
     b = fleet(source)  # an empty local cache: only the shared tier knows the base's tensors
     load_tree(b.path / "ft", root / "ft")
     size = (root / "ft" / "model.safetensors").stat().st_size
-    fetched = origin_bytes(origin)
+    fetched = origin.ranged_bytes()
     assert fetched <= changed + 0.02 * size, (fetched, changed, size)
     assert b.stats()["shared_hits"] > 0
 
@@ -135,7 +123,7 @@ def test_three_nodes_loading_at_once_fetch_about_once_from_the_origin(s3_checkpo
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads), "a load hung"
     assert not errors, errors
-    fetched = origin_bytes(origin)
+    fetched = origin.ranged_bytes()
     assert fetched <= 1.5 * size, (fetched / size, [m.stats()["shared_hits"] for m in nodes])
 
 
@@ -188,4 +176,4 @@ def test_prefetch_on_one_node_warms_the_fleet(s3_checkpoint: str, checkpoint: Ch
     origin.clear_log()
     b = fleet(s3_checkpoint)
     load_tree(b.path, checkpoint.root)
-    assert origin_bytes(origin) <= 0.02 * size, b.stats()
+    assert origin.ranged_bytes() <= 0.02 * size, b.stats()

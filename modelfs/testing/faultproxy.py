@@ -42,6 +42,7 @@ import contextlib
 import enum
 import http
 import itertools
+import re
 import select
 import socket
 import struct
@@ -64,6 +65,8 @@ _EXPECT_WAIT = 1.0  # like botocore: how long to wait for upstream's "100 Contin
 _DRAIN_SECONDS = 0.5  # after a graceful close, how long to read what the client still sends (avoids an RST)
 _ACCEPT_POLL = 0.2
 
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 class FaultKind(enum.Enum):
     """What a rule does to a matching request."""
@@ -475,6 +478,17 @@ class FaultProxy:
         probe = Rule(Fault(FaultKind.LATENCY), method=method, path_contains=path_contains, ranged=ranged)
         with self._cond:
             return sum(1 for r in self._log if probe.matches(r.method, r.path, r.ranged))
+
+    def ranged_bytes(self, method: str = "GET") -> int:
+        """Bytes asked for by the ranged requests answered without a fault (`bytes=a-b` each), e.g. what an
+        origin behind this proxy served."""
+        total = 0
+        with self._cond:
+            for r in self._log:
+                m = _RANGE.fullmatch(r.range or "")
+                if m and r.method == method and r.fault is None and not r.blackholed:
+                    total += int(m.group(2)) - int(m.group(1)) + 1
+        return total
 
     def clear_log(self) -> None:
         """Forget the requests seen so far (counters restart at zero)."""
