@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from modelfs.index import version_id
+from modelfs.remote import ObjectInfo
+from modelfs.shared import claim_key, version_key
 from modelfs.testing.checkpoints import make_variant_set
 from modelfs.testing.faultproxy import Fault, FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
@@ -177,3 +180,29 @@ def test_prefetch_on_one_node_warms_the_fleet(s3_checkpoint: str, checkpoint: Ch
     b = fleet(s3_checkpoint)
     load_tree(b.path, checkpoint.root)
     assert origin.ranged_bytes() <= 0.02 * size, b.stats()
+
+
+@pytest.mark.parametrize("claim_age", ["fresh", "stale"])
+def test_a_claim_left_by_a_node_that_died_costs_a_bounded_wait(claim_age: str, seaweed: SeaweedServer,
+                                                              s3_checkpoint: str, checkpoint: Checkpoint,
+                                                              fleet: Callable[..., Mount]) -> None:
+    """A node claimed an extent for the fleet and died: the others wait for it at most 4 x shared.deadline,
+    then fetch it from the origin; once the claim is older than a flight can last, it is simply taken over."""
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    rel = f"{checkpoint.hf_dir}/model-00001-of-00003.safetensors"
+    bucket, prefix = s3_checkpoint.removeprefix("s3://").split("/", 1)
+    head = seaweed.client().head_object(Bucket=bucket, Key=prefix + rel)
+    info = ObjectInfo(rel, int(head["ContentLength"]), str(head["ETag"]), 0.0)
+    identity, domain = f"s3:{origin.endpoint_url}/{bucket}/{prefix}", f"s3:{origin.endpoint_url}/{bucket}"
+    claim = claim_key(version_key(domain, version_id(identity, info), 0))
+    seaweed.client().put_object(Bucket=SHARED_BUCKET, Key=f"{fleet.prefix}/{claim}", Body=b"a node that died")  # type: ignore[attr-defined]
+    # fetch.deadline=5 and shared.deadline=1: a claim is stale after 5 + 4 x 1 = 9 s.
+    node = fleet(s3_checkpoint, extra=("-o", "shared.deadline=1", "-o", "fetch.deadline=5"))
+    if claim_age == "stale":
+        time.sleep(10)
+    load_tree(node.path, checkpoint.root)  # correct bytes either way
+    st = node.stats()
+    if claim_age == "fresh":
+        assert st["shared_waits"] == 1 and st["shared_misses"] >= 1, st  # waited for the claimed extent, then fetched
+    else:
+        assert st["shared_waits"] == 0, st  # taken over at once
