@@ -258,12 +258,12 @@ class ModelFS:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
         else through `extents` (map it in a worker thread, or join or start its GET)."""
         node, ver = self._handles[fh]
-        self.prefetcher.on_read(node, ver, offset, size)
         end = min(offset + size, ver.info.size)
         if offset >= end:
             return b""
-        self.stats.bytes_served += end - offset
         start, length = ver.extent_at(offset)
+        self.prefetcher.on_read(node, ver, offset, size, start, length)
+        self.stats.bytes_served += end - offset
         if end > start + length:  # across an extent edge: the pieces are copied into one buffer
             return await self.extents.copy(ver, offset, end - offset)
         view = self.extents.mapped(ver, start, offset - start, end - offset)

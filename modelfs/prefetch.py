@@ -164,10 +164,11 @@ class Prefetcher:
         """Nothing scheduled, queued or running."""
         return not self._jobs and not self._scheduling
 
-    def on_read(self, node: Node, ver: FileVersion, offset: int, size: int) -> None:
-        """A demand read: feeds the stream detector; also tells us what the kernel lost."""
+    def on_read(self, node: Node, ver: FileVersion, offset: int, size: int, start: int, length: int) -> None:
+        """A demand read within the file, whose first byte is in the extent (start, length): feeds the
+        stream detector; also tells us what the kernel lost."""
         if self.gate is not None:
-            self._note_served(node.inode, ver, offset, size)
+            self._note_served(node.inode, offset, size, start, length)
         job = self._jobs.get(node.inode)
         if not self.cfg.sequential or (job is not None and job.push):
             return  # already being prefetched into the page cache
@@ -178,13 +179,12 @@ class Prefetcher:
         if rng is not None:
             self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], push=True)
 
-    def _note_served(self, inode: int, ver: FileVersion, offset: int, size: int) -> None:
+    def _note_served(self, inode: int, offset: int, size: int, start: int, length: int) -> None:
         """What a READ tells the pusher. The kernel asks for bytes we pushed: they were evicted (or raced
         our push), so forget them and a later job pushes them again. And the bytes this READ is answered
         with are in the page cache now: a push of its extent leaves them out (in a cold load the loader
         often reads an extent as it lands, before its push, which would copy it into the kernel twice).
         One [lo, hi) range per extent, grown by the contiguous READs of a sequential reader."""
-        start, length = ver.extent_at(offset)
         pushed = self._pushed.get(inode)
         if pushed:
             pushed.discard(start)
