@@ -74,6 +74,7 @@ class S3Config:
     max_attempts: int = 10
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
+    hedge_after: float = 1.0
     max_pool_connections: int = 64
 
 
@@ -202,6 +203,9 @@ class Config:
                           ("s3.connect_timeout", self.s3.connect_timeout), ("s3.read_timeout", self.s3.read_timeout)):
             if secs <= 0:
                 raise ConfigError(f"config: {key} must be a positive number of seconds, got {secs}")
+        if self.s3.hedge_after < 0:
+            raise ConfigError(f"config: s3.hedge_after must be 0 (never) or a positive number of seconds, got "
+                              f"{self.s3.hedge_after}")
         if self.cache.max_size and self.cache.max_size < 2 * es:
             raise ConfigError(f"config: cache.max_size must be 0 (no quota) or at least 2 x cache.extent_size "
                               f"({2 * es}), got {self.cache.max_size}")

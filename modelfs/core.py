@@ -350,6 +350,7 @@ class ModelFS:
         snap["reads_not_resident"] = self.maps.not_resident
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["blocks_in_cache"] = self.cache.blocks_stored
+        snap["hedged_gets"] = self.store.hedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["prefetch_queue"] = self.prefetcher.queued
         return snap

@@ -23,6 +23,7 @@ COUNTERS = {
     "bytes_served": "bytes returned to readers",
     "bytes_fetched": "bytes fetched from the store",
     "gets": "ranged GETs completed",
+    "hedged_gets": "ranged GETs sent a second time because the first was silent (s3.hedge_after)",
     "cache_hits": "extents served from the block cache",
     "cache_misses": "extents that needed the store",
     "dedup_bytes_saved": "fetched bytes whose block was already stored",

@@ -1,12 +1,18 @@
 """The prefetcher: decides what to fetch before the loader asks, and hands it to the kernel page cache.
 
 Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of worker tasks:
-- whole file: opening a checkpoint file (`prefetch.patterns`) schedules every extent in file order,
-  which is the order `load_file` reads a safetensors file (the header, then tensors by data offset);
-- checkpoint sets: opening `*.index.json` of a sharded checkpoint, or one shard of a
+- whole file: the first READ of an open checkpoint file (`prefetch.patterns`) schedules every extent
+  in file order, which is the order `load_file` reads a safetensors file (the header, then tensors by
+  data offset);
+- checkpoint sets: the first READ of `*.index.json` of a sharded checkpoint, or of one shard of a
   `name-0000K-of-0000N.ext` set, schedules the other shards into the block cache, within the free
   space of the cache filesystem;
 - sequential streams (`readahead.StreamTracker`) for any other file read sequentially.
+
+The first READ, not the open: a file the kernel page cache holds whole is opened and read without a
+READ reaching the daemon, and must cost no GET. (Prefetching on open refetched every evicted block of
+such a file; under a cache quota smaller than the working set that was many times the bytes served.)
+In a cold load the first READ follows the open at once, so nothing is lost there.
 
 Extents whose blocks are already on disk (a warm load) are mapped and verified here, ahead of the
 loader, so its READs find them mapped and are answered on the trio thread; the others are fetched.
@@ -120,6 +126,9 @@ class Prefetcher:
         self._served: dict[int, dict[int, list[int]]] = {}
         self._supervisor: Supervisor | None = None
         self._scheduling = 0
+        self._armed: set[int] = set()  # inodes opened whose first READ has not come: prefetch starts there
+        #: Checkpoint dirs already reported as not fitting in the cache: said once, not on every open.
+        self._told_no_room: set[str] = set()
 
     def start(self, supervisor: Supervisor) -> None:
         """Workers and scheduling steps run supervised: a failure stops one job, never the mount."""
@@ -138,9 +147,15 @@ class Prefetcher:
         return any(fnmatch.fnmatchcase(name, p) for p in self.cfg.patterns)
 
     def opened(self, node: Node) -> None:
-        """A file was opened: whole-file and checkpoint-set prefetch as configured."""
-        if self._supervisor is None:
-            return
+        """A file was opened: whole-file and checkpoint-set prefetch start at its first READ."""
+        if self._supervisor is not None and (
+                (self.cfg.whole_file and self.is_checkpoint(node.name))
+                or (self.cfg.checkpoint_sets and (node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name)))):
+            self._armed.add(node.inode)
+
+    def _first_read(self, node: Node) -> None:
+        """The kernel asked for bytes of an opened file: whole-file and checkpoint-set prefetch as configured."""
+        self._armed.discard(node.inode)
         if self.cfg.whole_file and self.is_checkpoint(node.name):
             self._spawn(self._schedule_whole, node, True)
         if self.cfg.checkpoint_sets and (node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name)):
@@ -167,6 +182,8 @@ class Prefetcher:
     def on_read(self, node: Node, ver: FileVersion, offset: int, size: int, start: int, length: int) -> None:
         """A demand read within the file, whose first byte is in the extent (start, length): feeds the
         stream detector; also tells us what the kernel lost."""
+        if node.inode in self._armed:
+            self._first_read(node)
         if self.gate is not None:
             self._note_served(node.inode, offset, size, start, length)
         job = self._jobs.get(node.inode)
@@ -201,12 +218,14 @@ class Prefetcher:
 
     def forget(self, inode: int) -> None:
         """The namespace dropped `inode`: nothing of it is kept here either (a job still running ends)."""
+        self._armed.discard(inode)
         self._trackers.pop(inode, None)
         self._pushed.pop(inode, None)
         self._served.pop(inode, None)
 
     def released(self, node: Node) -> None:
         """The last handle of `node` closed: keep filling the block cache, stop pushing."""
+        self._armed.discard(node.inode)
         job = self._jobs.get(node.inode)
         if job is not None:
             job.push = False
@@ -288,7 +307,10 @@ class Prefetcher:
                 continue
             assert shard.info is not None
             if shard.info.size > budget:
-                log.info("not prefetching %s: room for %d more bytes in the cache", shard.key, budget)
+                if parent.key not in self._told_no_room and len(self._told_no_room) < 10_000:
+                    self._told_no_room.add(parent.key)
+                    log.info("not prefetching all shards of /%s: the cache has room for %d more bytes (said once)",
+                             parent.key, budget)
                 continue
             budget -= shard.info.size
             await self._schedule_whole(shard, False)

@@ -207,6 +207,29 @@ def test_rules_match_ranged_and_clear(seaweed: SeaweedServer, proxy: FaultProxy,
     assert rule.fired == 2
 
 
+@needs_weed
+@pytest.mark.s3
+def test_a_rule_with_a_probability_fires_on_that_share_and_spared_requests_reach_the_next(
+        seaweed: SeaweedServer, objects: dict[str, bytes]) -> None:
+    """A probability 0.3 rule fires on about 30 % of 200 GETs (seeded: the same requests every run); the
+    requests it spares meet the next rule, so rules compose into a mix of faults."""
+    with FaultProxy(seaweed.endpoint_url, seed=7) as proxy:
+        client = s3_client(seaweed, proxy.endpoint_url)
+        sometimes = proxy.add_rule(Fault.internal_error(), method="GET", probability=0.3)
+        always = proxy.add_rule(Fault.slow_down(), method="GET", path_contains="small")
+        codes = []
+        for _ in range(200):
+            with pytest.raises(ClientError) as info:
+                client.get_object(Bucket=BUCKET, Key="small.txt")
+            codes.append(_error_code(info.value))
+        assert 40 <= sometimes.fired <= 80 and codes.count("InternalError") == sometimes.fired
+        assert always.fired == codes.count("SlowDown") == 200 - sometimes.fired
+        proxy.clear()
+        assert client.get_object(Bucket=BUCKET, Key="small.txt")["Body"].read() == objects["small.txt"]
+    with pytest.raises(ValueError):
+        proxy.add_rule(Fault.reset(), probability=0.0)
+
+
 # -- connection faults -----------------------------------------------------------------------------------
 
 

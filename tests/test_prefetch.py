@@ -78,7 +78,9 @@ async def settle(core: ModelFS) -> None:
             await trio.sleep(0.01)
 
 
-def test_open_prefetches_whole_checkpoint_file(tmp_path: Path) -> None:
+def test_first_read_prefetches_whole_checkpoint_file_and_an_open_alone_fetches_nothing(tmp_path: Path) -> None:
+    """An open the kernel answers from its page cache sends no READ and must cost no GET; the first READ
+    of a checkpoint file schedules all of it."""
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "model.safetensors", {f"t{i}": 50_000 + i for i in range(20)})
@@ -86,12 +88,16 @@ def test_open_prefetches_whole_checkpoint_file(tmp_path: Path) -> None:
     core, close = make_core(src, tmp_path / "cache")
 
     async def body(core: ModelFS) -> None:
-        core.open(await lookup(core, "notes.txt"), os.O_RDONLY)  # not a checkpoint pattern
+        notes = core.open(await lookup(core, "notes.txt"), os.O_RDONLY)  # not a checkpoint pattern
         fh = core.open(await lookup(core, "model.safetensors"), os.O_RDONLY)
         await settle(core)
-        assert core.stats.bytes_fetched == len(data)  # every extent, exactly once, without a read
+        assert core.stats.bytes_fetched == 0
+        assert bytes(await core.read(notes, 0, 10)) == (src / "notes.txt").read_bytes()[:10]
+        assert bytes(await core.read(fh, 0, 8)) == data[:8]
+        await settle(core)
+        assert core.stats.bytes_fetched == len(data) + EXTENT  # every extent once, and the one notes.txt read
         assert bytes(await core.read(fh, 0, len(data))) == data
-        assert core.stats.bytes_fetched == len(data)
+        assert core.stats.bytes_fetched == len(data) + EXTENT
 
     try:
         run(core, body)
@@ -133,7 +139,8 @@ def test_index_json_schedules_every_shard(tmp_path: Path) -> None:
     core, close = make_core(tmp_path / "src", tmp_path / "cache")
 
     async def body(core: ModelFS) -> None:
-        core.open(await lookup(core, "llama/model.safetensors.index.json"), os.O_RDONLY)
+        fh = core.open(await lookup(core, "llama/model.safetensors.index.json"), os.O_RDONLY)
+        await core.read(fh, 0, 1)
         await settle(core)
         for name, size in sizes.items():
             assert await core.cached_bytes(await lookup(core, f"llama/{name}")) == size
@@ -154,7 +161,8 @@ def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) ->
     core, close = make_core(src, tmp_path / "cache")
 
     async def body(core: ModelFS) -> None:
-        core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        fh = core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        await core.read(fh, 0, 1)
         await settle(core)
         for k in (2, 3):
             assert await core.cached_bytes(await lookup(core, f"w-{k:05d}-of-00003.safetensors")) > 0
@@ -167,7 +175,8 @@ def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) ->
     core, close = make_core(src, tmp_path / "cache2", **{"cache.min_free": "100TiB"})
 
     async def no_space(core: ModelFS) -> None:
-        core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        fh = core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+        await core.read(fh, 0, 1)
         await settle(core)
         assert await core.cached_bytes(await lookup(core, "w-00002-of-00003.safetensors")) == 0
 
@@ -188,13 +197,14 @@ def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
     async def body(core: ModelFS) -> None:
         inode = await lookup(core, "m.safetensors")
         fh = core.open(inode, os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, 1)) == data[:1]  # the first READ starts the job
         await settle(core)
-        assert b"".join(pushed[o] for o in sorted(pushed)) == data  # every byte, at its offset
-        assert core.stats.pushed_bytes == len(data)
+        assert b"".join(pushed[o] for o in sorted(pushed)) == data[1:]  # every byte the READ did not answer
+        assert min(pushed) == 1 and core.stats.pushed_bytes == len(data) - 1
         core.release(fh)
         core.open(inode, os.O_RDONLY)  # re-open: the kernel still has the pages, nothing to push
         await settle(core)
-        assert core.stats.pushed_bytes == len(data)
+        assert core.stats.pushed_bytes == len(data) - 1
 
     try:
         run(core, body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import mmap
 import os
 import signal
@@ -113,7 +114,8 @@ def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: 
     # One stalled attempt held throughout (read timeout past the hang bound below, the stall past both), so
     # "the stuck GET has not completed" is a state the test can check, not a race with botocore's retries.
     hang_bound = 60.0
-    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, "-o", "fetch.deadline=600", "-o", "s3.read_timeout=300"])
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, "-o", "fetch.deadline=600", "-o", "s3.read_timeout=300",
+                                              "-o", "s3.hedge_after=0"])
     stuck = checkpoint.torch_file
     rule = proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1])
     child = subprocess.Popen([sys.executable, "-c", READ_ONE, str(m.path / stuck)], stdout=subprocess.PIPE)
@@ -142,6 +144,55 @@ def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: 
     proxy.release()
     assert read_in_child(m.path / stuck) == sha(checkpoint.root / stuck)
     assert int(os.getxattr(m.path, "user.modelfs.pid")) == m.pid  # the same daemon all along
+
+
+#: A stuck request would hold a reader for the read timeout or the deadline; hedging must not wait for either.
+SLOW_GIVE_UP = ["-o", "s3.read_timeout=300", "-o", "fetch.deadline=600", "-o", "s3.hedge_after=0.5",
+                "-o", "fetch.probe_interval=1"]
+
+
+def test_a_stalled_get_is_sent_again_and_the_reader_is_answered_by_the_second(
+        proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
+        mounter: Callable[..., Mount]) -> None:
+    """The first GET of a file stalls past any bound here (read timeout 300 s): the request is sent again
+    after s3.hedge_after, the reader gets every byte from the second, while the first is still held."""
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, *SLOW_GIVE_UP])
+    stuck = checkpoint.torch_file
+    proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1], times=1)
+    try:  # the bound only detects a hang: without hedging the reader waits out the 300 s read timeout
+        digest = read_in_child(m.path / stuck, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reader waited on the stalled GET")
+    assert digest == sha(checkpoint.root / stuck)
+    assert proxy.stalled == 1  # ordering, not time: served while the first request was still unanswered
+    st = m.stats()
+    assert st["hedged_gets"] >= 1 and st["store_errors"] == 0 and st["read_timeouts"] == 0, st
+    proxy.release()
+
+
+def test_a_network_cut_is_noticed_from_a_silent_get_and_its_hedge(
+        proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
+        mounter: Callable[..., Mount]) -> None:
+    """A cut while the daemon runs (connections accepted, nothing answered) is not waited out: a GET and
+    its hedge both silent, then a silent bucket check, put the mount in offline mode and the reader gets
+    EIO; cached files keep loading, and the probe ends it once the store answers."""
+    warm = checkpoint.torch_file
+    cold = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, *SLOW_GIVE_UP])
+    assert sha(m.path / warm) == sha(checkpoint.root / warm)
+    (m.path / cold).stat()
+    proxy.blackhole(True)
+    try:  # without the check the reader waits out fetch.deadline (600 s)
+        assert read_in_child(m.path / cold, timeout=60) == f"errno {errno.EIO}"
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reader waited out the cut")
+    assert json.loads(os.getxattr(m.path, "user.modelfs.health"))["offline"] is True
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+    assert read_in_child(m.path / warm) == sha(checkpoint.root / warm)
+    proxy.blackhole(False)
+    assert eventually(lambda: read_in_child(m.path / cold) == sha(checkpoint.root / cold))
+    assert m.stats()["hedged_gets"] >= 1
+    assert "does not answer (a GET and its hedge silent" in (m.cache_dir / "modelfs.log").read_text()
 
 
 def test_silent_store_at_mount_fails_within_the_deadline(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
@@ -189,8 +240,8 @@ def test_network_cut_mid_run_keeps_cached_files_loading(proxy: FaultProxy, env: 
     Path("/proc/sys/vm/drop_caches").write_text("1")  # the next read of `warm` goes to the daemon
     assert read_in_child(m.path / warm) == sha(checkpoint.root / warm)
     assert read_in_child(m.path / cold) == f"errno {errno.EIO}"
-    proxy.blackhole(False)
-    assert read_in_child(m.path / cold) == sha(checkpoint.root / cold)
+    proxy.blackhole(False)  # the cut put the mount offline: the probe ends that within its interval
+    assert eventually(lambda: read_in_child(m.path / cold) == sha(checkpoint.root / cold))
 
 
 def test_object_overwritten_while_open_never_mixes_versions(seaweed: SeaweedServer, tmp_path: Path,

@@ -36,6 +36,8 @@ class Store(Protocol):
     identity: str
     #: Trust domain: blocks are shared by content only between sources of one domain.
     domain: str
+    #: Ranged GETs sent a second time because the first was silent (`s3.hedge_after`); 0 where none are.
+    hedged: int
 
     def describe(self) -> str:
         """A human-readable name for logs and errors; never contains credentials."""

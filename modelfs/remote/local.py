@@ -27,6 +27,7 @@ class LocalStore:
             raise ConfigError(f"source: {root} is not a directory")
         self.identity = f"file:{self.root}"
         self.domain = self.identity
+        self.hedged = 0  # one local read never stalls the way a request can
 
     def describe(self) -> str:
         return self.root

@@ -4,6 +4,14 @@ Retries of 5xx, SlowDown, throttling and connection errors are botocore's ("stan
 exponential backoff), with per-request connect and read timeouts. Only what botocore cannot see is
 retried here: a body that ends short or stalls after the headers arrived. Every ranged GET carries
 If-Match with the version's ETag, so bytes of two versions are never combined.
+
+Hedged GETs (`s3.hedge_after`): a ranged GET whose response headers have not arrived after
+`hedge_after` seconds is sent again on another connection, and the first answer is used; a stalled
+request then costs a loader `hedge_after`, not the read timeout. When both stay silent for another
+`hedge_after`, one bucket check (shared by every GET that got there at once, itself bounded by
+`hedge_after`) decides: silence there too means the store is unreachable (offline mode, EIO at once for
+what is not cached) instead of every reader waiting out fetch.deadline. The requests left behind end at
+their own timeouts in the hedging pool's threads; a late answer's body is closed unread.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
@@ -47,6 +57,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ConfigError(f"source: invalid bucket name {bucket!r} in {url!r}")
     prefix = prefix.strip("/")
     return bucket, (prefix + "/") if prefix else ""
+
+
+def _close_body(f: Future[dict[str, Any]]) -> None:
+    """A hedged GET's late answer: close its body unread (the connection is dropped, not reused)."""
+    if f.exception() is None:
+        f.result()["Body"].close()
 
 
 def _code(e: bexc.ClientError) -> str:
@@ -142,6 +158,14 @@ class S3Store:
         except bexc.BotoCoreError as e:
             raise ConfigError(f"s3: {e}") from None
         self.endpoint = str(self.client.meta.endpoint_url)
+        self.hedge_after = cfg.hedge_after
+        # Every ranged GET's request phase runs here, so the caller can send a second one when the first
+        # is silent; as many threads as connections, so a stalled request never queues a healthy one.
+        self._requests = ThreadPoolExecutor(max_workers=cfg.max_pool_connections, thread_name_prefix="s3-get")
+        self._silence_lock = threading.Lock()
+        self._silence_check: Future[bool] | None = None  # the bucket check in progress, shared
+        self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
+        self.hedged = 0  # GETs sent a second time (read by the stats)
         self.identity = f"s3:{self.endpoint}/{bucket}/{prefix}"
         self.domain = f"s3:{self.endpoint}/{bucket}"
 
@@ -209,7 +233,8 @@ class S3Store:
         rng = f"bytes={start}-{start + length - 1}"
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
-                resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, IfMatch=obj.etag)
+                resp = self._hedged(lambda: self.client.get_object(Bucket=self.bucket, Key=key, Range=rng,
+                                                                   IfMatch=obj.etag))
             except bexc.ClientError as e:
                 if _status(e) == 412 or _code(e) == "PreconditionFailed":
                     raise VersionChanged(f"{obj.key} was overwritten in the store") from None
@@ -233,6 +258,61 @@ class S3Store:
                 time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
         raise StoreError(f"GET {obj.key} failed {_BODY_ATTEMPTS} times reading the body: "
                          f"{err if isinstance(err, StoreError) else type(err).__name__}")
+
+    def _hedged(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The response of `request` (a GET whose body is read by the caller), sent a second time if the
+        first is silent for `hedge_after` seconds; the first success wins, the other's body is closed."""
+        if self.hedge_after <= 0:
+            return request()
+        first = self._requests.submit(request)
+        done, _ = wait([first], timeout=self.hedge_after)
+        if done:
+            return first.result()
+        self.hedged += 1
+        second = self._requests.submit(request)
+        pending = {first, second}
+        silent_since = time.monotonic()
+        while True:
+            done, _ = wait(pending, timeout=self.hedge_after, return_when=FIRST_COMPLETED)
+            for f in done:
+                pending.discard(f)
+                if f.exception() is None:
+                    for other in pending:
+                        other.add_done_callback(_close_body)
+                    return f.result()
+                if not pending:
+                    raise f.exception()  # type: ignore[misc]
+            if not done and time.monotonic() - silent_since >= self.hedge_after and self._silent_store():
+                for other in pending:
+                    other.add_done_callback(_close_body)
+                raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
+                                       f"silent for {2 * self.hedge_after:g} s, and the bucket check too)")
+
+    def _silent_store(self) -> bool:
+        """Whether the store answers nothing: one bucket check within `hedge_after`, shared by the GETs that
+        ask at once and reused for a second after it ended."""
+        with self._silence_lock:
+            when, verdict = self._silence_verdict
+            if time.monotonic() - when < 1.0:
+                return verdict
+            check = self._silence_check
+            if check is None:
+                check = self._silence_check = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return check.result()
+        verdict = False
+        try:
+            done, _ = wait([self._requests.submit(self.check)], timeout=self.hedge_after)
+            verdict = not done or isinstance(next(iter(done)).exception(), StoreUnreachable)
+        finally:
+            with self._silence_lock:
+                self._silence_check = None
+                self._silence_verdict = (time.monotonic(), verdict)
+            check.set_result(verdict)
+        return verdict
 
     def get_into(self, key: str, views: Sequence[memoryview], deadline: float | None = None
                  ) -> dict[str, str] | None:
@@ -320,4 +400,5 @@ class S3Store:
         return ObjectInfo(key, int(r["ContentLength"]), str(r["ETag"]), r["LastModified"].timestamp())
 
     def close(self) -> None:
+        self._requests.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -142,6 +142,33 @@ def make_safetensors_checkpoint(
     return tensors
 
 
+def make_fine_tune(base_dir: Path, out_dir: Path, every: int = 4, seed: int = 7) -> int:
+    """A fine-tune of the sharded checkpoint in ``base_dir``: every ``every``-th tensor (in name order) gets
+    new values, the rest and the layout (shards, names, shapes, offsets) stay, as a publisher's next
+    version does. Returns the bytes of the tensors that changed."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = json.loads((base_dir / INDEX_NAME).read_text())
+    changed_names = set(sorted(index["weight_map"])[::every])
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        part = load_file(str(base_dir / shard))
+        for name in sorted(part.keys() & changed_names):
+            t = part[name]
+            part[name] = _random_tensor(tuple(t.shape), str(t.dtype).removeprefix("torch."), gen)
+            changed += t.numel() * t.element_size()
+        save_file(part, str(out_dir / shard), metadata={"format": "pt"})
+    for name in (INDEX_NAME, "config.json"):
+        shutil.copyfile(base_dir / name, out_dir / name)
+    return changed
+
+
 def make_demo_checkpoint(out_dir: Path, total_bytes: int = 256 << 20) -> dict[str, torch.Tensor]:
     """A 4-shard safetensors checkpoint for the demo and benchmark."""
     return make_safetensors_checkpoint(out_dir, total_bytes=total_bytes, shards=4, seed=0)

@@ -42,6 +42,7 @@ import contextlib
 import enum
 import http
 import itertools
+import random
 import re
 import select
 import socket
@@ -149,6 +150,7 @@ class Rule:
     path_contains: str | None = None
     ranged: bool | None = None
     times: int | None = None
+    probability: float = 1.0  # share of matching requests it fires on (drawn from the proxy's seeded RNG)
     fired: int = 0  # updated by the proxy under its lock
 
     def matches(self, method: str, target: str, ranged: bool) -> bool:
@@ -312,13 +314,14 @@ def _xml_error(status: int, code: str, message: str, resource: str, request_id: 
 class FaultProxy:
     """A threaded HTTP/1.1 forwarding proxy on 127.0.0.1 with programmable faults; see the module docstring."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, seed: int = 0) -> None:
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be an http:// URL, got {upstream_url!r}")
         self.upstream = (parts.hostname, parts.port or 80)
         self._cond = threading.Condition()  # guards everything below; stalls and blackholes wait on it
         self._rules: list[Rule] = []
+        self._random = random.Random(seed)  # probabilistic rules draw from it under _cond: runs repeat
         self._log: list[RequestRecord] = []
         self._blackhole = False
         self._release_gen = 0
@@ -402,9 +405,14 @@ class FaultProxy:
         path_contains: str | None = None,
         ranged: bool | None = None,
         times: int | None = None,
+        probability: float = 1.0,
     ) -> Rule:
-        """Apply ``fault`` to requests matching all given criteria, at most ``times`` times (None: always)."""
-        rule = Rule(fault, method=method, path_contains=path_contains, ranged=ranged, times=times)
+        """Apply ``fault`` to requests matching all given criteria, at most ``times`` times (None: always),
+        each time with ``probability`` (a request the draw spares is offered to the next rule)."""
+        if not 0.0 < probability <= 1.0:
+            raise ValueError("probability must lie in (0, 1]")
+        rule = Rule(fault, method=method, path_contains=path_contains, ranged=ranged, times=times,
+                    probability=probability)
         with self._cond:
             self._rules.append(rule)
         return rule
@@ -547,7 +555,8 @@ class FaultProxy:
     def _pick_rule(self, method: str, target: str, ranged: bool) -> Fault | None:
         with self._cond:
             for rule in self._rules:
-                if not rule.exhausted and rule.matches(method, target, ranged):
+                if not rule.exhausted and rule.matches(method, target, ranged) and (
+                        rule.probability >= 1.0 or self._random.random() < rule.probability):
                     rule.fired += 1
                     return rule.fault
         return None

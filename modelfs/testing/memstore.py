@@ -29,6 +29,7 @@ class MemoryStore:
     def __init__(self, name: str = "mem") -> None:
         self.identity = f"mem:{name}"
         self.domain = self.identity
+        self.hedged = 0
         self.unreachable = False
         self._objects: dict[str, tuple[ObjectInfo, bytes]] = {}
         self._etags = itertools.count(1)

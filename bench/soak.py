@@ -1,0 +1,720 @@
+"""`make soak`: an hour of load, faults, eviction and restarts through one modelfs mount, every byte checked.
+
+What runs (all on this machine):
+- SeaweedFS on loopback holding three checkpoints under one prefix: `base/` (published with a manifest),
+  `ft/` (a fine-tune of base: a quarter of its tensors new, also published with a manifest) and `plain/`
+  (another model, uploaded as plain objects). Each has safetensors shards and a `torch.save` file. Their
+  distinct bytes are about twice `cache.max_size`, so eviction never stops.
+- The daemon reaches the store through the fault proxy, which answers about 10 % of GETs with a fault:
+  503 SlowDown, a reset mid-body, a truncated body, or a stall past the read timeout.
+- Four loader processes (soak_worker.py) loop, each picking a checkpoint and a loader at random:
+  `load_file` per shard, `safe_open` in key-name order, `torch.load(mmap=True)`, random `pread`s.
+  Every tensor or byte is compared with the source.
+- On a schedule: a one-minute network cut (proxy blackholed) every 15 minutes, a flipped byte in a
+  random cache block every 10 minutes, SIGTERM and a restart of the daemon every 20 minutes. Runs
+  shorter than an hour scale the schedule down so every fault still happens.
+- Watched every 10 s: the daemon's RSS, open fds, threads, LMDB file size, cache bytes against the quota,
+  requests waiting in the kernel (fusectl); every second: each thread of the daemon and of the loaders
+  in D state, and for how long.
+
+Writes bench/results/soak.{md,json,png}: the table of loads, failures and resource drift, and a chart
+of RSS, cache bytes and loads per minute. Exit status 1 if a criterion failed.
+
+    python bench/soak.py [--minutes 60]        (root; SOAK_MINUTES= through make)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peers import Modelfs, Store, alive, force_unmount, is_mounted
+
+from bench import RESULTS, say
+from modelfs.mount import mount_minor
+from modelfs.testing.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
+from modelfs.testing.faultproxy import Fault, FaultProxy, Rule
+from modelfs.testing.seaweed import SeaweedServer
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "soak_worker.py"
+BUCKET = "soak"
+PREFIX = "models/"
+MiB = 1 << 20
+CKPTS = ("base", "ft", "plain")
+KINDS = ("load_file", "safe_open", "torch_mmap", "pread")
+
+#: Daemon settings for the soak: the quota that keeps eviction going, and a read timeout the stalls exceed.
+QUOTA = 384 * MiB
+READ_TIMEOUT = 10.0
+FETCH_DEADLINE = 30.0
+#: A unit of a load (one shard, tensor or pread) silent longer than this counts as hung (the issue's bound).
+HANG = FETCH_DEADLINE + 10
+#: After this much silence a hung worker is killed so the soak goes on (the hang is already counted).
+GIVE_UP = 240.0
+#: Failures this long after a cut or a restart ends are still attributed to it (the probe interval, and
+#: a load that started during the window and failed on its next read).
+GRACE = 15.0
+
+
+# -- the checkpoints ------------------------------------------------------------------------------
+
+
+def make_sources(src: Path, scale: float) -> int:
+    """base (with manifest), ft (its fine-tune), plain (another model): shards plus a torch file each.
+    Returns the distinct bytes of the three: what a content-addressed cache holds to serve them all."""
+    make_safetensors_checkpoint(src / "base", total_bytes=int(320 * MiB * scale), shards=5, seed=0)
+    make_torch_checkpoint(src / "base" / "model.pt", total_bytes=int(40 * MiB * scale), seed=1)
+    changed = make_fine_tune(src / "base", src / "ft", every=4, seed=7)
+    make_torch_checkpoint(src / "ft" / "model.pt", total_bytes=int(40 * MiB * scale), seed=2)
+    make_safetensors_checkpoint(src / "plain", total_bytes=int(256 * MiB * scale), shards=4, seed=3)
+    make_torch_checkpoint(src / "plain" / "model.pt", total_bytes=int(40 * MiB * scale), seed=4)
+    files = [p for ckpt in ("base", "plain") for p in (src / ckpt).iterdir()]
+    return sum(p.stat().st_size for p in files) + changed + (src / "ft" / "model.pt").stat().st_size
+
+
+def references(src: Path) -> dict[str, Any]:
+    """Per checkpoint: shard names, the torch file, sizes, and an xxh3-64 of every tensor's bytes."""
+    import torch
+    from safetensors.torch import load_file
+    from soak_worker import digest
+
+    refs: dict[str, Any] = {}
+    for ckpt in CKPTS:
+        d = src / ckpt
+        shards = sorted(p.name for p in d.glob("*.safetensors"))
+        tensors = {s: {k: digest(t) for k, t in load_file(str(d / s)).items()} for s in shards}
+        tensors["model.pt"] = {k: digest(t) for k, t in torch.load(str(d / "model.pt"), weights_only=True).items()}
+        refs[ckpt] = {"shards": shards, "torch": "model.pt", "tensors": tensors,
+                      "sizes": {f: (d / f).stat().st_size for f in [*shards, "model.pt"]}}
+    return refs
+
+
+# -- the daemon -----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """The modelfs mount under test, started through its CLI as an operator would, restartable."""
+
+    def __init__(self, modelfs: Modelfs, mnt: Path, cache: Path) -> None:
+        self.modelfs = modelfs
+        self.mnt = mnt
+        self.cache = cache
+        self.pid = 0
+        self.minor: int | None = None
+
+    def start(self, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            try:
+                self.modelfs.cli(*self.modelfs.mount_args(self.mnt, self.cache), timeout=180)
+                self.pid = int(os.getxattr(self.mnt, "user.modelfs.pid"))
+                self.minor = mount_minor(os.path.realpath(self.mnt))
+                return
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                say(f"mount attempt {attempt + 1} failed: {str(e)[-300:]}")
+                force_unmount(self.mnt)
+                time.sleep(5)
+        raise RuntimeError("the daemon could not be mounted again")
+
+    def terminate(self, timeout: float = 60) -> float:
+        """SIGTERM, as systemd stops the unit; seconds until the process was gone (SIGKILL after timeout)."""
+        t0 = time.monotonic()
+        pid, self.pid = self.pid, 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        while alive(pid) and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        force_unmount(self.mnt)
+        return took
+
+    def stats(self) -> dict[str, int] | None:
+        """The daemon's counters, or None if it does not answer within 10 s (a getxattr on the mount)."""
+        box: list[dict[str, int]] = []
+
+        def get() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                box.append(json.loads(os.getxattr(self.mnt, "user.modelfs.stats")))
+
+        t = threading.Thread(target=get, daemon=True)
+        t.start()
+        t.join(10)
+        return box[0] if box else None
+
+
+# -- loaders --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    slot: int
+    ckpt: str
+    kind: str
+    start: float
+    end: float = 0.0
+    bytes: int = 0
+    mismatches: int = 0
+    mismatch_examples: list[str] = field(default_factory=list)
+    error: str | None = None
+    longest_unit: float = 0.0
+    hung: bool = False
+    cold: bool = False  # the checkpoint's pages were dropped from the page cache first
+
+
+class Slot(threading.Thread):
+    """One loader process in a loop; a new process whenever one dies (SIGBUS) or is killed for hanging."""
+
+    def __init__(self, n: int, mnt: Path, src: Path, refs: Path, stop: threading.Event, loads: list[Load],
+                 lock: threading.Lock, on_hang: Any) -> None:
+        super().__init__(name=f"slot{n}", daemon=True)
+        self.n, self.mnt, self.src, self.refs = n, mnt, src, refs
+        self.stop, self.loads, self.lock, self.on_hang = stop, loads, lock, on_hang
+        self.rnd = random.Random(1000 + n)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.buf = b""
+
+    def pids(self) -> list[int]:
+        p = self.proc
+        return [p.pid] if p is not None and p.poll() is None else []
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "--mount", str(self.mnt), "--source", str(self.src), "--refs",
+             str(self.refs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(self.mnt.parent / f"worker{self.n}.log", "ab"), start_new_session=True)  # noqa: SIM115
+        self.buf = b""
+        line = self.readline(300)
+        if line is None or "ready" not in line:
+            raise RuntimeError(f"soak worker {self.n} did not start")
+
+    def readline(self, timeout: float) -> dict[str, Any] | None:
+        """The worker's next JSON line; None on EOF (it died) or after ``timeout`` seconds of silence."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return {"silent": True}
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.proc is None or self.proc.poll() is not None:
+                self.spawn()
+            load = Load(self.n, self.rnd.choice(CKPTS), self.rnd.choice(KINDS), time.time(),
+                        cold=self.rnd.random() < 0.5)
+            assert self.proc is not None and self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(json.dumps({"ckpt": load.ckpt, "kind": load.kind, "drop": load.cold,
+                                                  "seed": self.rnd.randrange(1 << 30)}).encode() + b"\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                continue
+            self.follow(load)
+            load.end = time.time()
+            with self.lock:
+                self.loads.append(load)
+            if load.error:
+                time.sleep(1)  # a loader that failed tries again, as a serving framework's retry would
+        self.kill()
+
+    def follow(self, load: Load) -> None:
+        """Read the worker's beats until its done line; time each unit, and flag and end a hang."""
+        last = time.monotonic()
+        silent_since: float | None = None
+        while True:
+            msg = self.readline(HANG if silent_since is None else 5)
+            now = time.monotonic()
+            if msg is None:  # the worker died: a read error inside a mapping is SIGBUS
+                assert self.proc is not None
+                code = self.proc.wait()
+                load.error = f"worker ended by {signal.Signals(-code).name}" if code < 0 else f"worker exit {code}"
+                return
+            if msg.get("silent"):
+                if silent_since is None:
+                    silent_since = last
+                    load.hung = True
+                    self.on_hang(load, self.pids())
+                if now - silent_since > GIVE_UP:
+                    load.error = f"killed after {now - silent_since:.0f} s without progress"
+                    self.kill()
+                    return
+                continue
+            load.longest_unit = max(load.longest_unit, now - last)
+            last, silent_since = now, None
+            if msg.get("done"):
+                load.bytes = msg["bytes"]
+                load.mismatches = msg["n_mismatches"]
+                load.mismatch_examples = msg["mismatches"]
+                load.error = msg["error"]
+                return
+
+
+# -- watching -------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out = {"rss": 0, "fds": 0, "threads": 0}
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss"] = int(line.split()[1]) * 1024
+                elif line.startswith("Threads:"):
+                    out["threads"] = int(line.split()[1])
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def threads_in_d(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "D":
+                    found.append(int(tid))
+    return found
+
+
+def wchan(tid: int) -> str:
+    """Where a thread sleeps in the kernel (its wait channel and kernel stack, when readable)."""
+    out = ""
+    with contextlib.suppress(OSError):
+        out = Path(f"/proc/{tid}/wchan").read_text()
+    with contextlib.suppress(OSError):
+        out += " | " + " < ".join(line.split()[-1] for line in Path(f"/proc/{tid}/stack").read_text().splitlines()[:6])
+    return out
+
+
+def cache_bytes(cache: Path) -> int:
+    """Bytes of block files on disk (temp files of writes in progress included), walked directly."""
+    total = 0
+    for root, _dirs, files in os.walk(cache / "blocks"):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, f)).st_size
+    return total
+
+
+def fusectl_waiting(minor: int | None) -> int:
+    if minor is None:
+        return -1
+    try:
+        return int(Path(f"/sys/fs/fuse/connections/{minor}/waiting").read_text())
+    except (OSError, ValueError):
+        return -1
+
+
+def flip_a_block(cache: Path, rnd: random.Random) -> str | None:
+    """One byte of a cache block inverted in place, as a bad disk would leave it: a block among the most
+    recently written quarter, so loads are likely to read it again before it is evicted."""
+    blocks = []
+    for r, _d, fs in os.walk(cache / "blocks"):
+        for f in fs:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(r, f))
+                if ".tmp" not in f and st.st_size > 4096:
+                    blocks.append((st.st_mtime, Path(r) / f))
+    if not blocks:
+        return None
+    blocks.sort()
+    victim = rnd.choice(blocks[-max(1, len(blocks) // 4):])[1]
+    fd = os.open(victim, os.O_RDWR)
+    try:
+        off = rnd.randrange(victim.stat().st_size)
+        os.pwrite(fd, bytes([os.pread(fd, 1, off)[0] ^ 0xFF]), off)
+    finally:
+        os.close(fd)
+    return f"{victim.name}@{off}"
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    kind: str  # cut, restart, flip, hang
+    start: float
+    end: float = 0.0
+    detail: str = ""
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.minutes = args.minutes
+        self.quota = int(QUOTA * args.scale)
+        scale = min(1.0, self.minutes / 60)
+        self.every = {"cut": 15 * 60 * scale, "flip": 10 * 60 * scale, "restart": 20 * 60 * scale}
+        self.offset = {"cut": 7.5 * 60 * scale, "flip": 3 * 60 * scale, "restart": 15 * 60 * scale}
+        self.cut_for = 60 * scale if scale < 1 else 60.0
+        self.samples: list[dict[str, Any]] = []
+        self.events: list[Event] = []
+        self.loads: list[Load] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.d_since: dict[tuple[str, int], float] = {}
+        self.d_longest: dict[str, float] = {"daemon": 0.0, "loader": 0.0}
+        self.rnd = random.Random(42)
+        self.totals = dict.fromkeys(("corrupt_blocks", "bytes_fetched", "bytes_served", "gets", "hedged_gets",
+                                     "store_errors", "read_timeouts", "offline_misses", "evictions"), 0)
+        self.d_stretches: list[dict[str, Any]] = []  # every D state over 5 s: who, how long, where
+        self.wchan: dict[tuple[str, int], str] = {}
+        self.t0 = time.time()
+
+    def retire(self) -> float:
+        """SIGTERM the daemon, keeping its counters (flipped blocks caught, bytes fetched and served)."""
+        st = self.daemon.stats() or {}
+        for k in self.totals:
+            self.totals[k] += st.get(k, 0)
+        return self.daemon.terminate()
+
+    def on_hang(self, load: Load, pids: list[int]) -> None:
+        say(f"HANG: slot {load.slot} {load.kind} {load.ckpt}: no progress for {HANG:.0f} s; daemon task tree "
+            f"to its log (SIGUSR1)")
+        with self.lock:
+            self.events.append(Event("hang", time.time(), detail=f"slot {load.slot} {load.kind} {load.ckpt}"))
+        with contextlib.suppress(ProcessLookupError):
+            if self.daemon.pid:
+                os.kill(self.daemon.pid, signal.SIGUSR1)
+
+    def watch_d_state(self, slots: list[Slot]) -> None:
+        """Every second: each thread of the daemon and the loaders in D state, and its longest stretch."""
+        while not self.stop.wait(1.0):
+            now = time.monotonic()
+            seen: set[tuple[str, int]] = set()
+            pids = [("daemon", self.daemon.pid)] if self.daemon.pid else []
+            pids += [("loader", p) for s in slots for p in s.pids()]
+            for who, pid in pids:
+                for tid in threads_in_d(pid):
+                    seen.add((who, tid))
+                    self.d_since.setdefault((who, tid), now)
+            for key in list(self.d_since):
+                took = now - self.d_since[key]
+                if key not in seen:
+                    del self.d_since[key]
+                    if took > 5.0:
+                        self.d_stretches.append({"who": key[0], "tid": key[1], "seconds": took,
+                                                 "ended": time.time() - self.t0, "wchan": self.wchan.pop(key, "")})
+                else:
+                    self.d_longest[key[0]] = max(self.d_longest[key[0]], took)
+                    if took > 3.0 and key not in self.wchan:
+                        self.wchan[key] = wchan(key[1])
+
+    def sample(self, t0: float) -> None:
+        st = self.daemon.stats() if self.daemon.pid else None
+        ps = proc_status(self.daemon.pid) if self.daemon.pid else {"rss": 0, "fds": 0, "threads": 0}
+        lmdb = self.work / "cache" / "index" / "data.mdb"
+        with self.lock:
+            done = sum(1 for ld in self.loads if not ld.error)
+        s = {"t": time.time() - t0, "pid": self.daemon.pid, **ps,
+             "lmdb": lmdb.stat().st_size if lmdb.exists() else 0,
+             "cache_disk": cache_bytes(self.work / "cache"),
+             "cache_stats": (st or {}).get("bytes_in_cache", -1),
+             "waiting": fusectl_waiting(self.daemon.minor) if self.daemon.pid else -1,
+             "d_daemon": self.d_longest["daemon"], "d_loader": self.d_longest["loader"],
+             "loads_ok": done, "stats_answered": st is not None,
+             "corrupt_blocks": (st or {}).get("corrupt_blocks", 0), "evictions": (st or {}).get("evictions", 0)}
+        self.samples.append(s)
+        if len(self.samples) % 6 == 0:
+            say(f"t={s['t'] / 60:5.1f} min  rss {s['rss'] / MiB:.0f} MiB  fds {s['fds']}  threads {s['threads']}  "
+                f"cache {s['cache_disk'] / MiB:.0f}/{self.quota / MiB:.0f} MiB  lmdb {s['lmdb'] / MiB:.1f} MiB  "
+                f"waiting {s['waiting']}  loads ok {done}  D max {max(self.d_longest.values()):.1f} s")
+
+    def due(self, kind: str, elapsed: float, done: dict[str, int]) -> bool:
+        """True when the next `kind` fault is due (the n-th at offset + n x period, before the end)."""
+        at = self.offset[kind] + done[kind] * self.every[kind]
+        end = self.minutes * 60 - (self.cut_for if kind == "cut" else 30)
+        if elapsed >= at and at < end:
+            done[kind] += 1
+            return True
+        return False
+
+    def run(self, modelfs: Modelfs, src: Path, refs: Path, proxy: FaultProxy, rules: dict[str, Rule]) -> None:
+        mnt = self.work / "mnt"
+        mnt.mkdir()
+        self.daemon = Daemon(modelfs, mnt, self.work / "cache")
+        self.daemon.start()
+        slots = [Slot(n, mnt, src, refs, self.stop, self.loads, self.lock, self.on_hang)
+                 for n in range(self.args.loaders)]
+        t0 = self.t0 = time.time()
+        for s in slots:
+            s.start()
+        dwatch = threading.Thread(target=self.watch_d_state, args=(slots,), daemon=True)
+        dwatch.start()
+        done = {"cut": 0, "flip": 0, "restart": 0}
+        next_sample = 0.0
+        try:
+            while (elapsed := time.time() - t0) < self.minutes * 60:
+                if elapsed >= next_sample:
+                    self.sample(t0)
+                    next_sample += 10
+                if self.due("cut", elapsed, done):
+                    ev = Event("cut", time.time())
+                    say(f"network cut for {self.cut_for:.0f} s (proxy blackholed)")
+                    proxy.blackhole(True)
+                    while time.time() < ev.start + self.cut_for:
+                        time.sleep(1)
+                        if time.time() - t0 >= next_sample:
+                            self.sample(t0)
+                            next_sample += 10
+                    proxy.blackhole(False)
+                    ev.end = time.time()
+                    self.events.append(ev)
+                if self.due("flip", elapsed, done):
+                    what = flip_a_block(self.work / "cache", self.rnd)
+                    say(f"flipped a byte of cache block {what}")
+                    self.events.append(Event("flip", time.time(), time.time(), what or "no block"))
+                if self.due("restart", elapsed, done):
+                    ev = Event("restart", time.time())
+                    took = self.retire()
+                    self.daemon.start()
+                    ev.end = time.time()
+                    ev.detail = f"exit {took:.1f} s after SIGTERM, serving again {ev.end - ev.start:.1f} s after it"
+                    say(f"restart: {ev.detail}")
+                    self.events.append(ev)
+                time.sleep(0.5)
+        finally:
+            self.stop.set()
+            for s in slots:
+                s.join(timeout=GIVE_UP + 30)
+                s.kill()
+            self.faults = {name: r.fired for name, r in rules.items()}
+            self.gets = proxy.requests_matching("GET")
+            if self.daemon.pid:
+                self.retire()
+            force_unmount(mnt)
+        self.t0 = t0
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def in_window(load: Load, events: list[Event]) -> bool:
+    """Whether a load overlapped a cut or a restart (plus GRACE after it)."""
+    return any(ev.kind in ("cut", "restart") and load.start <= ev.end + GRACE and load.end >= ev.start
+               for ev in events)
+
+
+def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> tuple[list[str], bool]:
+    loads, events, samples, tot = soak.loads, soak.events, soak.samples, soak.totals
+    ok = [ld for ld in loads if not ld.error]
+    cold = sum(1 for ld in ok if ld.cold)
+    failed = [ld for ld in loads if ld.error]
+    failed_in = [ld for ld in failed if in_window(ld, events)]
+    failed_out = [ld for ld in failed if not in_window(ld, events)]
+    hung = [ld for ld in loads if ld.hung]
+    mismatches = sum(ld.mismatches for ld in loads)
+    verified = sum(ld.bytes for ld in loads)
+    warm = min(5 * 60, args.minutes * 60 / 6)
+    span = min(10 * 60, (args.minutes * 60 - warm) / 2)
+    first = [s for s in samples if warm <= s["t"] < warm + span and s["pid"]]
+    last = [s for s in samples if s["t"] >= args.minutes * 60 - span and s["pid"]]
+
+    def drift(key: str) -> tuple[float, float, float]:
+        a = max((s[key] for s in first), default=0)
+        b = max((s[key] for s in last), default=0)
+        return a, b, (b / a if a else float("inf"))
+
+    rss, fds, thr, lmdb = drift("rss"), drift("fds"), drift("threads"), drift("lmdb")
+    cache_max = max((s["cache_disk"] for s in samples), default=0)
+    d_daemon, d_loader = soak.d_longest["daemon"], soak.d_longest["loader"]
+    restarts = [e for e in events if e.kind == "restart"]
+    cuts = [e for e in events if e.kind == "cut"]
+    flips = [e for e in events if e.kind == "flip"]
+    longest_unit = max((ld.longest_unit for ld in loads), default=0)
+    checks = {
+        "mismatches": mismatches == 0,
+        "hung loads": not hung,
+        "failures outside a cut or restart": not failed_out,
+        "RSS flat": rss[2] <= 1.10,
+        "fds flat": fds[2] <= 1.10,
+        "threads flat": thr[2] <= 1.10,
+        "cache within quota": cache_max <= quota,
+        "no D state over 5 s": max(d_daemon, d_loader) <= 5.0,
+    }
+    by_kind = {k: sum(1 for ld in ok if ld.kind == k) for k in KINDS}
+    gets = soak.gets
+    faulted = sum(soak.faults.values())
+    lines = [
+        f"{args.minutes:g} minutes on one 2-core machine ({time.strftime('%Y-%m-%d')}), {args.loaders} loader "
+        f"processes; working set {distinct / MiB:.0f} MiB of distinct bytes, cache quota {quota / MiB:.0f} MiB "
+        f"({distinct / quota:.1f}x).",
+        f"Faults: {faulted} of {gets} GETs ({100 * faulted / max(1, gets):.1f} %: "
+        + ", ".join(f"{k} {v}" for k, v in soak.faults.items()) + f"); {len(cuts)} network cuts of "
+        f"{soak.cut_for:.0f} s; {len(flips)} flipped cache blocks; {len(restarts)} SIGTERM + restarts.",
+        "",
+        "| measure | result | bound | met |",
+        "| --- | ---: | --- | --- |",
+        f"| loads completed, every byte checked | {len(ok)} (" + ", ".join(f"{k} {v}" for k, v in by_kind.items())
+        + f"; {cold} after dropping the checkpoint's pages from the page cache) | | |",
+        f"| bytes verified | {verified / 2**30:.1f} GiB | | |",
+        f"| mismatches | {mismatches} | 0 | {'yes' if checks['mismatches'] else 'NO'} |",
+        f"| loads failed during a cut or a restart | {len(failed_in)} | allowed, counted | |",
+        f"| loads failed outside one | {len(failed_out)} | 0 | "
+        f"{'yes' if checks['failures outside a cut or restart'] else 'NO'} |",
+        f"| loads hung past fetch.deadline + 10 s ({HANG:.0f} s without progress) | {len(hung)} (longest unit "
+        f"{longest_unit:.1f} s) | 0 | {'yes' if checks['hung loads'] else 'NO'} |",
+        f"| daemon RSS, max of first / last 10 min | {rss[0] / MiB:.0f} / {rss[1] / MiB:.0f} MiB ({rss[2]:.2f}x) "
+        f"| <= 1.10x | {'yes' if checks['RSS flat'] else 'NO'} |",
+        f"| open fds, same | {fds[0]:.0f} / {fds[1]:.0f} ({fds[2]:.2f}x) | <= 1.10x | "
+        f"{'yes' if checks['fds flat'] else 'NO'} |",
+        f"| threads, same | {thr[0]:.0f} / {thr[1]:.0f} ({thr[2]:.2f}x) | <= 1.10x | "
+        f"{'yes' if checks['threads flat'] else 'NO'} |",
+        f"| LMDB file, same | {lmdb[0] / MiB:.1f} / {lmdb[1] / MiB:.1f} MiB | | |",
+        f"| cache bytes on disk, max | {cache_max / MiB:.0f} MiB | <= quota {quota / MiB:.0f} MiB | "
+        f"{'yes' if checks['cache within quota'] else 'NO'} |",
+        f"| longest D state, daemon / loaders | {d_daemon:.0f} / {d_loader:.0f} s (sampled every 1 s) | <= 5 s | "
+        f"{'yes' if checks['no D state over 5 s'] else 'NO'} |",
+        f"| requests waiting in the kernel, max | {max((s['waiting'] for s in samples), default=0)} | | |",
+        f"| damaged blocks caught and refetched (corrupt_blocks, all daemons) | "
+        f"{tot['corrupt_blocks']} of {len(flips)} flipped | | |",
+        f"| bytes fetched from the store / bytes the daemon served | {tot['bytes_fetched'] / 2**30:.1f} / "
+        f"{tot['bytes_served'] / 2**30:.1f} GiB | | |",
+        f"| GETs, hedged GETs, store errors, reads refused offline | {tot['gets']}, {tot['hedged_gets']}, "
+        f"{tot['store_errors']}, {tot['offline_misses']} | | |",
+        "",
+        "Restarts: " + ("; ".join(e.detail for e in restarts) or "none") + ".",
+    ]
+    return lines, all(checks.values())
+
+
+def chart(soak: Soak, path: Path, quota: int, minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] / 60 for s in soak.samples]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True)
+    axes[0].plot(t, [s["rss"] / MiB for s in soak.samples], color="tab:blue")
+    axes[0].set_ylabel("daemon RSS (MiB)")
+    axes[0].set_ylim(bottom=0)
+    axes[1].plot(t, [s["cache_disk"] / MiB for s in soak.samples], color="tab:green", label="cache bytes on disk")
+    axes[1].axhline(quota / MiB, color="tab:red", linestyle="--", label="quota (cache.max_size)")
+    axes[1].set_ylabel("cache (MiB)")
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(loc="lower right", fontsize=8)
+    per_min = [0] * (int(minutes) + 1)
+    for ld in soak.loads:
+        if not ld.error:
+            per_min[min(int((ld.end - soak.t0) / 60), len(per_min) - 1)] += 1
+    axes[2].bar([m + 0.5 for m in range(len(per_min))], per_min, width=0.9, color="tab:gray")
+    axes[2].set_ylabel("loads completed / min")
+    axes[2].set_xlabel("minutes")
+    for ax in axes:
+        for ev in soak.events:
+            a, b = (ev.start - soak.t0) / 60, (ev.end - soak.t0) / 60
+            if ev.kind == "cut":
+                ax.axvspan(a, b, color="tab:orange", alpha=0.25, lw=0)
+            elif ev.kind == "restart":
+                ax.axvline(a, color="tab:purple", lw=1.2)
+            elif ev.kind == "flip":
+                ax.axvline(a, color="tab:red", lw=0.8, linestyle=":")
+    axes[0].set_title("modelfs soak: network cuts (orange), restarts (purple), flipped blocks (red dotted)",
+                      fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES") or 60))
+    ap.add_argument("--loaders", type=int, default=4)
+    ap.add_argument("--scale", type=float, default=1.0, help="checkpoint and quota size factor")
+    ap.add_argument("--fault-rate", type=float, default=0.10, help="share of GETs answered with a fault")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir (sources, cache, logs)")
+    ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelfs-soak-"))
+    quota = int(QUOTA * args.scale)
+    server: SeaweedServer | None = None
+    try:
+        src = work / "src"
+        say("generating three checkpoints (base with a manifest, its fine-tune, one without a manifest)")
+        distinct = make_sources(src, args.scale)
+        refs = references(src)
+        (work / "refs.json").write_text(json.dumps(refs))
+        server = SeaweedServer(work / "weed").start()
+        server.create_bucket(BUCKET)
+        env = server.env()
+        for ckpt in ("base", "ft"):
+            r = subprocess.run([sys.executable, "-m", "modelfs", "publish", "-q", str(src / ckpt),
+                                f"s3://{BUCKET}/{PREFIX}{ckpt}/"], env={**os.environ, **env},
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"modelfs publish failed: {r.stderr.strip()[-500:]}")
+        server.upload_dir(src / "plain", BUCKET, f"{PREFIX}plain/")
+        with FaultProxy(server.endpoint_url, seed=3) as proxy:
+            each = args.fault_rate / 4
+            # Each rule sees the GETs the ones before it spared: these shares make about `fault_rate` in all.
+            rules = {name: proxy.add_rule(fault, method="GET", probability=min(1.0, each / (1 - n * each)))
+                     for n, (name, fault) in enumerate((
+                         ("503", Fault.slow_down()), ("reset", Fault.reset(after_bytes=256 << 10)),
+                         ("truncated", Fault.truncate(fraction=0.5)), ("stalled", Fault.stall(READ_TIMEOUT + 5))))}
+            store = Store(proxy.endpoint_url, BUCKET, PREFIX, {**env, "AWS_ENDPOINT_URL": proxy.endpoint_url})
+            opts = [f"cache.max_size={quota}", f"s3.read_timeout={READ_TIMEOUT:g}",
+                    f"fetch.deadline={FETCH_DEADLINE:g}", *args.modelfs_option]
+            soak = Soak(args, work)
+            say(f"soak: {args.minutes:g} min, {args.loaders} loaders, {distinct / MiB:.0f} MiB distinct over "
+                f"a {quota / MiB:.0f} MiB quota, {100 * args.fault_rate:.0f} % of GETs faulted; work dir {work}")
+            soak.run(Modelfs(store, work, opts), src, work / "refs.json", proxy, rules)
+        log = (work / "cache" / "modelfs.log").read_text(errors="replace")
+        lines, passed = report(soak, args, quota, distinct)
+        args.out.mkdir(parents=True, exist_ok=True)
+        chart(soak, args.out / "soak.png", quota, args.minutes)
+        (args.out / "soak.md").write_text("\n".join(lines) + "\n")
+        (args.out / "soak.json").write_text(json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items()}, "samples": soak.samples,
+            "events": [asdict(e) for e in soak.events], "loads": [asdict(ld) for ld in soak.loads],
+            "faults": soak.faults, "totals": soak.totals, "d_stretches": soak.d_stretches}, indent=0))
+        print("\n".join(lines))
+        tracebacks = log.count("Traceback")
+        if tracebacks:
+            say(f"the daemon log has {tracebacks} tracebacks: {work}/cache/modelfs.log")
+        if not passed:
+            shutil.copy(work / "cache" / "modelfs.log", args.out / "soak-daemon.log")
+        return 0 if passed else 1
+    finally:
+        if server is not None:
+            server.stop()
+        if is_mounted(work / "mnt"):
+            force_unmount(work / "mnt")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
