@@ -386,8 +386,8 @@ class Soak:
         self.d_since: dict[tuple[str, int], float] = {}
         self.d_longest: dict[str, float] = {"daemon": 0.0, "loader": 0.0}
         self.rnd = random.Random(42)
-        self.totals = dict.fromkeys(("corrupt_blocks", "bytes_fetched", "bytes_served", "gets", "hedged_gets",
-                                     "store_errors", "read_timeouts", "offline_misses", "evictions"), 0)
+        self.totals = dict.fromkeys(("corrupt_blocks", "bytes_fetched", "bytes_served", "pushed_bytes", "gets",
+                                     "hedged_gets", "store_errors", "read_timeouts", "offline_misses", "evictions"), 0)
         self.d_stretches: list[dict[str, Any]] = []  # every D state over 5 s: who, how long, where
         self.wchan: dict[tuple[str, int], str] = {}
         self.t0 = time.time()
@@ -599,8 +599,8 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         f"| requests waiting in the kernel, max | {max((s['waiting'] for s in samples), default=0)} | | |",
         f"| damaged blocks caught and refetched (corrupt_blocks, all daemons) | "
         f"{tot['corrupt_blocks']} of {len(flips)} flipped | | |",
-        f"| bytes fetched from the store / bytes the daemon served | {tot['bytes_fetched'] / 2**30:.1f} / "
-        f"{tot['bytes_served'] / 2**30:.1f} GiB | | |",
+        f"| bytes fetched from the store / bytes the daemon answered READs with or pushed to the page cache | "
+        f"{tot['bytes_fetched'] / 2**30:.1f} / {(tot['bytes_served'] + tot['pushed_bytes']) / 2**30:.1f} GiB | | |",
         f"| GETs, hedged GETs, store errors, reads refused offline | {tot['gets']}, {tot['hedged_gets']}, "
         f"{tot['store_errors']}, {tot['offline_misses']} | | |",
         "",

@@ -7,6 +7,9 @@ only between objects of one domain, because xxh3 is fast, not collision-resistan
 A block is written under `<name>.tmp.<pid>.<n>` and renamed, so a crash never leaves a partial block
 under a real name; temp files are swept at start. A block is verified against its name the first time
 this process serves it (blocks are not fsync'ed; see `index`), and dropped if it does not match.
+A verified block keeps its file's identity (inode, ctime): a file written to since (by anything: ctime
+moves with every write and cannot be set back) is verified again before it is served again, at its
+next mapping, or within `changed` rounds for the mappings the daemon holds (`core` asks twice a second).
 Blocks are served through read-only mappings (`map`; `mapped.MappedBlocks` keeps the recent ones): the
 fd is closed as soon as the block is mapped, so open files never grow with the cache.
 
@@ -111,9 +114,10 @@ class BlockCache:
         self._held: dict[str, int] = {}  # path -> mappings being made of it now
         self._kept: set[str] = set()  # block names of pinned models (`modelfs cache pin`)
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
+        self._unlinking = 0  # bytes of evicted blocks not unlinked yet: on disk, so still counted
         self._fs_free_value = 0
         self._fs_free_at = -1.0
-        self._verified: set[bytes] = set()
+        self._verified: dict[bytes, tuple[int, int]] = {}  # digest -> (inode, ctime ns) of the file checked
         self._writing: set[bytes] = set()
         self._verifying: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
@@ -198,7 +202,7 @@ class BlockCache:
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` fit with no eviction (no I/O most of the time: callable from the trio thread)."""
-        if self.max_size and self.bytes_stored + self._reserved + nbytes > self.max_size:
+        if self.max_size and self.bytes_stored + self._unlinking + self._reserved + nbytes > self.max_size:
             return False
         return not self.min_free or self._fs_free() - self._reserved - nbytes >= self.min_free
 
@@ -209,7 +213,7 @@ class BlockCache:
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting blocks that could be evicted (only those last used before
         `protect_since`, a time.monotonic() value, when given)."""
-        room = self.max_size - self.bytes_stored - self._reserved if self.max_size else 1 << 62
+        room = self.max_size - self.bytes_stored - self._unlinking - self._reserved if self.max_size else 1 << 62
         if self.min_free:
             room = min(room, self._fs_free() - self.min_free)
         with self._lock:
@@ -238,8 +242,8 @@ class BlockCache:
         victims: list[tuple[str, int]] = []
         with self._lock:
             need = 0
-            if self.max_size:
-                need = self.bytes_stored + self._reserved + nbytes - self.max_size
+            if self.max_size:  # bytes being unlinked are still on disk: not yet room for anyone
+                need = self.bytes_stored + self._unlinking + self._reserved + nbytes - self.max_size
             if self.min_free:
                 need = max(need, self.min_free + self._reserved + nbytes - fs_free)
             freed = 0
@@ -257,12 +261,18 @@ class BlockCache:
                 del self._lru[path]
                 self.bytes_stored -= size
                 self.blocks_stored -= 1
-                self._verified.discard(_digest_of(path))
-        for path, _ in victims:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+                self._verified.pop(_digest_of(path), None)
+            unlinking = sum(size for _, size in victims)
+            self._unlinking += unlinking
+        try:
+            for path, _ in victims:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            with self._lock:
+                self._unlinking -= unlinking
         if victims and self._on_evict:
             self._on_evict(len(victims), sum(size for _, size in victims))
         return freed >= need
@@ -290,6 +300,28 @@ class BlockCache:
         if digest not in self._verified:
             raise _Missing
         return False, None
+
+    def changed(self, digests: list[bytes]) -> list[bytes]:
+        """Of these verified blocks, those whose file was written to since it was verified: they are
+        verified again at their next mapping (a mapping already made shows the new bytes: drop it)."""
+        out = []
+        for digest in digests:
+            with self._lock:
+                seen = self._verified.get(digest)
+            if seen is None:
+                continue
+            try:
+                st = os.stat(self.path(digest))
+            except FileNotFoundError:
+                continue  # evicted: nothing can write to it through a name any more
+            if (st.st_ino, st.st_ctime_ns) != seen:
+                with self._lock:
+                    if self._verified.get(digest) == seen:
+                        del self._verified[digest]
+                log.warning("cache block %s changed on disk since it was verified: dropped from the mapped "
+                            "blocks, verified again before it is served", digest.hex())
+                out.append(digest)
+        return out
 
     def verified(self, digest: bytes) -> bool:
         """Whether this process has checked the block against its hash (or wrote it itself)."""
@@ -328,7 +360,13 @@ class BlockCache:
             return None
         m: mmap.mmap | None = None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size, seen = st.st_size, (st.st_ino, st.st_ctime_ns)
+            with self._lock:
+                if self._verified.get(digest, seen) != seen:  # written to since it was verified
+                    del self._verified[digest]
+                    log.warning("cache block %s changed on disk since it was verified: verifying it again",
+                                digest.hex())
             if size == length and length:
                 if populate:  # the whole block's reads queued at once, not one fault's read-around at a time
                     os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
@@ -348,7 +386,7 @@ class BlockCache:
             with self._lock:
                 self.verifications += m is not None
                 if ok:
-                    self._verified.add(digest)
+                    self._verified[digest] = seen
             if not ok:
                 self.drop(digest, bad)
             return ok
@@ -373,7 +411,7 @@ class BlockCache:
         path = self.path(digest)
         log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
         with self._lock:
-            self._verified.discard(digest)
+            self._verified.pop(digest, None)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -398,13 +436,13 @@ class BlockCache:
             if digest in self._verified or digest in self._writing or os.path.exists(path):
                 return False
             self._writing.add(digest)
-        written = False
+        written: tuple[int, int] | None = None
         try:
             if not self.make_room(size, reserve=True):
                 raise CacheFull(f"no room for a {size}-byte block under the cache quota")
             try:
                 try:
-                    self._write(path, data)
+                    written = self._write(path, data)
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                         raise
@@ -413,8 +451,7 @@ class BlockCache:
                     self.min_free = max(self.min_free, 2 * size)
                     if not self.make_room(0):
                         raise CacheFull("the cache filesystem is full") from None
-                    self._write(path, data)
-                written = True
+                    written = self._write(path, data)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, CacheFull):
                     raise CacheFull("the cache filesystem is full") from None
@@ -423,7 +460,7 @@ class BlockCache:
                 with self._lock:
                     self._reserved -= size
                     if written:
-                        self._verified.add(digest)
+                        self._verified[digest] = written
                         self._lru[path] = (size, time.monotonic())
                         self.bytes_stored += size
                         self.blocks_stored += 1
@@ -432,7 +469,8 @@ class BlockCache:
                 self._writing.discard(digest)
         return True
 
-    def _write(self, path: str, data: bytes | memoryview) -> None:
+    def _write(self, path: str, data: bytes | memoryview) -> tuple[int, int]:
+        """Write a block under a temp name and rename it into place; its (inode, ctime ns) once there."""
         tmp = f"{path}.tmp.{os.getpid()}.{next(self._tmp_seq)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -451,6 +489,8 @@ class BlockCache:
             os.close(fd)
             fd = -1
             os.rename(tmp, path)
+            st = os.stat(path)
+            return st.st_ino, st.st_ctime_ns
         except BaseException:
             if fd >= 0:
                 os.close(fd)

@@ -95,7 +95,20 @@ class ModelFS:
         self.prefetcher.start(self.supervisor)
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
+        self.supervisor.spawn(self._recheck_mapped_blocks, name="mapped block check", restart=True)
         return self.supervisor
+
+    async def _recheck_mapped_blocks(self) -> None:
+        """Twice a second, drop the mappings of blocks whose file was written to since they were verified
+        (a mapping shows such a write at once): the next READ maps the block again, verifies it, and
+        refetches it if it is bad. Bit rot never reaches a READ this way; a write to a block file (root
+        on the cache dir) can, within that half second."""
+        while True:
+            await trio.sleep(0.5)
+            if len(self.maps):
+                for digest in await trio.to_thread.run_sync(self.cache.changed, self.maps.digests(),
+                                                            limiter=self.meta_limiter):
+                    self.maps.discard(digest)
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no

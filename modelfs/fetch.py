@@ -328,7 +328,8 @@ class Fetcher:
                     lease.thread_never_ran()
                     raise
             for flight, view, (digest, mapping) in zip(flights, views, got, strict=True):
-                flight.data = view if mapping is None else self.maps.put(digest, mapping)
+                if not flight.done.is_set():  # else answered as its bytes arrived (`_complete_early`)
+                    flight.data = view if mapping is None else self.maps.put(digest, mapping)
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
@@ -344,6 +345,8 @@ class Fetcher:
             self._supervisor.failed(f"the fetch of {ver.info.key} at {run[0][0]}", e)
         finally:
             for (start, _), flight in zip(run, flights, strict=True):
+                if flight.done.is_set():
+                    continue
                 flight.error = error
                 if self._inflight.get((ver.vid, start)) is flight:
                     del self._inflight[(ver.vid, start)]
@@ -357,6 +360,22 @@ class Fetcher:
                             await flight.drained.wait()
                 finally:
                     lease.drop()
+
+    def _complete_early(self, ver: FileVersion, start: int, flight: _Flight, view: memoryview, digest: bytes,
+                        mapping: mmap.mmap | None) -> None:
+        """On the trio thread: one extent of a longer GET has arrived and is stored: its readers are
+        answered now, not when the last byte of the GET is in. (The buffers stay out of the pool until the
+        GET ends and every reader took its view, as for any flight.)"""
+        if flight.done.is_set():  # cannot happen (callbacks run in order, before the GET's end): be safe
+            if mapping is not None:
+                mapping.close()
+            return
+        flight.data = view if mapping is None else self.maps.put(digest, mapping)
+        if self._inflight.get((ver.vid, start)) is flight:
+            del self._inflight[(ver.vid, start)]
+        if flight.waiters:
+            flight.drained = trio.Event()
+        flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                         lease: _Lease, token: trio.lowlevel.TrioToken) -> list[tuple[bytes, mmap.mmap | None]]:
@@ -387,7 +406,7 @@ class Fetcher:
                         elif mine:
                             claimed.append(i)
             try:
-                return self._from_origin(ver, run, views, flights, shared, claimed)
+                return self._from_origin(ver, run, views, flights, shared, claimed, token)
             finally:
                 for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
                     assert self.shared is not None
@@ -399,10 +418,24 @@ class Fetcher:
                 pass  # the daemon is gone: nothing to hand back to
 
     def _from_origin(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                     shared: list[bytes | None], claimed: list[int]) -> list[tuple[bytes, mmap.mmap | None]]:
+                     shared: list[bytes | None], claimed: list[int], token: trio.lowlevel.TrioToken
+                     ) -> list[tuple[bytes, mmap.mmap | None]]:
         """GET what the shared tier did not give (one GET per stretch of such extents), store every
         extent, share what came from the origin: at once if this node claimed it (other nodes wait for
-        it), else in the background."""
+        it), else in the background. In a GET of several extents, each is stored and its flight answered
+        as soon as its bytes are in (a demand read that joined a long prefetch GET waits for its extent,
+        not for the whole GET)."""
+        out: list[tuple[bytes, mmap.mmap | None] | None] = [None] * len(run)
+
+        def arrived(i: int) -> None:
+            digest, mapping = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
+            try:
+                token.run_sync_soon(self._complete_early, ver, run[i][0], flights[i], views[i], digest, mapping)
+            except trio.RunFinishedError:
+                out[i] = (digest, mapping)
+                return
+            out[i] = (digest, None)  # answered; the mapping is the trio thread's now
+
         i = 0
         while i < len(run):
             if shared[i] is not None:
@@ -411,29 +444,36 @@ class Fetcher:
             j = i
             while j < len(run) and shared[j] is None:
                 j += 1
-            self._get(ver, run[i][0], views[i:j])
+            self._get(ver, run[i][0], views[i:j], (lambda k, i=i: arrived(i + k)) if len(run) > 1 else None)
             i = j
-        out: list[tuple[bytes, mmap.mmap | None]] = []
-        for i, ((start, length), view, flight) in enumerate(zip(run, views, flights, strict=True)):
-            digest, stored = self._store_extent(ver, start, view, shared[i])
-            if self.shared is not None and shared[i] is None:
-                if i in claimed:
-                    claimed.remove(i)
-                    if stored:
-                        self.shared.share_now(ver, start, digest, length)
-                    else:
-                        self.shared.release(ver, start)
-                elif stored:
-                    self.shared.write_back(ver, start, digest, length)
-            # A reader waiting now will read the rest of this block next: map it (its pages were just
-            # written, so this costs page tables only). Prefetched blocks are mapped when first read.
-            out.append((digest, self.cache.map(digest, length) if stored and flight.waiters else None))
-        return out
+        for i in range(len(run)):
+            if out[i] is None:
+                out[i] = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
+        return out  # type: ignore[return-value]
 
-    def _get(self, ver: FileVersion, start: int, views: list[memoryview]) -> None:
+    def _finish_extent(self, ver: FileVersion, run: list[Extent], i: int, view: memoryview, flight: _Flight,
+                       shared: list[bytes | None], claimed: list[int]) -> tuple[bytes, mmap.mmap | None]:
+        """Store extent i of `run`, which arrived; share it as the shared tier needs; map it if a reader
+        waits (it will read the rest of this block next, and its pages were just written: page tables
+        only). Prefetched blocks are mapped when first read."""
+        start, length = run[i]
+        digest, stored = self._store_extent(ver, start, view, shared[i])
+        if self.shared is not None and shared[i] is None:
+            if i in claimed:
+                claimed.remove(i)
+                if stored:
+                    self.shared.share_now(ver, start, digest, length)
+                else:
+                    self.shared.release(ver, start)
+            elif stored:
+                self.shared.write_back(ver, start, digest, length)
+        return digest, self.cache.map(digest, length) if stored and flight.waiters else None
+
+    def _get(self, ver: FileVersion, start: int, views: list[memoryview],
+             filled: Callable[[int], None] | None = None) -> None:
         began = time.monotonic()
         try:
-            self.store.read_into(ver.info, start, views)
+            self.store.read_into(ver.info, start, views, filled)
         except VersionChanged:
             self.stats.add(version_changes=1)
             raise

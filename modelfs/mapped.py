@@ -209,6 +209,10 @@ class MappedBlocks:
     def _fits(self, length: int) -> bool:
         return self.bytes + length <= self.budget and len(self._maps) < self.max_maps
 
+    def digests(self) -> list[bytes]:
+        """The blocks mapped now."""
+        return list(self._maps)
+
     def discard(self, digest: bytes) -> None:
         """Forget a block's mapping; views already handed out stay valid."""
         m = self._maps.pop(digest, None)

@@ -6,6 +6,7 @@ Pure logic over real files (and a real, small tmpfs for ENOSPC): no mount needed
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,44 @@ def test_quota_evicts_least_recently_used_first(tmp_path: Path) -> None:
     assert cache.bytes_stored == 4 * BLOCK == sum(f.stat().st_size for f in (tmp_path / "blocks").rglob("*")
                                                   if f.is_file())
     assert (sum(k for k, _ in evicted), sum(n for _, n in evicted)) == (2, 2 * BLOCK)
+
+
+def test_room_an_eviction_frees_is_not_given_out_before_the_file_is_gone(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that evicts a large block to store a small one frees more than it needs; while that file
+    is still being unlinked, a second writer must not count the surplus as free (the disk would hold
+    more than the quota): bytes on disk never exceed cache.max_size."""
+    unit = 64 * 1024
+    big, small, a, b = os.urandom(2 * unit), os.urandom(unit), os.urandom(unit), os.urandom(unit)
+    cache = BlockCache(str(tmp_path), "d", max_size=3 * unit)
+    cache.put(block_hash(big), big)
+    cache.put(block_hash(small), small)
+    slow_path = cache.path(block_hash(big))
+    unlinking, go_on = threading.Event(), threading.Event()
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if os.fspath(path) == slow_path:  # the big block's unlink is held, as on a busy disk
+            unlinking.set()
+            go_on.wait(30)
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    first = threading.Thread(target=cache.put, args=(block_hash(a), a))
+    first.start()
+    assert unlinking.wait(30)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "blocks").rglob("*") if p.is_file())
+
+    try:
+        cache.put(block_hash(b), b)
+    except CacheFull:
+        pass
+    assert on_disk() <= 3 * unit
+    go_on.set()
+    first.join(30)
+    assert on_disk() <= 3 * unit and cache.bytes_stored <= 3 * unit
 
 
 def test_a_block_being_read_is_never_evicted(tmp_path: Path) -> None:

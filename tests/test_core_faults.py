@@ -91,6 +91,31 @@ def test_a_stalled_store_fails_the_read_at_the_deadline_and_the_next_read_fetche
     run(store, tmp_path / "cache", body)
 
 
+def test_a_reader_of_the_first_extent_of_a_long_get_is_answered_before_the_get_ends(tmp_path: Path) -> None:
+    """A demand read that joins a prefetch GET of several extents gets its extent as soon as that
+    extent's bytes are in, while the rest of the GET is still held; the GET is made once."""
+    store = MemoryStore()
+    data = os.urandom(3 * EXTENT)
+    store.put("w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        node = await core.lookup(1, "w.bin")
+        fh = core.open(node.inode, os.O_RDONLY)
+        ver = core.version(node)
+        store.stall_reads(after_first=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(core.fetcher.prefetch_run, ver, [(k * EXTENT, EXTENT) for k in range(3)])
+            while store.waiting < 1:
+                await trio.sleep(0.01)
+            assert bytes(await core.read(fh, 100, 1000)) == data[100:1100]
+            assert store.waiting == 1  # answered while the GET was held after its first extent
+            store.release()
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        assert len(store.reads) == 1 and core.stats.gets == 1
+
+    run(store, tmp_path / "cache", body)
+
+
 def test_an_unreachable_store_turns_uncached_reads_into_instant_errors_and_the_probe_ends_it(tmp_path: Path) -> None:
     store = MemoryStore()
     cached, uncached = os.urandom(2 * EXTENT), os.urandom(2 * EXTENT)

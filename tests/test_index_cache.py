@@ -129,6 +129,29 @@ def test_corrupt_block_is_detected_on_first_serve_and_dropped(tmp_path: Path, da
     assert fresh.read(h, len(data), 0, 100) == data[:100]
 
 
+def test_a_block_written_to_after_it_was_verified_is_verified_again(tmp_path: Path) -> None:
+    """Verification is once per process, but not for a file written to since: a byte flipped in place
+    (what the soak does to a live cache) is caught at the next mapping, and by `changed` for a mapping
+    the daemon already holds, never served as good."""
+    data = os.urandom(50_000)
+    h = block_hash(data)
+    dropped: list[bytes] = []
+    cache = BlockCache(str(tmp_path), "d", on_corrupt=dropped.append)
+    cache.put(h, data)
+    held = cache.map(h, len(data))
+    assert held is not None and held[:100] == data[:100] and cache.changed([h]) == []
+    fd = os.open(cache.path(h), os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([data[777] ^ 0xFF]), 777)
+    finally:
+        os.close(fd)
+    assert held[777] != data[777]  # a mapping shows the write at once: the daemon must drop it
+    assert cache.changed([h]) == [h]
+    held.close()
+    assert cache.map(h, len(data)) is None  # verified again: bad, dropped
+    assert dropped == [h] and not os.path.exists(cache.path(h))
+
+
 def test_scan_sweeps_temp_files_and_counts(tmp_path: Path) -> None:
     cache = BlockCache(str(tmp_path), "d")
     data = b"a" * 5000

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Checkpoint, Mount, requires_fuse
+from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -90,6 +90,31 @@ def test_block_evicted_while_mapped_stays_readable(checkpoint: Checkpoint, mount
         gets = m.stats()["gets"]
         assert os.pread(f.fileno(), 64 * 1024, 512 * 1024) == ref[512 * 1024:576 * 1024]
         assert m.stats()["gets"] == gets  # served from the mapping of the evicted block
+
+
+def test_a_block_flipped_on_disk_while_mapped_is_dropped_and_never_served(checkpoint: Checkpoint,
+                                                                          mounter: Callable[..., Mount]) -> None:
+    """A byte flipped in place in a block the daemon verified and holds mapped (the mapping shows it at
+    once): the daemon notices the write, drops the mapping, and the next read verifies the block again,
+    drops it and refetches: every byte right. (Before, it was verified once per daemon and served.)"""
+    rel = shards(checkpoint)[0]
+    ref = (checkpoint.root / rel).read_bytes()
+    m = mounter(str(checkpoint.root), args=[*NO_PREFETCH, "--extent-size", "1MiB"])
+    assert (m.path / rel).read_bytes() == ref  # every block fetched, verified and mapped (the pool holds all)
+    assert m.stats()["mapped_blocks"] >= len(ref) // MiB
+    victim = max(block_files(m.cache_dir), key=lambda p: p.stat().st_size)
+    fd = os.open(victim, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, 4321)[0] ^ 0xFF]), 4321)
+    finally:
+        os.close(fd)
+    log = m.cache_dir / "modelfs.log"
+    assert eventually(lambda: "changed on disk since it was verified" in log.read_text())
+    drop_page_cache()
+    gets = m.stats()["gets"]
+    assert (m.path / rel).read_bytes() == ref
+    st = m.stats()
+    assert st["corrupt_blocks"] == 1 and st["gets"] == gets + 1, st
 
 
 def test_block_truncated_before_it_is_mapped_is_refetched(checkpoint: Checkpoint,

@@ -6,7 +6,7 @@ CapacityLimiters. Keys are relative to the source root ("" is the root; director
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,10 +51,13 @@ class Store(Protocol):
         """List the direct children of `prefix` ("" or "a/b/")."""
         ...
 
-    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview],
+                  filled: Callable[[int], None] | None = None) -> None:
         """Fill `views`, in order, with the bytes of version `obj` from `start` on (one ranged request for
         all of them: they are consecutive in the object); VersionChanged if it was overwritten. The caller
-        owns the buffers (`buffers.BufferPool`), so nothing is allocated per request."""
+        owns the buffers (`buffers.BufferPool`), so nothing is allocated per request. `filled(k)` is called
+        once view k holds all its bytes, in order, as they arrive: a reader of the first extent of a long
+        request need not wait for the rest."""
         ...
 
     def close(self) -> None: ...

@@ -11,7 +11,7 @@ request then costs a loader `hedge_after`, not the read timeout. When both stay 
 `hedge_after`, one bucket check (shared by every GET that got there at once, itself bounded by
 `hedge_after`) decides: silence there too means the store is unreachable (offline mode, EIO at once for
 what is not cached) instead of every reader waiting out fetch.deadline. The requests left behind end at
-their own timeouts in the hedging pool's threads; a late answer's body is closed unread.
+their own timeouts in daemon threads of their own; a late answer's body is closed unread.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, BinaryIO
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import boto3
 import botocore.exceptions as bexc
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from modelfs.config import S3Config
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Body-level failures botocore does not retry once the response headers have arrived (the body is
 #: read straight from urllib3, so its exceptions arrive unwrapped: IncompleteRead, ReadTimeout, reset).
@@ -59,6 +60,22 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
+def _in_thread(fn: Callable[[], _T]) -> Future[_T]:
+    """Run `fn` in a thread of its own: a daemon thread, so a request left stalled (a hedge's loser, ended
+    by its read timeout) never holds the process at exit, and no pool of them can fill up. One thread per
+    ranged GET (MiBs each) costs nothing measurable."""
+    f: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            f.set_result(fn())
+        except BaseException as e:  # handed to whoever waits on the future
+            f.set_exception(e)
+
+    threading.Thread(target=run, name="s3-request", daemon=True).start()
+    return f
+
+
 def _close_body(f: Future[dict[str, Any]]) -> None:
     """A hedged GET's late answer: close its body unread (the connection is dropped, not reused)."""
     if f.exception() is None:
@@ -73,7 +90,8 @@ def _status(e: bexc.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = None) -> int:
+def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = None,
+               filled: Callable[[int], None] | None = None) -> int:
     """Read a response body straight into `views`, in order: the socket's bytes land in the pooled
     buffers with no intermediate chunk (one copy, the kernel's). Returns the bytes read.
 
@@ -82,6 +100,7 @@ def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = 
     http.client reads into the caller's buffer directly. Once the body is read to its end (checked with
     one more read), the connection goes back to urllib3's pool (keep-alive). Other bodies fall back to
     chunked reads. Past `deadline` (time.monotonic), TimeoutError, however the bytes trickle in.
+    `filled(k)` once view k is complete.
     """
     want = sum(len(v) for v in views)
     got = 0
@@ -94,36 +113,41 @@ def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = 
     else:
         reader = None
     if reader is not None:
-        for view in views:
-            filled = 0
-            while filled < len(view):
-                n = reader(view[filled:])
+        for k, view in enumerate(views):
+            have = 0
+            while have < len(view):
+                n = reader(view[have:])
                 if not n:
-                    return got + filled
-                filled += n
+                    return got + have
+                have += n
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError("the body did not arrive within the deadline")
-            got += filled
+            got += have
+            if filled is not None:
+                filled(k)
         if rest(1):
             raise StoreError(f"long body: more than {want} bytes for a ranged GET")
         if done is not None:
             done()  # the body is read to its end: the connection goes back to urllib3's pool
         return got
-    it = iter(views)
-    view = next(it, None)
-    filled = 0
+    it = enumerate(views)
+    k, view = next(it, (0, None))
+    have = 0
     for chunk in body.iter_chunks(1 << 20):
         pos = 0
         while pos < len(chunk):
             if view is None:
                 raise StoreError(f"long body: more than {want} bytes for a ranged GET")
-            n = min(len(chunk) - pos, len(view) - filled)
-            view[filled:filled + n] = chunk[pos:pos + n]
-            filled += n
+            n = min(len(chunk) - pos, len(view) - have)
+            view[have:have + n] = chunk[pos:pos + n]
+            have += n
             pos += n
             got += n
-            if filled == len(view):
-                view, filled = next(it, None), 0
+            if have == len(view):
+                if filled is not None:
+                    filled(k)
+                k, view = next(it, (0, None))
+                have = 0
     return got
 
 
@@ -159,9 +183,6 @@ class S3Store:
             raise ConfigError(f"s3: {e}") from None
         self.endpoint = str(self.client.meta.endpoint_url)
         self.hedge_after = cfg.hedge_after
-        # Every ranged GET's request phase runs here, so the caller can send a second one when the first
-        # is silent; as many threads as connections, so a stalled request never queues a healthy one.
-        self._requests = ThreadPoolExecutor(max_workers=cfg.max_pool_connections, thread_name_prefix="s3-get")
         self._silence_lock = threading.Lock()
         self._silence_check: Future[bool] | None = None  # the bucket check in progress, shared
         self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
@@ -227,14 +248,28 @@ class S3Store:
             raise self._fail(e, f"listing {full!r}", silence_is_unreachable=True) from None
         return listing
 
-    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview],
+                  filled: Callable[[int], None] | None = None) -> None:
         key = self.prefix + obj.key
-        length = sum(len(v) for v in views)
-        rng = f"bytes={start}-{start + length - 1}"
+        end = start + sum(len(v) for v in views)
+        done = 0  # views complete: a retry asks only for the rest
+
+        def complete(k: int) -> None:
+            nonlocal done
+            done = first + k + 1
+            if filled is not None:
+                filled(first + k)
+
         for attempt in range(1, _BODY_ATTEMPTS + 1):
+            first = done
+            if first == len(views):  # all of it arrived; the attempt failed after the last byte
+                return
+            begin = start + sum(len(v) for v in views[:first])
+            length = end - begin
+            rng = f"bytes={begin}-{end - 1}"
             try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
-                resp = self._hedged(lambda: self.client.get_object(Bucket=self.bucket, Key=key, Range=rng,
-                                                                   IfMatch=obj.etag))
+                resp = self._hedged(lambda rng=rng: self.client.get_object(Bucket=self.bucket, Key=key,  # type: ignore[misc]
+                                                                           Range=rng, IfMatch=obj.etag))
             except bexc.ClientError as e:
                 if _status(e) == 412 or _code(e) == "PreconditionFailed":
                     raise VersionChanged(f"{obj.key} was overwritten in the store") from None
@@ -244,8 +279,9 @@ class S3Store:
             except (bexc.BotoCoreError, OSError) as e:
                 raise self._fail(e, f"GET {obj.key}") from None
             body = resp["Body"]
-            try:  # ... but not the body: a short, reset or stalled body is retried here
-                got = _read_into(body, views)
+            try:  # ... but not the body: a short, reset or stalled body is retried here (from the first
+                # view not complete: what arrived whole is kept)
+                got = _read_into(body, views[first:], filled=complete)
                 if got == length:
                     return
                 err: Exception = StoreError(f"short body: {got} of {length} bytes")
@@ -264,12 +300,12 @@ class S3Store:
         first is silent for `hedge_after` seconds; the first success wins, the other's body is closed."""
         if self.hedge_after <= 0:
             return request()
-        first = self._requests.submit(request)
+        first = _in_thread(request)
         done, _ = wait([first], timeout=self.hedge_after)
         if done:
             return first.result()
         self.hedged += 1
-        second = self._requests.submit(request)
+        second = _in_thread(request)
         pending = {first, second}
         silent_since = time.monotonic()
         while True:
@@ -305,7 +341,7 @@ class S3Store:
             return check.result()
         verdict = False
         try:
-            done, _ = wait([self._requests.submit(self.check)], timeout=self.hedge_after)
+            done, _ = wait([_in_thread(self.check)], timeout=self.hedge_after)
             verdict = not done or isinstance(next(iter(done)).exception(), StoreUnreachable)
         finally:
             with self._silence_lock:
@@ -400,5 +436,4 @@ class S3Store:
         return ObjectInfo(key, int(r["ContentLength"]), str(r["ETag"]), r["LastModified"].timestamp())
 
     def close(self) -> None:
-        self._requests.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from modelfs.errors import NotFound, StoreError, StoreUnreachable, VersionChanged
 from modelfs.remote.base import Listing, ObjectInfo
@@ -37,6 +37,7 @@ class MemoryStore:
         self._fail: list[BaseException] = []
         self._stalled = threading.Event()
         self._stalled.set()  # set = not stalled
+        self._stall_after_first = False
         self.reads: list[tuple[str, int, int]] = []  # (key, start, length) of every ranged read
         self.waiting = 0  # ranged reads blocked in a stall right now
 
@@ -57,7 +58,10 @@ class MemoryStore:
         with self._lock:
             self._fail += [error] * n
 
-    def stall_reads(self) -> None:
+    def stall_reads(self, after_first: bool = False) -> None:
+        """Hold ranged reads until `release`: before their first byte, or (`after_first`) once the first
+        view of a read of several views is filled and announced."""
+        self._stall_after_first = after_first
         self._stalled.clear()
 
     def release(self) -> None:
@@ -95,7 +99,8 @@ class MemoryStore:
             raise NotFound(f"no such directory: {prefix}")
         return listing
 
-    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview],
+                  filled: Callable[[int], None] | None = None) -> None:
         length = sum(len(v) for v in views)
         with self._lock:
             self.reads.append((obj.key, start, length))
@@ -103,14 +108,8 @@ class MemoryStore:
         self._reachable()
         if error is not None:
             raise error
-        if not self._stalled.is_set():
-            with self._lock:
-                self.waiting += 1
-            try:
-                self._stalled.wait()
-            finally:
-                with self._lock:
-                    self.waiting -= 1
+        if not self._stalled.is_set() and not self._stall_after_first:
+            self._hold()
         with self._lock:
             current = self._objects.get(obj.key)
         if current is None:
@@ -121,9 +120,22 @@ class MemoryStore:
         if start + length > len(data):
             raise StoreError(f"range {start}+{length} beyond the end of {obj.key}")
         pos = start
-        for v in views:
+        for k, v in enumerate(views):
             v[:] = data[pos:pos + len(v)]
             pos += len(v)
+            if filled is not None:
+                filled(k)
+            if k == 0 and len(views) > 1 and self._stall_after_first and not self._stalled.is_set():
+                self._hold()
+
+    def _hold(self) -> None:
+        with self._lock:
+            self.waiting += 1
+        try:
+            self._stalled.wait()
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
     def close(self) -> None:
         self.release()
