@@ -316,13 +316,19 @@ def wchan(tid: int) -> str:
 
 
 def cache_bytes(cache: Path) -> int:
-    """Bytes of block files on disk (temp files of writes in progress included), walked directly."""
-    total = 0
-    for root, _dirs, files in os.walk(cache / "blocks"):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, f)).st_size
-    return total
+    """Bytes of block files on disk (temp files of writes in progress included), walked directly. A walk
+    is not atomic: a block evicted after the walk passed its directory and a new one written where it goes
+    next are both counted. So two walks back to back, and the smaller sum: a real excess shows in both."""
+
+    def walk() -> int:
+        total = 0
+        for root, _dirs, files in os.walk(cache / "blocks"):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.stat(os.path.join(root, f)).st_size
+        return total
+
+    return min(walk(), walk())
 
 
 def fusectl_waiting(minor: int | None) -> int:
@@ -548,6 +554,7 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
 
     rss, fds, thr, lmdb = drift("rss"), drift("fds"), drift("threads"), drift("lmdb")
     cache_max = max((s["cache_disk"] for s in samples), default=0)
+    stats_max = max((s["cache_stats"] for s in samples), default=0)
     d_daemon, d_loader = soak.d_longest["daemon"], soak.d_longest["loader"]
     restarts = [e for e in events if e.kind == "restart"]
     cuts = [e for e in events if e.kind == "cut"]
@@ -592,8 +599,8 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         f"| threads, same | {thr[0]:.0f} / {thr[1]:.0f} ({thr[2]:.2f}x) | <= 1.10x | "
         f"{'yes' if checks['threads flat'] else 'NO'} |",
         f"| LMDB file, same | {lmdb[0] / MiB:.1f} / {lmdb[1] / MiB:.1f} MiB | | |",
-        f"| cache bytes on disk, max | {cache_max / MiB:.0f} MiB | <= quota {quota / MiB:.0f} MiB | "
-        f"{'yes' if checks['cache within quota'] else 'NO'} |",
+        f"| cache bytes on disk, max (the daemon's own count: {stats_max / MiB:.0f} MiB) | {cache_max / MiB:.0f} MiB "
+        f"| <= quota {quota / MiB:.0f} MiB | {'yes' if checks['cache within quota'] else 'NO'} |",
         f"| longest D state, daemon / loaders | {d_daemon:.0f} / {d_loader:.0f} s (sampled every 1 s) | <= 5 s | "
         f"{'yes' if checks['no D state over 5 s'] else 'NO'} |",
         f"| requests waiting in the kernel, max | {max((s['waiting'] for s in samples), default=0)} | | |",

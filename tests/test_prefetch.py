@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import struct
@@ -184,6 +185,32 @@ def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) ->
         run(core, no_space)
     finally:
         close()
+
+
+def test_a_set_that_does_not_fit_is_reported_once_not_at_every_open(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Loaders open shards over and over; a cache too small for the set is said once per directory (the
+    soak found this line logged 90,000 times in four minutes)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(1, 4):
+        write_safetensors(src / f"w-{k:05d}-of-00003.safetensors", {"x": 300_000})
+    core, close = make_core(src, tmp_path / "cache", **{"cache.min_free": "100TiB"})
+
+    async def body(core: ModelFS) -> None:
+        for _ in range(5):
+            fh = core.open(await lookup(core, "w-00001-of-00003.safetensors"), os.O_RDONLY)
+            await core.read(fh, 0, 1)
+            await settle(core)
+            core.release(fh)
+
+    caplog.set_level(logging.INFO, logger="modelfs.prefetch")
+    try:
+        run(core, body)
+    finally:
+        close()
+    said = [r for r in caplog.records if "not prefetching" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
 
 
 def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
