@@ -228,22 +228,6 @@ def test_offline_mode_serves_the_cache_and_ends_when_the_store_answers(
     assert "offline mode" in log and "offline mode ended" in log
 
 
-def test_network_cut_mid_run_keeps_cached_files_loading(proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str,
-                                                        checkpoint: Checkpoint,
-                                                        mounter: Callable[..., Mount]) -> None:
-    warm = checkpoint.torch_file
-    cold = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
-    m = mounter(s3_checkpoint, env=env, args=[*FAST, *NO_PREFETCH])
-    assert sha(m.path / warm) == sha(checkpoint.root / warm)
-    (m.path / cold).stat()
-    proxy.blackhole(True)
-    Path("/proc/sys/vm/drop_caches").write_text("1")  # the next read of `warm` goes to the daemon
-    assert read_in_child(m.path / warm) == sha(checkpoint.root / warm)
-    assert read_in_child(m.path / cold) == f"errno {errno.EIO}"
-    proxy.blackhole(False)  # the cut put the mount offline: the probe ends that within its interval
-    assert eventually(lambda: read_in_child(m.path / cold) == sha(checkpoint.root / cold))
-
-
 def test_object_overwritten_while_open_never_mixes_versions(seaweed: SeaweedServer, tmp_path: Path,
                                                             mounter: Callable[..., Mount]) -> None:
     prefix = f"overwrite-{os.getpid()}-{time.monotonic_ns()}/"
