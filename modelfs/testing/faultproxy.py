@@ -16,7 +16,10 @@ Usage::
 For the daemon, which is a subprocess, pass ``{**seaweed.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url}``.
 
 Rules are checked in the order they were added; the first rule that matches a request and has firings left
-applies to it (one fault per request) and counts the firing in ``rule.fired``. Faults (see :class:`Fault`):
+applies to it (one fault per request) and counts the firing in ``rule.fired``. A rule added with
+``probability=p`` fires on that share of the requests it matches (a seeded draw: ``FaultProxy(url, seed=n)``
+repeats a run); a request it spares goes on to the next rule, so a few such rules make a mix of faults.
+Faults (see :class:`Fault`):
 
 * ``Fault.status(code, s3_code)`` / ``Fault.slow_down()`` / ``Fault.internal_error()``: answer with an S3-style
   XML error without asking upstream; the client connection stays alive.
