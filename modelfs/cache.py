@@ -314,14 +314,21 @@ class BlockCache:
                 st = os.stat(self.path(digest))
             except FileNotFoundError:
                 continue  # evicted: nothing can write to it through a name any more
-            if (st.st_ino, st.st_ctime_ns) != seen:
-                with self._lock:
-                    if self._verified.get(digest) == seen:
-                        del self._verified[digest]
-                log.warning("cache block %s changed on disk since it was verified: dropped from the mapped "
-                            "blocks, verified again before it is served", digest.hex())
+            if self._forget_if_changed(digest, (st.st_ino, st.st_ctime_ns)):
                 out.append(digest)
         return out
+
+    def _forget_if_changed(self, digest: bytes, now: tuple[int, int]) -> bool:
+        """If the block was verified as another file (inode, ctime) than `now`, it was written to since:
+        forget that verification (it is done again before the block is served); True if so."""
+        with self._lock:
+            seen = self._verified.get(digest)
+            if seen is None or seen == now:
+                return False
+            del self._verified[digest]
+        log.warning("cache block %s changed on disk since it was verified: verifying it again before it is "
+                    "served", digest.hex())
+        return True
 
     def verified(self, digest: bytes) -> bool:
         """Whether this process has checked the block against its hash (or wrote it itself)."""
@@ -362,11 +369,7 @@ class BlockCache:
         try:
             st = os.fstat(fd)
             size, seen = st.st_size, (st.st_ino, st.st_ctime_ns)
-            with self._lock:
-                if self._verified.get(digest, seen) != seen:  # written to since it was verified
-                    del self._verified[digest]
-                    log.warning("cache block %s changed on disk since it was verified: verifying it again",
-                                digest.hex())
+            self._forget_if_changed(digest, seen)
             if size == length and length:
                 if populate:  # the whole block's reads queued at once, not one fault's read-around at a time
                     os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)

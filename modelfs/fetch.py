@@ -345,14 +345,9 @@ class Fetcher:
             self._supervisor.failed(f"the fetch of {ver.info.key} at {run[0][0]}", e)
         finally:
             for (start, _), flight in zip(run, flights, strict=True):
-                if flight.done.is_set():
-                    continue
-                flight.error = error
-                if self._inflight.get((ver.vid, start)) is flight:
-                    del self._inflight[(ver.vid, start)]
-                if flight.waiters:
-                    flight.drained = trio.Event()
-                flight.done.set()
+                if not flight.done.is_set():
+                    flight.error = error
+                    self._land(ver, start, flight)
             if lease is not None:
                 try:
                     for flight in flights:  # woken readers take their views before the buffers move on
@@ -371,6 +366,11 @@ class Fetcher:
                 mapping.close()
             return
         flight.data = view if mapping is None else self.maps.put(digest, mapping)
+        self._land(ver, start, flight)
+
+    def _land(self, ver: FileVersion, start: int, flight: _Flight) -> None:
+        """A flight has its data or its error: forget it, and wake its readers (who take their views
+        before the buffers go back: `drained`)."""
         if self._inflight.get((ver.vid, start)) is flight:
             del self._inflight[(ver.vid, start)]
         if flight.waiters:

@@ -148,17 +148,21 @@ class Prefetcher:
 
     def opened(self, node: Node) -> None:
         """A file was opened: whole-file and checkpoint-set prefetch start at its first READ."""
-        if self._supervisor is not None and (
-                (self.cfg.whole_file and self.is_checkpoint(node.name))
-                or (self.cfg.checkpoint_sets and (node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name)))):
+        if self._supervisor is not None and (self._whole(node) or self._set(node)):
             self._armed.add(node.inode)
+
+    def _whole(self, node: Node) -> bool:
+        return self.cfg.whole_file and self.is_checkpoint(node.name)
+
+    def _set(self, node: Node) -> bool:
+        return self.cfg.checkpoint_sets and bool(node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name))
 
     def _first_read(self, node: Node) -> None:
         """The kernel asked for bytes of an opened file: whole-file and checkpoint-set prefetch as configured."""
         self._armed.discard(node.inode)
-        if self.cfg.whole_file and self.is_checkpoint(node.name):
+        if self._whole(node):
             self._spawn(self._schedule_whole, node, True)
-        if self.cfg.checkpoint_sets and (node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name)):
+        if self._set(node):
             self._spawn(self._schedule_set, node)
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
