@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-knobs bench-dedup bench-fleet system venv clean install uninstall
+.PHONY: demo test lint bench bench-knobs bench-dedup bench-fleet soak system venv clean install uninstall
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
@@ -44,6 +44,11 @@ bench-dedup: venv
 bench-fleet: venv
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/fleet.py $(BENCH_ARGS)
+
+# An hour of load and faults through one mount (SOAK_MINUTES= to change; bench/soak.py charts with matplotlib).
+soak: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 # A host install matching systemd/modelfs@.service (root; DESTDIR= installs under another root).
 install: system

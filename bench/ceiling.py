@@ -8,6 +8,9 @@ the serving process from /proc/PID/stat around the `cat`, divided by the bytes r
 (`bench.py` calls `measure`); alone:
 
     python bench/ceiling.py [--size-gib 1] [--reps 3]      (root)
+
+`--baseline-tree DIR` adds modelfs cold and warm rows served by another checkout of modelfs (e.g. a
+`git worktree` of the commit before a change), interleaved with this one's, for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -103,7 +106,24 @@ def timed(row: Row, pid: int | None, files: list[Path], prepare: Callable[[], No
         row.cpu.append(cpu_seconds(pid) - c0)
 
 
-def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+class ModelfsTree(Modelfs):
+    """modelfs from another checkout (its package first on PYTHONPATH), for a before/after in one run."""
+
+    def __init__(self, store: Store, work: Path, options: list[str], tree: Path) -> None:
+        super().__init__(store, work, options)
+        self.tree = tree
+
+    def cli(self, *args: str, timeout: float = 180) -> str:
+        env = {**os.environ, **self.store.env, "PYTHONPATH": str(self.tree)}
+        r = subprocess.run([sys.executable, "-m", "modelfs", *args], capture_output=True, text=True, env=env,
+                           timeout=timeout, cwd=self.tree)
+        if r.returncode != 0:
+            raise RuntimeError(f"modelfs {args[0]} failed: {(r.stderr or r.stdout).strip()[-1500:]}")
+        return r.stdout
+
+
+def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[str], None] = print,
+            baseline: Modelfs | None = None) -> dict[str, Any]:
     """Every row, `reps` times, interleaved by repetition so drift on a shared machine hits all rows alike."""
     names = sorted(p.name for p in src.iterdir() if p.is_file())
     nbytes = sum((src / n).stat().st_size for n in names)
@@ -115,6 +135,11 @@ def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[s
         ("modelfs_cold", "modelfs cold (empty cache, S3)"),
         ("modelfs_warm", "modelfs warm (blocks on disk, new daemon, page cache dropped)"),
     ]}
+    daemons = [("modelfs_cold", "modelfs_warm", modelfs)]
+    if baseline is not None:
+        rows["base_cold"] = Row("baseline tree: modelfs cold (empty cache, S3)")
+        rows["base_warm"] = Row("baseline tree: modelfs warm (blocks on disk, new daemon, page cache dropped)")
+        daemons.append(("base_cold", "base_warm", baseline))
     rows["local"].has_daemon = False
     mnt, cache = work / "mnt-ceiling", work / "cache-ceiling"
     mnt.mkdir(exist_ok=True)
@@ -129,12 +154,13 @@ def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[s
                                    ("mmap", "floor_mmap_cached", cached)):
             with floor_mounted(src, mnt, mode, log) as pid:
                 timed(rows[key], pid, [mnt / n for n in names], prepare)
-        shutil.rmtree(cache, ignore_errors=True)
-        with modelfs.mounted(mnt, cache) as pid:
-            timed(rows["modelfs_cold"], pid, [mnt / n for n in names], drop_caches)
-        with modelfs.mounted(mnt, cache) as pid:
-            timed(rows["modelfs_warm"], pid, [mnt / n for n in names], drop_caches)
-        shutil.rmtree(cache, ignore_errors=True)
+        for cold, warm, daemon in daemons if i % 2 == 0 else daemons[::-1]:
+            shutil.rmtree(cache, ignore_errors=True)
+            with daemon.mounted(mnt, cache) as pid:
+                timed(rows[cold], pid, [mnt / n for n in names], drop_caches)
+            with daemon.mounted(mnt, cache) as pid:
+                timed(rows[warm], pid, [mnt / n for n in names], drop_caches)
+            shutil.rmtree(cache, ignore_errors=True)
         say(f"read ceiling {i + 1}/{reps}: " + ", ".join(
             f"{k} {r.seconds[-1]:.2f} s" + (f" / {r.cpu[-1]:.2f} cpu-s" if r.cpu else "") for k, r in rows.items()))
     return {"bytes": nbytes, "reps": reps, "rows": {k: r.to_json(nbytes) for k, r in rows.items()}}
@@ -168,6 +194,7 @@ def main() -> None:
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--baseline-tree", type=Path, help="another modelfs checkout to measure beside this one")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("ceiling: needs root (FUSE mounts and dropping the page cache)")
@@ -180,7 +207,9 @@ def main() -> None:
             server.create_bucket("ceiling-models")
             server.upload_dir(src, "ceiling-models", "ckpt/")
             store = Store(server.endpoint_url, "ceiling-models", "ckpt/", server.env())
-            doc = measure(src, work, Modelfs(store, work, args.modelfs_option), args.reps)
+            base = ModelfsTree(store, work, args.modelfs_option, args.baseline_tree.resolve()) \
+                if args.baseline_tree else None
+            doc = measure(src, work, Modelfs(store, work, args.modelfs_option), args.reps, baseline=base)
         finally:
             server.stop()
         print(markdown(doc), end="")

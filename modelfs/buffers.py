@@ -1,55 +1,92 @@
-"""GET buffers: a bounded pool of reusable extent buffers, handed to demand reads before prefetch.
+"""GET buffers: a bounded pool of reusable extent buffers, and the policy that gives demand reads the link.
 
 `fetch.memory_budget` is real tokens here: the pool holds `count` buffers of `size` bytes (anonymous
 mappings, page-aligned, made on first use and reused), and a GET runs only while it holds one buffer per
-extent it fetches. Nothing is allocated per GET, so the process-wide malloc tuning this replaced (every
-8 MiB buffer an mmap + munmap + page faults) is gone. An idle daemon gives their memory back (`trim`).
+extent it fetches. Nothing is allocated per GET but its request, so the process-wide malloc tuning this
+replaced (every 8 MiB buffer an mmap + munmap + page faults) is gone. An idle daemon gives their memory
+back (`trim`).
 
-A buffer given back goes straight to the longest-waiting demand fetch, else the longest-waiting prefetch,
-else onto the free list. Lifetime rule, relied on by `fetch`: a buffer changes hands only on the trio
-thread, and its new holder writes to it only from a worker thread it starts later; so a view of a buffer
-taken on the trio thread stays valid until the taker's next checkpoint (pyfuse3 copies a READ's reply out
-before the handler's task yields). Trio-thread only.
+Demand reads get bandwidth, not only buffers (a 60-minute soak had loaders in D state for up to 64 s while
+their GETs waited for, or shared the link with, up to 32 prefetch GETs):
+
+- reserve: prefetch holds at most `count - reserve` buffers, so a demand GET never waits for a buffer a
+  prefetch GET holds (one stalled at the store holds it until its read timeout): it starts at once;
+- while a demand GET waits or runs, prefetch starts a new GET only while it holds fewer than `cap`
+  buffers (GETs already running finish), so the demand GET shares the link with few others. At least one
+  prefetch GET may always run, so prefetch is slowed while demand GETs run, never stopped;
+- a buffer given back goes to the longest-waiting demand request, then (as the rules above allow) to the
+  longest-waiting prefetch request; nobody overtakes the head of its queue, and a request for several
+  buffers (a coalesced GET) is granted whole, so nothing waits while holding part of what it needs.
+
+Lifetime rule, relied on by `fetch`: a buffer changes hands only on the trio thread, and its new holder
+writes to it only from a worker thread it starts later; so a view of a buffer taken on the trio thread
+stays valid until the taker's next checkpoint (pyfuse3 copies a READ's reply out before the handler's task
+yields). Trio-thread only.
 """
 
 from __future__ import annotations
 
 import mmap
 from collections import deque
-from dataclasses import dataclass, field
 
 import trio
 
 
-@dataclass(eq=False)
-class _Waiter:
-    event: trio.Event = field(default_factory=trio.Event)
-    buf: mmap.mmap | None = None
+class Ask:
+    """A request for `n` buffers, queued until granted (`bufs`). `demand` may be raised while it waits
+    (`BufferPool.promote`: a demand read joined the flight that waits for it)."""
+
+    __slots__ = ("bufs", "demand", "event", "n")
+
+    def __init__(self, n: int, demand: bool) -> None:
+        self.n = n
+        self.demand = demand
+        self.event = trio.Event()
+        self.bufs: list[mmap.mmap] | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.bufs is not None
 
 
 class BufferPool:
-    """`count` buffers of `size` bytes; demand waiters are served before prefetch waiters."""
+    """`count` buffers of `size` bytes; `reserve` of them only for demand GETs; while demand GETs wait or
+    run, prefetch starts GETs only below `cap` buffers held (the module docstring says why)."""
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, reserve: int = 0, cap: int | None = None) -> None:
         if count < 1 or size < 1:
             raise ValueError("a buffer pool needs at least one buffer of at least one byte")
         self.total = count
         self.size = size
+        # Prefetch always keeps at least one buffer: a pool of one has no reserve.
+        self.reserve = max(0, min(reserve, count - 1))
+        self.prefetch_max = count - self.reserve
+        self.cap = self.prefetch_max if cap is None else max(1, min(cap, self.prefetch_max))
         self._made = 0
         self.taken = 0  # buffers handed out so far (the idle trim watches it)
         self._free: list[mmap.mmap] = []
-        self._demand: deque[_Waiter] = deque()
-        self._prefetch: deque[_Waiter] = deque()
-        self._many = trio.Lock()
+        self._demand: deque[Ask] = deque()
+        self._prefetch: deque[Ask] = deque()
+        self._held_demand = 0
+        self._prefetch_bufs: set[mmap.mmap] = set()  # buffers held by prefetch GETs
 
     @property
     def free(self) -> int:
         """Buffers no GET holds (made or not yet made)."""
-        return len(self._free) + self.total - self._made
+        return self.total - self._held_demand - len(self._prefetch_bufs)
 
     @property
     def waiting(self) -> int:
         return len(self._demand) + len(self._prefetch)
+
+    @property
+    def held_by_prefetch(self) -> int:
+        return len(self._prefetch_bufs)
+
+    @property
+    def demand_active(self) -> bool:
+        """A demand GET waits for buffers or holds some (its GET runs)."""
+        return bool(self._held_demand or self._demand)
 
     def trim(self) -> int:
         """Give the memory of every free buffer back to the system (the daemon is idle); they fault in
@@ -65,50 +102,84 @@ class BufferPool:
         self._made += 1
         return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
-    async def acquire(self, demand: bool) -> mmap.mmap:
-        """One buffer; a prefetch waits while any demand fetch waits."""
-        if self.free and (demand or not self._demand):
-            buf = self._take()
-            try:
-                await trio.lowlevel.checkpoint()
-            except BaseException:
-                self.release(buf)
-                raise
-            return buf
-        waiter = _Waiter()
-        queue = self._demand if demand else self._prefetch
-        queue.append(waiter)
-        try:
-            await waiter.event.wait()  # a releaser hands its buffer over in waiter.buf
-        except BaseException:
-            if waiter.buf is not None:
-                self.release(waiter.buf)  # granted, but we are cancelled: pass it on
-            else:
-                queue.remove(waiter)
-            raise
-        assert waiter.buf is not None
-        return waiter.buf
+    def _grant(self, ask: Ask) -> None:
+        bufs = [self._take() for _ in range(ask.n)]
+        if ask.demand:
+            self._held_demand += ask.n
+        else:
+            self._prefetch_bufs.update(bufs)
+        ask.bufs = bufs
+        ask.event.set()
 
-    async def acquire_many(self, n: int) -> list[mmap.mmap]:
-        """`n` buffers at prefetch priority (one coalesced GET). One task at a time gathers several, so two
-        can never each hold part of what the other waits for."""
-        n = min(n, self.total)
-        async with self._many:
-            got: list[mmap.mmap] = []
-            try:
-                while len(got) < n:
-                    got.append(await self.acquire(demand=False))
-            except BaseException:
-                for buf in got:
-                    self.release(buf)
-                raise
-            return got
+    def _prefetch_may_take(self, n: int) -> bool:
+        """Whether a prefetch GET needing `n` buffers may start now (no demand request waits)."""
+        held = len(self._prefetch_bufs)
+        limit = self.cap if self._held_demand else self.prefetch_max
+        # Past the cap only when prefetch holds nothing: a coalesced GET larger than the cap still runs.
+        return n <= self.free and (held + n <= limit or held == 0)
+
+    def _dispatch(self) -> None:
+        """Grant what the rules allow, each queue in order (its head is never overtaken)."""
+        while self._demand and self._demand[0].n <= self.free:
+            self._grant(self._demand.popleft())
+        if self._demand:
+            return  # prefetch takes nothing while a demand request waits
+        while self._prefetch and self._prefetch_may_take(self._prefetch[0].n):
+            self._grant(self._prefetch.popleft())
+
+    def ask(self, n: int, demand: bool) -> Ask:
+        """A request for `n` buffers (at most what its kind may ever hold), not yet queued: `take` it."""
+        return Ask(max(1, min(n, self.total if demand else self.prefetch_max)), demand)
+
+    async def take(self, ask: Ask) -> list[mmap.mmap]:
+        """Queue `ask` and wait until it is granted; cancelled, it holds nothing."""
+        (self._demand if ask.demand else self._prefetch).append(ask)
+        self._dispatch()
+        try:
+            if ask.bufs is None:
+                await ask.event.wait()  # a releaser granted it
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            if ask.bufs is not None:
+                self.release_all(ask.bufs)  # granted, but we are cancelled: pass them on
+            else:
+                (self._demand if ask.demand else self._prefetch).remove(ask)
+                self._dispatch()  # it may have been the head others waited behind
+            raise
+        assert ask.bufs is not None
+        return ask.bufs
+
+    async def acquire(self, demand: bool) -> mmap.mmap:
+        """One buffer, at demand or prefetch priority."""
+        return (await self.take(self.ask(1, demand)))[0]
+
+    async def acquire_many(self, n: int, demand: bool = False) -> list[mmap.mmap]:
+        """`n` buffers for one GET (coalesced extents, or an extent larger than a buffer), granted whole."""
+        return await self.take(self.ask(n, demand))
+
+    def promote(self, ask: Ask) -> None:
+        """A demand read now waits on the GET this request is for: serve it as demand (a no-op once
+        granted or already demand). It keeps its place behind the demand requests already waiting."""
+        if ask.demand or ask.bufs is not None:
+            return
+        try:
+            self._prefetch.remove(ask)
+        except ValueError:
+            return  # not queued yet: `take` queues it as demand
+        finally:
+            ask.demand = True
+        self._demand.append(ask)
+        self._dispatch()
 
     def release(self, buf: mmap.mmap) -> None:
-        queue = self._demand or self._prefetch
-        if queue:
-            waiter = queue.popleft()
-            waiter.buf = buf
-            waiter.event.set()
+        if buf in self._prefetch_bufs:
+            self._prefetch_bufs.discard(buf)
         else:
-            self._free.append(buf)
+            self._held_demand -= 1
+        self._free.append(buf)
+        self._dispatch()
+
+    def release_all(self, bufs: list[mmap.mmap]) -> None:
+        for buf in bufs:
+            self.release(buf)

@@ -5,13 +5,12 @@ Layout: `<cache>/blocks/<domain>/<h[0:2]>/<h[2:4]>/<h>` where `h` is the hex xxh
 only between objects of one domain, because xxh3 is fast, not collision-resistant).
 
 A block is written under `<name>.tmp.<pid>.<n>` and renamed, so a crash never leaves a partial block
-under a real name; temp files are swept at start. A block is verified against its name the first time
-this process serves it (blocks are not fsync'ed; see `index`), and dropped if it does not match.
-A verified block keeps its file's identity (inode, ctime): a file written to since (by anything: ctime
-moves with every write and cannot be set back) is verified again before it is served again, at its
-next mapping, or within `changed` rounds for the mappings the daemon holds (`core` asks twice a second).
-Blocks are served through read-only mappings (`map`; `mapped.MappedBlocks` keeps the recent ones): the
-fd is closed as soon as the block is mapped, so open files never grow with the cache.
+under a real name; temp files are swept at start. Blocks are not fsync'ed (see `index`): what a crash or
+the disk does to one is caught when it is read. Every read of a block (`load`) copies it into memory the
+daemon owns and hashes it there, and only that copy is served (`mapped`): a block file changed under the
+daemon by anything (a write in place, a truncation, bit rot, a bad sector under pages the kernel reads
+again) is found at its next read, dropped and refetched, and no byte of it is ever served. The fd is
+closed as soon as the block is read, so open files never grow with the cache.
 
 Space: blocks of every domain under `<cache>/blocks` count against `cache.max_size`, and the cache
 filesystem keeps `cache.min_free` free. Room is made by evicting the least recently used blocks; a block
@@ -26,27 +25,21 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import itertools
 import logging
-import mmap
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import xxhash
 
 from modelfs.cachedir import CacheDir
+from modelfs.mapped import ALIGN, private
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-
-class _Missing(Exception):
-    """The block failed verification in another thread."""
 
 
 class CacheFull(OSError):
@@ -79,6 +72,49 @@ def preallocate(fd: int, size: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def read_block(fd: int, view: memoryview) -> int:
+    """Read a whole block file into `view` (page-aligned `private` memory); the bytes read.
+
+    What the page cache already holds is copied from it without waiting (RWF_NOWAIT: a block written
+    or read moments ago costs no disk read, and no writeback of its dirty pages); the rest is read with
+    O_DIRECT straight into `view`, so the block's pages do not stay in the page cache beside the copy
+    (the kernel caches what loaders read in the mount's own page cache). Filesystems without O_DIRECT
+    read through the page cache."""
+    size = len(view)
+    try:
+        got = os.preadv(fd, [view], 0, os.RWF_NOWAIT)
+    except (BlockingIOError, OSError):
+        got = 0
+    if got >= size:
+        return got
+    got -= got % ALIGN  # O_DIRECT reads start aligned
+    whole = view.obj  # type: ignore[attr-defined]  # the private mapping, ALIGN-rounded: aligned lengths
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        pass
+    else:
+        try:
+            while got < size:
+                n = os.preadv(fd, [memoryview(whole)[got:]], got)
+                if n <= 0:
+                    return got
+                got += n
+            return got
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    while got < size:  # buffered
+        n = os.preadv(fd, [view[got:]], got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def _digest_of(path: str) -> bytes:
@@ -117,16 +153,15 @@ class BlockCache:
         self._unlinking = 0  # bytes of evicted blocks not unlinked yet: on disk, so still counted
         self._fs_free_value = 0
         self._fs_free_at = -1.0
-        self._verified: dict[bytes, tuple[int, int]] = {}  # digest -> (inode, ctime ns) of the file checked
+        self._verified: set[bytes] = set()  # blocks this process wrote or read back intact (`complete`)
         self._writing: set[bytes] = set()
-        self._verifying: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._on_corrupt = on_corrupt
         self.bytes_stored = 0
         self.blocks_stored = 0
-        self.maps_made = 0  # block files mapped (`map`), and of those, hashed to verify them
+        self.maps_made = 0  # blocks read from disk (`load`), and hashed: every one of them
         self.verifications = 0
         self.scan()
 
@@ -261,7 +296,7 @@ class BlockCache:
                 del self._lru[path]
                 self.bytes_stored -= size
                 self.blocks_stored -= 1
-                self._verified.pop(_digest_of(path), None)
+                self._verified.discard(_digest_of(path))
             unlinking = sum(size for _, size in victims)
             self._unlinking += unlinking
         try:
@@ -280,143 +315,72 @@ class BlockCache:
     def contains(self, digest: bytes) -> bool:
         return os.path.exists(self.path(digest))
 
-    def _first_serve(self, digest: bytes, verify: Callable[[], _T]) -> tuple[bool, _T | None]:
-        """Single-flight verification: (True, verify()) for the one thread that verifies the block,
-        (False, None) for the others, once it is verified. Raises _Missing if it turned out bad."""
-        if digest in self._verified:
-            return False, None
-        with self._lock:
-            waiter = self._verifying.get(digest)
-            if waiter is None:
-                self._verifying[digest] = threading.Event()
-        if waiter is None:
-            try:
-                return True, verify()
-            finally:
-                with self._lock:
-                    self._verifying.pop(digest).set()
-        # Another thread is reading and hashing this block: wait for it rather than do it again.
-        waiter.wait()
-        if digest not in self._verified:
-            raise _Missing
-        return False, None
-
-    def changed(self, digests: list[bytes]) -> list[bytes]:
-        """Of these verified blocks, those whose file was written to since it was verified: they are
-        verified again at their next mapping (a mapping already made shows the new bytes: drop it)."""
-        out = []
-        for digest in digests:
-            with self._lock:
-                seen = self._verified.get(digest)
-            if seen is None:
-                continue
-            try:
-                st = os.stat(self.path(digest))
-            except FileNotFoundError:
-                continue  # evicted: nothing can write to it through a name any more
-            if self._forget_if_changed(digest, (st.st_ino, st.st_ctime_ns)):
-                out.append(digest)
-        return out
-
-    def _forget_if_changed(self, digest: bytes, now: tuple[int, int]) -> bool:
-        """If the block was verified as another file (inode, ctime) than `now`, it was written to since:
-        forget that verification (it is done again before the block is served); True if so."""
-        with self._lock:
-            seen = self._verified.get(digest)
-            if seen is None or seen == now:
-                return False
-            del self._verified[digest]
-        log.warning("cache block %s changed on disk since it was verified: verifying it again before it is "
-                    "served", digest.hex())
-        return True
-
     def verified(self, digest: bytes) -> bool:
-        """Whether this process has checked the block against its hash (or wrote it itself)."""
+        """Whether this process has checked the block against its hash (or wrote it itself) and not found
+        it bad or evicted it since."""
         return digest in self._verified
 
     def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
         """A copy of `size` bytes at `offset` of the block (for administration and tests; the daemon serves
-        views of `map` instead), or None if it is missing or bad."""
-        m = self.map(digest, length)
-        if m is None:
-            return None
-        try:
-            return m[offset:offset + size]
-        finally:
-            m.close()
+        views of `load` instead), or None if it is missing or bad."""
+        view = self.load(digest, length)
+        return None if view is None else bytes(view[offset:offset + size])
 
-    def map(self, digest: bytes, length: int, populate: bool = True) -> mmap.mmap | None:
-        """The whole block mapped read-only, verified on first serve; None if missing, short or bad.
+    def load(self, digest: bytes, length: int) -> memoryview | None:
+        """The whole block, read into memory of its own (`mapped.private`) and checked against its hash
+        there; None if it is missing, short or bad (then dropped, counted and refetched by the caller).
 
-        A block file whose size is not `length` is dropped (counted as corrupt) before it is mapped, so a
-        mapping never reaches past the end of its file: no SIGBUS from a block this checked. (Blocks are
-        written once and renamed into place; nothing in modelfs truncates one afterwards.) `populate`
-        faults every page in now, in the caller's (worker) thread, rather than later in a READ. The
-        mapping stays valid if the block is evicted meanwhile; the fd is closed at once.
+        Every load hashes what it read, the first of this process or not: the view returned holds exactly
+        the bytes that were hashed, and nothing done to the file afterwards (a write in place, a
+        truncation, corruption under pages the kernel reads again from disk) can change them. The block is
+        held against eviction while it is read; no fd stays open.
         """
         with self.held(digest) as path:
-            m = self._map_held(digest, path, length, populate)
-        if m is not None:
+            view = self._load_held(digest, path, length)
+        if view is not None:
             self._touch(path)
-        return m
+        return view
 
-    def _map_held(self, digest: bytes, path: str, length: int, populate: bool) -> mmap.mmap | None:
+    def _load_held(self, digest: bytes, path: str, length: int) -> memoryview | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        m: mmap.mmap | None = None
+        view: memoryview | None = None
+        got, why, inode = 0, "corrupt", None
         try:
             st = os.fstat(fd)
-            size, seen = st.st_size, (st.st_ino, st.st_ctime_ns)
-            self._forget_if_changed(digest, seen)
-            if size == length and length:
-                if populate:  # the whole block's reads queued at once, not one fault's read-around at a time
-                    os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
-                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-                m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ)
+            inode = st.st_ino
+            if st.st_size == length and length:
+                view = memoryview(private(length))[:length]
+                got = read_block(fd, view)
+            elif st.st_size < length:
+                why = "truncated"
+        except OSError as e:  # the disk failed to read it (EIO): as bad as a wrong byte
+            why = f"unreadable ({e.strerror or e})"
         finally:
             os.close(fd)
-        bad = "truncated" if size < length else "corrupt"
-        if m is not None:
-            with self._lock:
-                self.maps_made += 1
-
-        def verify() -> bool:
-            # Dropped here, inside the single flight, so a thread waiting for this verdict never finds
-            # the bad file still in place (and a GET of the same content never dedups against it).
-            ok = m is not None and block_hash(m) == digest
-            with self._lock:
-                self.verifications += m is not None
-                if ok:
-                    self._verified[digest] = seen
-            if not ok:
-                self.drop(digest, bad)
-            return ok
-
-        try:
-            first, verdict = self._first_serve(digest, verify)
-        except _Missing:  # another thread found it bad (and dropped it) while we waited
-            verdict = False
-        else:
-            if not first:  # verified before
-                verdict = m is not None
-                if m is None:  # ... but its file has changed size since
-                    self.drop(digest, bad)
-        if not verdict:
-            if m is not None:
-                m.close()
+        ok = view is not None and got >= length and block_hash(view) == digest
+        with self._lock:
+            self.maps_made += view is not None
+            self.verifications += view is not None
+            if ok:
+                self._verified.add(digest)
+        if not ok:
+            self.drop(digest, why, inode)
             return None
-        return m
+        return view
 
-    def drop(self, digest: bytes, why: str) -> None:
-        """Remove a block that failed verification; the caller refetches."""
+    def drop(self, digest: bytes, why: str, inode: int | None = None) -> None:
+        """Remove a block that failed verification (only the file `inode` when given: a block refetched
+        and stored again meanwhile is a new file, and good); the caller refetches."""
         path = self.path(digest)
         log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
         with self._lock:
-            self._verified.pop(digest, None)
+            self._verified.discard(digest)
         try:
-            os.unlink(path)
+            if inode is None or os.stat(path).st_ino == inode:
+                os.unlink(path)
         except FileNotFoundError:
             pass
         with self._lock:
@@ -439,7 +403,7 @@ class BlockCache:
             if digest in self._verified or digest in self._writing or os.path.exists(path):
                 return False
             self._writing.add(digest)
-        written: tuple[int, int] | None = None
+        written = False
         try:
             if not self.make_room(size, reserve=True):
                 raise CacheFull(f"no room for a {size}-byte block under the cache quota")
@@ -463,7 +427,7 @@ class BlockCache:
                 with self._lock:
                     self._reserved -= size
                     if written:
-                        self._verified[digest] = written
+                        self._verified.add(digest)
                         self._lru[path] = (size, time.monotonic())
                         self.bytes_stored += size
                         self.blocks_stored += 1
@@ -472,8 +436,8 @@ class BlockCache:
                 self._writing.discard(digest)
         return True
 
-    def _write(self, path: str, data: bytes | memoryview) -> tuple[int, int]:
-        """Write a block under a temp name and rename it into place; its (inode, ctime ns) once there."""
+    def _write(self, path: str, data: bytes | memoryview) -> bool:
+        """Write a block under a temp name and rename it into place."""
         tmp = f"{path}.tmp.{os.getpid()}.{next(self._tmp_seq)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -492,8 +456,7 @@ class BlockCache:
             os.close(fd)
             fd = -1
             os.rename(tmp, path)
-            st = os.stat(path)
-            return st.st_ino, st.st_ctime_ns
+            return True
         except BaseException:
             if fd >= 0:
                 os.close(fd)

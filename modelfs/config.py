@@ -76,6 +76,7 @@ class S3Config:
     read_timeout: float = 10.0
     hedge_after: float = 1.0
     max_pool_connections: int = 64
+    max_request_threads: int = 64
 
 
 @dataclass
@@ -101,6 +102,8 @@ class FetchConfig:
     max_request: Size = Size(64 * MiB)
     deadline: float = 30.0
     probe_interval: float = 5.0
+    demand_reserve: int = 2
+    prefetch_during_demand: int = 8
 
 
 def _default_patterns() -> list[str]:
@@ -188,6 +191,11 @@ class Config:
         for key, val in positive:
             if val < 1:
                 raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.fetch.demand_reserve < 0:
+            raise ConfigError(f"config: fetch.demand_reserve must be >= 0, got {self.fetch.demand_reserve}")
+        if self.fetch.prefetch_during_demand < 1:
+            raise ConfigError(f"config: fetch.prefetch_during_demand must be at least 1 (prefetch must always "
+                              f"progress), got {self.fetch.prefetch_during_demand}")
         if self.fetch.max_request < es:
             raise ConfigError(f"config: fetch.max_request must be at least cache.extent_size ({es}), "
                               f"got {self.fetch.max_request}")
@@ -206,6 +214,9 @@ class Config:
         if self.s3.hedge_after < 0:
             raise ConfigError(f"config: s3.hedge_after must be 0 (never) or a positive number of seconds, got "
                               f"{self.s3.hedge_after}")
+        if self.s3.max_request_threads < 0:
+            raise ConfigError(f"config: s3.max_request_threads must be 0 (no hedging) or more, got "
+                              f"{self.s3.max_request_threads}")
         if self.cache.max_size and self.cache.max_size < 2 * es:
             raise ConfigError(f"config: cache.max_size must be 0 (no quota) or at least 2 x cache.extent_size "
                               f"({2 * es}), got {self.cache.max_size}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import trio
@@ -32,7 +33,7 @@ from modelfs.prefetch import Prefetcher
 from modelfs.push import PushFn, PushGate
 from modelfs.remote import Listing, Store, read_bytes
 from modelfs.shared import SharedTier
-from modelfs.stats import Stats
+from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
 
@@ -61,9 +62,12 @@ class ModelFS:
         self.deadline = cfg.fetch.deadline
         self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl, in_use=self.is_open, on_drop=self._dropped)
-        # GET buffers: at most fetch.concurrency of them, within fetch.memory_budget.
-        count = max(1, min(cfg.fetch.concurrency, int(cfg.fetch.memory_budget) // self.extent_size))
-        self.buffers = BufferPool(count, self.extent_size)
+        # GET buffers: fetch.concurrency for prefetch plus fetch.demand_reserve that only demand GETs take,
+        # within fetch.memory_budget (when it binds, the reserve comes out of prefetch's share).
+        count = max(1, min(cfg.fetch.concurrency + cfg.fetch.demand_reserve,
+                           int(cfg.fetch.memory_budget) // self.extent_size))
+        self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
+                                  cap=cfg.fetch.prefetch_during_demand)
         self.maps = MappedBlocks(int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
                                self.health, observe, shared)
@@ -72,6 +76,7 @@ class ModelFS:
                                self.prefetch_limiter, cfg.fetch.deadline)
         gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
             if push is not None and cfg.prefetch.page_cache_push else None
+        self.read_wait = ReadWaits()  # how long demand READs waited (`read`; metrics, `modelfs stats`)
         self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self, cache, self.ns, self.stats,
                                      self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
@@ -95,25 +100,12 @@ class ModelFS:
         self.prefetcher.start(self.supervisor)
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
-        self.supervisor.spawn(self._recheck_mapped_blocks, name="mapped block check", restart=True)
         return self.supervisor
-
-    async def _recheck_mapped_blocks(self) -> None:
-        """Twice a second, drop the mappings of blocks whose file was written to since they were verified
-        (a mapping shows such a write at once): the next READ maps the block again, verifies it, and
-        refetches it if it is bad. Bit rot never reaches a READ this way; a write to a block file (root
-        on the cache dir) can, within that half second."""
-        while True:
-            await trio.sleep(0.5)
-            if len(self.maps):
-                for digest in await trio.to_thread.run_sync(self.cache.changed, self.maps.digests(),
-                                                            limiter=self.meta_limiter):
-                    self.maps.discard(digest)
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
-        GET, give back the GET buffers' memory and drop the mapped blocks (their pages stay in the page
-        cache, reclaimable; the next READ maps them again)."""
+        GET, give back the GET buffers' memory and the verified block copies (the next READ loads its
+        block again from disk, and verifies it again)."""
         seen, trimmed = (-1, -1), False
         while True:
             await trio.sleep(IDLE_TRIM)
@@ -124,7 +116,7 @@ class ModelFS:
                 freed = self.buffers.trim() + self.maps.bytes
                 self.maps.clear()
                 trimmed = True
-                log.debug("idle: gave back %d bytes of GET buffers and block mappings", freed)
+                log.debug("idle: gave back %d bytes of GET buffers and block copies", freed)
 
     async def _list_dir(self, prefix: str) -> Listing:
         """The store's listing, saved for offline mode; the saved one while the store is unreachable."""
@@ -269,7 +261,8 @@ class ModelFS:
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
-        else through `extents` (map it in a worker thread, or join or start its GET)."""
+        else through `extents` (map it in a worker thread, or join or start its GET). How long it waited
+        goes to `read_wait`: the common case counts as no wait, with no clock read."""
         node, ver = self._handles[fh]
         end = min(offset + size, ver.info.size)
         if offset >= end:
@@ -277,12 +270,18 @@ class ModelFS:
         start, length = ver.extent_at(offset)
         self.prefetcher.on_read(node, ver, offset, size, start, length)
         self.stats.bytes_served += end - offset
-        if end > start + length:  # across an extent edge: the pieces are copied into one buffer
-            return await self.extents.copy(ver, offset, end - offset)
-        view = self.extents.mapped(ver, start, offset - start, end - offset)
-        if view is None:
-            view = await self.extents.read(ver, start, length, offset - start, end - offset)
-        return view
+        if end <= start + length:
+            view = self.extents.mapped(ver, start, offset - start, end - offset)
+            if view is not None:
+                self.read_wait.instant += 1
+                return view
+        began = time.monotonic()
+        try:
+            if end > start + length:  # across an extent edge: the pieces are copied into one buffer
+                return await self.extents.copy(ver, offset, end - offset)
+            return await self.extents.read(ver, start, length, offset - start, end - offset)
+        finally:
+            self.read_wait.observe(time.monotonic() - began)
 
     # -- cache warming (`modelfs prefetch`) ----------------------------------------------------------
 
@@ -360,10 +359,10 @@ class ModelFS:
         snap["versions_held"] = len(self._versions)
         snap["blocks_mapped"] = self.cache.maps_made
         snap["blocks_verified"] = self.cache.verifications
-        snap["reads_not_resident"] = self.maps.not_resident
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["blocks_in_cache"] = self.cache.blocks_stored
         snap["hedged_gets"] = self.store.hedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["prefetch_queue"] = self.prefetcher.queued
+        snap.update(self.read_wait.counters())
         return snap

@@ -3,10 +3,10 @@
 Every reader of extents asks here: the core's READs, the prefetcher, `modelfs du` and the progress of
 `modelfs prefetch`. The places, cheapest first:
 
-  mapped     a verified block mapped read-only (`mapped.MappedBlocks`): a READ is a slice of it, answered
-             on the trio thread with no I/O
-  in flight  a GET is under way (`fetch.Fetcher`): join it, and answer from its mapping or buffer
-  cached     a block on disk: a worker thread maps it, verifying it the first time this daemon serves it
+  mapped     a verified copy of the block in the daemon's memory (`mapped.MappedBlocks`): a READ is a
+             slice of it, answered on the trio thread with no I/O
+  in flight  a GET is under way (`fetch.Fetcher`): join it, and answer from its copy or buffer
+  cached     a block on disk: a worker thread reads it into memory of its own and verifies it there
   missing    the index does not know the extent, or its block is not on disk: a ranged GET
 
 Views handed out follow `buffers`' rule: valid until the caller's next checkpoint (answer a READ with
@@ -16,7 +16,6 @@ them, or copy them).
 from __future__ import annotations
 
 import enum
-import mmap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -27,7 +26,7 @@ from modelfs.cache import BlockCache
 from modelfs.errors import ModelfsError
 from modelfs.fetch import Fetcher
 from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks, populate
+from modelfs.mapped import MappedBlocks
 from modelfs.stats import Stats
 from modelfs.version import Extent, FileVersion
 
@@ -75,8 +74,8 @@ class Extents:
     # -- the trio thread, no I/O -------------------------------------------------------------------------
 
     def mapped(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
-        """Bytes [inner, inner+size) of the extent at `start` if its block is mapped and those pages are in
-        memory; else None (then `read`)."""
+        """Bytes [inner, inner+size) of the extent at `start` if a verified copy of its block is held;
+        else None (then `read`)."""
         ext = ver.known.get(start)
         if ext is None:
             return None
@@ -110,15 +109,10 @@ class Extents:
         and its mapping may displace others), or for the prefetcher's own parsing."""
         flight = self.fetcher.flight(ver, start)
         ext = ver.known.get(start)
-        mapping = self.maps.entry(ext[0]) if ext is not None else None
-        if mapping is not None:  # mapped, but these pages left memory: fault them in off the trio thread
-            try:
-                await self._disk(demand, populate, mapping, inner, size)
-            except OSError:
-                self.maps.discard(ext[0])  # its file changed under it: map (and check) it again below
-            else:
-                self.stats.cache_hits += demand
-                return mapping.view[inner:inner + size]
+        held = self.maps.view(ext[0], inner, size) if ext is not None else None
+        if held is not None:
+            self.stats.cache_hits += demand
+            return held
         if flight is None:
             view = await self._map(ver, start, length, evict=demand, demand=demand)
             if view is not None:
@@ -181,18 +175,18 @@ class Extents:
         return await self.fetcher.prefetch_run(ver, run)
 
     async def mapping(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
-        """The whole cached extent as a view of its mapping (for a page-cache push, from a worker thread:
-        a mapping stays valid as long as the view lives); None if it is not cached."""
+        """The whole cached extent as a view of its verified copy (for a page-cache push, from a worker
+        thread: the copy stays valid as long as the view lives); None if it is not cached."""
         ext = ver.known.get(start)
         view = self.maps.whole(ext[0]) if ext is not None else None
         return view if view is not None else await self._map(ver, start, length, evict=False, demand=False)
 
     async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False, evict: bool = True,
                    demand: bool = True) -> memoryview | None:
-        """Map the extent's block in a worker thread (verifying it on first serve) and keep the mapping
-        (`mapped.MappedBlocks.put`); single-flight: READs that arrive together (the kernel's readahead
-        sends several) and the prefetcher share one mapping. A view of the whole block, or None if it is
-        not cached."""
+        """Load the extent's block in a worker thread (read into memory of its own and verified there) and
+        keep the copy (`mapped.MappedBlocks.put`); single-flight: READs that arrive together (the kernel's
+        readahead sends several) and the prefetcher share one load. A view of the whole block, or None if
+        it is not cached."""
         key = (ver.vid, start)
         pending = self._mapping.get(key)
         if pending is not None:
@@ -200,9 +194,9 @@ class Extents:
             return pending.view
         pending = self._mapping[key] = _Pending()
         try:
-            m = await self._disk(demand, self._map_cached, ver, start, length)
-            if m is not None:
-                pending.view = self.maps.put(ver.known[start][0], m, ahead=ahead, evict=evict)
+            view = await self._disk(demand, self._load_cached, ver, start, length)
+            if view is not None:
+                pending.view = self.maps.put(ver.known[start][0], view, ahead=ahead, evict=evict)
         finally:
             del self._mapping[key]
             pending.done.set()
@@ -224,10 +218,10 @@ class Extents:
 
     # -- worker threads --------------------------------------------------------------------------------
 
-    def _map_cached(self, ver: FileVersion, start: int, length: int) -> mmap.mmap | None:
-        """The extent's block mapped (and verified on first serve), or None if it is not cached."""
+    def _load_cached(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
+        """The extent's block read and verified (`cache.BlockCache.load`), or None if it is not cached."""
         ext = ver.lookup(self.index, start, length)
-        return self.cache.map(ext[0], length) if ext is not None else None
+        return self.cache.load(ext[0], length) if ext is not None else None
 
     def learn(self, ver: FileVersion) -> None:
         """Every extent of `ver` the index knows, in one scan (before prefetching a whole file: then the

@@ -5,10 +5,11 @@ on the same flight. Flights run in the daemon's nursery, not in the reader's tas
 away never cancels a GET that others wait for.
 
 Memory: a GET runs only while it holds pooled buffers (`buffers.BufferPool`, fetch.memory_budget), one
-per extent, or several extents packed into one; a freed buffer goes to a waiting demand read first, so
-prefetch never delays a loader's own read by more than one GET. The worker thread reads the body
+per extent, or several extents packed into one. Demand reads get buffers and bandwidth before prefetch
+(`buffers`): buffers prefetch never takes, so a demand GET starts at once, and while one waits or runs
+prefetch starts new GETs only below fetch.prefetch_during_demand. The worker thread reads the body
 straight into the buffer, hashes it, writes the block and records it; readers waiting on the flight are
-then answered from a mapping of the new block (when a reader waits for it) or from the buffer itself.
+then answered from a copy of the new block kept in memory (when a reader waits for it) or from the buffer itself.
 
 Buffer lifetime (a `_Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
 ended, which for a GET abandoned at its deadline can be long after the flight failed, and (2) every reader
@@ -32,12 +33,12 @@ from dataclasses import dataclass, field
 import trio
 
 from modelfs import faults
-from modelfs.buffers import BufferPool
+from modelfs.buffers import Ask, BufferPool
 from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks
+from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.remote import Store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -100,6 +101,7 @@ class _Flight:
     error: BaseException | None = None
     waiters: int = 0  # readers waiting for `data`; the buffers stay out of the pool until they took it
     drained: trio.Event | None = None
+    ask: Ask | None = None  # its GET's request for buffers, while a coalesced prefetch GET waits for them
 
 
 def pack(run: list[Extent], size: int) -> list[int]:
@@ -160,9 +162,12 @@ class Fetcher:
             flight = self._launch(ver, [(start, length)], self._buffers_for(length, demand=True))
         return await self.wait(flight)
 
-    @staticmethod
-    async def wait(flight: _Flight) -> memoryview:
-        """A flight's data, under the same validity rule as `fetch`."""
+    async def wait(self, flight: _Flight) -> memoryview:
+        """A flight's data, under the same validity rule as `fetch`. A reader that joins a coalesced
+        prefetch GET still waiting for buffers raises it to demand priority (`BufferPool.promote`): a
+        demand read never queues behind prefetch's buffer limits."""
+        if flight.ask is not None:
+            self.pool.promote(flight.ask)
         flight.waiters += 1
         try:
             await flight.done.wait()
@@ -234,9 +239,10 @@ class Fetcher:
                 waits.append(flight)
                 current = None
                 continue
-            # A stretch is as many extents as the pool's buffers hold; an extent larger than a buffer
+            # A stretch is as many extents as the buffers prefetch may hold; an extent larger than a buffer
             # goes alone.
-            if current is None or length > size or max(pack([*current, (start, length)], size)) >= self.pool.total:
+            if current is None or length > size or \
+                    max(pack([*current, (start, length)], size)) >= self.pool.prefetch_max:
                 current = []
                 stretches.append(current)
             current.append((start, length))
@@ -245,7 +251,10 @@ class Fetcher:
         fetched = 0
         for stretch in stretches:
             n = max(pack(stretch, size)) + 1 if stretch[0][1] <= size else self._tokens(stretch[0][1])
-            flights = self._launch_many(ver, stretch, self._many(n))
+            ask = self.pool.ask(n, demand=False)
+            flights = self._launch_many(ver, stretch, self._asked(ask))
+            for flight in flights:
+                flight.ask = ask  # a demand read that joins one of them raises the request (`wait`)
             waits.extend(flights)
             fetched += sum(length for _, length in stretch)
         for flight in waits:
@@ -264,12 +273,12 @@ class Fetcher:
             async def one() -> list[mmap.mmap]:
                 return [await self.pool.acquire(demand)]
             return one
-        return self._many(self._tokens(length))
+        return self._asked(self.pool.ask(self._tokens(length), demand))
 
-    def _many(self, n: int) -> Callable[[], Awaitable[list[mmap.mmap]]]:
-        async def many() -> list[mmap.mmap]:
-            return await self.pool.acquire_many(n)
-        return many
+    def _asked(self, ask: Ask) -> Callable[[], Awaitable[list[mmap.mmap]]]:
+        async def take() -> list[mmap.mmap]:
+            return await self.pool.take(ask)
+        return take
 
     @staticmethod
     def _given(bufs: list[mmap.mmap]) -> Callable[[], Awaitable[list[mmap.mmap]]]:
@@ -327,9 +336,9 @@ class Fetcher:
                 except BaseException:
                     lease.thread_never_ran()
                     raise
-            for flight, view, (digest, mapping) in zip(flights, views, got, strict=True):
+            for flight, view, (digest, kept) in zip(flights, views, got, strict=True):
                 if not flight.done.is_set():  # else answered as its bytes arrived (`_complete_early`)
-                    flight.data = view if mapping is None else self.maps.put(digest, mapping)
+                    flight.data = view if kept is None else self.maps.put(digest, kept)
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
@@ -357,15 +366,13 @@ class Fetcher:
                     lease.drop()
 
     def _complete_early(self, ver: FileVersion, start: int, flight: _Flight, view: memoryview, digest: bytes,
-                        mapping: mmap.mmap | None) -> None:
+                        kept: memoryview | None) -> None:
         """On the trio thread: one extent of a longer GET has arrived and is stored: its readers are
         answered now, not when the last byte of the GET is in. (The buffers stay out of the pool until the
         GET ends and every reader took its view, as for any flight.)"""
         if flight.done.is_set():  # cannot happen (callbacks run in order, before the GET's end): be safe
-            if mapping is not None:
-                mapping.close()
             return
-        flight.data = view if mapping is None else self.maps.put(digest, mapping)
+        flight.data = view if kept is None else self.maps.put(digest, kept)
         self._land(ver, start, flight)
 
     def _land(self, ver: FileVersion, start: int, flight: _Flight) -> None:
@@ -378,7 +385,7 @@ class Fetcher:
         flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                        lease: _Lease, token: trio.lowlevel.TrioToken) -> list[tuple[bytes, mmap.mmap | None]]:
+                        lease: _Lease, token: trio.lowlevel.TrioToken) -> list[tuple[bytes, memoryview | None]]:
         """GET, hash, store blocks, record extents; map the new block of a flight a reader waits on.
         Runs in a worker thread; drops the thread's hold on the buffers when it ends, however it ends."""
         if not lease.thread_begins():
@@ -391,7 +398,7 @@ class Fetcher:
                 if known is not None:
                     # A flight for this extent may have completed between the reader's cache check and this
                     # flight's start: serve what it stored instead of fetching the same bytes twice.
-                    m = self.cache.map(known[0], length)
+                    m = self.cache.load(known[0], length)
                     if m is not None:
                         return [(known[0], m)]
             shared: list[bytes | None] = [None] * len(run)  # hashes of the extents the shared tier gave
@@ -419,22 +426,22 @@ class Fetcher:
 
     def _from_origin(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                      shared: list[bytes | None], claimed: list[int], token: trio.lowlevel.TrioToken
-                     ) -> list[tuple[bytes, mmap.mmap | None]]:
+                     ) -> list[tuple[bytes, memoryview | None]]:
         """GET what the shared tier did not give (one GET per stretch of such extents), store every
         extent, share what came from the origin: at once if this node claimed it (other nodes wait for
         it), else in the background. In a GET of several extents, each is stored and its flight answered
         as soon as its bytes are in (a demand read that joined a long prefetch GET waits for its extent,
         not for the whole GET)."""
-        out: list[tuple[bytes, mmap.mmap | None] | None] = [None] * len(run)
+        out: list[tuple[bytes, memoryview | None] | None] = [None] * len(run)
 
         def arrived(i: int) -> None:
-            digest, mapping = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
+            digest, kept = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
             try:
-                token.run_sync_soon(self._complete_early, ver, run[i][0], flights[i], views[i], digest, mapping)
+                token.run_sync_soon(self._complete_early, ver, run[i][0], flights[i], views[i], digest, kept)
             except trio.RunFinishedError:
-                out[i] = (digest, mapping)
+                out[i] = (digest, kept)
                 return
-            out[i] = (digest, None)  # answered; the mapping is the trio thread's now
+            out[i] = (digest, None)  # answered; the copy is the trio thread's now
 
         i = 0
         while i < len(run):
@@ -452,10 +459,11 @@ class Fetcher:
         return out  # type: ignore[return-value]
 
     def _finish_extent(self, ver: FileVersion, run: list[Extent], i: int, view: memoryview, flight: _Flight,
-                       shared: list[bytes | None], claimed: list[int]) -> tuple[bytes, mmap.mmap | None]:
-        """Store extent i of `run`, which arrived; share it as the shared tier needs; map it if a reader
-        waits (it will read the rest of this block next, and its pages were just written: page tables
-        only). Prefetched blocks are mapped when first read."""
+                       shared: list[bytes | None], claimed: list[int]) -> tuple[bytes, memoryview | None]:
+        """Store extent i of `run`, which arrived; share it as the shared tier needs; keep a copy of it in
+        memory if a reader waits (it will read the rest of this block next, after the GET buffer went back
+        to the pool; the bytes were hashed in this buffer, so the copy needs no disk read and no check).
+        Prefetched blocks are loaded when first read."""
         start, length = run[i]
         digest, stored = self._store_extent(ver, start, view, shared[i])
         if self.shared is not None and shared[i] is None:
@@ -467,7 +475,7 @@ class Fetcher:
                     self.shared.release(ver, start)
             elif stored:
                 self.shared.write_back(ver, start, digest, length)
-        return digest, self.cache.map(digest, length) if stored and flight.waiters else None
+        return digest, private_copy(view) if stored and flight.waiters else None
 
     def _get(self, ver: FileVersion, start: int, views: list[memoryview],
              filled: Callable[[int], None] | None = None) -> None:

@@ -1,8 +1,10 @@
 """Prometheus metrics on an opt-in address (`metrics.address`, e.g. "127.0.0.1:9101").
 
 Counters are read from the daemon's `Stats` at scrape time (one source of truth with `modelfs stats`);
-the fetch latency histogram is observed by the fetcher. Served by prometheus-client's own HTTP server
-thread, outside the trio loop: a scrape never waits on FUSE work.
+the fetch latency histogram is observed by the fetcher. The read-wait histogram (how long demand READs
+waited: what a loader in D state waits for) is the core's `stats.ReadWaits`, read at scrape time too: the
+READs answered at once are a plain count there, added to the lowest bucket here. Served by
+prometheus-client's own HTTP server thread, outside the trio loop: a scrape never waits on FUSE work.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from modelfs.errors import ConfigError
+from modelfs.stats import READ_WAIT_BUCKETS, ReadWaits
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,13 @@ GAUGES = {
 
 
 class _StatsCollector(Collector):
-    def __init__(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
+    def __init__(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool],
+                 read_wait: ReadWaits | None = None) -> None:
         self._counters = counters
         self._offline = offline
+        self._read_wait = read_wait
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         snap = self._counters()
         for name, doc in COUNTERS.items():
             yield CounterMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
@@ -71,6 +76,15 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(f"modelfs_{name}", doc, value=snap.get(name, 0))
         yield GaugeMetricFamily("modelfs_offline", "1 while the store is unreachable (offline mode)",
                                 value=1 if self._offline() else 0)
+        waits = self._read_wait
+        if waits is not None:
+            total, cum = waits.total, waits.buckets()
+            bounds = [*(f"{b:g}" for b in READ_WAIT_BUCKETS), "+Inf"]
+            yield HistogramMetricFamily("modelfs_read_wait_seconds",
+                                        "time a demand READ waited for its bytes (0 when answered at once)",
+                                        buckets=list(zip(bounds, cum, strict=True)), sum_value=total)
+            yield GaugeMetricFamily("modelfs_read_wait_max_seconds", "longest wait of a demand READ since start",
+                                    value=waits.max)
 
 
 class Metrics:
@@ -82,10 +96,11 @@ class Metrics:
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                        registry=self.registry)
 
-    def collect_from(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool]) -> None:
-        """Export a core's counters (the histogram exists first, so the core gets `fetch_seconds.observe`
-        when it is made)."""
-        self.registry.register(_StatsCollector(counters, offline))
+    def collect_from(self, counters: Callable[[], dict[str, int]], offline: Callable[[], bool],
+                     read_wait: ReadWaits | None = None) -> None:
+        """Export a core's counters and READ waits (the fetch histogram exists first, so the core gets
+        `fetch_seconds.observe` when it is made)."""
+        self.registry.register(_StatsCollector(counters, offline, read_wait))
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

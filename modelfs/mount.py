@@ -252,7 +252,7 @@ class Daemon:
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable)
             if metrics is not None:
-                metrics.collect_from(self.core.counters, lambda: self.core.health.offline)
+                metrics.collect_from(self.core.counters, lambda: self.core.health.offline, self.core.read_wait)
                 metrics.serve(cfg.metrics.address)
             pyfuse3.init(Operations(self.core), mountpoint, fuse_options(cfg))
         except BaseException:

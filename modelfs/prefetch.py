@@ -21,8 +21,10 @@ With page-cache push on, extents of a file that is open are also handed to the k
 loader's reads and page faults never reach the daemon. Pushes run in threads of their own: a push can
 wait for a page lock held by a READ, and that READ must still be answerable.
 
-Workers take GET buffers at prefetch priority (`buffers.BufferPool`), and map blocks under a limiter of
-their own, so demand reads go first.
+Workers take GET buffers at prefetch priority (`buffers.BufferPool`): never the buffers reserved for demand
+GETs, and while a demand GET waits or runs, a worker about to start a GET pauses there until prefetch holds
+fewer than `fetch.prefetch_during_demand` buffers (or none), so the loader's own GET shares the link with
+few others. They map blocks under a limiter of their own, so demand reads go first there too.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import socket
@@ -286,19 +287,17 @@ class SharedTier:
                                               abandon_on_cancel=True)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
-        """PUT one block from the local cache (its mapping is the body: no copy in Python). A failed
+        """PUT one block from the local cache (its verified copy is the body: a block damaged on disk is
+        never shared). A failed
         write is counted; only a tier that cannot be reached at all is skipped for it (a read-only or
         full tier still serves reads)."""
         try:
             if unless_there and self.writer.exists(item.key):
                 return
-            m = self.cache.map(item.digest, item.length, populate=False)
-            if m is None:
-                return  # evicted (or never stored: the cache was full) since: nothing to share
-            try:
-                self.writer.put(item.key, m, {"xxh3": item.digest.hex()})
-            finally:
-                m.close()
+            block = self.cache.load(item.digest, item.length)
+            if block is None:
+                return  # evicted (or never stored: the cache was full) since, or bad: nothing to share
+            self.writer.put(item.key, io.BytesIO(block), {"xxh3": item.digest.hex()})  # a file botocore can rewind
         except (StoreError, OSError) as e:
             self.stats.add(shared_write_errors=1)
             log.debug("shared cache tier: write-back of %s failed: %s", item.key, e)

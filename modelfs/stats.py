@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass, field, fields
 
 
@@ -53,6 +54,60 @@ class Stats:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+#: Upper bounds (seconds) of the buckets of `modelfs_read_wait_seconds`.
+READ_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ReadWaits:
+    """How long demand READs waited for their bytes (the loader sits in D state that long).
+
+    A READ answered on the trio thread from a held block (the common case) counts as no wait with one
+    integer add (`instant`), no clock read; only READs that await (a disk load, a GET) are timed and
+    `observe`d. Trio thread only; a scrape from another thread may see one READ half counted.
+    """
+
+    __slots__ = ("counts", "instant", "max", "total")
+
+    def __init__(self) -> None:
+        self.instant = 0
+        self.counts = [0] * (len(READ_WAIT_BUCKETS) + 1)  # timed READs per bucket (not cumulative); last: +Inf
+        self.total = 0.0
+        self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(READ_WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
+        if seconds > self.max:
+            self.max = seconds
+
+    def buckets(self) -> list[int]:
+        """Cumulative counts per bucket (the last: +Inf, every READ), instant READs in the first."""
+        out, acc = [], self.instant
+        for n in self.counts:
+            acc += n
+            out.append(acc)
+        return out
+
+    def quantile(self, q: float) -> float:
+        """An upper bound of the q-quantile: its bucket's bound, at most the largest wait seen."""
+        cum = self.buckets()
+        if not cum[-1]:
+            return 0.0
+        rank = q * cum[-1]
+        if rank <= self.instant:
+            return 0.0
+        for bound, acc in zip(READ_WAIT_BUCKETS, cum, strict=False):
+            if acc >= rank:
+                return min(bound, self.max)
+        return self.max
+
+    def counters(self) -> dict[str, int]:
+        """For `modelfs stats`: p50, p99 and max, in milliseconds."""
+        return {"read_wait_p50_ms": round(self.quantile(0.5) * 1000),
+                "read_wait_p99_ms": round(self.quantile(0.99) * 1000),
+                "read_wait_max_ms": round(self.max * 1000)}
 
 
 def human(n: float) -> str:

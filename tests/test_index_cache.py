@@ -10,7 +10,7 @@ import pytest
 
 from modelfs.cache import BlockCache, block_hash
 from modelfs.index import ChunkIndex, version_id
-from modelfs.mapped import MappedBlocks, populate
+from modelfs.mapped import MappedBlocks
 from modelfs.remote import ObjectInfo
 
 INFO = ObjectInfo("m/model.safetensors", 100, '"etag-1"', 0.0)
@@ -129,27 +129,44 @@ def test_corrupt_block_is_detected_on_first_serve_and_dropped(tmp_path: Path, da
     assert fresh.read(h, len(data), 0, 100) == data[:100]
 
 
-def test_a_block_written_to_after_it_was_verified_is_verified_again(tmp_path: Path) -> None:
-    """Verification is once per process, but not for a file written to since: a byte flipped in place
-    (what the soak does to a live cache) is caught at the next mapping, and by `changed` for a mapping
-    the daemon already holds, never served as good."""
+def test_a_copy_handed_out_never_changes_and_every_load_is_verified(tmp_path: Path) -> None:
+    """A loaded block is a private copy of the bytes that were hashed: a byte flipped in place afterwards
+    (what the soak does to a live cache) never shows in it, and the next load of the file, the first of
+    this process or not, is hashed again, found bad, dropped, never served."""
     data = os.urandom(50_000)
     h = block_hash(data)
     dropped: list[bytes] = []
     cache = BlockCache(str(tmp_path), "d", on_corrupt=dropped.append)
     cache.put(h, data)
-    held = cache.map(h, len(data))
-    assert held is not None and held[:100] == data[:100] and cache.changed([h]) == []
+    held = cache.load(h, len(data))
+    assert held is not None and bytes(held) == data and cache.verified(h)
+    stat = os.stat(cache.path(h))
     fd = os.open(cache.path(h), os.O_RDWR)
     try:
         os.pwrite(fd, bytes([data[777] ^ 0xFF]), 777)
     finally:
         os.close(fd)
-    assert held[777] != data[777]  # a mapping shows the write at once: the daemon must drop it
-    assert cache.changed([h]) == [h]
-    held.close()
-    assert cache.map(h, len(data)) is None  # verified again: bad, dropped
-    assert dropped == [h] and not os.path.exists(cache.path(h))
+    assert bytes(held) == data  # the copy does not see the write
+    assert cache.load(h, len(data)) is None  # hashed again: bad, dropped
+    assert dropped == [h] and not os.path.exists(cache.path(h)) and not cache.verified(h)
+    assert stat.st_size == len(data)
+
+
+def test_a_truncated_or_replaced_block_is_never_served(tmp_path: Path) -> None:
+    """A block file truncated under the daemon is dropped at its next load; one stored again meanwhile
+    (a refetch) is a new file and is not dropped by a load that found the old one bad."""
+    data = os.urandom(3 * 4096 + 100)  # not a multiple of O_DIRECT's alignment
+    h = block_hash(data)
+    cache = BlockCache(str(tmp_path), "d")
+    cache.put(h, data)
+    assert bytes(cache.load(h, len(data)) or b"") == data
+    os.truncate(cache.path(h), 4096)
+    assert cache.load(h, len(data)) is None and not os.path.exists(cache.path(h))
+    assert cache.put(h, data) is True
+    old_inode = os.stat(cache.path(h)).st_ino + 1  # a file that is no longer there
+    cache.drop(h, "corrupt", old_inode)
+    assert os.path.exists(cache.path(h))  # the good new file stays
+    assert bytes(cache.load(h, len(data)) or b"") == data
 
 
 def test_scan_sweeps_temp_files_and_counts(tmp_path: Path) -> None:
@@ -165,9 +182,9 @@ def test_scan_sweeps_temp_files_and_counts(tmp_path: Path) -> None:
     assert fresh.bytes_stored == 5000 and fresh.blocks_stored == 1
 
 
-def test_mapped_blocks_bound_descriptors_and_bytes(tmp_path: Path) -> None:
-    """Each mapping holds an fd (CPython's mmap keeps a dup): the pool caps them by count and by bytes, and
-    a dropped mapping gives its fd back once no view of it is left."""
+def test_held_blocks_bound_bytes_and_count_and_hold_no_descriptor(tmp_path: Path) -> None:
+    """Copies are bounded by count and by bytes; a view handed out stays valid after its copy left the
+    pool; no copy holds a file descriptor."""
     cache = BlockCache(str(tmp_path), "d")
     blocks = [os.urandom(1000 + i) for i in range(50)]
     for b in blocks:
@@ -176,52 +193,42 @@ def test_mapped_blocks_bound_descriptors_and_bytes(tmp_path: Path) -> None:
     maps = MappedBlocks(budget=1 << 20, max_maps=8)
     kept = None
     for i, b in enumerate(blocks):
-        m = cache.map(block_hash(b), len(b))
+        m = cache.load(block_hash(b), len(b))
         assert m is not None
         view = maps.put(block_hash(b), m)
         del m
         assert bytes(view[10:30]) == b[10:30]
         if i == 0:
-            kept = view  # a view handed out stays valid after its mapping left the pool
+            kept = view  # a view handed out stays valid after its copy left the pool
         del view
-        assert len(maps) <= 8 and len(os.listdir("/proc/self/fd")) - before <= 9
+        assert len(maps) <= 8 and len(os.listdir("/proc/self/fd")) == before
     assert kept is not None and bytes(kept) == blocks[0]
     assert maps.view(block_hash(blocks[0]), 0, 10) is None  # dropped from the pool long ago
     assert bytes(maps.view(block_hash(blocks[-1]), 5, 10) or b"") == blocks[-1][5:15]
     small = MappedBlocks(budget=3 * 1049)
     for b in blocks[:10]:
-        small.put(block_hash(b), cache.map(block_hash(b), len(b)))  # type: ignore[arg-type]
+        small.put(block_hash(b), cache.load(block_hash(b), len(b)))  # type: ignore[arg-type]
         assert small.bytes <= 3 * 1049
     del kept
     maps.clear()
     small.clear()
-    assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_views_of_unresident_pages_are_refused(tmp_path: Path) -> None:
-    """mincore: a READ over pages the kernel dropped must not fault them in on the trio thread."""
+def test_blocks_are_read_whether_or_not_their_pages_are_cached(tmp_path: Path) -> None:
+    """`load` copies what the page cache holds and reads the rest with O_DIRECT: the same bytes either way,
+    for lengths on and off O_DIRECT's alignment."""
     cache = BlockCache(str(tmp_path), "d")
-    data = os.urandom(1 << 20)
-    h = block_hash(data)
-    cache.put(h, data)
-    maps = MappedBlocks(budget=4 << 20)
-    m = cache.map(h, len(data))
-    assert m is not None
-    maps.put(h, m)
-    assert bytes(maps.view(h, 4096, 65536) or b"") == data[4096:69632]
-    del m
-    maps.clear()
-    fd = os.open(cache.path(h), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the block's pages from the page cache
-    finally:
-        os.close(fd)
-    unpopulated = cache.map(h, len(data), populate=False)
-    assert unpopulated is not None
-    maps.put(h, unpopulated)
-    assert maps.view(h, 0, 65536) is None and maps.not_resident == 1
-    entry = maps.entry(h)
-    assert entry is not None
-    populate(entry, 1000, 65536)  # what the worker-thread path does: fault the same mapping's pages in
-    assert bytes(maps.view(h, 0, 65536) or b"") == data[:65536]
+    for size in (1 << 20, (1 << 20) + 123, 5000):
+        data = os.urandom(size)
+        h = block_hash(data)
+        cache.put(h, data)
+        assert bytes(cache.load(h, size) or b"") == data  # pages cached (just written)
+        fd = os.open(cache.path(h), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the block's pages
+            assert bytes(cache.load(h, size) or b"") == data  # read from disk
+            os.pread(fd, 8192, 0)  # the first pages cached, the rest not
+        finally:
+            os.close(fd)
+        assert bytes(cache.load(h, size) or b"") == data

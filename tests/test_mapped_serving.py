@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
+from tests.conftest import Checkpoint, Mount, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -39,7 +39,7 @@ def test_warm_reads_and_mmap_slices_across_edges_with_a_small_pool(backend: tupl
                                                                    checkpoint: Checkpoint,
                                                                    mounter: Callable[..., Mount]) -> None:
     """1 MiB extents and a 3 MiB pool: reads that cross extent edges, and mmap slices, come from mappings
-    that are made, dropped and made again; every byte matches, and no block is hashed twice."""
+    that are made, dropped and made again; every byte matches, and every load of a block is hashed."""
     source, env = backend
     # No checkpoint-set prefetch: the other shards, fetched by whichever daemon gets to them first, are
     # not what this test counts.
@@ -69,13 +69,13 @@ def test_warm_reads_and_mmap_slices_across_edges_with_a_small_pool(backend: tupl
     st = m.stats()
     assert st["gets"] == 0 and st["corrupt_blocks"] == 0
     assert st["mapped_blocks"] <= 3  # the pool held to its budget of three 1 MiB blocks ...
-    assert st["blocks_mapped"] > st["blocks_verified"]  # ... so blocks were mapped again after being dropped,
-    assert 0 < st["blocks_verified"] <= st["blocks_in_cache"]  # but each was hashed at most once
+    assert st["blocks_mapped"] > -(-len(ref) // MiB)  # ... so blocks were loaded again after being dropped,
+    assert st["blocks_verified"] == st["blocks_mapped"]  # and every load from disk was hashed
 
 
 def test_block_evicted_while_mapped_stays_readable(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
-    """A block the quota evicts (its file unlinked) while it is mapped keeps serving its bytes from the
-    mapping: no GET, even after the page cache was dropped (the pages come back from the open file)."""
+    """A block the quota evicts (its file unlinked) while its copy is held keeps serving its bytes from the
+    copy: no GET, even after the page cache was dropped."""
     first, second = shards(checkpoint)[:2]
     ref = (checkpoint.root / first).read_bytes()
     m = mounter(str(checkpoint.root), args=[*NO_PREFETCH, "--extent-size", "1MiB", "-o", "cache.max_size=4MiB",
@@ -94,15 +94,16 @@ def test_block_evicted_while_mapped_stays_readable(checkpoint: Checkpoint, mount
         assert m.stats()["gets"] == gets  # served from the mapping of the evicted block
 
 
-def test_a_block_flipped_on_disk_while_mapped_is_dropped_and_never_served(checkpoint: Checkpoint,
-                                                                          mounter: Callable[..., Mount]) -> None:
-    """A byte flipped in place in a block the daemon verified and holds mapped (the mapping shows it at
-    once): the daemon notices the write, drops the mapping, and the next read verifies the block again,
-    drops it and refetches: every byte right. (Before, it was verified once per daemon and served.)"""
+def test_a_block_flipped_on_disk_while_held_is_never_served(checkpoint: Checkpoint,
+                                                           mounter: Callable[..., Mount]) -> None:
+    """A byte flipped in place in a block the daemon verified and holds: the daemon serves its own copy of
+    the bytes it hashed, so the flip never shows; the next load of the block from disk hashes it again,
+    drops it and refetches: every byte right. (With file mappings, the flip was served for up to half a
+    second.)"""
     rel = shards(checkpoint)[0]
     ref = (checkpoint.root / rel).read_bytes()
     m = mounter(str(checkpoint.root), args=[*NO_PREFETCH, "--extent-size", "1MiB"])
-    assert (m.path / rel).read_bytes() == ref  # every block fetched, verified and mapped (the pool holds all)
+    assert (m.path / rel).read_bytes() == ref  # every block fetched, verified and held (the pool holds all)
     assert m.stats()["mapped_blocks"] >= len(ref) // MiB
     victim = max(block_files(m.cache_dir), key=lambda p: p.stat().st_size)
     fd = os.open(victim, os.O_RDWR)
@@ -110,13 +111,16 @@ def test_a_block_flipped_on_disk_while_mapped_is_dropped_and_never_served(checkp
         os.pwrite(fd, bytes([os.pread(fd, 1, 4321)[0] ^ 0xFF]), 4321)
     finally:
         os.close(fd)
-    log = m.cache_dir / "modelfs.log"
-    assert eventually(lambda: "changed on disk since it was verified" in log.read_text())
     drop_page_cache()
     gets = m.stats()["gets"]
-    assert (m.path / rel).read_bytes() == ref
-    st = m.stats()
-    assert st["corrupt_blocks"] == 1 and st["gets"] == gets + 1, st
+    assert (m.path / rel).read_bytes() == ref  # from the daemon's copies
+    assert m.stats()["gets"] == gets
+    m.umount()
+    again = m.remount()  # nothing held: every block is loaded from disk
+    drop_page_cache()
+    assert (again.path / rel).read_bytes() == ref
+    st = again.stats()
+    assert st["corrupt_blocks"] == 1 and st["gets"] == 1, st
 
 
 def test_block_truncated_before_it_is_mapped_is_refetched(checkpoint: Checkpoint,

@@ -376,19 +376,24 @@ def test_an_idle_daemon_gives_back_buffers_and_mappings(tmp_path: Path, monkeypa
     """After a load, an idle core drops its block mappings and returns its GET buffers' pages to the system;
     the next read still gets every byte."""
     import ctypes
+    import ctypes.util
+    import mmap
 
     import modelfs.core
-    from modelfs.mapped import PAGE, _libc, address_of
 
     monkeypatch.setattr(modelfs.core, "IDLE_TRIM", 0.05)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 3 * EXTENT + i for i in range(8)})
     core, close = make_core(src, tmp_path / "cache")
 
-    def resident(buf: object) -> int:
-        vec = ctypes.create_string_buffer(len(buf) // PAGE)  # type: ignore[arg-type]
-        assert _libc.mincore(address_of(buf), len(buf), vec) == 0  # type: ignore[arg-type]
+    def resident(buf: mmap.mmap) -> int:
+        vec = ctypes.create_string_buffer(len(buf) // page)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # a writable anonymous mapping
+        assert libc.mincore(addr, len(buf), vec) == 0
         return sum(b & 1 for b in vec.raw)
 
     async def body(core: ModelFS) -> None:

@@ -237,11 +237,13 @@ def test_object_overwritten_while_open_never_mixes_versions(seaweed: SeaweedServ
     m = mounter(f"s3://{BUCKET}/{prefix}", env=seaweed.env(), args=[*NO_PREFETCH, "-o", "mount.metadata_ttl=1"])
     with open(m.path / "blob.bin", "rb", buffering=0) as f:
         assert os.pread(f.fileno(), MiB, 0) == v1[:MiB]
+        # Opened before the overwrite, so it holds the old version too (opened after, on a busy machine the
+        # 1 s metadata TTL could pass first and the open would get the new version).
+        direct = os.open(m.path / "blob.bin", os.O_RDONLY | os.O_DIRECT)
         client.put_object(Bucket=BUCKET, Key=prefix + "blob.bin", Body=v2)
         # Not cached: the old version is gone from the store. The daemon answers ESTALE; O_DIRECT shows the
         # answer as it is (a buffered read sees what the kernel makes of a failed page read).
         buf = mmap.mmap(-1, MiB)
-        direct = os.open(m.path / "blob.bin", os.O_RDONLY | os.O_DIRECT)
         try:
             with pytest.raises(OSError) as e:
                 os.preadv(direct, [buf], 24 * MiB)

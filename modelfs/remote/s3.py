@@ -10,8 +10,13 @@ Hedged GETs (`s3.hedge_after`): a ranged GET whose response headers have not arr
 request then costs a loader `hedge_after`, not the read timeout. When both stay silent for another
 `hedge_after`, one bucket check (shared by every GET that got there at once, itself bounded by
 `hedge_after`) decides: silence there too means the store is unreachable (offline mode, EIO at once for
-what is not cached) instead of every reader waiting out fetch.deadline. The requests left behind end at
-their own timeouts in daemon threads of their own; a late answer's body is closed unread.
+what is not cached) instead of every reader waiting out fetch.deadline.
+
+A request that lost the race (or that a GET gave up on) is abandoned at once, not left to its read
+timeout: its connection is shut down (SHUT_RDWR, which wakes the thread blocked on it), and botocore is
+stopped from retrying it; a late answer's body is closed unread. Request threads (a GET, its hedge, the
+bucket check) are at most `s3.max_request_threads` at once; a GET that finds no room for itself and its
+hedge is sent unhedged from its caller's thread, so a full set of threads never makes a GET wait.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
+import botocore
 import botocore.exceptions as bexc
 import urllib3.exceptions
+from botocore.awsrequest import AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection, AWSHTTPSConnectionPool
 from botocore.config import Config as BotoConfig
 
 from modelfs.errors import ConfigError, NotFound, StoreError, StoreUnreachable, VersionChanged
@@ -38,7 +46,6 @@ if TYPE_CHECKING:
     from modelfs.config import S3Config
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 #: Body-level failures botocore does not retry once the response headers have arrived (the body is
 #: read straight from urllib3, so its exceptions arrive unwrapped: IncompleteRead, ReadTimeout, reset).
@@ -60,20 +67,207 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
-def _in_thread(fn: Callable[[], _T]) -> Future[_T]:
-    """Run `fn` in a thread of its own: a daemon thread, so a request left stalled (a hedge's loser, ended
-    by its read timeout) never holds the process at exit, and no pool of them can fill up. One thread per
-    ranged GET (MiBs each) costs nothing measurable."""
-    f: Future[_T] = Future()
+class _Abandoned(Exception):
+    """Raised inside an abandoned request's thread, so botocore neither retries it nor sends it again."""
 
-    def run() -> None:
+
+class _Attempt:
+    """One request running in a thread of its own, that another thread can abandon: the connection it is
+    using (recorded by the connection pool below, in the request's thread) is shut down, so the thread
+    blocked on it wakes now instead of at the read timeout. A connection is recorded only while the request
+    holds it (from taking it out of the pool until it goes back, or the request returns its response), so
+    a connection in the pool or in another request's hands is never touched."""
+
+    def __init__(self) -> None:
+        self.future: Future[Any] = Future()
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._abandoned = False
+        self._finished = False
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._abandoned = True
+            if self._conn is not None:
+                _shut(self._conn)
+
+    def track(self, conn: Any) -> None:
+        """`conn` is this request's now (it may already be connected: a kept-alive one)."""
+        with self._lock:
+            self._conn = conn
+            if self._abandoned:
+                _shut(conn)
+
+    def connected(self, conn: Any) -> None:
+        """`conn` has just connected: abandoned while it was connecting, it is shut now."""
+        with self._lock:
+            if self._abandoned and self._conn is conn:
+                _shut(conn)
+
+    def untrack(self) -> None:
+        """The connection goes back to the pool (or was discarded): no longer this request's."""
+        with self._lock:
+            self._conn = None
+
+    def finish(self) -> None:
+        """The request returned: its connection (if it returned a response) now belongs to the caller."""
+        with self._lock:
+            self._finished = True
+            self._conn = None
+
+
+def _shut(conn: Any) -> None:
+    """Shut down `conn`'s socket (not close it: its owner thread closes it, so the fd is never reused under
+    it). On the plain socket even under TLS: ssl.SSLSocket.shutdown would drop the SSL object the blocked
+    thread is reading with."""
+    sock = getattr(conn, "sock", None)
+    if isinstance(sock, socket.socket):
         try:
-            f.set_result(fn())
-        except BaseException as e:  # handed to whoever waits on the future
-            f.set_exception(e)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # already closed or reset
+            pass
 
-    threading.Thread(target=run, name="s3-request", daemon=True).start()
-    return f
+
+_current = threading.local()  # .attempt: the _Attempt whose thread this is (None in other threads)
+
+
+def _attempt() -> _Attempt | None:
+    return getattr(_current, "attempt", None)
+
+
+def _stop_abandoned(**_: Any) -> None:
+    """botocore event handler (before-send, needs-retry; registered first): an abandoned request is not
+    sent again, and its failure is not retried (nor charged to botocore's retry quota)."""
+    attempt = _attempt()
+    if attempt is not None and attempt.abandoned:
+        raise _Abandoned()
+
+
+class _TrackedConnection:
+    """Mixin for botocore's connections: report connecting to the request being abandoned."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        attempt = _attempt()
+        if attempt is not None:
+            attempt.connected(self)
+
+
+class _TrackedPool:
+    """Mixin for botocore's connection pools: record which connection a request in an _Attempt thread holds.
+    Both calls run in the thread of the request (urllib3's urlopen), except putting back the connection of a
+    response whose body the caller read, which is no longer the attempt's (`finish`)."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        attempt = _attempt()
+        if attempt is not None:
+            attempt.track(conn)
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        attempt = _attempt()
+        if attempt is not None:
+            attempt.untrack()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _HTTPConnection(_TrackedConnection, AWSHTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_TrackedConnection, AWSHTTPSConnection):
+    pass
+
+
+class _HTTPPool(_TrackedPool, AWSHTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(_TrackedPool, AWSHTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _make_abandonable(client: Any) -> bool:
+    """Give `client` connection pools that record each request's connection, and stop abandoned requests
+    in its event system. False (losers then end at their read timeout, as they did) where botocore's
+    session is not laid out as expected."""
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    classes = getattr(session, "_pool_classes_by_scheme", None)  # shared by its pool managers, per client
+    if not isinstance(classes, dict) or classes.get("http") is not AWSHTTPConnectionPool:
+        log.warning("botocore %s: hedged requests that lose cannot be cut short here; they end at "
+                    "s3.read_timeout", botocore.__version__)
+        return False
+    classes["http"], classes["https"] = _HTTPPool, _HTTPSPool
+    for event in ("before-send.s3", "needs-retry.s3"):
+        client.meta.events.register_first(event, _stop_abandoned, unique_id=f"modelfs-abandon-{event}")
+    return True
+
+
+class _RequestThreads:
+    """At most `limit` request threads at once (s3.max_request_threads), counted in slots taken before a
+    thread starts. Nothing ever waits for a slot: a caller that finds none does without (no hedge, no
+    bucket check). A thread gives its slot back as its last act and may still be finishing then, so a new
+    thread starts only once every such thread is gone: threading.enumerate() never shows more than `limit`.
+    Threads are daemons: a request still ending (in a retry's backoff) never holds the process at exit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._ending: list[threading.Thread] = []  # gave their slot back, maybe not yet gone
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self._taken + n > self.limit:
+                return False
+            self._taken += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._taken -= n
+
+    def start(self, fn: Callable[[], Any]) -> _Attempt:
+        """Run `fn` in a new thread, on a slot already taken (given back if no thread starts); its result or
+        exception in `.future`."""
+        with self._lock:
+            ending = list(self._ending)
+        for t in ending:
+            t.join()  # past its last statement: returns at once
+        with self._lock:
+            self._ending = [t for t in self._ending if t not in ending]
+        attempt = _Attempt()
+        try:
+            threading.Thread(target=self._run, args=(fn, attempt), name="s3-request", daemon=True).start()
+        except BaseException:  # RuntimeError: can't start new thread
+            self.give(1)
+            raise
+        return attempt
+
+    def _run(self, fn: Callable[[], Any], attempt: _Attempt) -> None:
+        _current.attempt = attempt
+        try:
+            if attempt.abandoned:
+                raise _Abandoned()
+            result = fn()
+        except BaseException as e:  # handed to whoever waits on the future
+            attempt.finish()
+            attempt.future.set_exception(e)
+        else:
+            attempt.finish()
+            attempt.future.set_result(result)
+        finally:
+            _current.attempt = None
+            with self._lock:
+                self._taken -= 1
+                self._ending.append(threading.current_thread())
 
 
 def _close_body(f: Future[dict[str, Any]]) -> None:
@@ -183,10 +377,13 @@ class S3Store:
             raise ConfigError(f"s3: {e}") from None
         self.endpoint = str(self.client.meta.endpoint_url)
         self.hedge_after = cfg.hedge_after
+        self._threads = _RequestThreads(cfg.max_request_threads)
+        self._abandonable = _make_abandonable(self.client)
         self._silence_lock = threading.Lock()
         self._silence_check: Future[bool] | None = None  # the bucket check in progress, shared
         self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
         self.hedged = 0  # GETs sent a second time (read by the stats)
+        self.unhedged = 0  # GETs sent from their caller's thread: no room for a hedge (s3.max_request_threads)
         self.identity = f"s3:{self.endpoint}/{bucket}/{prefix}"
         self.domain = f"s3:{self.endpoint}/{bucket}"
 
@@ -297,36 +494,52 @@ class S3Store:
 
     def _hedged(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The response of `request` (a GET whose body is read by the caller), sent a second time if the
-        first is silent for `hedge_after` seconds; the first success wins, the other's body is closed."""
+        first is silent for `hedge_after` seconds; the first success wins. Whatever did not win is
+        abandoned when this returns or raises (its connection shut, its thread ended), its body closed."""
         if self.hedge_after <= 0:
             return request()
-        first = _in_thread(request)
-        done, _ = wait([first], timeout=self.hedge_after)
-        if done:
-            return first.result()
-        self.hedged += 1
-        second = _in_thread(request)
-        pending = {first, second}
-        silent_since = time.monotonic()
-        while True:
-            done, _ = wait(pending, timeout=self.hedge_after, return_when=FIRST_COMPLETED)
-            for f in done:
-                pending.discard(f)
-                if f.exception() is None:
-                    for other in pending:
-                        other.add_done_callback(_close_body)
-                    return f.result()
-                if not pending:
-                    raise f.exception()  # type: ignore[misc]
-            if not done and time.monotonic() - silent_since >= self.hedge_after and self._silent_store():
-                for other in pending:
-                    other.add_done_callback(_close_body)
-                raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
-                                       f"silent for {2 * self.hedge_after:g} s, and the bucket check too)")
+        if not self._threads.take(2):  # room for the request and its hedge, or neither
+            self.unhedged += 1
+            log.debug("no room for a hedged GET (s3.max_request_threads=%d): sent unhedged", self._threads.limit)
+            return request()
+        try:
+            first = self._threads.start(request)
+        except BaseException:
+            self._threads.give(1)  # the hedge's
+            raise
+        attempts = [first]
+        winner: _Attempt | None = None
+        try:
+            done, _ = wait([first.future], timeout=self.hedge_after)
+            if done:
+                self._threads.give(1)  # the hedge's, not needed
+                winner = first
+                return first.future.result()
+            self.hedged += 1
+            attempts.append(self._threads.start(request))
+            pending = {a.future: a for a in attempts}
+            silent_since = time.monotonic()
+            while True:
+                done, _ = wait(pending, timeout=self.hedge_after, return_when=FIRST_COMPLETED)
+                for f in done:
+                    attempt = pending.pop(f)
+                    if f.exception() is None:
+                        winner = attempt
+                        return f.result()
+                    if not pending:
+                        raise f.exception()  # type: ignore[misc]
+                if not done and time.monotonic() - silent_since >= self.hedge_after and self._silent_store():
+                    raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
+                                           f"silent for {2 * self.hedge_after:g} s, and the bucket check too)")
+        finally:
+            for attempt in attempts:
+                if attempt is not winner:
+                    attempt.abandon()
+                    attempt.future.add_done_callback(_close_body)
 
     def _silent_store(self) -> bool:
         """Whether the store answers nothing: one bucket check within `hedge_after`, shared by the GETs that
-        ask at once and reused for a second after it ended."""
+        ask at once and reused for a second after it ended. No room for its thread: not known, so False."""
         with self._silence_lock:
             when, verdict = self._silence_verdict
             if time.monotonic() - when < 1.0:
@@ -341,8 +554,11 @@ class S3Store:
             return check.result()
         verdict = False
         try:
-            done, _ = wait([_in_thread(self.check)], timeout=self.hedge_after)
-            verdict = not done or isinstance(next(iter(done)).exception(), StoreUnreachable)
+            if self._threads.take(1):
+                attempt = self._threads.start(self.check)
+                done, _ = wait([attempt.future], timeout=self.hedge_after)
+                attempt.abandon()
+                verdict = not done or isinstance(next(iter(done)).exception(), StoreUnreachable)
         finally:
             with self._silence_lock:
                 self._silence_check = None
