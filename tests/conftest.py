@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from modelfs.mount import abort_connection, alive, is_mounted, mount_minor
+from modelfs.testing.faultproxy import FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
 
 BUCKET = "models"
@@ -69,6 +70,13 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         yield server
     finally:
         server.stop(grace=2.0)  # weed ignores SIGTERM for ~15 s; its data is throwaway
+
+
+@pytest.fixture
+def proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's SeaweedFS, for one test."""
+    with FaultProxy(seaweed.endpoint_url) as p:
+        yield p
 
 
 @pytest.fixture(scope="session")

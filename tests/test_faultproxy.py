@@ -53,12 +53,6 @@ def objects(seaweed: SeaweedServer) -> dict[str, bytes]:
     return content
 
 
-@pytest.fixture
-def proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
-    with FaultProxy(seaweed.endpoint_url) as p:
-        yield p
-
-
 def s3_client(seaweed: SeaweedServer, endpoint_url: str, *, attempts: int = 1, read_timeout: float = 2) -> Any:
     """A boto3 client with the server's credentials, aimed at ``endpoint_url`` (the proxy).
 

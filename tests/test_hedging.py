@@ -42,12 +42,6 @@ def objects(seaweed: SeaweedServer) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
-    with FaultProxy(seaweed.endpoint_url) as p:
-        yield p
-
-
-@pytest.fixture
 def make_store(seaweed: SeaweedServer, proxy: FaultProxy,
                monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], S3Store]]:
     for name, value in seaweed.env().items():
