@@ -22,6 +22,8 @@ What runs (all on this machine):
   requests waiting in the kernel (fusectl), its Prometheus metrics (how long demand READs waited:
   `modelfs_read_wait_seconds`); every second: each thread of the daemon and of the loaders in D state,
   and for how long, told apart by whether the stretch fell in a cut or a restart (or GRACE after one).
+  The bound applies to one uninterruptible sleep (no timeslice run between samples: schedstat); runs
+  of consecutive samples in D, which join waits for one read after another, are reported beside it.
 
 Writes bench/results/soak.{md,json,png}: the table of loads, failures and resource drift, and a chart
 of RSS, cache bytes and loads per minute. Exit status 1 if a criterion failed.
