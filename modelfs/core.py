@@ -362,6 +362,7 @@ class ModelFS:
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["blocks_in_cache"] = self.cache.blocks_stored
         snap["hedged_gets"] = self.store.hedged
+        snap["unhedged_gets"] = self.store.unhedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["prefetch_queue"] = self.prefetcher.queued
         snap.update(self.read_wait.counters())

@@ -27,6 +27,7 @@ COUNTERS = {
     "bytes_fetched": "bytes fetched from the store",
     "gets": "ranged GETs completed",
     "hedged_gets": "ranged GETs sent a second time because the first was silent (s3.hedge_after)",
+    "unhedged_gets": "ranged GETs sent with no room for a hedge (s3.max_request_threads)",
     "cache_hits": "extents served from the block cache",
     "cache_misses": "extents that needed the store",
     "dedup_bytes_saved": "fetched bytes whose block was already stored",

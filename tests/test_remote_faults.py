@@ -170,6 +170,27 @@ def test_a_stalled_get_is_sent_again_and_the_reader_is_answered_by_the_second(
     proxy.release()
 
 
+def test_a_get_and_its_hedge_both_stalled_while_the_store_answers_are_sent_once_more(
+        proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
+        mounter: Callable[..., Mount]) -> None:
+    """The first GET and its hedge both stall (two requests each held on its own, as a slow node behind
+    the endpoint does), while the bucket check answers: not a cut, so no offline mode, and the reader is
+    not left to the read timeout either: a third request answers it, while both stalled ones are held."""
+    m = mounter(s3_checkpoint, env=env, args=[*NO_PREFETCH, *SLOW_GIVE_UP])
+    stuck = checkpoint.torch_file
+    proxy.add_rule(Fault.stall(600), method="GET", path_contains=stuck.split("/")[-1], times=2)
+    try:  # the bound only detects a hang: without a third request the reader waits out the 300 s read timeout
+        digest = read_in_child(m.path / stuck, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reader waited on two stalled GETs")
+    assert digest == sha(checkpoint.root / stuck)
+    assert proxy.stalled == 2  # ordering, not time: served while both stalled requests were unanswered
+    st = m.stats()
+    assert st["hedged_gets"] >= 2 and st["store_errors"] == 0 and st["read_timeouts"] == 0, st
+    assert json.loads(os.getxattr(m.path, "user.modelfs.health"))["offline"] is False
+    proxy.release()
+
+
 def test_a_network_cut_is_noticed_from_a_silent_get_and_its_hedge(
         proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
         mounter: Callable[..., Mount]) -> None:

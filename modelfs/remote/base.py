@@ -38,6 +38,8 @@ class Store(Protocol):
     domain: str
     #: Ranged GETs sent a second time because the first was silent (`s3.hedge_after`); 0 where none are.
     hedged: int
+    #: Ranged GETs sent with no room for a hedge (`s3.max_request_threads`); 0 where none are.
+    unhedged: int
 
     def describe(self) -> str:
         """A human-readable name for logs and errors; never contains credentials."""

@@ -28,6 +28,7 @@ class LocalStore:
         self.identity = f"file:{self.root}"
         self.domain = self.identity
         self.hedged = 0  # one local read never stalls the way a request can
+        self.unhedged = 0
 
     def describe(self) -> str:
         return self.root

@@ -10,7 +10,10 @@ Hedged GETs (`s3.hedge_after`): a ranged GET whose response headers have not arr
 request then costs a loader `hedge_after`, not the read timeout. When both stay silent for another
 `hedge_after`, one bucket check (shared by every GET that got there at once, itself bounded by
 `hedge_after`) decides: silence there too means the store is unreachable (offline mode, EIO at once for
-what is not cached) instead of every reader waiting out fetch.deadline.
+what is not cached) instead of every reader waiting out fetch.deadline. If the store answers it, the two
+stalled on their own (a slow node behind the endpoint): the GET is sent once more, and again after each
+further `hedge_after` of silence, up to _MAX_ATTEMPTS requests at once, so two stalls in a row cost a
+loader about 2 x `hedge_after`, not the read timeout.
 
 A request that lost the race (or that a GET gave up on) is abandoned at once, not left to its read
 timeout: its connection is shut down (SHUT_RDWR, which wakes the thread blocked on it), and botocore is
@@ -53,6 +56,9 @@ _BODY_ERRORS = (bexc.IncompleteReadError, bexc.ReadTimeoutError, bexc.ResponseSt
                 bexc.ConnectionClosedError, bexc.EndpointConnectionError, urllib3.exceptions.HTTPError,
                 ConnectionError, TimeoutError)
 _BODY_ATTEMPTS = 4
+#: A ranged GET is sent at most this many times at once: the first, its hedge, and one more for each
+#: further `hedge_after` that all are silent while the store answers a bucket check.
+_MAX_ATTEMPTS = 4
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -494,7 +500,8 @@ class S3Store:
 
     def _hedged(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The response of `request` (a GET whose body is read by the caller), sent a second time if the
-        first is silent for `hedge_after` seconds; the first success wins. Whatever did not win is
+        first is silent for `hedge_after` seconds, and once more after each further `hedge_after` that all
+        stay silent while the store answers a bucket check; the first success wins. Whatever did not win is
         abandoned when this returns or raises (its connection shut, its thread ended), its body closed."""
         if self.hedge_after <= 0:
             return request()
@@ -528,9 +535,18 @@ class S3Store:
                         return f.result()
                     if not pending:
                         raise f.exception()  # type: ignore[misc]
-                if not done and time.monotonic() - silent_since >= self.hedge_after and self._silent_store():
+                if done or time.monotonic() - silent_since < self.hedge_after:
+                    continue
+                if self._silent_store():
                     raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
                                            f"silent for {2 * self.hedge_after:g} s, and the bucket check too)")
+                # The store answers, and every attempt in flight is silent: each stalled on its own (a slow
+                # node behind the endpoint, a dropped connection). One more, while there is room.
+                if len(attempts) < _MAX_ATTEMPTS and self._threads.take(1):
+                    self.hedged += 1
+                    attempts.append(self._threads.start(request))
+                    pending[attempts[-1].future] = attempts[-1]
+                silent_since = time.monotonic()
         finally:
             for attempt in attempts:
                 if attempt is not winner:

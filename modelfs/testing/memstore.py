@@ -30,6 +30,7 @@ class MemoryStore:
         self.identity = f"mem:{name}"
         self.domain = self.identity
         self.hedged = 0
+        self.unhedged = 0
         self.unreachable = False
         self._objects: dict[str, tuple[ObjectInfo, bytes]] = {}
         self._etags = itertools.count(1)
