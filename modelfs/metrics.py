@@ -26,7 +26,7 @@ COUNTERS = {
     "bytes_served": "bytes returned to readers",
     "bytes_fetched": "bytes fetched from the store",
     "gets": "ranged GETs completed",
-    "hedged_gets": "ranged GETs sent a second time because the first was silent (s3.hedge_after)",
+    "hedged_gets": "extra requests sent for ranged GETs whose requests were all silent (s3.hedge_after)",
     "unhedged_gets": "ranged GETs sent with no room for a hedge (s3.max_request_threads)",
     "cache_hits": "extents served from the block cache",
     "cache_misses": "extents that needed the store",

@@ -36,7 +36,7 @@ class Store(Protocol):
     identity: str
     #: Trust domain: blocks are shared by content only between sources of one domain.
     domain: str
-    #: Ranged GETs sent a second time because the first was silent (`s3.hedge_after`); 0 where none are.
+    #: Extra requests sent for ranged GETs whose requests were all silent (`s3.hedge_after`); 0 where none are.
     hedged: int
     #: Ranged GETs sent with no room for a hedge (`s3.max_request_threads`); 0 where none are.
     unhedged: int

@@ -388,7 +388,7 @@ class S3Store:
         self._silence_lock = threading.Lock()
         self._silence_check: Future[bool] | None = None  # the bucket check in progress, shared
         self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
-        self.hedged = 0  # GETs sent a second time (read by the stats)
+        self.hedged = 0  # extra requests sent for silent GETs, hedges and re-hedges (read by the stats)
         self.unhedged = 0  # GETs sent from their caller's thread: no room for a hedge (s3.max_request_threads)
         self.identity = f"s3:{self.endpoint}/{bucket}/{prefix}"
         self.domain = f"s3:{self.endpoint}/{bucket}"
