@@ -102,6 +102,7 @@ class FetchConfig:
     max_request: Size = Size(64 * MiB)
     deadline: float = 30.0
     probe_interval: float = 5.0
+    offline_after: float = 10.0
     demand_reserve: int = 2
     prefetch_during_demand: int = 8
 
@@ -208,6 +209,7 @@ class Config:
         if self.prefetch.initial_window <= 0 or self.prefetch.max_window < self.prefetch.initial_window:
             raise ConfigError("config: prefetch.max_window must be >= prefetch.initial_window > 0")
         for key, secs in (("fetch.deadline", self.fetch.deadline), ("fetch.probe_interval", self.fetch.probe_interval),
+                          ("fetch.offline_after", self.fetch.offline_after),
                           ("s3.connect_timeout", self.s3.connect_timeout), ("s3.read_timeout", self.s3.read_timeout)):
             if secs <= 0:
                 raise ConfigError(f"config: {key} must be a positive number of seconds, got {secs}")

@@ -19,7 +19,7 @@ import trio
 from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache
 from modelfs.config import Config
-from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreUnreachable
+from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreError, StoreUnreachable
 from modelfs.extents import Extents, Where
 from modelfs.fetch import Buffer, Fetcher
 from modelfs.health import Health
@@ -60,7 +60,8 @@ class ModelFS:
         self.prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
         self.deadline = cfg.fetch.deadline
-        self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline)
+        self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline,
+                             offline_after=cfg.fetch.offline_after)
         self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl, in_use=self.is_open, on_drop=self._dropped)
         # GET buffers: fetch.concurrency for prefetch plus fetch.demand_reserve that only demand GETs take,
         # within fetch.memory_budget (when it binds, the reserve comes out of prefetch's share).
@@ -129,7 +130,12 @@ class ModelFS:
                 self.health.mark_unreachable(TimeoutError(f"no listing within {self.deadline:g} s"))
             except StoreUnreachable as e:
                 self.health.mark_unreachable(e)
+            except StoreError as e:
+                if not e.transient:
+                    raise
+                log.warning("listing of /%s failed (%s): the saved listing answers", prefix, e)
             else:
+                self.health.answered()
                 await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,
                                               limiter=self.io_limiter)
                 if MANIFEST_DIR in listing.dirs:

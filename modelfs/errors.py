@@ -28,13 +28,29 @@ class NotFound(ModelfsError):
 
 
 class StoreError(ModelfsError):
-    """The store failed a request after its retries: unreachable, 5xx, denied, short body."""
+    """The store failed a request after its retries: unreachable, 5xx, denied, short body.
+
+    `transient`: the store may answer the same request later (a 5xx, throttling, a refused, cut or silent
+    connection, a body cut short), so a read tries again within fetch.deadline; a denial, a missing bucket
+    or a changed object is final.
+    """
 
     errno = errno.EIO
 
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
 
 class StoreUnreachable(StoreError):
-    """The store does not answer at all (connection refused or timed out): offline mode may serve the cache."""
+    """No connection to the store could be made, or a request got no answer at all.
+
+    One such request is a sign, not a verdict: an overloaded store refuses connections and stalls too
+    (`health` decides when it is an outage).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
 
 
 class VersionChanged(StoreError):

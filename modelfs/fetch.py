@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,10 @@ from modelfs.supervise import Supervisor
 from modelfs.version import Extent, FileVersion
 
 log = logging.getLogger(__name__)
+
+#: A GET the store failed for now is tried again after this pause, doubling up to the max (jittered).
+_RETRY_PAUSE = 0.25
+_RETRY_PAUSE_MAX = 2.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -324,6 +329,7 @@ class Fetcher:
         GET in a worker thread, all within fetch.deadline, then hand each flight its bytes or the error."""
         error: BaseException | None = None
         lease: _Lease | None = None
+        until = time.monotonic() + self.deadline  # the worker thread's retries end with the flight
         try:
             with trio.fail_after(self.deadline):
                 bufs = await acquire()
@@ -332,7 +338,7 @@ class Fetcher:
                 token = trio.lowlevel.current_trio_token()
                 try:
                     got = await trio.to_thread.run_sync(self._fetch_blocking, ver, run, views, flights, lease, token,
-                                                        limiter=self.threads, abandon_on_cancel=True)
+                                                        until, limiter=self.threads, abandon_on_cancel=True)
                 except BaseException:
                     lease.thread_never_ran()
                     raise
@@ -385,7 +391,8 @@ class Fetcher:
         flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                        lease: _Lease, token: trio.lowlevel.TrioToken) -> list[tuple[bytes, memoryview | None]]:
+                        lease: _Lease, token: trio.lowlevel.TrioToken, until: float
+                        ) -> list[tuple[bytes, memoryview | None]]:
         """GET, hash, store blocks, record extents; map the new block of a flight a reader waits on.
         Runs in a worker thread; drops the thread's hold on the buffers when it ends, however it ends."""
         if not lease.thread_begins():
@@ -413,7 +420,7 @@ class Fetcher:
                         elif mine:
                             claimed.append(i)
             try:
-                return self._from_origin(ver, run, views, flights, shared, claimed, token)
+                return self._from_origin(ver, run, views, flights, shared, claimed, token, until)
             finally:
                 for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
                     assert self.shared is not None
@@ -425,8 +432,8 @@ class Fetcher:
                 pass  # the daemon is gone: nothing to hand back to
 
     def _from_origin(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                     shared: list[bytes | None], claimed: list[int], token: trio.lowlevel.TrioToken
-                     ) -> list[tuple[bytes, memoryview | None]]:
+                     shared: list[bytes | None], claimed: list[int], token: trio.lowlevel.TrioToken,
+                     until: float) -> list[tuple[bytes, memoryview | None]]:
         """GET what the shared tier did not give (one GET per stretch of such extents), store every
         extent, share what came from the origin: at once if this node claimed it (other nodes wait for
         it), else in the background. In a GET of several extents, each is stored and its flight answered
@@ -451,7 +458,7 @@ class Fetcher:
             j = i
             while j < len(run) and shared[j] is None:
                 j += 1
-            self._get(ver, run[i][0], views[i:j], (lambda k, i=i: arrived(i + k)) if len(run) > 1 else None)
+            self._get(ver, run[i][0], views[i:j], until, (lambda k, i=i: arrived(i + k)) if len(run) > 1 else None)
             i = j
         for i in range(len(run)):
             if out[i] is None:
@@ -477,23 +484,45 @@ class Fetcher:
                 self.shared.write_back(ver, start, digest, length)
         return digest, private_copy(view) if stored and flight.waiters else None
 
-    def _get(self, ver: FileVersion, start: int, views: list[memoryview],
+    def _get(self, ver: FileVersion, start: int, views: list[memoryview], until: float,
              filled: Callable[[int], None] | None = None) -> None:
+        """GET `views` from `start`. A transient failure (the store refused, stalled or 5xx'd past
+        botocore's own retries: an overloaded store, not an outage) is tried again, from the first view not
+        yet in, until `until` (the flight's deadline) or offline mode."""
         began = time.monotonic()
-        try:
-            self.store.read_into(ver.info, start, views, filled)
-        except VersionChanged:
-            self.stats.add(version_changes=1)
-            raise
-        except StoreUnreachable as e:
-            self.stats.add(store_errors=1)
-            if self.health is not None:
-                self.health.mark_unreachable(e)
-            raise
-        except StoreError as e:
-            self.stats.add(store_errors=1)
-            log.warning("%s", e)
-            raise
+        done = 0  # views complete
+
+        def complete(k: int) -> None:
+            nonlocal done
+            done = first + k + 1
+            if filled is not None:
+                filled(first + k)
+
+        pause = _RETRY_PAUSE
+        while True:
+            first = done
+            at = start + sum(len(v) for v in views[:first])
+            try:
+                self.store.read_into(ver.info, at, views[first:], complete)
+                break
+            except VersionChanged:
+                self.stats.add(version_changes=1)
+                raise
+            except StoreError as e:
+                self.stats.add(store_errors=1)
+                if isinstance(e, StoreUnreachable) and self.health is not None:
+                    self.health.mark_unreachable(e)
+                offline = self.health is not None and self.health.offline
+                if not e.transient or offline or time.monotonic() + pause >= until:
+                    if not isinstance(e, StoreUnreachable):
+                        log.warning("%s", e)
+                    raise
+                self.stats.add(store_retries=1)
+                log.debug("GET %s at %d: %s; trying again in %.2f s", ver.info.key, at, e, pause)
+                time.sleep(random.uniform(pause / 2, pause))
+                pause = min(2 * pause, _RETRY_PAUSE_MAX)
+        if self.health is not None:
+            self.health.answered()
         self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))
         if self.observe is not None:
             self.observe(time.monotonic() - began)

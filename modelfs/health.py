@@ -4,6 +4,12 @@ When the store stops answering (at mount, or mid-run), modelfs keeps serving wha
 saved in the index and blocks in the cache. While offline, a read of bytes that are not cached fails at
 once with EIO instead of waiting out retries, and a background probe checks the store every
 `interval` seconds; the first answer ends offline mode.
+
+An overloaded store is not an outage: it refuses a connection, or leaves one request unanswered, and
+answers the next. So one failed request only makes the store *suspect*: reads go on trying within
+fetch.deadline, the probe checks the store every second, and offline mode begins only when the store has
+answered nothing, neither requests nor checks, for `offline_after` seconds. The mount's own check failing
+(`confirmed`) begins it at once.
 """
 
 from __future__ import annotations
@@ -24,25 +30,52 @@ class Health:
     """Thread-safe offline flag, set from fetch threads, cleared by `probe_loop` in the daemon's nursery."""
 
     def __init__(self, check: Callable[[], None], describe: str, interval: float = 5.0,
-                 timeout: float = 30.0, mode: str = "offline mode, serving what the cache holds") -> None:
+                 timeout: float = 30.0, mode: str = "offline mode, serving what the cache holds",
+                 offline_after: float = 0.0) -> None:
         self._check = check
         self._describe = describe
         self._mode = mode  # what being unreachable means, for the log
         self.interval = interval
         self.timeout = timeout
+        self.offline_after = offline_after  # 0: the first failure is the verdict
         self._lock = threading.Lock()
         self._offline_since: float | None = None
+        self._suspect_since: float | None = None  # first failure since the store last answered
 
     @property
     def offline(self) -> bool:
         return self._offline_since is not None
 
-    def mark_unreachable(self, why: BaseException) -> None:
+    @property
+    def suspect(self) -> bool:
+        return self._suspect_since is not None
+
+    def mark_unreachable(self, why: BaseException, confirmed: bool = False) -> None:
+        """A request (or check) got no answer. Offline mode begins if `confirmed`, or if the store has
+        answered nothing for `offline_after` seconds; until then the store is only suspect."""
+        now = time.monotonic()
         with self._lock:
             if self._offline_since is not None:
                 return
-            self._offline_since = time.monotonic()
-        log.warning("%s unreachable (%s): %s", self._describe, why, self._mode)
+            if self._suspect_since is None:
+                self._suspect_since = now
+            if not confirmed and now - self._suspect_since < self.offline_after:
+                suspected = self._suspect_since == now
+                going = False
+            else:
+                self._offline_since, self._suspect_since = now, None
+                suspected, going = False, True
+        if going:
+            log.warning("%s unreachable (%s): %s", self._describe, why, self._mode)
+        elif suspected:
+            log.info("%s did not answer a request (%s): trying again; %s if it answers nothing for %g s",
+                     self._describe, why, self._mode.split(",")[0], self.offline_after)
+
+    def answered(self) -> None:
+        """A request got its answer: whatever failed before was the store's load, not an outage."""
+        if self._suspect_since is not None:
+            with self._lock:
+                self._suspect_since = None
 
     def mark_reachable(self) -> None:
         with self._lock:
@@ -55,18 +88,25 @@ class Health:
         return StoreUnreachable(f"{self._describe} is unreachable (offline mode) and {what} is not cached")
 
     async def probe_loop(self) -> None:
-        """While offline, check the store every `interval` seconds (each check bounded by `timeout`)."""
+        """While offline, check the store every `interval` seconds; while it is suspect, every second,
+        each check bounded by `timeout` (by `offline_after` while suspect)."""
         while True:
             await trio.sleep(self.interval if self.offline else 1.0)
-            if not self.offline:
+            if not self.offline and not self.suspect:
                 continue
+            bound = self.timeout if self.offline else max(1.0, min(self.timeout, self.offline_after))
             try:
-                with trio.fail_after(self.timeout):
+                with trio.fail_after(bound):
                     await trio.to_thread.run_sync(self._check, abandon_on_cancel=True)
             except (StoreError, OSError, trio.TooSlowError) as e:
                 log.debug("store still unreachable: %s", e)
+                if not self.offline:
+                    self.mark_unreachable(e if isinstance(e, StoreError) else TimeoutError("no answer to a check"))
                 continue
-            self.mark_reachable()
+            if self.offline:
+                self.mark_reachable()
+            else:
+                self.answered()
 
 
 def check_within(check: Callable[[], None], timeout: float, describe: str) -> None:

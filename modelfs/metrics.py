@@ -37,6 +37,7 @@ COUNTERS = {
     "pushed_bytes": "bytes pushed into the page cache",
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
+    "store_retries": "GETs tried again after the store failed them for now (refused, stalled, 5xx)",
     "shared_hits": "extents read from the shared cache tier instead of the origin",
     "shared_misses": "extents the shared cache tier did not have",
     "shared_bytes_read": "bytes read from the shared cache tier",

@@ -250,7 +250,7 @@ class Daemon:
             self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
                                 observe=metrics.fetch_seconds.observe if metrics else None, shared=shared)
             if unreachable is not None:
-                self.core.health.mark_unreachable(unreachable)
+                self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:
                 metrics.collect_from(self.core.counters, lambda: self.core.health.offline, self.core.read_wait)
                 metrics.serve(cfg.metrics.address)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from modelfs.errors import NotFound
+from modelfs.errors import NotFound, StoreError
 from modelfs.remote import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,15 @@ class Namespace:
         if self._clock() - directory.listed_at >= self.ttl or directory.listed_at < 0:
             async with directory.lock:  # one LIST per directory at a time (single-flight)
                 if self._clock() - directory.listed_at >= self.ttl or directory.listed_at < 0:
-                    listing = await self._list_dir(directory.key)
+                    try:
+                        listing = await self._list_dir(directory.key)
+                    except StoreError as e:
+                        if directory.listed_at < 0:
+                            raise
+                        # A name the mount has shown never turns into ENOENT because the store failed:
+                        # the last listing answers, and the next call asks the store again.
+                        log.info("relisting /%s failed (%s): the last listing answers", directory.key, e)
+                        return directory.children
                     self.apply_listing(directory, listing)
         return directory.children
 

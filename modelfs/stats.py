@@ -23,6 +23,7 @@ class Stats:
     dedup_bytes_saved: int = 0
     corrupt_blocks: int = 0
     store_errors: int = 0
+    store_retries: int = 0
     version_changes: int = 0
     cache_write_errors: int = 0
     cache_full_skips: int = 0

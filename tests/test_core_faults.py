@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from modelfs.cache import BlockCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
+from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import KEY as MANIFEST_KEY
 from modelfs.manifest import FileEntry, Manifest, file_extents
@@ -128,8 +130,8 @@ def test_an_unreachable_store_turns_uncached_reads_into_instant_errors_and_the_p
         assert bytes(await core.read(fh_c, 0, len(cached))) == cached
         store.unreachable = True
         with pytest.raises(StoreUnreachable):
-            await core.read(fh_u, 0, 100)  # the GET that finds the store gone
-        assert core.health.offline
+            await core.read(fh_u, 0, 100)  # tried again until the store answered nothing for offline_after
+        assert core.health.offline and core.stats.store_retries >= 1
         reads = len(store.reads)
         with pytest.raises(StoreUnreachable) as refused:
             await core.read(fh_u, EXTENT, 100)
@@ -142,6 +144,40 @@ def test_an_unreachable_store_turns_uncached_reads_into_instant_errors_and_the_p
         await trio.sleep(6)
         assert not core.health.offline  # the next probe ended offline mode
         assert bytes(await core.read(fh_u, EXTENT, 100)) == uncached[EXTENT:EXTENT + 100]
+
+    run(store, tmp_path / "cache", body, **{"fetch.offline_after": "0.5"})
+
+
+def test_a_store_that_fails_requests_for_a_while_is_suspect_not_offline() -> None:
+    """An overloaded store refuses or drops a request and answers the next: one failure makes it suspect,
+    an answer clears that, and only failures for offline_after (or the mount's check) make it offline."""
+    health = Health(lambda: None, "store mem", offline_after=60)
+    health.mark_unreachable(StoreUnreachable("refused"))
+    health.mark_unreachable(StoreUnreachable("refused again"))
+    assert health.suspect and not health.offline
+    health.answered()
+    assert not health.suspect and not health.offline
+    health.mark_unreachable(StoreUnreachable("gone"), confirmed=True)  # the mount's check
+    assert health.offline
+    brief = Health(lambda: None, "store mem", offline_after=0.05)
+    brief.mark_unreachable(StoreUnreachable("refused"))
+    time.sleep(0.1)
+    brief.mark_unreachable(StoreUnreachable("still refused"))
+    assert brief.offline and not brief.suspect
+
+
+def test_a_failed_get_is_tried_again_within_the_deadline(tmp_path: Path) -> None:
+    """Two GETs the store fails for now (as an overloaded store refuses them) cost the reader a retry
+    each, not an EIO, and do not make the store offline."""
+    store = MemoryStore()
+    data = os.urandom(2 * EXTENT)
+    store.put("w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        fh = await open_file(core, "w.bin")
+        store.fail_reads(2, StoreUnreachable("connection refused"))
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        assert core.stats.store_retries == 2 and not core.health.offline and not core.health.suspect
 
     run(store, tmp_path / "cache", body)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -337,6 +338,19 @@ def test_blackhole(seaweed: SeaweedServer, proxy: FaultProxy, objects: dict[str,
     proxy.blackhole(False)
     assert client.get_object(Bucket=BUCKET, Key="small.txt")["Body"].read() == objects["small.txt"]
     assert _eventually(lambda: proxy.stalled == 0)  # the held connection was let go (and closed)
+
+
+@needs_weed
+@pytest.mark.s3
+def test_refuse_closes_the_port_and_opens_it_again(seaweed: SeaweedServer, proxy: FaultProxy,
+                                                   objects: dict[str, bytes]) -> None:
+    client = s3_client(seaweed, proxy.endpoint_url)
+    assert client.get_object(Bucket=BUCKET, Key="small.txt")["Body"].read() == objects["small.txt"]
+    proxy.refuse(True)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+    proxy.refuse(False)  # listening again on the same port: the client's next request gets through
+    assert client.get_object(Bucket=BUCKET, Key="small.txt")["Body"].read() == objects["small.txt"]
 
 
 @needs_weed

@@ -7,7 +7,7 @@ import logging
 import pytest
 import trio
 
-from modelfs.errors import NotFound
+from modelfs.errors import NotFound, StoreError
 from modelfs.namespace import Namespace, unsafe_reason
 from modelfs.remote import Listing, ObjectInfo
 
@@ -22,10 +22,13 @@ class FakeLister:
     def __init__(self, listings: dict[str, Listing]) -> None:
         self.listings = listings
         self.calls: list[str] = []
+        self.error: Exception | None = None  # raised by every call while set (a failing store)
 
     async def __call__(self, prefix: str) -> Listing:
         self.calls.append(prefix)
         await trio.sleep(0)
+        if self.error is not None:
+            raise self.error
         return self.listings.get(prefix, Listing())
 
 
@@ -90,6 +93,23 @@ def test_ttl_relist_new_etag_is_new_inode_and_unchanged_keeps_inode() -> None:
         ns.forget(m1.inode, 1)
         with pytest.raises(NotFound):
             ns.get(m1.inode)  # replaced, unreferenced, not open: let go
+
+    trio.run(main)
+
+
+def test_a_failed_relisting_keeps_the_last_listing() -> None:
+    """A name the mount has shown never turns into ENOENT because the store failed a relisting."""
+    now = [0.0]
+    lister = FakeLister({"": Listing(objects=[obj("m")])})
+    ns = Namespace(lister, ttl=10, clock=lambda: now[0])
+
+    async def main() -> None:
+        m = await ns.lookup(ns.root, "m")
+        lister.error = StoreError("listing failed: 503 from the store", transient=True)
+        now[0] = 11.0
+        assert (await ns.lookup(ns.root, "m")) is m
+        lister.error = None
+        assert (await ns.lookup(ns.root, "m")) is m and lister.calls == ["", "", ""]  # asked again each time
 
     trio.run(main)
 

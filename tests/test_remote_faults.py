@@ -31,7 +31,7 @@ pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 MiB = 1 << 20
 #: Fast failure settings: a silent socket is given up after 2 s, a read after 8 s.
 FAST = ["-o", "s3.read_timeout=2", "-o", "s3.connect_timeout=2", "-o", "s3.max_attempts=4",
-        "-o", "fetch.deadline=8", "-o", "fetch.probe_interval=1"]
+        "-o", "fetch.deadline=8", "-o", "fetch.probe_interval=1", "-o", "fetch.offline_after=2"]
 NO_PREFETCH = ["-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false",
                "-o", "prefetch.sequential=false"]
 
@@ -148,7 +148,7 @@ def test_reader_killed_while_blocked_on_a_stalled_fetch(proxy: FaultProxy, env: 
 
 #: A stuck request would hold a reader for the read timeout or the deadline; hedging must not wait for either.
 SLOW_GIVE_UP = ["-o", "s3.read_timeout=300", "-o", "fetch.deadline=600", "-o", "s3.hedge_after=0.5",
-                "-o", "fetch.probe_interval=1"]
+                "-o", "fetch.probe_interval=1", "-o", "fetch.offline_after=3"]
 
 
 def test_a_stalled_get_is_sent_again_and_the_reader_is_answered_by_the_second(
@@ -195,7 +195,8 @@ def test_a_network_cut_is_noticed_from_a_silent_get_and_its_hedge(
         proxy: FaultProxy, env: dict[str, str], s3_checkpoint: str, checkpoint: Checkpoint,
         mounter: Callable[..., Mount]) -> None:
     """A cut while the daemon runs (connections accepted, nothing answered) is not waited out: a GET and
-    its hedge both silent, then a silent bucket check, put the mount in offline mode and the reader gets
+    its hedge both silent, then a silent bucket check, make the store suspect; when it answers nothing
+    (GETs sent again, bucket checks) for fetch.offline_after, the mount goes offline and the reader gets
     EIO; cached files keep loading, and the probe ends it once the store answers."""
     warm = checkpoint.torch_file
     cold = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]

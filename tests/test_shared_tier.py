@@ -4,6 +4,7 @@ this machine with their own cache dirs and mountpoints (three nodes of a fleet).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -206,3 +207,57 @@ def test_a_claim_left_by_a_node_that_died_costs_a_bounded_wait(claim_age: str, s
         assert st["shared_waits"] == 1 and st["shared_misses"] >= 1, st  # waited for the claimed extent, then fetched
     else:
         assert st["shared_waits"] == 0, st  # taken over at once
+
+
+def test_three_nodes_ride_out_an_overloaded_origin(s3_checkpoint: str, checkpoint: Checkpoint, seaweed: SeaweedServer,
+                                                   fleet: Callable[..., Mount]) -> None:
+    """An overloaded store is not an outage. While three nodes load at once, the origin refuses every
+    connection for a second out of two and answers a third of the requests 1.5 s late, and the tier
+    answers a quarter of its requests late: every load completes with the source's bytes, no node goes
+    offline, and no file the mount listed turns into ENOENT."""
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    with FaultProxy(seaweed.endpoint_url, seed=3) as tier:
+        tier.add_rule(Fault.latency(2.5), probability=0.25)
+        nodes = [fleet(s3_checkpoint, shared_endpoint=tier.endpoint_url, extra=("-o", "shared.deadline=1"))
+                 for _ in range(3)]
+        shards = sorted(os.listdir(checkpoint.root / checkpoint.hf_dir))
+        for m in nodes:  # listed, as a loader lists a checkpoint dir before it opens the shards
+            assert sorted(os.listdir(m.path / checkpoint.hf_dir)) == shards
+        slow = origin.add_rule(Fault.latency(1.5), probability=0.3)
+        stop, bursts = threading.Event(), [0]
+
+        def overload() -> None:
+            while not stop.wait(1.0):
+                origin.refuse(True)
+                bursts[0] += 1
+                stop.wait(1.0)
+                origin.refuse(False)
+
+        errors: list[BaseException] = []
+
+        def load(m: Mount) -> None:
+            try:
+                load_tree(m.path, checkpoint.root)
+            except BaseException as e:  # handed to the test thread below
+                errors.append(e)
+
+        burster = threading.Thread(target=overload)
+        burster.start()
+        threads = [threading.Thread(target=load, args=(m,)) for m in nodes]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=600)
+        finally:
+            stop.set()
+            burster.join()
+            origin.refuse(False)
+        assert not any(t.is_alive() for t in threads), "a load hung"
+        assert not errors, errors
+        assert bursts[0] >= 2 and slow.fired >= 1, (bursts, slow.fired)
+        # GETs the store failed were tried again (ridden out), not avoided:
+        assert sum(m.stats()["store_retries"] for m in nodes) >= 1
+        for m in nodes:
+            assert json.loads(os.getxattr(m.path, "user.modelfs.health"))["offline"] is False
+            assert m.stats()["offline_misses"] == 0

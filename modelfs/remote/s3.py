@@ -412,7 +412,10 @@ class S3Store:
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or _status(e) == 403:
                 return StoreError(f"access denied to s3://{self.bucket} at {self.endpoint} ({code or 403}): "
                                   "check credentials")
-            return StoreError(f"{what} failed: {code or _status(e)} from {self.endpoint}")
+            status = _status(e)
+            busy = status in (429, 503) or (isinstance(status, int) and status >= 500) or \
+                code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError")
+            return StoreError(f"{what} failed: {code or status} from {self.endpoint}", transient=busy)
         if isinstance(e, bexc.NoCredentialsError):
             return StoreError("no S3 credentials found (environment, shared config, or instance role)")
         if isinstance(e, bexc.ConnectionError):  # refused, unroutable, connect timeout: after botocore's retries
@@ -420,7 +423,7 @@ class S3Store:
         if isinstance(e, bexc.HTTPClientError | urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
             if silence_is_unreachable:
                 return StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer ({type(e).__name__})")
-            return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
+            return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}", transient=True)
         return StoreError(f"{what} failed: {type(e).__name__} from {self.endpoint}")
 
     def check(self) -> None:
@@ -496,7 +499,7 @@ class S3Store:
             if attempt < _BODY_ATTEMPTS:
                 time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
         raise StoreError(f"GET {obj.key} failed {_BODY_ATTEMPTS} times reading the body: "
-                         f"{err if isinstance(err, StoreError) else type(err).__name__}")
+                         f"{err if isinstance(err, StoreError) else type(err).__name__}", transient=True)
 
     def _hedged(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The response of `request` (a GET whose body is read by the caller), sent a second time if the

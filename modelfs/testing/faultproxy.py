@@ -32,6 +32,10 @@ Faults (see :class:`Fault`):
   :meth:`FaultProxy.release` / :meth:`FaultProxy.stop` is called; then close the connection or carry on.
 * ``Fault.latency(seconds)``: sleep, then forward normally.
 
+:meth:`FaultProxy.refuse` models a server that is overloaded or restarting rather than gone: while on, the
+listener is closed (a connect gets ECONNREFUSED) and the open connections are shut; off, it listens again on
+the same port.
+
 "Body bytes" are counted as sent on the wire after the response headers (chunk framing included for chunked
 responses). A mid-body fault whose byte offset lies beyond the end of the body applies at the end of the body.
 
@@ -327,6 +331,7 @@ class FaultProxy:
         self._random = random.Random(seed)  # probabilistic rules draw from it under _cond: runs repeat
         self._log: list[RequestRecord] = []
         self._blackhole = False
+        self._refusing = False
         self._release_gen = 0
         self._stalled = 0
         self._stopped = False
@@ -343,19 +348,23 @@ class FaultProxy:
 
     def start(self) -> FaultProxy:
         """Bind a free loopback port and start accepting connections."""
-        if self._listener is not None:
+        if self._accept_thread is not None:
             raise RuntimeError("FaultProxy already started")
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        listener.settimeout(_ACCEPT_POLL)  # the accept loop polls the stop flag
-        self._listener = listener
-        self.port = listener.getsockname()[1]
+        self._listener = self._listen(0)
+        self.port = self._listener.getsockname()[1]
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"faultproxy-{self.port}-accept",
                                                daemon=True)
         self._accept_thread.start()
         return self
+
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(128)
+        listener.settimeout(_ACCEPT_POLL)  # the accept loop polls the stop flag
+        return listener
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listener and every connection, release all stalls, and join the threads; idempotent."""
@@ -369,11 +378,12 @@ class FaultProxy:
         deadline = time.monotonic() + timeout
         if self._accept_thread is not None:
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))  # it polls the flag
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
         with self._cond:
+            listener, self._listener = self._listener, None
             threads = list(self._threads)
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.close()
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
@@ -435,6 +445,27 @@ class FaultProxy:
         with self._cond:
             self._blackhole = on
             self._cond.notify_all()
+
+    def refuse(self, on: bool = True) -> None:
+        """While on, refuse new connections (the listener is closed: ECONNREFUSED) and shut the open ones,
+        as an overloaded or restarting server does; off, listen again on the same port."""
+        with self._cond:
+            if on == self._refusing or self._stopped:
+                return
+            self._refusing = on
+            listener = self._listener if on else None
+            if on:
+                self._listener = None
+            sockets = list(self._sockets) if on else []
+            self._cond.notify_all()
+        if listener is not None:  # shutdown stops the listening now, even while accept() polls it
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                listener.close()
+        for sock in sockets:  # wakes their handlers, which close them (the client sees the connection end)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def release(self) -> None:
         """End every stall in progress now (each then closes or continues as its rule says)."""
@@ -509,15 +540,21 @@ class FaultProxy:
     # -- internals -----------------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self._stopped:
+        while True:
+            with self._cond:
+                while self._refusing and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                if self._listener is None:  # refusing ended: listen again, on the same port
+                    self._listener = self._listen(self.port)
+                listener = self._listener
             try:
                 sock, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
-                return  # listener closed by stop()
+                continue  # closed by refuse() or stop(): the loop sees which
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._track(sock):
