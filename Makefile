@@ -6,14 +6,17 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint bench bench-knobs bench-dedup bench-fleet soak system venv clean install uninstall
 
 system:
-	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
-		echo "installing fuse3, libfuse3-dev, pkg-config"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config; \
+	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null || \
+			! command -v gcc >/dev/null || ! command -v patch >/dev/null; then \
+		echo "installing fuse3, libfuse3-dev, pkg-config, gcc, patch"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc patch; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# pyfuse3 is rebuilt against libfuse 3.17 (FUSE passthrough) by daemon/fuse3/build.sh.
+$(VENV)/.installed: pyproject.toml daemon/fuse3/build.sh daemon/fuse3/pyfuse3-passthrough.patch
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	sh daemon/fuse3/build.sh $(VENV)
 	touch $@
 
 venv: system $(VENV)/.installed

@@ -17,6 +17,10 @@ filesystem keeps `cache.min_free` free. Room is made by evicting the least recen
 that is being mapped is held (`held`) and never evicted (an unlinked file that is open stays readable
 anyway). When no room can be made, or the disk is full regardless (ENOSPC), `put` raises CacheFull and
 the caller serves the bytes from memory: a full cache costs warmth, never a failed read.
+
+Spare copies (the whole-file backing files of FUSE passthrough, `backing`) count against the same quota
+and are evicted before any block, least recently registered first, unless one is in use (`hold_spare`):
+they are copies of blocks, and the blocks are what the cache exists to keep.
 """
 
 from __future__ import annotations
@@ -170,6 +174,9 @@ class BlockCache:
         self._kept: set[str] = set()  # block names of pinned models (`modelfs cache pin`)
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
         self._unlinking = 0  # bytes of evicted blocks not unlinked yet: on disk, so still counted
+        self._spares: OrderedDict[str, int] = OrderedDict()  # spare copies (backing files): path -> size
+        self._spares_held: dict[str, int] = {}  # spare path -> users (open passthrough files)
+        self.spare_bytes = 0
         self._fs_free_value = 0
         self._fs_free_at = -1.0
         self._verified: set[bytes] = set()  # blocks this process wrote or read back intact (`complete`)
@@ -256,9 +263,60 @@ class BlockCache:
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` fit with no eviction (no I/O most of the time: callable from the trio thread)."""
-        if self.max_size and self.bytes_stored + self._unlinking + self._reserved + nbytes > self.max_size:
+        if self.max_size and self._used() + nbytes > self.max_size:
             return False
         return not self.min_free or self._fs_free() - self._reserved - nbytes >= self.min_free
+
+    def _used(self) -> int:
+        """Bytes counted against max_size: blocks, spare copies, evictions in progress, writes reserved."""
+        return self.bytes_stored + self.spare_bytes + self._unlinking + self._reserved
+
+    # -- spare copies (backing files) ---------------------------------------------------------------
+
+    def reserve(self, nbytes: int) -> bool:
+        """Room for a spare copy about to be written (evicting older spares, then blocks not used for a
+        minute: a copy never evicts what a load is using); False if there is none. `add_spare` or
+        `unreserve` settles it."""
+        return self.make_room(nbytes, protect_since=time.monotonic() - 60, reserve=True)
+
+    def unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
+
+    def add_spare(self, path: str, nbytes: int, reserved: bool = True) -> None:
+        """Count a spare copy written at `path` (its room reserved by `reserve`, or found at start)."""
+        with self._lock:
+            if reserved:
+                self._reserved -= nbytes
+            old = self._spares.pop(path, None)
+            self.spare_bytes += nbytes - (old or 0)
+            self._spares[path] = nbytes
+
+    def drop_spare(self, path: str) -> None:
+        """Forget and delete a spare copy (a damaged one, or one of a version that is gone)."""
+        with self._lock:
+            size = self._spares.pop(path, None)
+            if size is not None:
+                self.spare_bytes -= size
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def has_spare(self, path: str) -> bool:
+        with self._lock:
+            return path in self._spares
+
+    def hold_spare(self, path: str, users: int) -> None:
+        """Add `users` (negative: remove) to a spare copy in use; one in use is never evicted."""
+        with self._lock:
+            n = self._spares_held.get(path, 0) + users
+            if n > 0:
+                self._spares_held[path] = n
+            else:
+                self._spares_held.pop(path, None)
+
+    @property
+    def spares(self) -> int:
+        return len(self._spares)
 
     def _evictable(self, path: str) -> bool:
         """Not being read or mapped, and not of a pinned model (call with the lock held)."""
@@ -267,7 +325,7 @@ class BlockCache:
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting blocks that could be evicted (only those last used before
         `protect_since`, a time.monotonic() value, when given)."""
-        room = self.max_size - self.bytes_stored - self._unlinking - self._reserved if self.max_size else 1 << 62
+        room = self.max_size - self._used() if self.max_size else 1 << 62
         if self.min_free:
             room = min(room, self._fs_free() - self.min_free)
         with self._lock:
@@ -276,6 +334,7 @@ class BlockCache:
                     break
                 if self._evictable(path):
                     room += size
+            room += sum(size for path, size in self._spares.items() if path not in self._spares_held)
         return max(0, room)
 
     def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
@@ -297,25 +356,36 @@ class BlockCache:
         with self._lock:
             need = 0
             if self.max_size:  # bytes being unlinked are still on disk: not yet room for anyone
-                need = self.bytes_stored + self._unlinking + self._reserved + nbytes - self.max_size
+                need = self._used() + nbytes - self.max_size
             if self.min_free:
                 need = max(need, self.min_free + self._reserved + nbytes - fs_free)
             freed = 0
+            spares: list[tuple[str, int]] = []
+            for path, size in self._spares.items():  # copies go before any block
+                if freed >= need:
+                    break
+                if path not in self._spares_held:
+                    spares.append((path, size))
+                    freed += size
             for path, (size, used) in self._lru.items():
                 if freed >= need or (protect_since is not None and used >= protect_since):
                     break
                 if self._evictable(path):
                     victims.append((path, size))
                     freed += size
-            if freed < need and not (partial and victims):
+            if freed < need and not (partial and (victims or spares)):
                 return False
             if reserve:
                 self._reserved += nbytes
+            for path, size in spares:
+                del self._spares[path]
+                self.spare_bytes -= size
             for path, size in victims:
                 del self._lru[path]
                 self.bytes_stored -= size
                 self.blocks_stored -= 1
                 self._verified.discard(_digest_of(path))
+            victims += spares
             unlinking = sum(size for _, size in victims)
             self._unlinking += unlinking
         try:

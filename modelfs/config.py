@@ -139,6 +139,7 @@ class MountConfig:
     gid: int = -1
     file_mode: Mode = Mode(0o444)
     dir_mode: Mode = Mode(0o555)
+    passthrough: str = "auto"
 
 
 @dataclass
@@ -227,6 +228,8 @@ class Config:
         if self.s3.addressing_style not in ("auto", "path", "virtual"):
             raise ConfigError(f"config: s3.addressing_style must be auto, path or virtual, got "
                               f"{self.s3.addressing_style!r}")
+        if self.mount.passthrough not in ("auto", "on", "off"):
+            raise ConfigError(f"config: mount.passthrough must be auto, on or off, got {self.mount.passthrough!r}")
         if self.shared.trust not in ("all", "manifest"):
             raise ConfigError(f"config: shared.trust must be all or manifest, got {self.shared.trust!r}")
         if self.shared.deadline <= 0:

@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 import trio
 
+from modelfs.backing import QUIET, BackingFiles, Kernel
 from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache
+from modelfs.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreError, StoreUnreachable
 from modelfs.extents import Extents, Where
@@ -48,7 +50,8 @@ class ModelFS:
 
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
                  stats: Stats | None = None, push: PushFn | None = None,
-                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None) -> None:
+                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
+                 kernel: Kernel | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
@@ -86,6 +89,14 @@ class ModelFS:
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
         self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied
         self._open: dict[int, int] = {}  # inode -> open handles
+        # FUSE passthrough (`backing`): the kernel serves an inode from its copy only while no handle of it
+        # is open in cached mode, so each open is decided under its inode's lock, and counted.
+        self.backing = BackingFiles(CacheDir(cfg.cache.dir).path, cache, index, self.stats, kernel, self._quiet) \
+            if kernel is not None else None
+        self._mode_locks: dict[int, trio.Lock] = {}
+        self._cached_open: dict[int, int] = {}  # inode -> handles answered in cached mode
+        self._passthrough: set[int] = set()  # handles answered with passthrough
+        self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
         self._handles: dict[int, tuple[Node, FileVersion]] = {}
         self._dir_handles: dict[int, list[Node]] = {}
         self._fh = itertools.count(1)
@@ -101,6 +112,8 @@ class ModelFS:
         self.prefetcher.start(self.supervisor)
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
+        if self.backing is not None:
+            self.supervisor.spawn(self.backing.run, name="backing files", restart=True)
         return self.supervisor
 
     async def _trim_when_idle(self) -> None:
@@ -207,7 +220,9 @@ class ModelFS:
     def _dropped(self, inode: int) -> None:
         """The namespace let go of `inode` (gone from the store's listing, unknown to the kernel, closed):
         so does everything keyed by it."""
-        self._versions.pop(inode, None)
+        ver = self._versions.pop(inode, None)
+        if ver is not None and self.backing is not None:
+            self.backing.forget(ver)
         self.prefetcher.forget(inode)
 
     async def opendir(self, inode: int) -> int:
@@ -251,6 +266,27 @@ class ModelFS:
         self.prefetcher.opened(node)
         return fh
 
+    async def passthrough(self, fh: int) -> int:
+        """For an open just made: a backing id if the kernel is to serve it from the file's copy (FUSE
+        passthrough), else 0 (served through READs, in cached mode). Passthrough needs a verified copy
+        and no handle of the inode open in cached mode (the kernel refuses a mix); all passthrough opens
+        of one inode share its version's backing id."""
+        if self.backing is None:
+            return 0
+        node, ver = self._handles[fh]
+        lock = self._mode_locks.setdefault(node.inode, trio.Lock())
+        async with lock:
+            backing_id = 0
+            if not self._cached_open.get(node.inode):
+                backing_id = await self.backing.open(ver)
+            if backing_id:
+                self._passthrough.add(fh)
+            else:
+                self._cached_open[node.inode] = self._cached_open.get(node.inode, 0) + 1
+        if not lock.statistics().tasks_waiting and self._mode_locks.get(node.inode) is lock and not lock.locked():
+            del self._mode_locks[node.inode]
+        return backing_id
+
     def is_open(self, inode: int) -> bool:
         return self._open.get(inode, 0) > 0
 
@@ -258,12 +294,31 @@ class ModelFS:
         entry = self._handles.pop(fh, None)
         if entry is None:
             return
-        node = entry[0]
+        node, ver = entry
+        if fh in self._passthrough:
+            self._passthrough.discard(fh)
+            assert self.backing is not None
+            self.backing.release(ver)
+        elif node.inode in self._cached_open:
+            self._cached_open[node.inode] -= 1
+            if not self._cached_open[node.inode]:
+                del self._cached_open[node.inode]
         self._open[node.inode] -= 1
         if not self._open[node.inode]:
             del self._open[node.inode]
             self.prefetcher.released(node)
+            if self.backing is not None:
+                self.backing.want(ver)  # a copy for the next open, built when the daemon is quiet
             self.ns.collect(node.inode)
+
+    def _quiet(self) -> bool:
+        """No READ served and no GET buffer taken for backing.QUIET seconds, nothing in flight or queued:
+        a copy built now takes no cold load's disk or CPU."""
+        state, since = (self.stats.bytes_served, self.buffers.taken), time.monotonic()
+        if state != self._activity[0]:
+            self._activity = (state, since)
+            return False
+        return since - self._activity[1] >= QUIET and not self.fetcher.in_flight and not self.prefetcher.queued
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
@@ -299,6 +354,8 @@ class ModelFS:
             raise IsADirectoryError(node.key)
         job = await self.prefetcher.warm(node)
         ver = self.version(node)
+        if self.backing is not None:
+            self.backing.want(ver)
         if self.shared is not None:
             await self.shared.fill(ver, ver.extents())
         return {"size": ver.info.size, "fetched": job.fetched}
@@ -371,5 +428,7 @@ class ModelFS:
         snap["unhedged_gets"] = self.store.unhedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["prefetch_queue"] = self.prefetcher.queued
+        snap["backing_files"] = self.cache.spares
+        snap["backing_bytes"] = self.cache.spare_bytes
         snap.update(self.read_wait.counters())
         return snap

@@ -37,6 +37,10 @@ COUNTERS = {
     "pushed_bytes": "bytes pushed into the page cache",
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
+    "passthrough_opens": "opens answered with FUSE passthrough: the kernel reads the file's copy itself",
+    "passthrough_refused": "times the kernel did not take FUSE passthrough (at mount, or a backing file)",
+    "backing_built": "backing files built for passthrough from verified blocks",
+    "backing_corrupt": "backing files found damaged before their first passthrough open (deleted, rebuilt)",
     "store_retries": "GETs tried again after the store failed them for now (refused, stalled, 5xx)",
     "shared_hits": "extents read from the shared cache tier instead of the origin",
     "shared_misses": "extents the shared cache tier did not have",
@@ -56,6 +60,8 @@ GAUGES = {
     "blocks_in_cache": "blocks in the cache",
     "fetches_in_flight": "GETs in flight",
     "prefetch_queue": "extents waiting for a prefetch worker",
+    "backing_files": "backing files (whole-file copies for FUSE passthrough) in the cache",
+    "backing_bytes": "bytes of backing files in the cache, counted against cache.max_size",
 }
 
 

@@ -20,6 +20,7 @@ import trio
 
 from modelfs import faults
 from modelfs.admin import pinned_blocks
+from modelfs.backing import Kernel
 from modelfs.cache import BlockCache
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config
@@ -248,7 +249,8 @@ class Daemon:
             if shared is not None:
                 self._resources.append(shared.close)
             self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
-                                observe=metrics.fetch_seconds.observe if metrics else None, shared=shared)
+                                observe=metrics.fetch_seconds.observe if metrics else None, shared=shared,
+                                kernel=passthrough_kernel(cfg))
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:
@@ -294,6 +296,9 @@ class Daemon:
             tune_kernel(mountpoint, self.cfg)
 
         await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+        if self.cfg.mount.passthrough == "on" and not pyfuse3.passthrough_enabled():
+            raise ModelfsError("mount.passthrough = on, but the kernel did not offer FUSE passthrough "
+                               "(Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)")
         on_ready()
         # systemd (Type=notify): ready only now that the mount answers; then a STATUS line every few seconds.
         if notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status()}"):
@@ -342,6 +347,20 @@ class Daemon:
                                     signal.Signals(signum).name)
                 pyfuse3.terminate()
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+
+
+def passthrough_kernel(cfg: Config) -> Kernel | None:
+    """pyfuse3's FUSE passthrough calls, unless mount.passthrough is off; `on` with a pyfuse3 built
+    without them refuses to start (daemon/fuse3/build.sh builds it)."""
+    if cfg.mount.passthrough == "off":
+        return None
+    if not hasattr(pyfuse3, "passthrough_open"):
+        if cfg.mount.passthrough == "on":
+            raise ConfigError("mount.passthrough = on, but pyfuse3 was built without FUSE passthrough "
+                              "(build it with daemon/fuse3/build.sh)")
+        log.warning("FUSE passthrough unavailable: pyfuse3 was built without it (daemon/fuse3/build.sh)")
+        return None
+    return Kernel(pyfuse3.passthrough_enabled, pyfuse3.passthrough_open, pyfuse3.passthrough_close)
 
 
 def task_tree() -> str:

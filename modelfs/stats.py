@@ -36,6 +36,10 @@ class Stats:
     push_skipped_bytes: int = 0
     push_errors: int = 0
     internal_errors: int = 0
+    passthrough_opens: int = 0
+    passthrough_refused: int = 0
+    backing_built: int = 0
+    backing_corrupt: int = 0
     shared_hits: int = 0
     shared_misses: int = 0
     shared_bytes_read: int = 0
