@@ -229,13 +229,15 @@ class Modelfs:
         return json.loads(self.cli("stats", "--json", str(mnt), timeout=60))
 
     def settled_stats(self, mnt: Path, timeout: float = 60) -> dict[str, int]:
-        """Counters once background prefetch has stopped, so bytes_fetched is the load's whole cost."""
+        """Counters once background prefetch has stopped, so bytes_fetched is the load's whole cost, and the
+        copies for FUSE passthrough are built (as they are on a node that keeps its daemon after a load)."""
         deadline = time.monotonic() + timeout
         last = self.stats(mnt)
         while time.monotonic() < deadline:
             time.sleep(0.5)
             now = self.stats(mnt)
-            if now.get("fetches_in_flight", 0) == 0 and now.get("bytes_fetched") == last.get("bytes_fetched"):
+            if now.get("fetches_in_flight", 0) == 0 and now.get("bytes_fetched") == last.get("bytes_fetched") \
+                    and now.get("backing_pending", 0) == 0:
                 return now
             last = now
         return last

@@ -101,6 +101,11 @@ class BackingFiles:
                 continue
 
     @property
+    def pending(self) -> int:
+        """Copies queued or being built."""
+        return len(self._pending)
+
+    @property
     def available(self) -> bool:
         """Whether opens may be answered with passthrough now."""
         return self.kernel is not None and not self._refused and self.kernel.negotiated()

@@ -462,16 +462,18 @@ class BlockCache:
 
     def drop(self, digest: bytes, why: str, inode: int | None = None) -> None:
         """Remove a block that failed verification (only the file `inode` when given: a block refetched
-        and stored again meanwhile is a new file, and good); the caller refetches."""
+        and stored again meanwhile is a new file, and good); the caller refetches. Counted once per bad
+        file, however many readers found it."""
         path = self.path(digest)
-        log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
         with self._lock:
             self._verified.discard(digest)
         try:
-            if inode is None or os.stat(path).st_ino == inode:
-                os.unlink(path)
+            if inode is not None and os.stat(path).st_ino != inode:
+                return  # stored again meanwhile: a new file, and good
+            os.unlink(path)
         except FileNotFoundError:
-            pass
+            return  # two readers found the same bad file at once: the other one dropped and counted it
+        log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
         with self._lock:
             ent = self._lru.pop(path, None)
             if ent is not None:

@@ -430,5 +430,6 @@ class ModelFS:
         snap["prefetch_queue"] = self.prefetcher.queued
         snap["backing_files"] = self.cache.spares
         snap["backing_bytes"] = self.cache.spare_bytes
+        snap["backing_pending"] = self.backing.pending if self.backing is not None else 0
         snap.update(self.read_wait.counters())
         return snap

@@ -62,6 +62,7 @@ GAUGES = {
     "prefetch_queue": "extents waiting for a prefetch worker",
     "backing_files": "backing files (whole-file copies for FUSE passthrough) in the cache",
     "backing_bytes": "bytes of backing files in the cache, counted against cache.max_size",
+    "backing_pending": "backing files queued or being built",
 }
 
 
