@@ -331,7 +331,7 @@ def test_hostile_keys_never_escape_and_are_logged_once(seaweed: object, tmp_path
     log = (m.cache_dir / "modelfs.log").read_text()
     hidden = [line for line in log.splitlines() if "hidden" in line or "also a prefix" in line]
     assert hidden and len(hidden) == len(set(hidden_key(line) for line in hidden))
-    allowed = {"blocks", "index", "lock", "modelfs.log"}
+    allowed = {"blocks", "backing", "index", "lock", "modelfs.log"}
     assert set(os.listdir(m.cache_dir)) <= allowed
 
 

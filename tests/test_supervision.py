@@ -222,7 +222,9 @@ def test_damaged_blocks_under_two_concurrent_readers(checkpoint: Checkpoint, mou
     shard = shards(checkpoint)[0]
     ref = (checkpoint.root / shard).read_bytes()
     # No checkpoint-set prefetch: the cache holds this shard's blocks only, so every flip hits it.
-    m = mounter(str(checkpoint.root), args=[*PUSH, "--extent-size", "1MiB", "-o", "prefetch.checkpoint_sets=false"])
+    # The READ path: with passthrough, the shard's copy (built after the first round) would serve it instead.
+    m = mounter(str(checkpoint.root), args=[*PUSH, "--extent-size", "1MiB", "-o", "prefetch.checkpoint_sets=false",
+                                            "-o", "mount.passthrough=off"])
     assert read_all(m.path / shard) == ref
     rng = random.Random(11)
     for i in range(20):

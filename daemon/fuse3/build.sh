@@ -15,7 +15,7 @@ LIBFUSE_URL=http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_$LIBFUSE.orig.t
 PYFUSE3=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PREFIX=$VENV/fuse3
-STAMP=$PREFIX/.built-$LIBFUSE-$PYFUSE3-$(sha256sum "$HERE/pyfuse3-passthrough.patch" | cut -c1-12)
+STAMP=$PREFIX/.built-$LIBFUSE-$PYFUSE3-$(cat "$0" "$HERE/pyfuse3-passthrough.patch" | sha256sum | cut -c1-12)
 
 if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import pyfuse3; pyfuse3.passthrough_open" 2>/dev/null; then
 	exit 0
@@ -31,13 +31,16 @@ echo "$LIBFUSE_SHA256  fuse3.tar.gz" | sha256sum -c --quiet -
 tar xzf fuse3.tar.gz
 PATH="$VENV/bin:$PATH" meson setup "fuse-$LIBFUSE/build" "fuse-$LIBFUSE" --prefix="$PREFIX" --libdir=lib \
 	--buildtype=release -Dutils=false -Dexamples=false -Dtests=false -Duseroot=false -Ddisable-mtab=true >/dev/null
-PATH="$VENV/bin:$PATH" ninja -C "fuse-$LIBFUSE/build" install >/dev/null
+# PREFIX already lies under any DESTDIR of the caller (make install DESTDIR=...): not twice.
+PATH="$VENV/bin:$PATH" env -u DESTDIR ninja -C "fuse-$LIBFUSE/build" install >/dev/null
 
 "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3" -d .
 echo "$PYFUSE3_SHA256  pyfuse3-$PYFUSE3.tar.gz" | sha256sum -c --quiet -
 tar xzf "pyfuse3-$PYFUSE3.tar.gz"
 (cd "pyfuse3-$PYFUSE3" && patch -s -p1 < "$HERE/pyfuse3-passthrough.patch")
-PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
+# The extension finds the library relative to itself (site-packages/pyfuse3 -> VENV/fuse3/lib), so a
+# tree staged under DESTDIR, or a venv moved, still loads it.
+PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig" LDFLAGS='-Wl,-rpath,$ORIGIN/../../../../fuse3/lib' \
 	"$VENV/bin/python" -m pip install -q --no-deps --force-reinstall --no-cache-dir "./pyfuse3-$PYFUSE3"
 "$VENV/bin/python" -c "import pyfuse3; pyfuse3.passthrough_open"
 rm -f "$PREFIX"/.built-*

@@ -456,6 +456,8 @@ class FaultProxy:
             listener = self._listener if on else None
             if on:
                 self._listener = None
+            else:  # listening again before this returns: the next connect gets through
+                self._listener = self._listen(self.port)
             sockets = list(self._sockets) if on else []
             self._cond.notify_all()
         if listener is not None:  # shutdown stops the listening now, even while accept() polls it
@@ -544,10 +546,8 @@ class FaultProxy:
             with self._cond:
                 while self._refusing and not self._stopped:
                     self._cond.wait()
-                if self._stopped:
+                if self._stopped or self._listener is None:
                     return
-                if self._listener is None:  # refusing ended: listen again, on the same port
-                    self._listener = self._listen(self.port)
                 listener = self._listener
             try:
                 sock, _ = listener.accept()
