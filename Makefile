@@ -43,7 +43,7 @@ bench-knobs: venv
 bench-dedup: venv
 	$(PY) bench/dedup.py
 
-# Three nodes rolling out one checkpoint, with and without the shared cache tier.
+# 1, 3 and 6 nodes rolling out one checkpoint from a capped, distant origin, with and without the shared tier.
 bench-fleet: venv
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/fleet.py $(BENCH_ARGS)

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--config", action="append", required=True, metavar="NAME:OPTIONS")
     ap.add_argument("--phases", default="cold,warm", help="cold, warm or both (comma-separated)")
+    ap.add_argument("--local", action="store_true",
+                    help="each round also loads the source from local disk, page cache dropped (the warm floor)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelfs-ab-"))
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -48,6 +50,10 @@ def main() -> None:
             mnt = work / "mnt"
             mnt.mkdir()
             for _ in range(args.rounds):
+                if args.local:
+                    out = bench.load(src, drop=True)
+                    runs.setdefault(("local disk", "warm"), []).append((out.elapsed, 0.0))
+                    print(f"{'local disk':12s} warm  {out.elapsed:6.2f} s", flush=True)
                 for config in args.config:
                     name, _, opts = config.partition(":")
                     system = Modelfs(store, work, [o for o in opts.split(",") if o])

@@ -1,14 +1,16 @@
-"""`make bench-fleet`: a fleet rolling one new checkpoint onto several nodes, with and without a shared tier.
+"""`make bench-fleet`: a fleet rolling one new checkpoint onto N nodes, with and without a shared tier.
 
-Three modelfs daemons on this machine (separate cache dirs and mountpoints: three nodes), one SeaweedFS
-holding the origin bucket and the shared-tier bucket, the origin behind the fault proxy so the bytes it
-serves are counted from its request log. Each scenario starts from empty node caches and an empty shared
+N modelfs daemons on this machine (separate cache dirs and mountpoints: N nodes), one SeaweedFS holding the
+origin bucket and the shared-tier bucket. The origin sits behind the fault proxy, which behaves like a
+bucket far away: its response bodies share one link capped at --bandwidth-mbs (default 200 MB/s, all nodes
+together) and every request waits --rtt-ms (default 20 ms) first; the bytes it serves are counted from its
+request log. The tier is near: no cap, no delay. Each scenario starts from empty node caches and an empty
 tier, drops the page cache, and releases one loader per node (`load_file` + copy of every tensor, in a
 fresh process): all at once, or staggered (node k released k x --stagger seconds after the first).
-Reported: the wall time of the slowest load (from the first release to the last tensor) and the origin
-bytes over the checkpoint size. Writes bench/results/fleet.{md,json}.
+Reported per scenario: origin bytes / checkpoint, the slowest and the median node's load, tier bytes read
+and written, and the origin egress at --egress-usd-per-gb. Writes bench/results/fleet.{md,json}.
 
-    python bench/fleet.py [--size-gib 1] [--nodes 3] [--stagger 3] [--reps 1]     (root)
+    python bench/fleet.py [--size-gib 1] [--nodes 1,3,6] [--stagger 3] [--reps 1]     (root)
 """
 
 from __future__ import annotations
@@ -63,17 +65,24 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
             raise RuntimeError("the first node's load was not verified")
         wall = max(o.end for o in outs) - t0
     keys = ("bytes_fetched", "shared_hits", "shared_misses", "shared_waits", "shared_errors", "shared_corrupt",
-            "shared_bytes_written", "shared_writeback_dropped")
+            "shared_bytes_read", "shared_bytes_written", "shared_writeback_dropped", "store_retries")
     say("  per node: " + "; ".join(" ".join(f"{k.removeprefix('shared_')}={st.get(k, 0)}" for k in keys)
                                    for st in stats))
     return {"wall_s": wall, "origin_x": proxy.ranged_bytes() / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
+            "origin_bytes": proxy.ranged_bytes(),
+            "tier_read": sum(st.get("shared_bytes_read", 0) for st in stats),
+            "tier_written": sum(st.get("shared_bytes_written", 0) for st in stats),
             "nodes": [{k: st.get(k, 0) for k in keys} for st in stats]}  # type: ignore[dict-item]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--nodes", default="1,3,6", help="fleet sizes, comma-separated")
+    ap.add_argument("--bandwidth-mbs", type=float, default=200.0, help="the origin's link, all nodes together")
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="the origin's round trip, added to every request")
+    ap.add_argument("--egress-usd-per-gb", type=float, default=0.09,
+                    help="origin egress price (AWS S3 data transfer out to the internet, first 10 TB/month)")
     ap.add_argument("--stagger", type=float, default=3.0, help="seconds between nodes in the staggered rollout")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
@@ -95,27 +104,39 @@ def main() -> None:
             server.upload_dir(src, BUCKET, PREFIX)
             store = Store(server.endpoint_url, BUCKET, PREFIX, server.env())
             with FaultProxy(server.endpoint_url) as proxy:
+                proxy.link(bandwidth=args.bandwidth_mbs * 1e6, rtt=args.rtt_ms / 1000)
                 for rep in range(args.reps):
-                    for shared in (False, True):
-                        for stagger in (0.0, args.stagger):
-                            name = f"{'shared tier' if shared else 'origin only'}, " \
-                                   f"{'at once' if not stagger else f'staggered {stagger:g} s'}"
-                            r = scenario(work, store, src, size, args.nodes, shared, stagger, proxy,
-                                         f"r{rep}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}", args.timeout,
-                                         args.modelfs_option)
-                            results.setdefault(name, []).append(r)
-                            say(f"{name} {rep + 1}/{args.reps}: slowest load done {r['wall_s']:.2f} s after the first "
-                                f"release, origin {r['origin_x']:.2f}x the checkpoint")
+                    for nodes in (int(n) for n in args.nodes.split(",")):
+                        for shared in (False, True):
+                            for stagger in (0.0, args.stagger) if nodes > 1 else (0.0,):
+                                name = f"{nodes} node{'s' if nodes > 1 else ''}, " \
+                                       f"{'shared tier' if shared else 'origin only'}, " \
+                                       f"{'at once' if not stagger else f'staggered {stagger:g} s'}"
+                                r = scenario(work, store, src, size, nodes, shared, stagger, proxy,
+                                             f"r{rep}-{nodes}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}",
+                                             args.timeout, args.modelfs_option)
+                                results.setdefault(name, []).append(r)
+                                say(f"{name} {rep + 1}/{args.reps}: slowest {r['wall_s']:.2f} s, loads "
+                                    f"{', '.join(f'{t:.2f}' for t in r['each_s'])} s, origin {r['origin_x']:.2f}x")
         finally:
             server.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"{args.nodes} nodes (daemons with their own caches) on one {time.strftime('%Y-%m-%d')} 2-core machine, "
-             f"{size / 2**30:.2f} GiB 4-shard checkpoint, medians of {args.reps}; origin bytes counted at the origin.",
-             "", "| rollout | slowest load done (s) | origin bytes / checkpoint |", "| --- | ---: | ---: |"]
+    lines = [f"Nodes (daemons with their own caches) on one 2-core machine, {time.strftime('%Y-%m-%d')}, "
+             f"{size / 2**30:.2f} GiB 4-shard checkpoint, medians of {args.reps}. Origin: {args.bandwidth_mbs:g} MB/s "
+             f"shared by all nodes, {args.rtt_ms:g} ms round trip, bytes counted at the origin; tier: same server, "
+             f"no cap. Egress at ${args.egress_usd_per_gb:g}/GB. Slowest: from the first release to the last "
+             "node's last tensor; median and first/later: each node's own load.",
+             "", "| rollout | slowest (s) | median node (s) | first / later nodes (s) | origin / ckpt | "
+             "tier read / written (GiB) | origin egress ($) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for name, rs in results.items():
-        lines.append(f"| {name} | {statistics.median(r['wall_s'] for r in rs):.2f} | "
-                     f"{statistics.median(r['origin_x'] for r in rs):.2f}x |")
+        each = [statistics.median(r["each_s"][k] for r in rs) for k in range(len(rs[0]["each_s"]))]
+        lines.append(f"| {name} | {statistics.median(r['wall_s'] for r in rs):.2f} | {statistics.median(each):.2f} | "
+                     f"{each[0]:.2f} / {max(each[1:]) if len(each) > 1 else float('nan'):.2f} | "
+                     f"{statistics.median(r['origin_x'] for r in rs):.2f}x | "
+                     f"{statistics.median(r['tier_read'] for r in rs) / 2**30:.2f} / "
+                     f"{statistics.median(r['tier_written'] for r in rs) / 2**30:.2f} | "
+                     f"{statistics.median(r['origin_bytes'] for r in rs) / 1e9 * args.egress_usd_per_gb:.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
     (args.out / "fleet.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -81,6 +81,9 @@ class BackingFiles:
         self._checking: dict[bytes, trio.Event] = {}
         self._pending: dict[bytes, FileVersion] = {}
         self._wake = trio.Event()
+        self._ahead: dict[bytes, FileVersion] = {}  # copies to check before their open asks (`check_ahead`)
+        self._ahead_wake = trio.Event()
+        self._check_limiter = trio.CapacityLimiter(1)  # one check at a time: one sequential read of the disk
         self._refused = False
         self._limiter = trio.CapacityLimiter(1)
         self._scan()
@@ -188,7 +191,7 @@ class BackingFiles:
             return False
         done = self._checking[ver.vid] = trio.Event()
         try:
-            good = await trio.to_thread.run_sync(self.verify, ver, path, limiter=self._limiter)
+            good = await trio.to_thread.run_sync(self.verify, ver, path, limiter=self._check_limiter)
         finally:
             del self._checking[ver.vid]
             done.set()
@@ -197,6 +200,27 @@ class BackingFiles:
         else:
             self.want(ver)  # built again from the blocks, which are verified as they load
         return good
+
+    def check_ahead(self, versions: list[FileVersion]) -> None:
+        """A loader opened one file of a set through its copy: check the copies of the others now, in this
+        order, so that their opens find them checked (the disk reads them once, ahead of the loader, and
+        the kernel then serves them from the page cache)."""
+        for ver in versions:
+            if ver.vid not in self._checked and self.cache.has_spare(self.path(ver.vid)):
+                self._ahead.setdefault(ver.vid, ver)
+        if self._ahead:
+            self._ahead_wake.set()
+
+    async def run_checks(self) -> None:
+        """Check the copies `check_ahead` asked for, one at a time (an open waits for a check in progress)."""
+        while True:
+            if not self._ahead:
+                self._ahead_wake = trio.Event()
+                await self._ahead_wake.wait()
+            vid = next(iter(self._ahead))
+            ver = self._ahead.pop(vid)
+            if self.available and vid not in self._checked:
+                await self._check(ver, self.path(vid))
 
     # -- building (background) -----------------------------------------------------------------------
 

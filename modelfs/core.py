@@ -97,6 +97,7 @@ class ModelFS:
         self._cached_open: dict[int, int] = {}  # inode -> handles answered in cached mode
         self._passthrough: set[int] = set()  # handles answered with passthrough
         self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
+        self._ahead_dirs: set[int] = set()  # directories whose copies were checked ahead (`_check_siblings`)
         self._handles: dict[int, tuple[Node, FileVersion]] = {}
         self._dir_handles: dict[int, list[Node]] = {}
         self._fh = itertools.count(1)
@@ -114,6 +115,7 @@ class ModelFS:
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
         if self.backing is not None:
             self.supervisor.spawn(self.backing.run, name="backing files", restart=True)
+            self.supervisor.spawn(self.backing.run_checks, name="backing file checks", restart=True)
         return self.supervisor
 
     async def _trim_when_idle(self) -> None:
@@ -281,11 +283,25 @@ class ModelFS:
                 backing_id = await self.backing.open(ver)
             if backing_id:
                 self._passthrough.add(fh)
+                self._check_siblings(node)
             else:
                 self._cached_open[node.inode] = self._cached_open.get(node.inode, 0) + 1
         if not lock.statistics().tasks_waiting and self._mode_locks.get(node.inode) is lock and not lock.locked():
             del self._mode_locks[node.inode]
         return backing_id
+
+    def _check_siblings(self, node: Node) -> None:
+        """The first passthrough open in a directory: the other files of the set (shards) will be opened
+        next, so their copies are checked now, in name order, ahead of the loader."""
+        if node.parent in self._ahead_dirs or self.backing is None:
+            return
+        self._ahead_dirs.add(node.parent)
+        try:
+            siblings = self.ns.get(node.parent).children
+        except NotFound:
+            return
+        self.backing.check_ahead([self.version(n) for name, n in sorted(siblings.items())
+                                  if not n.is_dir and n is not node])
 
     def is_open(self, inode: int) -> bool:
         return self._open.get(inode, 0) > 0

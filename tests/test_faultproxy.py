@@ -342,6 +342,25 @@ def test_blackhole(seaweed: SeaweedServer, proxy: FaultProxy, objects: dict[str,
 
 @needs_weed
 @pytest.mark.s3
+def test_link_caps_the_bandwidth_of_all_connections_together(seaweed: SeaweedServer, proxy: FaultProxy,
+                                                             objects: dict[str, bytes]) -> None:
+    """Four GETs at once share one capped link: together they take at least total / bandwidth (a lower
+    bound, which a slow machine only lengthens), and every byte arrives."""
+    bandwidth, gets = 24e6, 4
+    proxy.link(bandwidth=bandwidth, rtt=0.02)
+    clients = [s3_client(seaweed, proxy.endpoint_url, read_timeout=30) for _ in range(gets)]
+    began = time.monotonic()
+    with ThreadPoolExecutor(gets) as pool:
+        bodies = list(pool.map(lambda c: c.get_object(Bucket=BUCKET, Key=BLOB)["Body"].read(), clients))
+    took = time.monotonic() - began
+    assert all(b == objects[BLOB] for b in bodies)
+    assert took >= gets * BLOB_BYTES / bandwidth, took
+    proxy.link()  # unlimited again
+    assert clients[0].get_object(Bucket=BUCKET, Key=BLOB)["Body"].read() == objects[BLOB]
+
+
+@needs_weed
+@pytest.mark.s3
 def test_refuse_closes_the_port_and_opens_it_again(seaweed: SeaweedServer, proxy: FaultProxy,
                                                    objects: dict[str, bytes]) -> None:
     client = s3_client(seaweed, proxy.endpoint_url)

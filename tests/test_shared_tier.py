@@ -218,8 +218,9 @@ def test_three_nodes_ride_out_an_overloaded_origin(s3_checkpoint: str, checkpoin
     origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
     with FaultProxy(seaweed.endpoint_url, seed=3) as tier:
         tier.add_rule(Fault.latency(2.5), probability=0.25)
+        count = int(os.environ.get("MODELFS_TEST_FLEET_NODES", "3"))  # 6 for the closing runs of the fix
         nodes = [fleet(s3_checkpoint, shared_endpoint=tier.endpoint_url, extra=("-o", "shared.deadline=1"))
-                 for _ in range(3)]
+                 for _ in range(count)]
         shards = sorted(os.listdir(checkpoint.root / checkpoint.hf_dir))
         for m in nodes:  # listed, as a loader lists a checkpoint dir before it opens the shards
             assert sorted(os.listdir(m.path / checkpoint.hf_dir)) == shards

@@ -32,6 +32,10 @@ Faults (see :class:`Fault`):
   :meth:`FaultProxy.release` / :meth:`FaultProxy.stop` is called; then close the connection or carry on.
 * ``Fault.latency(seconds)``: sleep, then forward normally.
 
+:meth:`FaultProxy.link` models an origin far away: every request waits one round trip (`rtt`) before it is
+forwarded, and the response bodies of all connections together are paced to `bandwidth` bytes per second
+(one shared link: a virtual clock hands each chunk its slot).
+
 :meth:`FaultProxy.refuse` models a server that is overloaded or restarting rather than gone: while on, the
 listener is closed (a connect gets ECONNREFUSED) and the open connections are shut; off, it listens again on
 the same port.
@@ -332,6 +336,10 @@ class FaultProxy:
         self._log: list[RequestRecord] = []
         self._blackhole = False
         self._refusing = False
+        self._rtt = 0.0
+        self._bandwidth = 0.0  # bytes per second, shared by all connections; 0: unlimited
+        self._link_lock = threading.Lock()
+        self._link_free_at = 0.0  # when the shared link has sent everything handed to it so far
         self._release_gen = 0
         self._stalled = 0
         self._stopped = False
@@ -445,6 +453,22 @@ class FaultProxy:
         with self._cond:
             self._blackhole = on
             self._cond.notify_all()
+
+    def link(self, bandwidth: float = 0.0, rtt: float = 0.0) -> None:
+        """Model the path to a distant origin: `rtt` seconds before each request is forwarded, response
+        bodies of every connection together at most `bandwidth` bytes per second (0: no limit)."""
+        with self._link_lock:
+            self._rtt, self._bandwidth, self._link_free_at = rtt, bandwidth, 0.0
+
+    def _pace(self, nbytes: int) -> None:
+        """Wait for `nbytes` to pass the shared link (FIFO slots on a virtual clock)."""
+        with self._link_lock:
+            if self._bandwidth <= 0:
+                return
+            now = time.monotonic()
+            self._link_free_at = max(now, self._link_free_at) + nbytes / self._bandwidth
+            wait = self._link_free_at - now
+        self._sleep(wait)
 
     def refuse(self, on: bool = True) -> None:
         """While on, refuse new connections (the listener is closed: ECONNREFUSED) and shut the open ones,
@@ -718,6 +742,8 @@ class _Connection:
                 self.proxy._record(RequestRecord(method, target, byte_range, None, blackholed=True))
                 self.proxy._hold(lambda: not self.proxy._blackhole, None)
                 return  # released (or stopping): close without a word
+            if self.proxy._rtt and not self.proxy._sleep(self.proxy._rtt):
+                return  # stopping
             fault = self.proxy._pick_rule(method, target, byte_range is not None)
             self.proxy._record(RequestRecord(method, target, byte_range, fault.kind if fault else None))
             keep_alive = self._exchange(request, method, target, version, fault)
@@ -934,6 +960,7 @@ class _Connection:
                 self._apply(fault)  # returns only for a stall that continues
                 data = data[len(head_part):]
         if data:
+            self.proxy._pace(len(data))
             self.client.sendall(data)
             self.body_sent += len(data)
 
