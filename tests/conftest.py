@@ -189,7 +189,9 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         path = path or tmp_path / f"mnt{n}"
         path.mkdir(exist_ok=True)
         cache_dir = cache_dir or tmp_path / f"cache{n}"
-        r = cli("mount", source, str(path), "--cache-dir", str(cache_dir), *args, env=env)
+        # MODELFS_TEST_MOUNT_OPTIONS="mount.passthrough=off": the whole suite on the other mode.
+        extra = [a for o in os.environ.get("MODELFS_TEST_MOUNT_OPTIONS", "").split() for a in ("-o", o)]
+        r = cli("mount", source, str(path), "--cache-dir", str(cache_dir), *extra, *args, env=env)
         if r.returncode != 0:
             minor = mount_minor(str(path))
             if minor is not None:  # mounted, but never answered: abort our own connection, unmount

@@ -28,7 +28,9 @@ from modelfs.mount import alive
 from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = [requires_fuse, pytest.mark.mount,
+              pytest.mark.skipif("mount.passthrough=off" in os.environ.get("MODELFS_TEST_MOUNT_OPTIONS", ""),
+                                 reason="the suite runs with passthrough off")]
 
 
 def _files(root: Path) -> list[str]:

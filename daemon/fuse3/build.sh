@@ -6,6 +6,9 @@
 # system one (its own soname, found through the extension's rpath), so nothing else on the host changes.
 #
 #   sh daemon/fuse3/build.sh VENV        (idempotent: does nothing when this version is installed)
+#
+# What it builds (the library and a relocatable pyfuse3 wheel) is kept under MODELFS_BUILD_CACHE
+# (default ~/.cache/modelfs/fuse3-<version and patch hash>): another venv on the host installs from there.
 set -eu
 VENV=$(cd "$1" && pwd)
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,9 +18,21 @@ LIBFUSE_URL=http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_$LIBFUSE.orig.t
 PYFUSE3=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PREFIX=$VENV/fuse3
-STAMP=$PREFIX/.built-$LIBFUSE-$PYFUSE3-$(cat "$0" "$HERE/pyfuse3-passthrough.patch" | sha256sum | cut -c1-12)
+BUILD_ID=$LIBFUSE-$PYFUSE3-$(cat "$0" "$HERE/pyfuse3-passthrough.patch" | sha256sum | cut -c1-12)
+STAMP=$PREFIX/.built-$BUILD_ID
+CACHE=${MODELFS_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelfs}/fuse3-$BUILD_ID
 
 if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import pyfuse3; pyfuse3.passthrough_open" 2>/dev/null; then
+	exit 0
+fi
+install_from_cache() {
+	mkdir -p "$PREFIX" &&
+	cp -a "$CACHE/lib" "$PREFIX/" &&
+	"$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$CACHE"/pyfuse3-*.whl &&
+	"$VENV/bin/python" -c "import pyfuse3; pyfuse3.passthrough_open" &&
+	rm -f "$PREFIX"/.built-* && touch "$STAMP"
+}
+if [ -f "$CACHE/done" ] && install_from_cache; then
 	exit 0
 fi
 echo "building libfuse $LIBFUSE and pyfuse3 $PYFUSE3 with FUSE passthrough into $VENV"
@@ -41,7 +56,9 @@ tar xzf "pyfuse3-$PYFUSE3.tar.gz"
 # The extension finds the library relative to itself (site-packages/pyfuse3 -> VENV/fuse3/lib), so a
 # tree staged under DESTDIR, or a venv moved, still loads it.
 PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig" LDFLAGS='-Wl,-rpath,$ORIGIN/../../../../fuse3/lib' \
-	"$VENV/bin/python" -m pip install -q --no-deps --force-reinstall --no-cache-dir "./pyfuse3-$PYFUSE3"
-"$VENV/bin/python" -c "import pyfuse3; pyfuse3.passthrough_open"
-rm -f "$PREFIX"/.built-*
-touch "$STAMP"
+	"$VENV/bin/python" -m pip wheel -q --no-deps --no-cache-dir -w "$WORK/wheel" "./pyfuse3-$PYFUSE3"
+rm -rf "$CACHE.new" && mkdir -p "$CACHE.new"
+cp -a "$PREFIX/lib" "$WORK"/wheel/pyfuse3-*.whl "$CACHE.new/"
+touch "$CACHE.new/done"
+rm -rf "$CACHE" && mv "$CACHE.new" "$CACHE"
+install_from_cache
