@@ -132,7 +132,7 @@ def main() -> None:
     for name, rs in results.items():
         each = [statistics.median(r["each_s"][k] for r in rs) for k in range(len(rs[0]["each_s"]))]
         lines.append(f"| {name} | {statistics.median(r['wall_s'] for r in rs):.2f} | {statistics.median(each):.2f} | "
-                     f"{each[0]:.2f} / {max(each[1:]) if len(each) > 1 else float('nan'):.2f} | "
+                     f"{each[0]:.2f} / {f'{max(each[1:]):.2f}' if len(each) > 1 else '—'} | "
                      f"{statistics.median(r['origin_x'] for r in rs):.2f}x | "
                      f"{statistics.median(r['tier_read'] for r in rs) / 2**30:.2f} / "
                      f"{statistics.median(r['tier_written'] for r in rs) / 2**30:.2f} | "

@@ -477,7 +477,7 @@ class Fetcher:
             if i in claimed:
                 claimed.remove(i)
                 if stored:
-                    self.shared.share_soon(ver, start, digest, length)
+                    self.shared.share_now(ver, start, digest, length)
                 else:
                     self.shared.release(ver, start)
             elif stored:

@@ -31,8 +31,7 @@ Invariants:
   reader expects (the manifest's, for a content key) or, for a version key, the one in its metadata, which
   catches damage but not a writer who lies (SECURITY.md). A mismatch is counted and the origin is used.
 - A claim is made with a conditional PUT (If-None-Match: *): of nodes that miss one extent at once,
-  exactly one fetches it from the origin, answers its own readers and shares it at once, first in line
-  on writers of its own, then drops the claim; the others
+  exactly one fetches it from the origin and shares it before it answers its own readers; the others
   poll the tier for it, for a bounded time, then fetch it themselves. A claim left by a node that died is
   taken over once older than any flight may run (by the store's clock, not a node's).
 - Which key an extent goes under depends only on its file version: manifest versions use content keys
@@ -44,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import os
 import socket
 import time
@@ -99,7 +97,6 @@ class _WriteBack:
     key: str
     digest: bytes
     length: int
-    claimed: bool = False  # this node claimed it: other nodes wait for it; drop the claim once written
 
 
 class SharedTier:
@@ -126,10 +123,6 @@ class SharedTier:
                              mode="skipped, loads go to the origin")
         self._send, self._receive = trio.open_memory_channel[_WriteBack](QUEUE)
         self._limiter = trio.CapacityLimiter(WRITERS)
-        # Claimed extents go first, on writers of their own: other nodes wait for them. As many as there
-        # can be claims at once (one per fetch), so the channel never fills.
-        self._send_claimed, self._receive_claimed = trio.open_memory_channel[_WriteBack](math.inf)
-        self._claimed_limiter = trio.CapacityLimiter(WRITERS)
         self._token: trio.lowlevel.TrioToken | None = None
         self._corrupt_logged = False
 
@@ -153,7 +146,6 @@ class SharedTier:
         supervisor.spawn(self.health.probe_loop, name="shared tier probe", restart=True)
         for i in range(WRITERS):
             supervisor.spawn(self._writer, name=f"shared tier writer {i}", restart=True)
-            supervisor.spawn(self._claimed_writer, name=f"shared tier claimed writer {i}", restart=True)
 
     def key(self, ver: FileVersion, start: int) -> str | None:
         """Where an extent lives in the tier; None if it may not be read from or written to it (trust)."""
@@ -207,7 +199,7 @@ class SharedTier:
 
     def claim(self, ver: FileVersion, start: int) -> bool | None:
         """After a miss: True if this node is to fetch the extent from the origin and share it at once
-        (`share_soon`); False if another node is fetching it now (`wait_for` it); None if the tier cannot
+        (`share_now`); False if another node is fetching it now (`wait_for` it); None if the tier cannot
         say (fetch it, and share it in the background as usual)."""
         key = self.key(ver, start)
         if key is None or not self.writes or self.health.offline:
@@ -240,20 +232,12 @@ class SharedTier:
                 return None
             time.sleep(CLAIM_POLL)
 
-    def share_soon(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
-        """From a fetch worker thread: an extent this node claimed is stored locally. Its readers are
-        answered now; a writer task of its own PUTs it to the tier right after (other nodes wait for it),
-        then drops the claim. Writing it before answering put a whole PUT on this node's load."""
+    def share_now(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
+        """Share an extent this node claimed, now (other nodes are waiting for it), then drop the claim."""
         key = self.key(ver, start)
-        if key is None:
-            return
-        if self._token is not None:
-            try:
-                self._token.run_sync_soon(self._send_claimed.send_nowait, _WriteBack(key, digest, length, True))
-                return
-            except trio.RunFinishedError:
-                pass
-        self.release(ver, start)
+        if key is not None:
+            self._put(_WriteBack(key, digest, length), False)
+            self.release(ver, start)
 
     def release(self, ver: FileVersion, start: int) -> None:
         """Drop this node's claim (shared, or the fetch failed: others need not wait any longer)."""
@@ -301,21 +285,6 @@ class SharedTier:
             if not self.health.offline:
                 await trio.to_thread.run_sync(self._put, item, False, limiter=self._limiter,
                                               abandon_on_cancel=True)
-
-    async def _claimed_writer(self) -> None:
-        async for item in self._receive_claimed:
-            await trio.to_thread.run_sync(self._put_claimed, item, limiter=self._claimed_limiter,
-                                          abandon_on_cancel=True)
-
-    def _put_claimed(self, item: _WriteBack) -> None:
-        try:
-            if not self.health.offline:
-                self._put(item, False)
-        finally:
-            try:
-                self.store.delete(claim_key(item.key))
-            except (ModelfsError, OSError) as e:
-                log.debug("shared cache tier: claim of %s not dropped: %s", item.key, e)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
         """PUT one block from the local cache (its verified copy is the body: a block damaged on disk is
