@@ -35,6 +35,25 @@ def load_tree(root: Path, want: Path) -> None:
         assert sha(root / rel) == sha(want / rel), rel
 
 
+def load_on_all(nodes: list[Mount], want: Path, limit: float = 600) -> None:
+    """Every node loads the whole tree at once (a thread each); a load that fails or hangs fails the test."""
+    errors: list[BaseException] = []
+
+    def load(m: Mount) -> None:
+        try:
+            load_tree(m.path, want)
+        except BaseException as e:  # handed to the test thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(m,)) for m in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=limit)
+    assert not any(t.is_alive() for t in threads), "a load hung"
+    assert not errors, errors
+
+
 def settled_write_backs(m: Mount, limit: float = 120) -> dict[str, int]:
     """Counters once every extent this node fetched from the origin is in the shared tier (bounded wait:
     a write-back that never lands fails the test, it does not hang it)."""
@@ -112,21 +131,7 @@ def test_three_nodes_loading_at_once_fetch_about_once_from_the_origin(s3_checkpo
     origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
     size = sum(checkpoint.files().values())
     nodes = [fleet(s3_checkpoint) for _ in range(3)]
-    errors: list[BaseException] = []
-
-    def load(m: Mount) -> None:
-        try:
-            load_tree(m.path, checkpoint.root)
-        except BaseException as e:  # handed to the test thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=load, args=(m,)) for m in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a load hung"
-    assert not errors, errors
+    load_on_all(nodes, checkpoint.root, limit=300)
     fetched = origin.ranged_bytes()
     assert fetched <= 1.5 * size, (fetched / size, [m.stats()["shared_hits"] for m in nodes])
 
@@ -234,28 +239,14 @@ def test_three_nodes_ride_out_an_overloaded_origin(s3_checkpoint: str, checkpoin
                 stop.wait(1.0)
                 origin.refuse(False)
 
-        errors: list[BaseException] = []
-
-        def load(m: Mount) -> None:
-            try:
-                load_tree(m.path, checkpoint.root)
-            except BaseException as e:  # handed to the test thread below
-                errors.append(e)
-
         burster = threading.Thread(target=overload)
         burster.start()
-        threads = [threading.Thread(target=load, args=(m,)) for m in nodes]
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=600)
+            load_on_all(nodes, checkpoint.root)
         finally:
             stop.set()
             burster.join()
             origin.refuse(False)
-        assert not any(t.is_alive() for t in threads), "a load hung"
-        assert not errors, errors
         assert bursts[0] >= 2 and slow.fired >= 1, (bursts, slow.fired)
         # GETs the store failed were tried again (ridden out), not avoided:
         assert sum(m.stats()["store_retries"] for m in nodes) >= 1
