@@ -32,7 +32,9 @@ READ = MiB
 #: A read pass (or a paused reader) that takes longer than this is hung: the bound only detects a hang.
 HANG = 180.0
 #: Cache dir settings: no min_free (the small loop filesystem is the cache's own disk).
-CACHE_ARGS = ["-o", "cache.min_free=0"]
+# The block path's integrity: with passthrough a later open could be served from the file's copy (built
+# from the blocks before the damage) and never load the block; copies are checked in test_passthrough.py.
+CACHE_ARGS = ["-o", "cache.min_free=0", "-o", "mount.passthrough=off"]
 
 
 def drop_caches(what: int = 3) -> None:
