@@ -113,7 +113,8 @@ def test_kill_9_during_prefetch_then_restart_is_clean(s3: tuple[str, dict[str, s
 def test_damaged_block_is_detected_refetched_and_counted(s3: tuple[str, dict[str, str]], checkpoint: Checkpoint,
                                                          mounter: Callable[..., Mount], damage: str) -> None:
     source, env = s3
-    m = mounter(source, env=env, args=["-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false"])
+    m = mounter(source, env=env, args=["-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false",
+                                       "-o", "mount.passthrough=off"])  # the READ path loads the bad blocks
     shard = hf_shards(checkpoint)[0]
     (m.path / shard).read_bytes()
     m.umount()

@@ -17,8 +17,10 @@ from tests.conftest import Checkpoint, Mount, requires_fuse
 pytestmark = [requires_fuse, pytest.mark.mount]
 
 MiB = 1 << 20
+# These tests count what the READ path does; with passthrough a later open could be served from the
+# file's copy instead (copies are tested in test_passthrough.py).
 NO_PREFETCH = ["-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false",
-               "-o", "prefetch.sequential=false"]
+               "-o", "prefetch.sequential=false", "-o", "mount.passthrough=off"]
 
 
 def drop_page_cache() -> None:
