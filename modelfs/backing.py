@@ -311,13 +311,14 @@ class BackingFiles:
         except FileNotFoundError:
             return False
         try:
-            if os.fstat(fd).st_size != ver.info.size:
-                bad = f"size {os.fstat(fd).st_size}, expected {ver.info.size}"
+            size = os.fstat(fd).st_size
+            if size != ver.info.size:
+                bad = f"size {size}, expected {ver.info.size}"
             else:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                buf = bytearray(max((length for _, length in ver.extents()), default=0))
-                view = memoryview(buf)
-                for start, length in ver.extents():
+                extents = ver.extents()
+                view = memoryview(bytearray(max((length for _, length in extents), default=0)))
+                for start, length in extents:
                     known = ver.known.get(start)
                     if known is None or known[1] != length:
                         bad = f"extent at {start} unknown"
