@@ -408,81 +408,84 @@ class Fetcher:
                     m = self.cache.load(known[0], length)
                     if m is not None:
                         return [(known[0], m)]
-            shared: list[bytes | None] = [None] * len(run)  # hashes of the extents the shared tier gave
-            claimed: list[int] = []  # extents this node fetches from the origin for the fleet
-            if self.shared is not None:
-                for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
-                    shared[i] = self.shared.fetch(ver, start, view)
-                    if shared[i] is None:
-                        mine = self.shared.claim(ver, start)
-                        if mine is False:  # another node is fetching it: wait for it, within bounds
-                            shared[i] = self.shared.wait_for(ver, start, view)
-                        elif mine:
-                            claimed.append(i)
-            try:
-                return self._from_origin(ver, run, views, flights, shared, claimed, token, until)
-            finally:
-                for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
-                    assert self.shared is not None
-                    self.shared.release(ver, run[i][0])
+            return self._gather(ver, run, views, flights, token, until)
         finally:
             try:
                 token.run_sync_soon(lease.drop)
             except trio.RunFinishedError:
                 pass  # the daemon is gone: nothing to hand back to
 
-    def _from_origin(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                     shared: list[bytes | None], claimed: list[int], token: trio.lowlevel.TrioToken,
-                     until: float) -> list[tuple[bytes, memoryview | None]]:
-        """GET what the shared tier did not give (one GET per stretch of such extents), store every
-        extent, share what came from the origin: at once if this node claimed it (other nodes wait for
-        it), else in the background. In a GET of several extents, each is stored and its flight answered
-        as soon as its bytes are in (a demand read that joined a long prefetch GET waits for its extent,
-        not for the whole GET)."""
+    def _gather(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
+                token: trio.lowlevel.TrioToken, until: float) -> list[tuple[bytes, memoryview | None]]:
+        """Fill every extent of `run` from the shared tier or the origin, storing each and answering its
+        flight as soon as its bytes are in (a demand read that joined a long prefetch GET waits for its
+        extent, not for the whole GET).
+
+        With a shared tier: what it holds comes from it; of the rest, this node GETs from the origin (one
+        GET per stretch) what it claimed or nobody could claim, and only then waits for the extents other
+        nodes claimed, so its own GET is never held up by theirs. What came from the origin goes to the tier
+        in the background, a claimed extent before any other (other nodes wait for it); never on this node's
+        readers' path."""
         out: list[tuple[bytes, memoryview | None] | None] = [None] * len(run)
+        tier: list[bytes | None] = [None] * len(run)  # hashes of the extents the shared tier gave
+        claimed: set[int] = set()  # extents this node fetches from the origin for the fleet
+        waiting: list[int] = []  # extents another node is fetching from the origin now
 
         def arrived(i: int) -> None:
-            digest, kept = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
+            start, length = run[i]
+            digest, stored = self._store_extent(ver, start, views[i], tier[i])
+            kept = private_copy(views[i]) if stored and flights[i].waiters else None
             try:
-                token.run_sync_soon(self._complete_early, ver, run[i][0], flights[i], views[i], digest, kept)
+                token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], digest, kept)
+                out[i] = (digest, None)  # answered; the copy is the trio thread's now
             except trio.RunFinishedError:
                 out[i] = (digest, kept)
+            if self.shared is None or tier[i] is not None:
                 return
-            out[i] = (digest, None)  # answered; the copy is the trio thread's now
-
-        i = 0
-        while i < len(run):
-            if shared[i] is not None:
-                i += 1
-                continue
-            j = i
-            while j < len(run) and shared[j] is None:
-                j += 1
-            self._get(ver, run[i][0], views[i:j], until, (lambda k, i=i: arrived(i + k)) if len(run) > 1 else None)
-            i = j
-        for i in range(len(run)):
-            if out[i] is None:
-                out[i] = self._finish_extent(ver, run, i, views[i], flights[i], shared, claimed)
-        return out  # type: ignore[return-value]
-
-    def _finish_extent(self, ver: FileVersion, run: list[Extent], i: int, view: memoryview, flight: _Flight,
-                       shared: list[bytes | None], claimed: list[int]) -> tuple[bytes, memoryview | None]:
-        """Store extent i of `run`, which arrived; share it as the shared tier needs; keep a copy of it in
-        memory if a reader waits (it will read the rest of this block next, after the GET buffer went back
-        to the pool; the bytes were hashed in this buffer, so the copy needs no disk read and no check).
-        Prefetched blocks are loaded when first read."""
-        start, length = run[i]
-        digest, stored = self._store_extent(ver, start, view, shared[i])
-        if self.shared is not None and shared[i] is None:
             if i in claimed:
-                claimed.remove(i)
+                claimed.discard(i)
                 if stored:
-                    self.shared.share_now(ver, start, digest, length)
+                    self.shared.share_soon(ver, start, digest, length)
                 else:
                     self.shared.release(ver, start)
             elif stored:
                 self.shared.write_back(ver, start, digest, length)
-        return digest, private_copy(view) if stored and flight.waiters else None
+
+        def from_origin(todo: list[int]) -> None:
+            k = 0
+            while k < len(todo):
+                j = k + 1
+                while j < len(todo) and todo[j] == todo[j - 1] + 1:
+                    j += 1
+                first = todo[k]
+                self._get(ver, run[first][0], views[first:first + j - k], until, lambda n, f=first: arrived(f + n))
+                k = j
+
+        try:
+            if self.shared is not None:
+                for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
+                    tier[i] = self.shared.fetch(ver, start, view)
+                    if tier[i] is not None:
+                        arrived(i)
+                        continue
+                    mine = self.shared.claim(ver, start)
+                    if mine is False:
+                        waiting.append(i)
+                    elif mine:
+                        claimed.add(i)
+            from_origin([i for i in range(len(run)) if out[i] is None and i not in waiting])
+            for i in waiting:  # then what other nodes are fetching: it may be in the tier by now
+                assert self.shared is not None
+                tier[i] = self.shared.wait_for(ver, run[i][0], views[i])
+                if tier[i] is not None:
+                    arrived(i)
+                else:
+                    from_origin([i])
+        finally:
+            for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
+                assert self.shared is not None
+                self.shared.release(ver, run[i][0])
+        return out  # type: ignore[return-value]
 
     def _get(self, ver: FileVersion, start: int, views: list[memoryview], until: float,
              filled: Callable[[int], None] | None = None) -> None:

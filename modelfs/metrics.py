@@ -48,6 +48,7 @@ COUNTERS = {
     "shared_bytes_written": "bytes written back to the shared cache tier",
     "shared_writeback_dropped": "write-backs dropped because their queue was full",
     "shared_waits": "extents waited for in the shared tier while another node fetched them",
+    "shared_polls": "listings of the claims this node waited on (one per claimed directory and poll)",
 }
 #: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
 ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks",

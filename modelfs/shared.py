@@ -31,8 +31,10 @@ Invariants:
   reader expects (the manifest's, for a content key) or, for a version key, the one in its metadata, which
   catches damage but not a writer who lies (SECURITY.md). A mismatch is counted and the origin is used.
 - A claim is made with a conditional PUT (If-None-Match: *): of nodes that miss one extent at once,
-  exactly one fetches it from the origin and shares it before it answers its own readers; the others
-  poll the tier for it, for a bounded time, then fetch it themselves. A claim left by a node that died is
+  exactly one fetches it from the origin and writes it here before any other write-back (after answering
+  its own readers: its loads never wait for the tier), then deletes the claim; the others poll the tier
+  for it, for a bounded time, then fetch it themselves. A crash before the write leaves the claim: the
+  others wait out the bound, then fetch it themselves. A claim left by a node that died is
   taken over once older than any flight may run (by the store's clock, not a node's).
 - Which key an extent goes under depends only on its file version: manifest versions use content keys
   (their readers know every hash), other versions use version keys. Every node picks the same one.
@@ -40,11 +42,13 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 
@@ -65,8 +69,8 @@ log = logging.getLogger(__name__)
 LAYOUT = "v1"
 #: Write-backs waiting for a writer; more are dropped (and counted), never waited for.
 QUEUE = 256
-WRITERS = 2
-#: How often a node waiting for an extent another node claimed looks for it in the tier.
+WRITERS = 4
+#: How often a node waiting for extents other nodes claimed lists their claims (one LIST per directory).
 CLAIM_POLL = 0.05
 
 
@@ -97,6 +101,7 @@ class _WriteBack:
     key: str
     digest: bytes
     length: int
+    claim: str | None = None  # this node's claim on the extent, dropped once it is written (or failed)
 
 
 class SharedTier:
@@ -121,7 +126,14 @@ class SharedTier:
         self.stale_after = flight_deadline + self.wait
         self.health = Health(store.check, f"shared cache tier {store.describe()}", probe_interval, deadline,
                              mode="skipped, loads go to the origin")
-        self._send, self._receive = trio.open_memory_channel[_WriteBack](QUEUE)
+        # Two lanes: extents this node claimed (other nodes wait for them) are written before any other.
+        self._claimed: collections.deque[_WriteBack] = collections.deque()
+        self._queued: collections.deque[_WriteBack] = collections.deque()
+        self._wake = trio.lowlevel.ParkingLot()
+        # Fetch threads waiting for extents other nodes claimed: claim key -> one event per waiter.
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._waiters_lock = threading.Lock()
+        self._watch_wake = trio.lowlevel.ParkingLot()
         self._limiter = trio.CapacityLimiter(WRITERS)
         self._token: trio.lowlevel.TrioToken | None = None
         self._corrupt_logged = False
@@ -144,6 +156,7 @@ class SharedTier:
     def start(self, supervisor: Supervisor) -> None:
         self._token = trio.lowlevel.current_trio_token()
         supervisor.spawn(self.health.probe_loop, name="shared tier probe", restart=True)
+        supervisor.spawn(self._watch_claims, name="shared tier claim watch", restart=True)
         for i in range(WRITERS):
             supervisor.spawn(self._writer, name=f"shared tier writer {i}", restart=True)
 
@@ -219,35 +232,91 @@ class SharedTier:
             return None
 
     def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
-        """The extent another node claimed, once it lands in the tier (verified hash), polling for at most
-        `wait` seconds; None if it did not (then this node fetches it from the origin)."""
+        """The extent another node claimed, once it lands in the tier (verified hash), waiting at most
+        `wait` seconds; None if it did not (then this node fetches it from the origin).
+
+        The claimer deletes its claim once the extent is written (or its fetch failed), so the waiter
+        sleeps until its claim is gone from the claim listing, which one task of this daemon polls for all
+        of its waiters at once (`_watch_claims`): the tier sees one LIST per claimed directory per
+        `CLAIM_POLL`, however many extents this node waits for; then one GET."""
+        key = self.key(ver, start)
+        if key is None or self._token is None:
+            return None
         self.stats.add(shared_waits=1)
-        until = time.monotonic() + self.wait
-        while True:
-            found, digest = self._read(ver, start, view)
-            if digest is not None or not found:
-                return digest
-            if time.monotonic() >= until:
+        gone = threading.Event()
+        ckey = claim_key(key)
+        with self._waiters_lock:
+            self._waiters.setdefault(ckey, []).append(gone)
+        try:
+            self._token.run_sync_soon(self._watch_wake.unpark_all)
+            if not gone.wait(self.wait):
                 self.stats.add(shared_misses=1)
                 return None
-            time.sleep(CLAIM_POLL)
+        except trio.RunFinishedError:
+            return None
+        finally:
+            with self._waiters_lock:  # timed out (a woken waiter is already forgotten)
+                events = self._waiters.get(ckey, [])
+                if gone in events:
+                    events.remove(gone)
+                    if not events:
+                        del self._waiters[ckey]
+        found, digest = self._read(ver, start, view)
+        if found and digest is None:  # the claimer's fetch or write failed: nothing to wait for
+            self.stats.add(shared_misses=1)
+        return digest
 
-    def share_now(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
-        """Share an extent this node claimed, now (other nodes are waiting for it), then drop the claim."""
+    async def _watch_claims(self) -> None:
+        """While any fetch thread waits for an extent another node claimed: list the directories of those
+        claims every CLAIM_POLL and wake the waiters whose claim is gone. A failed listing wakes them all
+        (they fetch from the origin: a tier that cannot list is not one to wait for)."""
+        while True:
+            with self._waiters_lock:
+                waited = list(self._waiters)
+            if not waited:
+                await self._watch_wake.park()
+                continue
+            dirs: dict[str, list[str]] = {}
+            for ckey in waited:
+                parent, _, name = ckey.rpartition("/")
+                dirs.setdefault(parent + "/", []).append(name)
+            gone: list[str] = []
+            for parent, names in dirs.items():
+                try:
+                    listing = await trio.to_thread.run_sync(self.store.list_dir, parent, abandon_on_cancel=True)
+                except (ModelfsError, OSError) as e:
+                    self.stats.add(shared_errors=1)
+                    self.health.mark_unreachable(e)
+                    gone += [parent + n for n in names]
+                    continue
+                present = {n for n, _ in listing.objects}
+                gone += [parent + n for n in names if n not in present]
+            self.stats.add(shared_polls=1)
+            with self._waiters_lock:
+                for ckey in gone:  # woken: not listed again for them
+                    for event in self._waiters.pop(ckey, ()):
+                        event.set()
+            await trio.sleep(CLAIM_POLL)
+
+    def share_soon(self, ver: FileVersion, start: int, digest: bytes, length: int) -> None:
+        """From a fetch worker thread: an extent this node claimed was fetched and stored (its readers are
+        answered): write it to the tier before any other write-back (other nodes are waiting for it), then
+        drop the claim."""
         key = self.key(ver, start)
         if key is not None:
-            self._put(_WriteBack(key, digest, length), False)
-            self.release(ver, start)
+            self._submit(_WriteBack(key, digest, length, claim_key(key)))
 
     def release(self, ver: FileVersion, start: int) -> None:
-        """Drop this node's claim (shared, or the fetch failed: others need not wait any longer)."""
+        """Drop this node's claim (the fetch failed: others need not wait any longer)."""
         key = self.key(ver, start)
-        if key is None:
-            return
+        if key is not None:
+            self._drop_claim(claim_key(key))
+
+    def _drop_claim(self, ckey: str) -> None:
         try:
-            self.store.delete(claim_key(key))
+            self.store.delete(ckey)
         except (ModelfsError, OSError) as e:
-            log.debug("shared cache tier: claim of %s not dropped: %s", key, e)
+            log.debug("shared cache tier: claim %s not dropped: %s", ckey, e)
 
     # -- write-back ------------------------------------------------------------------------------------
 
@@ -255,9 +324,12 @@ class SharedTier:
         """From a fetch worker thread: queue an extent just fetched from the origin (and stored in the local
         cache) for the tier. Never waits: a full queue drops it (counted)."""
         key = self.key(ver, start)
-        if not self.writes or key is None or self._token is None:
+        if self.writes and key is not None:
+            self._submit(_WriteBack(key, digest, length))
+
+    def _submit(self, item: _WriteBack) -> None:
+        if self._token is None:
             return
-        item = _WriteBack(key, digest, length)
         try:
             self._token.run_sync_soon(self._enqueue, item)
         except trio.RunFinishedError:
@@ -275,22 +347,30 @@ class SharedTier:
                                           limiter=self._limiter, abandon_on_cancel=True)
 
     def _enqueue(self, item: _WriteBack) -> None:
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
+        if item.claim is not None:
+            self._claimed.append(item)  # bounded by this node's flights
+        elif len(self._queued) < QUEUE:
+            self._queued.append(item)
+        else:
             self.stats.add(shared_writeback_dropped=1)
+            return
+        self._wake.unpark()
 
     async def _writer(self) -> None:
-        async for item in self._receive:
+        while True:
+            while not self._claimed and not self._queued:
+                await self._wake.park()
+            item = self._claimed.popleft() if self._claimed else self._queued.popleft()
             if not self.health.offline:
                 await trio.to_thread.run_sync(self._put, item, False, limiter=self._limiter,
                                               abandon_on_cancel=True)
+            if item.claim is not None:
+                await trio.to_thread.run_sync(self._drop_claim, item.claim, abandon_on_cancel=True)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
         """PUT one block from the local cache (its verified copy is the body: a block damaged on disk is
-        never shared). A failed
-        write is counted; only a tier that cannot be reached at all is skipped for it (a read-only or
-        full tier still serves reads)."""
+        never shared). A failed write is counted; only a tier that cannot be reached at all is skipped for
+        it (a read-only or full tier still serves reads)."""
         try:
             if unless_there and self.writer.exists(item.key):
                 return
