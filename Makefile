@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-knobs bench-dedup bench-fleet soak system venv clean install uninstall
+.PHONY: demo test test-fast lint bench bench-knobs bench-dedup bench-fleet soak system venv clean install uninstall
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null || \
@@ -21,11 +21,17 @@ $(VENV)/.installed: pyproject.toml daemon/fuse3/build.sh daemon/fuse3/pyfuse3-pa
 
 venv: system $(VENV)/.installed
 
+# ruff on everything; mypy --strict on the package ([tool.mypy] in pyproject.toml).
 lint: venv
 	$(PY) -m ruff check modelfs tests bench
+	$(PY) -m mypy
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need no FUSE mount and no S3 server (markers set from the fixtures a test uses: conftest.py).
+test-fast: venv
+	$(PY) -m pytest -q -m "not mount and not s3" $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) bench/demo.py

@@ -65,7 +65,8 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
             raise RuntimeError("the first node's load was not verified")
         wall = max(o.end for o in outs) - t0
     keys = ("bytes_fetched", "shared_hits", "shared_misses", "shared_waits", "shared_errors", "shared_corrupt",
-            "shared_bytes_read", "shared_bytes_written", "shared_writeback_dropped", "store_retries", "shared_polls")
+            "shared_bytes_read", "shared_bytes_written", "shared_writeback_dropped", "store_retries", "shared_polls",
+            "hedged_gets", "read_timeouts", "store_errors")
     say("  per node: " + "; ".join(" ".join(f"{k.removeprefix('shared_')}={st.get(k, 0)}" for k in keys)
                                    for st in stats))
     return {"wall_s": wall, "origin_x": proxy.ranged_bytes() / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]

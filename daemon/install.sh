@@ -49,6 +49,7 @@ install_all() {
     mkdir -p "$OPT"
     : > "$RECORD.new"
     [ -x "$OPT/bin/python" ] || "$PYTHON" -m venv "$OPT"
+    rm -rf "$SRC/build"  # setuptools reuses build/lib: a stale one would ship modules the package left
     "$OPT/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location --upgrade "$SRC"
     sh "$SRC/daemon/fuse3/build.sh" "$OPT"  # libfuse 3.17 + pyfuse3 with FUSE passthrough, inside $OPT
     launcher modelfs -m modelfs

@@ -79,7 +79,7 @@ def list_models(cache_dir: str) -> list[CachedModel]:
         for vid, rec in index.versions().items():
             extents = index.extents(vid)
             cached = sum(length for digest, length in extents.values() if digest.hex() in blocks)
-            out.append(CachedModel(str(rec["source"]), str(rec["key"]), int(rec["size"]), cached,  # type: ignore[call-overload]
+            out.append(CachedModel(str(rec["source"]), str(rec["key"]), int(str(rec["size"])), cached,
                                    _is_pinned(pins, str(rec["source"]), str(rec["key"]))))
         return sorted(out, key=lambda m: (m.source, m.key))
     finally:

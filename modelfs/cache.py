@@ -98,7 +98,7 @@ def _all_cached(fd: int, size: int) -> bool | None:
     rng, st = _CacheStatRange(0, size), _CacheStat()
     if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
         return None
-    return st.nr_cache >= -(-size // mmap.PAGESIZE)
+    return bool(st.nr_cache >= -(-size // mmap.PAGESIZE))
 
 
 def read_block(fd: int, view: memoryview) -> int:
@@ -112,7 +112,7 @@ def read_block(fd: int, view: memoryview) -> int:
     size = len(view)
     got = 0
     if not _all_cached(fd, size):
-        whole = view.obj  # type: ignore[attr-defined]  # the private mapping, ALIGN-rounded: aligned lengths
+        whole = view.obj  # the private mapping, ALIGN-rounded: aligned lengths
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)

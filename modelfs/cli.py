@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from modelfs import __version__
+from modelfs import __version__, xattrs
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config, load_config
 from modelfs.errors import ModelfsError
@@ -140,10 +140,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def read_stats(mountpoint: str) -> dict[str, int]:
     try:
-        raw = os.getxattr(mountpoint, "user.modelfs.stats")
+        raw = os.getxattr(mountpoint, xattrs.STATS)
     except OSError as e:
         raise ModelfsError(f"{mountpoint} is not a live modelfs mount ({e.strerror})") from None
-    return json.loads(raw)
+    counters: dict[str, int] = json.loads(raw)
+    return counters
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -181,7 +182,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     files = _files_under(args.paths)
     for path, _ in files[:1]:
         try:
-            os.getxattr(path, "user.modelfs.cached")
+            os.getxattr(path, xattrs.CACHED)
         except OSError:
             raise ModelfsError(f"{path} is not on a modelfs mount") from None
     done: dict[str, int] = {}
@@ -192,7 +193,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     def warm(path: str) -> None:
         nonlocal fetched
         try:
-            result = json.loads(os.getxattr(path, "user.modelfs.prefetch"))
+            result = json.loads(os.getxattr(path, xattrs.PREFETCH))
             fetched += result["fetched"]
         except OSError as e:
             failed.append(f"{path}: {e.strerror}")
@@ -206,7 +207,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 for path, _size in files:
                     if path not in done:
                         try:
-                            partial += int(os.getxattr(path, "user.modelfs.cached"))
+                            partial += int(os.getxattr(path, xattrs.CACHED))
                         except (OSError, ValueError):
                             pass
                 bar.update(sum(done.values()) + partial - bar.n)
@@ -241,7 +242,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     maps: list[tuple[str, dict[str, object]]] = []
     for path, _ in _files_under(args.paths):
         try:
-            maps.append((path, json.loads(os.getxattr(path, "user.modelfs.extents"))))
+            maps.append((path, json.loads(os.getxattr(path, xattrs.EXTENTS))))
         except OSError as e:
             raise ModelfsError(f"{path} is not on a modelfs mount ({e.strerror})") from None
     rows, totals = usage(maps)
@@ -273,7 +274,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     s3 = S3Config(endpoint_url=args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL", ""))
     max_extent = parse_size(args.max_extent, "--max-extent")
 
-    def bar(desc: str) -> tqdm:  # type: ignore[type-arg]
+    def bar(desc: str) -> tqdm:
         return tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=args.quiet)
 
     if local_dir is not None:
@@ -466,7 +467,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """For liveness probes: exit 0 only if the mount answers, the store is reachable and the cache writable."""
     try:
         os.statvfs(args.mountpoint)
-        health = json.loads(os.getxattr(args.mountpoint, "user.modelfs.health"))
+        health = json.loads(os.getxattr(args.mountpoint, xattrs.HEALTH))
     except OSError as e:
         print(f"modelfs: {args.mountpoint}: mount does not answer ({e.strerror})")
         return 1

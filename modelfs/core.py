@@ -23,6 +23,8 @@ from modelfs.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreError, StoreUnreachable
 from modelfs.extents import Extents, Where
+from modelfs.faults import NONE as NO_FAULTS
+from modelfs.faults import Faults
 from modelfs.fetch import Buffer, Fetcher
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
@@ -51,7 +53,7 @@ class ModelFS:
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
                  stats: Stats | None = None, push: PushFn | None = None,
                  observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
-                 kernel: Kernel | None = None) -> None:
+                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
@@ -74,7 +76,7 @@ class ModelFS:
                                   cap=cfg.fetch.prefetch_during_demand)
         self.maps = MappedBlocks(int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health, observe, shared)
+                               self.health, observe, shared, faults)
         self.shared = shared
         self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter,
                                self.prefetch_limiter, cfg.fetch.deadline)
@@ -84,7 +86,8 @@ class ModelFS:
         self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self, cache, self.ns, self.stats,
                                      self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
-                                     max_request=int(cfg.fetch.max_request), gate=gate, shared=shared)
+                                     max_request=int(cfg.fetch.max_request), gate=gate, shared=shared,
+                                     faults=faults)
         self._versions: dict[int, FileVersion] = {}
         self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
         self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied

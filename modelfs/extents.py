@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -237,7 +237,7 @@ class Extents:
         return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING
 
 
-def usage(maps: list[tuple[str, dict[str, object]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
+def usage(maps: list[tuple[str, dict[str, Any]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
     """`modelfs du`: from each file's extent map (`ModelFS.extent_map`: size, and [hash or None, length,
     cached] per extent), its logical, unique, cached and still-to-fetch bytes, and the totals with every
     extent shared between files counted once (extents of unknown hash count as their own)."""
@@ -245,9 +245,9 @@ def usage(maps: list[tuple[str, dict[str, object]]]) -> tuple[list[tuple[str, di
     totals = {"logical": 0, "unique": 0, "cached": 0, "to_fetch": 0}
     rows: list[tuple[str, dict[str, int]]] = []
     for path, info in maps:
-        row = {"logical": int(info["size"]), "unique": 0, "cached": 0, "to_fetch": 0}  # type: ignore[call-overload]
+        row = {"logical": int(info["size"]), "unique": 0, "cached": 0, "to_fetch": 0}
         own: set[str] = set()
-        for digest, length, cached in info["extents"]:  # type: ignore[attr-defined]
+        for digest, length, cached in info["extents"]:
             if digest is not None and digest in own:
                 continue
             if digest is not None:

@@ -1,4 +1,5 @@
-"""Test-only fault injection: off unless MODELFS_TEST_FAULTS is set in the daemon's environment at start.
+"""Test-only fault injection: off unless MODELFS_TEST_FAULTS is set in the daemon's environment at start
+(the mount builds one `Faults` from it and hands it to the fetcher and the prefetcher).
 
 The value is a comma-separated list of `site:key-substring`; each entry raises `InjectedFault` once, the
 first time code at that site handles a key containing the substring, then disarms. Sites: `flight` (the
@@ -43,14 +44,9 @@ class Faults:
                     raise InjectedFault(f"injected fault at {site} for {key}")
 
 
-FAULTS = Faults()
+NONE = Faults()  # nothing armed: what every part gets unless the mount passes the environment's
 
 
-def arm_from_environment() -> None:
-    """At daemon start: arm what MODELFS_TEST_FAULTS asks for (nothing when unset)."""
-    global FAULTS
-    FAULTS = Faults(os.environ.get(ENV, ""))
-
-
-def check(site: str, key: str) -> None:
-    FAULTS.check(site, key)
+def from_environment() -> Faults:
+    """At daemon start: what MODELFS_TEST_FAULTS arms (nothing when unset)."""
+    return Faults(os.environ.get(ENV, ""))

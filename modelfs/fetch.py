@@ -23,6 +23,7 @@ abandoned GETs can never pile up beyond the thread limit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import random
@@ -33,10 +34,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from modelfs import faults
 from modelfs.buffers import Ask, BufferPool
 from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
+from modelfs.faults import NONE as NO_FAULTS
+from modelfs.faults import Faults
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks, private_copy
@@ -127,8 +129,10 @@ class Fetcher:
 
     def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, maps: MappedBlocks, stats: Stats,
                  pool: BufferPool, deadline: float = 30.0, health: Health | None = None,
-                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None) -> None:
+                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
+                 faults: Faults = NO_FAULTS) -> None:
         self.store = store
+        self.faults = faults
         self.cache = cache
         self.index = index
         self.maps = maps
@@ -398,7 +402,7 @@ class Fetcher:
         if not lease.thread_begins():
             return []
         try:
-            faults.check("flight", ver.info.key)
+            self.faults.check("flight", ver.info.key)
             if len(run) == 1:
                 start, length = run[0]
                 known = ver.known.get(start)
@@ -451,6 +455,9 @@ class Fetcher:
             elif stored:
                 self.shared.write_back(ver, start, digest, length)
 
+        def filled(first: int, n: int) -> None:
+            arrived(first + n)
+
         def from_origin(todo: list[int]) -> None:
             k = 0
             while k < len(todo):
@@ -458,7 +465,7 @@ class Fetcher:
                 while j < len(todo) and todo[j] == todo[j - 1] + 1:
                     j += 1
                 first = todo[k]
-                self._get(ver, run[first][0], views[first:first + j - k], until, lambda n, f=first: arrived(f + n))
+                self._get(ver, run[first][0], views[first:first + j - k], until, functools.partial(filled, first))
                 k = j
 
         try:
@@ -485,7 +492,10 @@ class Fetcher:
             for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
                 assert self.shared is not None
                 self.shared.release(ver, run[i][0])
-        return out  # type: ignore[return-value]
+        got = [o for o in out if o is not None]
+        if len(got) != len(run):
+            raise StoreError(f"{ver.info.key}: the store answered {len(got)} of {len(run)} extents")
+        return got
 
     def _get(self, ver: FileVersion, start: int, views: list[memoryview], until: float,
              filled: Callable[[int], None] | None = None) -> None:

@@ -19,12 +19,13 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from modelfs import xattrs
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError
 from modelfs.fetch import Buffer
@@ -33,20 +34,11 @@ from modelfs.namespace import Node
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Files never change under an inode (a new version is a new inode), so the kernel may cache their
 #: attributes for long; names are re-looked up after the metadata TTL to notice new versions.
 FILE_ATTR_TIMEOUT = 24 * 3600.0
-XATTR_STATS = b"user.modelfs.stats"
-XATTR_PID = b"user.modelfs.pid"
-#: Health for `modelfs status`: is the store reachable (checked now), is the cache writable.
-XATTR_HEALTH = b"user.modelfs.health"
-#: Reading this xattr of a file fetches the whole file into the block cache first (`modelfs prefetch`);
-#: a getxattr, because the mount is read-only and setxattr never reaches the daemon.
-XATTR_PREFETCH = b"user.modelfs.prefetch"
-XATTR_CACHED = b"user.modelfs.cached"
-#: A file's extents, their hashes where known, and which are cached (`modelfs du`).
-XATTR_EXTENTS = b"user.modelfs.extents"
 
 
 def to_errno(e: BaseException) -> int:
@@ -60,11 +52,11 @@ def to_errno(e: BaseException) -> int:
     return errno.EIO
 
 
-def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """The one place where errors become errno."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -146,7 +138,7 @@ class Operations(pyfuse3.Operations):
         self.core.remember(node)  # the reply gives the kernel a reference; FORGET gives it back
         return attrs
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
             try:
                 self.core.forget(inode, nlookup)
@@ -196,7 +188,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> Buffer:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]  # pyfuse3's stub says bytes; it replies with any buffer
         return await self.core.read(fh, off, size)
 
     @_errors
@@ -217,27 +209,27 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name == XATTR_STATS:
+        if inode == pyfuse3.ROOT_INODE and name == xattrs.STATS:
             return json.dumps(self.core.counters()).encode()
-        if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
+        if inode == pyfuse3.ROOT_INODE and name == xattrs.PID:
             return str(os.getpid()).encode()
-        if inode == pyfuse3.ROOT_INODE and name == XATTR_HEALTH:
+        if inode == pyfuse3.ROOT_INODE and name == xattrs.HEALTH:
             return json.dumps(await self.core.health_report()).encode()
         node = self.core.node(inode)
-        if not node.is_dir and name == XATTR_PREFETCH:
+        if not node.is_dir and name == xattrs.PREFETCH:
             return json.dumps(await self.core.warm(inode)).encode()
-        if not node.is_dir and name == XATTR_CACHED:
+        if not node.is_dir and name == xattrs.CACHED:
             return str(await self.core.cached_bytes(inode)).encode()
-        if not node.is_dir and name == XATTR_EXTENTS:
+        if not node.is_dir and name == xattrs.EXTENTS:
             return json.dumps(await self.core.extent_map(inode)).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
-            return [XATTR_STATS, XATTR_PID, XATTR_HEALTH]
-        return [] if self.core.node(inode).is_dir else [XATTR_CACHED, XATTR_EXTENTS]
+            return list(xattrs.ROOT)
+        return [] if self.core.node(inode).is_dir else list(xattrs.FILE)
 
     # Every mutation: EROFS (the mount is also `ro`, so the kernel usually answers first).
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]
-    write = create = setxattr = removexattr = _erofs  # type: ignore[assignment]
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    write = create = setxattr = removexattr = _erofs

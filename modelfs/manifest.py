@@ -29,6 +29,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import xxhash
 
@@ -92,9 +93,9 @@ class Manifest:
         return cls(files)
 
 
-def _safetensors_bounds(f: object, size: int, max_extent: int) -> list[tuple[int, int]] | None:
+def _safetensors_bounds(f: BinaryIO, size: int, max_extent: int) -> list[tuple[int, int]] | None:
     """(offset, length) of header and tensor pieces, or None if `f` is not a safetensors file."""
-    read = f.read  # type: ignore[attr-defined]
+    read = f.read
     head = read(8)
     if len(head) < 8:
         return None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from modelfs import faults
+from modelfs import faults, xattrs
 from modelfs.admin import pinned_blocks
 from modelfs.backing import Kernel
 from modelfs.cache import BlockCache
@@ -31,6 +31,7 @@ from modelfs.health import check_within
 from modelfs.index import ChunkIndex
 from modelfs.metrics import Metrics
 from modelfs.notify import notify, status_line
+from modelfs.push import PushFn
 from modelfs.remote import open_store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -217,7 +218,6 @@ class Daemon:
         if not cfg.mountpoint:
             raise ConfigError("no mountpoint given")
         cache_dir = CacheDir(cfg.cache.dir)
-        faults.arm_from_environment()  # test-only fault injection; nothing unless MODELFS_TEST_FAULTS is set
         # Everything that can be checked is checked before anything in the cache dir is touched.
         store = open_store(cfg.source, cfg.s3)
         self._resources.append(store.close)
@@ -248,9 +248,11 @@ class Daemon:
             shared = SharedTier.open(cfg, store.domain, stats, cache) if cfg.shared.url else None
             if shared is not None:
                 self._resources.append(shared.close)
-            self.core = ModelFS(cfg, store, index, cache, stats, push=pyfuse3.notify_store,
+            push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer
+            self.core = ModelFS(cfg, store, index, cache, stats, push=push,
                                 observe=metrics.fetch_seconds.observe if metrics else None, shared=shared,
-                                kernel=passthrough_kernel(cfg))
+                                kernel=passthrough_kernel(cfg),
+                                faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:
@@ -380,7 +382,9 @@ def task_tree() -> str:
             for child in nursery.child_tasks:
                 walk(child, depth + 1)
 
-    walk(trio.lowlevel.current_root_task(), 0)
+    root = trio.lowlevel.current_root_task()
+    if root is not None:
+        walk(root, 0)
     return "\n".join(lines)
 
 
@@ -400,7 +404,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 10.0) -> None:
         raise ModelfsError(f"{mountpoint} is not mounted")
     pid = 0
     try:
-        pid = int(os.getxattr(real, "user.modelfs.pid"))
+        pid = int(os.getxattr(real, xattrs.PID))
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             lazy = True

@@ -41,11 +41,12 @@ from typing import Protocol
 
 import trio
 
-from modelfs import faults
 from modelfs.cache import BlockCache
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
 from modelfs.extents import Extents, Where
+from modelfs.faults import NONE as NO_FAULTS
+from modelfs.faults import Faults
 from modelfs.namespace import Namespace, Node
 from modelfs.push import PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
@@ -100,8 +101,9 @@ class Prefetcher:
     def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: BlockCache,
                  ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20, gate: PushGate | None = None,
-                 shared: SharedTier | None = None) -> None:
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS) -> None:
         self.cfg = cfg
+        self.faults = faults
         self.extents = extents
         self.cache = cache
         self.ns = ns
@@ -351,7 +353,7 @@ class Prefetcher:
             starts = [start, *self._take_adjacent(job, start)]
             try:
                 if job.error is None:
-                    faults.check("prefetch", job.node.key)
+                    self.faults.check("prefetch", job.node.key)
                     if len(starts) == 1:
                         await self._one(job, start)
                     else:

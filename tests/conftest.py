@@ -36,6 +36,21 @@ def _fuse_available() -> bool:
 
 requires_fuse = pytest.mark.skipif(not _fuse_available(), reason="needs root, /dev/fuse and fusermount3")
 
+#: Fixtures that start SeaweedFS, and those that mount: a test using one carries the marker, so
+#: `-m "not mount and not s3"` (make test-fast) never starts either, whatever its module declares.
+S3_FIXTURES = {"seaweed", "s3_checkpoint", "proxy"}
+MOUNT_FIXTURES = {"mounter", "tmpfs"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if used & S3_FIXTURES or (callspec is not None and callspec.params.get("backend") == "s3"):
+            item.add_marker(pytest.mark.s3)
+        if used & MOUNT_FIXTURES:
+            item.add_marker(pytest.mark.mount)
+
 
 @dataclass
 class Checkpoint:

@@ -24,7 +24,9 @@ hedge is sent unhedged from its caller's thread, so a full set of threads never 
 
 from __future__ import annotations
 
+import collections
 import email.utils
+import functools
 import logging
 import random
 import socket
@@ -32,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
 import boto3
 import botocore
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from modelfs.config import S3Config
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")  # what a request running in an _Attempt thread returns
 
 #: Body-level failures botocore does not retry once the response headers have arrived (the body is
 #: read straight from urllib3, so its exceptions arrive unwrapped: IncompleteRead, ReadTimeout, reset).
@@ -59,6 +62,8 @@ _BODY_ATTEMPTS = 4
 #: A ranged GET is sent at most this many times at once: the first, its hedge, and one more for each
 #: further `hedge_after` that all are silent while the store answers a bucket check.
 _MAX_ATTEMPTS = 4
+#: Recent GETs whose time to answer sets the hedge delay (`S3Store._hedge_delay`).
+_ANSWER_WINDOW = 64
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -77,7 +82,7 @@ class _Abandoned(Exception):
     """Raised inside an abandoned request's thread, so botocore neither retries it nor sends it again."""
 
 
-class _Attempt:
+class _Attempt(Generic[R]):
     """One request running in a thread of its own, that another thread can abandon: the connection it is
     using (recorded by the connection pool below, in the request's thread) is shut down, so the thread
     blocked on it wakes now instead of at the read timeout. A connection is recorded only while the request
@@ -85,7 +90,7 @@ class _Attempt:
     a connection in the pool or in another request's hands is never touched."""
 
     def __init__(self) -> None:
-        self.future: Future[Any] = Future()
+        self.future: Future[R] = Future()
         self._lock = threading.Lock()
         self._conn: Any = None
         self._abandoned = False
@@ -143,7 +148,7 @@ def _shut(conn: Any) -> None:
 _current = threading.local()  # .attempt: the _Attempt whose thread this is (None in other threads)
 
 
-def _attempt() -> _Attempt | None:
+def _attempt() -> _Attempt[Any] | None:
     return getattr(_current, "attempt", None)
 
 
@@ -159,7 +164,7 @@ class _TrackedConnection:
     """Mixin for botocore's connections: report connecting to the request being abandoned."""
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
+        super().connect()  # type: ignore[misc]  # a mixin over botocore's untyped classes
         attempt = _attempt()
         if attempt is not None:
             attempt.connected(self)
@@ -171,7 +176,7 @@ class _TrackedPool:
     response whose body the caller read, which is no longer the attempt's (`finish`)."""
 
     def _get_conn(self, timeout: float | None = None) -> Any:
-        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        conn = super()._get_conn(timeout)  # type: ignore[misc]  # a mixin over botocore's untyped classes
         attempt = _attempt()
         if attempt is not None:
             attempt.track(conn)
@@ -181,22 +186,22 @@ class _TrackedPool:
         attempt = _attempt()
         if attempt is not None:
             attempt.untrack()
-        super()._put_conn(conn)  # type: ignore[misc]
+        super()._put_conn(conn)  # type: ignore[misc]  # a mixin over botocore's untyped classes
 
 
-class _HTTPConnection(_TrackedConnection, AWSHTTPConnection):
+class _HTTPConnection(_TrackedConnection, AWSHTTPConnection):  # type: ignore[misc]  # botocore ships no types
     pass
 
 
-class _HTTPSConnection(_TrackedConnection, AWSHTTPSConnection):
+class _HTTPSConnection(_TrackedConnection, AWSHTTPSConnection):  # type: ignore[misc]  # botocore ships no types
     pass
 
 
-class _HTTPPool(_TrackedPool, AWSHTTPConnectionPool):
+class _HTTPPool(_TrackedPool, AWSHTTPConnectionPool):  # type: ignore[misc]  # botocore ships no types
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(_TrackedPool, AWSHTTPSConnectionPool):
+class _HTTPSPool(_TrackedPool, AWSHTTPSConnectionPool):  # type: ignore[misc]  # botocore ships no types
     ConnectionCls = _HTTPSConnection
 
 
@@ -240,7 +245,7 @@ class _RequestThreads:
         with self._lock:
             self._taken -= n
 
-    def start(self, fn: Callable[[], Any]) -> _Attempt:
+    def start(self, fn: Callable[[], R]) -> _Attempt[R]:
         """Run `fn` in a new thread, on a slot already taken (given back if no thread starts); its result or
         exception in `.future`."""
         with self._lock:
@@ -249,7 +254,7 @@ class _RequestThreads:
             t.join()  # past its last statement: returns at once
         with self._lock:
             self._ending = [t for t in self._ending if t not in ending]
-        attempt = _Attempt()
+        attempt: _Attempt[R] = _Attempt()
         try:
             threading.Thread(target=self._run, args=(fn, attempt), name="s3-request", daemon=True).start()
         except BaseException:  # RuntimeError: can't start new thread
@@ -257,7 +262,7 @@ class _RequestThreads:
             raise
         return attempt
 
-    def _run(self, fn: Callable[[], Any], attempt: _Attempt) -> None:
+    def _run(self, fn: Callable[[], R], attempt: _Attempt[R]) -> None:
         _current.attempt = attempt
         try:
             if attempt.abandoned:
@@ -306,12 +311,15 @@ def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = 
     got = 0
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
+    reader: Callable[[memoryview], int] | None = None
+    rest: Callable[[int], bytes] = bytes
+    done: Callable[[], None] | None = None
     if hasattr(fp, "readinto") and hasattr(raw, "release_conn"):
+        assert fp is not None and raw is not None
         reader, rest, done = fp.readinto, fp.read, raw.release_conn
     elif hasattr(raw, "readinto"):
-        reader, rest, done = raw.readinto, raw.read, None
-    else:
-        reader = None
+        assert raw is not None
+        reader, rest = raw.readinto, raw.read
     if reader is not None:
         for k, view in enumerate(views):
             have = 0
@@ -330,23 +338,23 @@ def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = 
         if done is not None:
             done()  # the body is read to its end: the connection goes back to urllib3's pool
         return got
-    it = enumerate(views)
-    k, view = next(it, (0, None))
+    pending = iter(views)
+    k, dest = 0, next(pending, None)
     have = 0
     for chunk in body.iter_chunks(1 << 20):
         pos = 0
         while pos < len(chunk):
-            if view is None:
+            if dest is None:
                 raise StoreError(f"long body: more than {want} bytes for a ranged GET")
-            n = min(len(chunk) - pos, len(view) - have)
-            view[have:have + n] = chunk[pos:pos + n]
+            n = min(len(chunk) - pos, len(dest) - have)
+            dest[have:have + n] = chunk[pos:pos + n]
             have += n
             pos += n
             got += n
-            if have == len(view):
+            if have == len(dest):
                 if filled is not None:
                     filled(k)
-                k, view = next(it, (0, None))
+                k, dest = k + 1, next(pending, None)
                 have = 0
     return got
 
@@ -383,6 +391,8 @@ class S3Store:
             raise ConfigError(f"s3: {e}") from None
         self.endpoint = str(self.client.meta.endpoint_url)
         self.hedge_after = cfg.hedge_after
+        self._answers: collections.deque[float] = collections.deque(maxlen=_ANSWER_WINDOW)  # seconds to answer
+        self._answers_lock = threading.Lock()
         self._threads = _RequestThreads(cfg.max_request_threads)
         self._abandonable = _make_abandonable(self.client)
         self._silence_lock = threading.Lock()
@@ -474,8 +484,8 @@ class S3Store:
             length = end - begin
             rng = f"bytes={begin}-{end - 1}"
             try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
-                resp = self._hedged(lambda rng=rng: self.client.get_object(Bucket=self.bucket, Key=key,  # type: ignore[misc]
-                                                                           Range=rng, IfMatch=obj.etag))
+                resp = self._hedged(functools.partial(self.client.get_object, Bucket=self.bucket, Key=key,
+                                                      Range=rng, IfMatch=obj.etag))
             except bexc.ClientError as e:
                 if _status(e) == 412 or _code(e) == "PreconditionFailed":
                     raise VersionChanged(f"{obj.key} was overwritten in the store") from None
@@ -508,6 +518,7 @@ class S3Store:
         abandoned when this returns or raises (its connection shut, its thread ended), its body closed."""
         if self.hedge_after <= 0:
             return request()
+        after = self._hedge_delay()
         if not self._threads.take(2):  # room for the request and its hedge, or neither
             self.unhedged += 1
             log.debug("no room for a hedged GET (s3.max_request_threads=%d): sent unhedged", self._threads.limit)
@@ -517,28 +528,31 @@ class S3Store:
         except BaseException:
             self._threads.give(1)  # the hedge's
             raise
+        began = time.monotonic()
         attempts = [first]
-        winner: _Attempt | None = None
+        winner: _Attempt[dict[str, Any]] | None = None
         try:
-            done, _ = wait([first.future], timeout=self.hedge_after)
+            done, _ = wait([first.future], timeout=after)
             if done:
                 self._threads.give(1)  # the hedge's, not needed
                 winner = first
+                self._answered(time.monotonic() - began)
                 return first.future.result()
             self.hedged += 1
             attempts.append(self._threads.start(request))
             pending = {a.future: a for a in attempts}
             silent_since = time.monotonic()
             while True:
-                done, _ = wait(pending, timeout=self.hedge_after, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=after, return_when=FIRST_COMPLETED)
                 for f in done:
                     attempt = pending.pop(f)
                     if f.exception() is None:
                         winner = attempt
+                        self._answered(time.monotonic() - began)
                         return f.result()
                     if not pending:
-                        raise f.exception()  # type: ignore[misc]
-                if done or time.monotonic() - silent_since < self.hedge_after:
+                        raise f.exception() or RuntimeError("a failed request without its exception")
+                if done or time.monotonic() - silent_since < after:
                     continue
                 if self._silent_store():
                     raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
@@ -555,6 +569,21 @@ class S3Store:
                 if attempt is not winner:
                     attempt.abandon()
                     attempt.future.add_done_callback(_close_body)
+
+    def _hedge_delay(self) -> float:
+        """How long a GET may stay silent before it is hedged: `s3.hedge_after`, or the 95th percentile of
+        the last GETs' time to answer where that is longer. On a saturated link every GET waits its turn
+        for seconds, and hedging them all would only double the queue (and the bytes); a GET stalled on
+        its own is still hedged once it is slower than 19 of 20 others."""
+        with self._answers_lock:
+            recent = sorted(self._answers)
+        if len(recent) < _ANSWER_WINDOW // 4:
+            return self.hedge_after
+        return max(self.hedge_after, recent[int(0.95 * (len(recent) - 1))])
+
+    def _answered(self, seconds: float) -> None:
+        with self._answers_lock:
+            self._answers.append(seconds)
 
     def _silent_store(self) -> bool:
         """Whether the store answers nothing: one bucket check within `hedge_after`, shared by the GETs that
@@ -641,7 +670,8 @@ class S3Store:
             raise self._fail(e, f"HEAD {key}", silence_is_unreachable=True) from None
         now = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(now).timestamp() - r["LastModified"].timestamp())
+            written: float = r["LastModified"].timestamp()
+            return max(0.0, email.utils.parsedate_to_datetime(now).timestamp() - written)
         except (TypeError, ValueError):
             return 0.0
 

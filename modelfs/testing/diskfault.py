@@ -139,7 +139,7 @@ def _physical_offset(fd: int, offset: int, path: str) -> int:
         raise ValueError(f"{path}: extent {logical}+{length} does not cover offset {offset}")
     if flags & FIEMAP_EXTENT_UNUSABLE:
         raise ValueError(f"{path}: extent at offset {offset} has no plain on-disk location (flags {flags:#x})")
-    return physical + (offset - logical)
+    return int(physical - logical) + offset
 
 
 def resident_pages(path: Path | str) -> list[bool]:
