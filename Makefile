@@ -29,9 +29,10 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The tests that need no FUSE mount and no S3 server (markers set from the fixtures a test uses: conftest.py).
+# The tests that need no FUSE mount, no S3 server and no install (markers follow the fixtures a test uses:
+# conftest.py).
 test-fast: venv
-	$(PY) -m pytest -q -m "not mount and not s3" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not mount and not s3 and not install" $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) bench/demo.py

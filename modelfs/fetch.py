@@ -421,9 +421,9 @@ class Fetcher:
 
     def _gather(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                 token: trio.lowlevel.TrioToken, until: float) -> list[tuple[bytes, memoryview | None]]:
-        """Fill every extent of `run` from the shared tier or the origin, storing each and answering its
-        flight as soon as its bytes are in (a demand read that joined a long prefetch GET waits for its
-        extent, not for the whole GET).
+        """Fill every extent of `run` from the shared tier or the origin, storing each and, in a run of
+        several, answering its flight as soon as its bytes are in (a demand read that joined a long
+        prefetch GET waits for its extent, not for the whole GET).
 
         With a shared tier: what it holds comes from it; of the rest, this node GETs from the origin (one
         GET per stretch) what it claimed or nobody could claim, and only then waits for the extents other
@@ -439,11 +439,13 @@ class Fetcher:
             start, length = run[i]
             digest, stored = self._store_extent(ver, start, views[i], tier[i])
             kept = private_copy(views[i]) if stored and flights[i].waiters else None
-            try:
-                token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], digest, kept)
-                out[i] = (digest, None)  # answered; the copy is the trio thread's now
-            except trio.RunFinishedError:
-                out[i] = (digest, kept)
+            out[i] = (digest, kept)  # a lone extent is answered when this thread ends (`_fly`)
+            if len(run) > 1:
+                try:
+                    token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], digest, kept)
+                    out[i] = (digest, None)  # answered; the copy is the trio thread's now
+                except trio.RunFinishedError:
+                    pass
             if self.shared is None or tier[i] is not None:
                 return
             if i in claimed:

@@ -26,7 +26,8 @@ from modelfs.testing.diskfault import (
 )
 from tests.conftest import eventually
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"loop filesystems: {available()}")
+pytestmark = [pytest.mark.mount,  # loop filesystems
+              pytest.mark.skipif(available() is not None, reason=f"loop filesystems: {available()}")]
 
 MiB = 1 << 20
 

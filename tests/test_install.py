@@ -25,6 +25,7 @@ def tree(root: Path) -> set[str]:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.install
 def test_install_into_a_root_verify_run_reinstall_uninstall(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "usr/local/bin").mkdir(parents=True)
