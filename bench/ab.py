@@ -6,7 +6,11 @@ the daemon's CPU per MiB and its counters, then medians. For deciding a default 
 
     python bench/ab.py --size-gib 1 --rounds 3 --config on: --config off:cache.preallocate=false   (root)
 
-A config is NAME:SECTION.KEY=VALUE,... (nothing after the colon: the defaults).
+A config is NAME[@TREE]:SECTION.KEY=VALUE,... (nothing after the colon: the defaults). With @TREE the
+daemon runs the `modelfs` package of that source tree (e.g. `git archive` of an older commit), so two
+builds are compared in one interleaved run:
+
+    python bench/ab.py --config old@/tmp/old-tree: --config new:   (root)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--config", action="append", required=True, metavar="NAME:OPTIONS")
+    ap.add_argument("--config", action="append", required=True, metavar="NAME[@TREE]:OPTIONS")
     ap.add_argument("--phases", default="cold,warm", help="cold, warm or both (comma-separated)")
     ap.add_argument("--local", action="store_true",
                     help="each round also loads the source from local disk, page cache dropped (the warm floor)")
@@ -56,7 +60,10 @@ def main() -> None:
                     print(f"{'local disk':12s} warm  {out.elapsed:6.2f} s", flush=True)
                 for config in args.config:
                     name, _, opts = config.partition(":")
-                    system = Modelfs(store, work, [o for o in opts.split(",") if o])
+                    name, _, tree = name.partition("@")
+                    runs_on = Store(store.endpoint_url, store.bucket, store.prefix,
+                                    {**store.env, "PYTHONPATH": tree}) if tree else store
+                    system = Modelfs(runs_on, work, [o for o in opts.split(",") if o])
                     cache = work / f"cache-{name}"
                     shutil.rmtree(cache, ignore_errors=True)
                     for phase in args.phases.split(","):
