@@ -32,10 +32,11 @@ Invariants:
   catches damage but not a writer who lies (SECURITY.md). A mismatch is counted and the origin is used.
 - A claim is made with a conditional PUT (If-None-Match: *): of nodes that miss one extent at once,
   exactly one fetches it from the origin and writes it here before any other write-back (after answering
-  its own readers: its loads never wait for the tier), then deletes the claim; the others poll the tier
-  for it, for a bounded time, then fetch it themselves. A crash before the write leaves the claim: the
-  others wait out the bound, then fetch it themselves. A claim left by a node that died is
-  taken over once older than any flight may run (by the store's clock, not a node's).
+  its own readers: its loads never wait for the tier), then deletes the claim; the others poll the claim
+  listing until the claim is gone, for a bounded time, then read it here or fetch it themselves. A
+  crash before the write leaves the claim: the others wait out the bound, then fetch it themselves. A
+  claim left by a node that died is taken over once older than any flight may run (by the store's
+  clock, not a node's).
 - Which key an extent goes under depends only on its file version: manifest versions use content keys
   (their readers know every hash), other versions use version keys. Every node picks the same one.
 """
@@ -361,11 +362,15 @@ class SharedTier:
             while not self._claimed and not self._queued:
                 await self._wake.park()
             item = self._claimed.popleft() if self._claimed else self._queued.popleft()
-            if not self.health.offline:
-                await trio.to_thread.run_sync(self._put, item, False, limiter=self._limiter,
-                                              abandon_on_cancel=True)
-            if item.claim is not None:
-                await trio.to_thread.run_sync(self._drop_claim, item.claim, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._write, item, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _write(self, item: _WriteBack) -> None:
+        """One write-back (skipped while the tier is offline), then the claim it ends, if any: a claim is
+        dropped even when the write was not made, so nobody waits for it any longer."""
+        if not self.health.offline:
+            self._put(item, False)
+        if item.claim is not None:
+            self._drop_claim(item.claim)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
         """PUT one block from the local cache (its verified copy is the body: a block damaged on disk is

@@ -556,7 +556,7 @@ class S3Store:
                     continue
                 if self._silent_store():
                     raise StoreUnreachable(f"S3 endpoint {self.endpoint} does not answer (a GET and its hedge "
-                                           f"silent for {2 * self.hedge_after:g} s, and the bucket check too)")
+                                           f"silent for {2 * after:g} s, and the bucket check too)")
                 # The store answers, and every attempt in flight is silent: each stalled on its own (a slow
                 # node behind the endpoint, a dropped connection). One more, while there is room.
                 if len(attempts) < _MAX_ATTEMPTS and self._threads.take(1):
