@@ -22,7 +22,7 @@ from modelfs.cache import BlockCache
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreError, StoreUnreachable
-from modelfs.extents import Extents, Where
+from modelfs.extents import Blocks, Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
 from modelfs.fetch import Buffer, Fetcher
@@ -31,7 +31,6 @@ from modelfs.index import ChunkIndex
 from modelfs.manifest import DIR as MANIFEST_DIR
 from modelfs.manifest import NAME as MANIFEST_NAME
 from modelfs.manifest import FileEntry, Manifest, ManifestError
-from modelfs.mapped import MappedBlocks
 from modelfs.namespace import Namespace, Node
 from modelfs.prefetch import Prefetcher
 from modelfs.push import PushFn, PushGate
@@ -74,12 +73,12 @@ class ModelFS:
                            int(cfg.fetch.memory_budget) // self.extent_size))
         self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
                                   cap=cfg.fetch.prefetch_during_demand)
-        self.maps = MappedBlocks(int(cfg.cache.map_budget))
-        self.fetcher = Fetcher(store, cache, index, self.maps, self.stats, self.buffers, cfg.fetch.deadline,
+        self.blocks = Blocks(index, cache, self.stats, store.identity, int(cfg.cache.map_budget))
+        self.fetcher = Fetcher(store, self.blocks, self.stats, self.buffers, cfg.fetch.deadline,
                                self.health, observe, shared, faults)
         self.shared = shared
-        self.extents = Extents(index, cache, self.maps, self.fetcher, self.stats, self.io_limiter,
-                               self.prefetch_limiter, cfg.fetch.deadline)
+        self.extents = Extents(self.blocks, self.fetcher, self.stats, self.io_limiter, self.prefetch_limiter,
+                               cfg.fetch.deadline)
         gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
             if push is not None and cfg.prefetch.page_cache_push else None
         self.read_wait = ReadWaits()  # how long demand READs waited (`read`; metrics, `modelfs stats`)
@@ -132,8 +131,7 @@ class ModelFS:
             if now != seen:
                 seen, trimmed = now, False
             elif not trimmed:
-                freed = self.buffers.trim() + self.maps.bytes
-                self.maps.clear()
+                freed = self.buffers.trim() + self.blocks.trim()
                 trimmed = True
                 log.debug("idle: gave back %d bytes of GET buffers and block copies", freed)
 
@@ -436,7 +434,7 @@ class ModelFS:
 
     def counters(self) -> dict[str, int]:
         snap = self.stats.snapshot()
-        snap["mapped_blocks"] = len(self.maps)
+        snap["mapped_blocks"] = self.blocks.mapped
         snap["inodes"] = len(self.ns)
         snap["versions_held"] = len(self._versions)
         snap["blocks_mapped"] = self.cache.maps_made

@@ -1,4 +1,8 @@
-"""Where an extent's bytes are, and the one way to get them.
+"""Where an extent's bytes are, and the one way to get them; the owner of the mapped pool.
+
+`Blocks` is the only code that stores a block (block cache + chunk index + the verified copy in memory)
+or looks one up; the fetcher hands it what its GETs bring (`Blocks.store`, then `Blocks.keep`) and knows
+nothing of the cache, the index or the pool. `Extents` answers readers from it and from the fetcher.
 
 Every reader of extents asks here: the core's READs, the prefetcher, `modelfs du` and the progress of
 `modelfs prefetch`. The places, cheapest first:
@@ -16,21 +20,24 @@ them, or copy them).
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
 
-from modelfs.cache import BlockCache
+from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Fetcher
+from modelfs.fetch import Fetcher, Stored
 from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks
+from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.stats import Stats
 from modelfs.version import Extent, FileVersion
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 #: Seconds the prefetcher waits for the loader to use blocks mapped ahead before it stops protecting them.
 AHEAD_WAIT = 2.0
@@ -51,15 +58,124 @@ class _Pending:
     view: memoryview | None = None
 
 
+class Blocks:
+    """Where blocks are kept: on disk (`cache.BlockCache`, found through the `index.ChunkIndex`) and, as
+    verified copies, in memory (`mapped.MappedBlocks`, `cache.map_budget`). Methods marked "worker
+    thread" block on the disk; the others are trio-thread only and never block."""
+
+    def __init__(self, index: ChunkIndex, cache: BlockCache, stats: Stats, identity: str, map_budget: int) -> None:
+        self.index = index
+        self.cache = cache
+        self.stats = stats
+        self.identity = identity  # the store's: index records are per source
+        self.maps = MappedBlocks(map_budget)
+        self._write_error_logged = False
+
+    # -- the trio thread ---------------------------------------------------------------------------------
+
+    def view(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+        ext = ver.known.get(start)
+        return self.maps.view(ext[0], inner, size) if ext is not None else None
+
+    def whole(self, ver: FileVersion, start: int) -> memoryview | None:
+        ext = ver.known.get(start)
+        return self.maps.whole(ext[0]) if ext is not None else None
+
+    def held(self, ver: FileVersion, start: int) -> bool:
+        ext = ver.known.get(start)
+        return ext is not None and ext[0] in self.maps
+
+    def keep(self, digest: bytes, copy: memoryview, ahead: bool = False, evict: bool = True) -> memoryview:
+        """Hold a verified copy (from `load`, or `store(keep=True)`); returns the view to serve."""
+        return self.maps.put(digest, copy, ahead=ahead, evict=evict)
+
+    def verified(self, ver: FileVersion) -> bool:
+        """Every extent's block was verified by this daemon (so it is on disk: eviction forgets it)."""
+        verified = self.cache.verified
+        for start, _ in ver.extents():
+            ext = ver.known.get(start)
+            if ext is None or not verified(ext[0]):
+                return False
+        return True
+
+    async def reserve_ahead(self, length: int, patience: float) -> None:
+        await self.maps.reserve_ahead(length, patience)
+
+    def unreserve(self, length: int) -> None:
+        self.maps.unreserve(length)
+
+    @property
+    def mapped(self) -> int:
+        return len(self.maps)
+
+    def trim(self) -> int:
+        """Drop every copy held (an idle daemon gives its memory back); returns the bytes let go."""
+        freed = self.maps.bytes
+        self.maps.clear()
+        return freed
+
+    # -- worker threads ----------------------------------------------------------------------------------
+
+    def load(self, ver: FileVersion, start: int, length: int) -> tuple[bytes, memoryview] | None:
+        """The extent's hash and its block read from disk and verified (`cache.BlockCache.load`), or None
+        if it is not cached."""
+        ext = ver.lookup(self.index, start, length)
+        if ext is None:
+            return None
+        copy = self.cache.load(ext[0], length)
+        return (ext[0], copy) if copy is not None else None
+
+    def contains(self, ver: FileVersion, start: int, length: int) -> bool:
+        return self.state(ver, start, length)[1] is Where.CACHED
+
+    def state(self, ver: FileVersion, start: int, length: int) -> tuple[bytes | None, Where]:
+        """The extent's hash if known, and whether its block is on disk (CACHED) or not (MISSING)."""
+        ext = ver.lookup(self.index, start, length)
+        if ext is None:
+            return None, Where.MISSING
+        return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING
+
+    def learn(self, ver: FileVersion) -> None:
+        ver.learn(self.index)
+
+    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None,
+              keep: bool = False) -> Stored:
+        """Store the bytes a GET brought for one extent: hash them (unless the caller did), write the block
+        (unless the cache is full), record the extent in the index; with `keep` (a reader waits on them),
+        also a private copy to hand to `keep` (the GET buffer goes back to its pool). A block that cannot be
+        written is served from memory this once."""
+        known = ver.known.get(start)
+        if digest is None:
+            digest = block_hash(data)
+        if known is not None and known[0] != digest:
+            log.warning("%s at %d: the store returned other bytes than the manifest or index says; re-indexed",
+                        ver.info.key, start)
+        try:
+            if not self.cache.put(digest, data):
+                self.stats.add(dedup_bytes_saved=len(data))
+        except CacheFull as e:
+            # Quota reached with every block in use, or the disk is full: serve this extent from memory.
+            self.stats.add(cache_full_skips=1)
+            log.debug("%s at %d not cached: %s", ver.info.key, start, e.strerror)
+            return Stored(digest, False, None)
+        except OSError as e:
+            self.stats.add(cache_write_errors=1)
+            if not self._write_error_logged:
+                self._write_error_logged = True
+                log.warning("cannot write to the block cache (%s): serving from memory without caching",
+                            e.strerror or e)
+            return Stored(digest, False, None)
+        self.index.record(ver.vid, self.identity, ver.info, start, digest, len(data))
+        ver.known[start] = (digest, len(data))
+        return Stored(digest, True, private_copy(data) if keep else None)
+
+
 class Extents:
     """The read path below the core: mapped blocks, flights, block files, GETs."""
 
-    def __init__(self, index: ChunkIndex, cache: BlockCache, maps: MappedBlocks, fetcher: Fetcher,
-                 stats: Stats, io_limiter: trio.CapacityLimiter, prefetch_limiter: trio.CapacityLimiter,
-                 deadline: float = 30.0) -> None:
-        self.index = index
-        self.cache = cache
-        self.maps = maps
+    def __init__(self, blocks: Blocks, fetcher: Fetcher, stats: Stats, io_limiter: trio.CapacityLimiter,
+                 prefetch_limiter: trio.CapacityLimiter, deadline: float = 30.0) -> None:
+        self.blocks = blocks
         self.fetcher = fetcher
         self.stats = stats  # cache_hits / cache_misses: READ pieces served from the cache / that waited for a GET
         # Cache-disk threads: READs take `io_limiter` tokens, the prefetcher `prefetch_limiter` ones, so
@@ -76,30 +192,21 @@ class Extents:
     def mapped(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
         """Bytes [inner, inner+size) of the extent at `start` if a verified copy of its block is held;
         else None (then `read`)."""
-        ext = ver.known.get(start)
-        if ext is None:
-            return None
-        view = self.maps.view(ext[0], inner, size)
+        view = self.blocks.view(ver, start, inner, size)
         if view is not None:
             self.stats.cache_hits += 1
         return view
 
     def where(self, ver: FileVersion, start: int) -> Where | None:
         """Mapped or in flight (known without I/O); None: ask `state` in a worker thread."""
-        ext = ver.known.get(start)
-        if ext is not None and ext[0] in self.maps:
+        if self.blocks.held(ver, start):
             return Where.MAPPED
         return Where.IN_FLIGHT if self.fetcher.flight(ver, start) is not None else None
 
     def complete(self, ver: FileVersion) -> bool:
         """Every extent's block was verified by this daemon (so it is on disk: eviction forgets it). Then
         prefetch has nothing to do for the file: a re-open, a hot load, is served by the page cache."""
-        verified = self.cache.verified
-        for start, _ in ver.extents():
-            ext = ver.known.get(start)
-            if ext is None or not verified(ext[0]):
-                return False
-        return True
+        return self.blocks.verified(ver)
 
     # -- async: may wait for a worker thread or a GET ------------------------------------------------------
 
@@ -108,8 +215,7 @@ class Extents:
         """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted,
         and its mapping may displace others), or for the prefetcher's own parsing."""
         flight = self.fetcher.flight(ver, start)
-        ext = ver.known.get(start)
-        held = self.maps.view(ext[0], inner, size) if ext is not None else None
+        held = self.blocks.view(ver, start, inner, size)
         if held is not None:
             self.stats.cache_hits += demand
             return held
@@ -155,18 +261,18 @@ class Extents:
             await self.fetcher.settle(flight)
             return False
         if not ahead:
-            _, where = await self._disk(False, self.state, ver, start, length)
+            _, where = await self._disk(False, self.blocks.state, ver, start, length)
             if where is Where.CACHED:
                 return False
             await make_room(length)
             return await self.fetcher.prefetch(ver, start, length)
         # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
-        await self.maps.reserve_ahead(length, AHEAD_WAIT)
+        await self.blocks.reserve_ahead(length, AHEAD_WAIT)
         try:
             if await self._map(ver, start, length, ahead=True, demand=False) is not None:
                 return False
         finally:
-            self.maps.unreserve(length)
+            self.blocks.unreserve(length)
         await make_room(length)
         return await self.fetcher.prefetch(ver, start, length)
 
@@ -177,14 +283,13 @@ class Extents:
     async def mapping(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
         """The whole cached extent as a view of its verified copy (for a page-cache push, from a worker
         thread: the copy stays valid as long as the view lives); None if it is not cached."""
-        ext = ver.known.get(start)
-        view = self.maps.whole(ext[0]) if ext is not None else None
+        view = self.blocks.whole(ver, start)
         return view if view is not None else await self._map(ver, start, length, evict=False, demand=False)
 
     async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False, evict: bool = True,
                    demand: bool = True) -> memoryview | None:
         """Load the extent's block in a worker thread (read into memory of its own and verified there) and
-        keep the copy (`mapped.MappedBlocks.put`); single-flight: READs that arrive together (the kernel's
+        keep the copy (`Blocks.keep`); single-flight: READs that arrive together (the kernel's
         readahead sends several) and the prefetcher share one load. A view of the whole block, or None if
         it is not cached."""
         key = (ver.vid, start)
@@ -194,9 +299,9 @@ class Extents:
             return pending.view
         pending = self._mapping[key] = _Pending()
         try:
-            view = await self._disk(demand, self._load_cached, ver, start, length)
-            if view is not None:
-                pending.view = self.maps.put(ver.known[start][0], view, ahead=ahead, evict=evict)
+            got = await self._disk(demand, self.blocks.load, ver, start, length)
+            if got is not None:
+                pending.view = self.blocks.keep(*got, ahead=ahead, evict=evict)
         finally:
             del self._mapping[key]
             pending.done.set()
@@ -218,23 +323,15 @@ class Extents:
 
     # -- worker threads --------------------------------------------------------------------------------
 
-    def _load_cached(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
-        """The extent's block read and verified (`cache.BlockCache.load`), or None if it is not cached."""
-        ext = ver.lookup(self.index, start, length)
-        return self.cache.load(ext[0], length) if ext is not None else None
-
     def learn(self, ver: FileVersion) -> None:
         """Every extent of `ver` the index knows, in one scan (before prefetching a whole file: then the
         prefetcher knows each extent's block without a lookup per extent)."""
-        ver.learn(self.index)
+        self.blocks.learn(ver)
 
     def state(self, ver: FileVersion, start: int, length: int) -> tuple[bytes | None, Where]:
         """The extent's hash if known, and whether its block is on disk (CACHED) or not (MISSING). Blocks
         on disk: call from a worker thread."""
-        ext = ver.lookup(self.index, start, length)
-        if ext is None:
-            return None, Where.MISSING
-        return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING
+        return self.blocks.state(ver, start, length)
 
 
 def usage(maps: list[tuple[str, dict[str, Any]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:

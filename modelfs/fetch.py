@@ -1,4 +1,7 @@
-"""The fetcher: ranged GETs into pooled buffers, single-flight per extent, filling cache and index.
+"""The fetcher: single-flight ranged GETs into pooled buffers, from the shared tier or the origin.
+
+What a GET brings is handed to the block store (`BlockStore`, implemented by `extents.Blocks`) in one
+call per extent; the fetcher knows nothing of the block cache, the chunk index or the mapped pool.
 
 An extent is fetched at most once at a time however many readers want it: the first asks, the rest wait
 on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader that goes
@@ -8,7 +11,7 @@ Memory: a GET runs only while it holds pooled buffers (`buffers.BufferPool`, fet
 per extent, or several extents packed into one. Demand reads get buffers and bandwidth before prefetch
 (`buffers`): buffers prefetch never takes, so a demand GET starts at once, and while one waits or runs
 prefetch starts new GETs only below fetch.prefetch_during_demand. The worker thread reads the body
-straight into the buffer, hashes it, writes the block and records it; readers waiting on the flight are
+straight into the buffer, hashes it and hands it to the block store; readers waiting on the flight are
 then answered from a copy of the new block kept in memory (when a reader waits for it) or from the buffer itself.
 
 Buffer lifetime (a `_Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
@@ -31,17 +34,15 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import trio
 
 from modelfs.buffers import Ask, BufferPool
-from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.remote import Store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -55,6 +56,29 @@ _RETRY_PAUSE = 0.25
 _RETRY_PAUSE_MAX = 2.0
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Stored(NamedTuple):
+    """What became of one fetched extent: its hash, whether its block is in the cache now, and a private
+    copy of its bytes when one was asked for (readers wait on it; the GET buffer goes back to its pool)."""
+
+    digest: bytes
+    cached: bool
+    copy: memoryview | None
+
+
+class BlockStore(Protocol):
+    """Where fetched blocks go and cached ones are found (`extents.Blocks`). `load`, `contains` and `store`
+    block on the disk (worker threads); `keep` is trio-thread only."""
+
+    def load(self, ver: FileVersion, start: int, length: int) -> tuple[bytes, memoryview] | None: ...
+
+    def contains(self, ver: FileVersion, start: int, length: int) -> bool: ...
+
+    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None,
+              keep: bool = False) -> Stored: ...
+
+    def keep(self, digest: bytes, copy: memoryview, ahead: bool = False, evict: bool = True) -> memoryview: ...
 
 
 class _Lease:
@@ -127,15 +151,12 @@ def pack(run: list[Extent], size: int) -> list[int]:
 class Fetcher:
     """Turns cache misses into ranged GETs."""
 
-    def __init__(self, store: Store, cache: BlockCache, index: ChunkIndex, maps: MappedBlocks, stats: Stats,
-                 pool: BufferPool, deadline: float = 30.0, health: Health | None = None,
-                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
-                 faults: Faults = NO_FAULTS) -> None:
+    def __init__(self, store: Store, blocks: BlockStore, stats: Stats, pool: BufferPool, deadline: float = 30.0,
+                 health: Health | None = None, observe: Callable[[float], None] | None = None,
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS) -> None:
         self.store = store
         self.faults = faults
-        self.cache = cache
-        self.index = index
-        self.maps = maps
+        self.blocks = blocks
         self.stats = stats
         self.pool = pool
         self.deadline = deadline
@@ -146,7 +167,6 @@ class Fetcher:
         self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self._supervisor: Supervisor | None = None
-        self._write_error_logged = False
 
     def start(self, supervisor: Supervisor) -> None:
         """Flights run supervised in the daemon's nursery, which owns them: cancelling it cancels every
@@ -217,7 +237,7 @@ class Fetcher:
             flight = self._inflight.get(key)  # someone may have started it while we waited
             if flight is None and ver.known.get(start) is not None:
                 try:
-                    cached = await trio.to_thread.run_sync(self.cache.contains, ver.known[start][0])
+                    cached = await trio.to_thread.run_sync(self.blocks.contains, ver, start, length)
                 except BaseException:
                     self._give_back(bufs)
                     raise
@@ -348,7 +368,7 @@ class Fetcher:
                     raise
             for flight, view, (digest, kept) in zip(flights, views, got, strict=True):
                 if not flight.done.is_set():  # else answered as its bytes arrived (`_complete_early`)
-                    flight.data = view if kept is None else self.maps.put(digest, kept)
+                    flight.data = view if kept is None else self.blocks.keep(digest, kept)
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
@@ -382,7 +402,7 @@ class Fetcher:
         GET ends and every reader took its view, as for any flight.)"""
         if flight.done.is_set():  # cannot happen (callbacks run in order, before the GET's end): be safe
             return
-        flight.data = view if kept is None else self.maps.put(digest, kept)
+        flight.data = view if kept is None else self.blocks.keep(digest, kept)
         self._land(ver, start, flight)
 
     def _land(self, ver: FileVersion, start: int, flight: _Flight) -> None:
@@ -397,7 +417,7 @@ class Fetcher:
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                         lease: _Lease, token: trio.lowlevel.TrioToken, until: float
                         ) -> list[tuple[bytes, memoryview | None]]:
-        """GET, hash, store blocks, record extents; map the new block of a flight a reader waits on.
+        """GET, hash, store blocks (with a copy of the new block of a flight a reader waits on).
         Runs in a worker thread; drops the thread's hold on the buffers when it ends, however it ends."""
         if not lease.thread_begins():
             return []
@@ -405,13 +425,12 @@ class Fetcher:
             self.faults.check("flight", ver.info.key)
             if len(run) == 1:
                 start, length = run[0]
-                known = ver.known.get(start)
-                if known is not None:
+                if ver.known.get(start) is not None:
                     # A flight for this extent may have completed between the reader's cache check and this
                     # flight's start: serve what it stored instead of fetching the same bytes twice.
-                    m = self.cache.load(known[0], length)
-                    if m is not None:
-                        return [(known[0], m)]
+                    got = self.blocks.load(ver, start, length)
+                    if got is not None:
+                        return [got]
             return self._gather(ver, run, views, flights, token, until)
         finally:
             try:
@@ -437,8 +456,7 @@ class Fetcher:
 
         def arrived(i: int) -> None:
             start, length = run[i]
-            digest, stored = self._store_extent(ver, start, views[i], tier[i])
-            kept = private_copy(views[i]) if stored and flights[i].waiters else None
+            digest, stored, kept = self.blocks.store(ver, start, views[i], tier[i], keep=flights[i].waiters > 0)
             out[i] = (digest, kept)  # a lone extent is answered when this thread ends (`_fly`)
             if len(run) > 1:
                 try:
@@ -541,32 +559,3 @@ class Fetcher:
         self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))
         if self.observe is not None:
             self.observe(time.monotonic() - began)
-
-    def _store_extent(self, ver: FileVersion, start: int, data: memoryview,
-                      digest: bytes | None = None) -> tuple[bytes, bool]:
-        """Hash one extent's bytes (unless the caller did), store the block (unless full) and record it in
-        the index; returns the hash and whether the block is in the cache now."""
-        known = ver.known.get(start)
-        if digest is None:
-            digest = block_hash(data)
-        if known is not None and known[0] != digest:
-            log.warning("%s at %d: the store returned other bytes than the manifest or index says; re-indexed",
-                        ver.info.key, start)
-        try:
-            if not self.cache.put(digest, data):
-                self.stats.add(dedup_bytes_saved=len(data))
-        except CacheFull as e:
-            # Quota reached with every block in use, or the disk is full: serve this extent from memory.
-            self.stats.add(cache_full_skips=1)
-            log.debug("%s at %d not cached: %s", ver.info.key, start, e.strerror)
-            return digest, False
-        except OSError as e:
-            self.stats.add(cache_write_errors=1)
-            if not self._write_error_logged:
-                self._write_error_logged = True
-                log.warning("cannot write to the block cache (%s): serving from memory without caching",
-                            e.strerror or e)
-            return digest, False
-        self.index.record(ver.vid, self.store.identity, ver.info, start, digest, len(data))
-        ver.known[start] = (digest, len(data))
-        return digest, True

@@ -400,10 +400,10 @@ def test_an_idle_daemon_gives_back_buffers_and_mappings(tmp_path: Path, monkeypa
         fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
         assert bytes(await core.read(fh, 0, len(data))) == data
         await settle(core)
-        assert len(core.maps) > 0 and core.buffers._free
+        assert core.blocks.mapped > 0 and core.buffers._free
         assert any(resident(b) for b in core.buffers._free)
         with trio.fail_after(30):
-            while len(core.maps) or any(resident(b) for b in core.buffers._free):
+            while core.blocks.mapped or any(resident(b) for b in core.buffers._free):
                 await trio.sleep(0.05)
         assert bytes(await core.read(fh, 1000, 5 * EXTENT)) == data[1000:1000 + 5 * EXTENT]
 
