@@ -84,8 +84,7 @@ def warm_once(store: S3Store, work: Path) -> float:
     spent: list[float] = []
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            core.start(nursery)
+        async with core.serving() as nursery:
             node = await core.lookup(1, KEY)
             c0 = cpu()
             got = await core.warm(node.inode)

@@ -8,11 +8,11 @@ CapacityLimiter, so the trio thread that serves FUSE never waits on the disk or 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -21,20 +21,19 @@ from modelfs.buffers import BufferPool
 from modelfs.cache import BlockCache
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config
-from modelfs.errors import ModelfsError, NotFound, ReadOnly, StoreError, StoreUnreachable
+from modelfs.errors import ModelfsError, NotFound, ReadOnly
 from modelfs.extents import Blocks, Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
 from modelfs.fetch import Buffer, Fetcher
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
-from modelfs.manifest import DIR as MANIFEST_DIR
-from modelfs.manifest import NAME as MANIFEST_NAME
-from modelfs.manifest import FileEntry, Manifest, ManifestError
+from modelfs.listings import Listings
 from modelfs.namespace import Namespace, Node
+from modelfs.openfiles import OpenFiles
 from modelfs.prefetch import Prefetcher
-from modelfs.push import PushFn, PushGate
-from modelfs.remote import Listing, Store, read_bytes
+from modelfs.push import PushFn
+from modelfs.remote import Store
 from modelfs.shared import SharedTier
 from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
@@ -47,17 +46,21 @@ IDLE_TRIM = 30.0
 
 
 class ModelFS:
-    """Read-only view of a store; call `start(nursery)` once before serving."""
+    """Read-only view of a store; serves while `serving()` is entered."""
 
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
                  stats: Stats | None = None, push: PushFn | None = None,
                  observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
-                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
+                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS,
+                 supervisor: Supervisor | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
         self.cache = cache
         self.stats = stats or Stats()
+        # Owns every background task of the mount (`serving`); the shared tier's too, when it was made
+        # with this supervisor.
+        self.supervisor = supervisor or Supervisor(self.stats)
         self.extent_size = int(cfg.cache.extent_size)
         # Cache-disk threads for demand reads, apart from the prefetcher's: prefetch never starves a READ.
         self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
@@ -66,7 +69,10 @@ class ModelFS:
         self.deadline = cfg.fetch.deadline
         self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline,
                              offline_after=cfg.fetch.offline_after)
-        self.ns = Namespace(self._list_dir, cfg.mount.metadata_ttl, in_use=self.is_open, on_drop=self._dropped)
+        self.listings = Listings(store, index, self.health, cfg.fetch.deadline, self.meta_limiter, self.io_limiter)
+        self.files = OpenFiles(store.identity, self.extent_size, self.listings.layout)
+        self.ns = Namespace(self.listings.list_dir, cfg.mount.metadata_ttl, in_use=self.files.is_open,
+                            on_drop=self._dropped)
         # GET buffers: fetch.concurrency for prefetch plus fetch.demand_reserve that only demand GETs take,
         # within fetch.memory_budget (when it binds, the reserve comes out of prefetch's share).
         count = max(1, min(cfg.fetch.concurrency + cfg.fetch.demand_reserve,
@@ -75,50 +81,40 @@ class ModelFS:
                                   cap=cfg.fetch.prefetch_during_demand)
         self.blocks = Blocks(index, cache, self.stats, store.identity, int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, self.blocks, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health, observe, shared, faults)
+                               self.health, observe, shared, faults, self.supervisor)
         self.shared = shared
         self.extents = Extents(self.blocks, self.fetcher, self.stats, self.io_limiter, self.prefetch_limiter,
                                cfg.fetch.deadline)
-        gate = PushGate(push, self.stats, int(cfg.prefetch.push_min_available)) \
-            if push is not None and cfg.prefetch.page_cache_push else None
         self.read_wait = ReadWaits()  # how long demand READs waited (`read`; metrics, `modelfs stats`)
-        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self, cache, self.ns, self.stats,
+        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self.files, cache, self.ns, self.stats,
                                      self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
-                                     max_request=int(cfg.fetch.max_request), gate=gate, shared=shared,
-                                     faults=faults)
-        self._versions: dict[int, FileVersion] = {}
-        self._manifests: dict[str, FileEntry] = {}  # full key -> published extents of that key
-        self._manifest_etags: dict[str, str] = {}  # prefix -> ETag of the manifest applied
-        self._open: dict[int, int] = {}  # inode -> open handles
-        # FUSE passthrough (`backing`): the kernel serves an inode from its copy only while no handle of it
-        # is open in cached mode, so each open is decided under its inode's lock, and counted.
+                                     max_request=int(cfg.fetch.max_request), push=push, shared=shared,
+                                     faults=faults, supervisor=self.supervisor)
+        # FUSE passthrough: the kernel serves an open from a verified copy of the file (`backing`).
         self.backing = BackingFiles(CacheDir(cfg.cache.dir).path, cache, index, self.stats, kernel, self._quiet) \
             if kernel is not None else None
-        self._mode_locks: dict[int, trio.Lock] = {}
-        self._cached_open: dict[int, int] = {}  # inode -> handles answered in cached mode
-        self._passthrough: set[int] = set()  # handles answered with passthrough
         self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
         self._ahead_dirs: set[int] = set()  # directories whose copies were checked ahead (`_check_siblings`)
-        self._handles: dict[int, tuple[Node, FileVersion]] = {}
-        self._dir_handles: dict[int, list[Node]] = {}
-        self._fh = itertools.count(1)
 
-    def start(self, nursery: trio.Nursery) -> Supervisor:
-        """Background work (fetch flights, prefetch workers, the offline probe, the idle trim) belongs to
-        `nursery`, supervised: no failure in it reaches the nursery (`supervise`). Returns the supervisor,
-        for the daemon's own background tasks."""
-        self.supervisor = Supervisor(nursery, self.stats)
-        self.fetcher.start(self.supervisor)
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[trio.Nursery]:
+        """Serve for as long as the block: background work (fetch flights, prefetch workers, the shared
+        tier's writers, the offline probe, the idle trim) runs in the supervisor's nursery, supervised, so
+        no failure in it reaches the nursery (`supervise`). Cancel the nursery's scope to stop."""
+        async with self.supervisor.running() as nursery:
+            self._start()
+            yield nursery
+
+    def _start(self) -> None:
         if self.shared is not None:
-            self.shared.start(self.supervisor)
-        self.prefetcher.start(self.supervisor)
+            self.shared.start()
+        self.prefetcher.start()
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
         if self.backing is not None:
             self.supervisor.spawn(self.backing.run, name="backing files", restart=True)
             self.supervisor.spawn(self.backing.run_checks, name="backing file checks", restart=True)
-        return self.supervisor
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
@@ -134,70 +130,6 @@ class ModelFS:
                 freed = self.buffers.trim() + self.blocks.trim()
                 trimmed = True
                 log.debug("idle: gave back %d bytes of GET buffers and block copies", freed)
-
-    async def _list_dir(self, prefix: str) -> Listing:
-        """The store's listing, saved for offline mode; the saved one while the store is unreachable."""
-        if not self.health.offline:
-            try:
-                with trio.fail_after(self.deadline):
-                    listing = await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter,
-                                                            abandon_on_cancel=True)
-            except trio.TooSlowError:
-                self.health.mark_unreachable(TimeoutError(f"no listing within {self.deadline:g} s"))
-            except StoreUnreachable as e:
-                self.health.mark_unreachable(e)
-            except StoreError as e:
-                if not e.transient:
-                    raise
-                log.warning("listing of /%s failed (%s): the saved listing answers", prefix, e)
-            else:
-                self.health.answered()
-                await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,
-                                              limiter=self.io_limiter)
-                if MANIFEST_DIR in listing.dirs:
-                    await self._load_manifest(prefix)
-                return listing
-        saved = await trio.to_thread.run_sync(self.index.load_listing, self.store.identity, prefix,
-                                              limiter=self.io_limiter)
-        if saved is None:
-            raise self.health.unreachable_error(f"the listing of /{prefix}")
-        if MANIFEST_DIR in saved.dirs and prefix not in self._manifest_etags:
-            raw = await trio.to_thread.run_sync(self.index.load_manifest, self.store.identity, prefix,
-                                                limiter=self.io_limiter)
-            if raw is not None:
-                self._apply_manifest(prefix, "offline", raw)
-        return saved
-
-    async def _load_manifest(self, prefix: str) -> None:
-        """Read `<prefix>.modelfs/manifest.json` (when it changed) and remember its entries."""
-        def fetch() -> tuple[str, bytes] | None:
-            found = dict(self.store.list_dir(f"{prefix}{MANIFEST_DIR}/").objects).get(MANIFEST_NAME)
-            if found is None or found.etag == self._manifest_etags.get(prefix):
-                return None
-            if found.size > 256 << 20:
-                raise ManifestError(f"manifest of /{prefix} is {found.size} bytes: ignored")
-            raw = read_bytes(self.store, found, 0, found.size)
-            self.index.save_manifest(self.store.identity, prefix, raw)
-            return found.etag, raw
-
-        try:
-            got = await trio.to_thread.run_sync(fetch, limiter=self.meta_limiter)
-        except (ModelfsError, OSError) as e:
-            log.warning("manifest of /%s not used (%s): its files are read with fixed extents", prefix, e)
-            return
-        if got is not None:
-            self._apply_manifest(prefix, *got)
-
-    def _apply_manifest(self, prefix: str, etag: str, raw: bytes) -> None:
-        try:
-            man = Manifest.loads(raw)
-        except ManifestError as e:
-            log.warning("manifest of /%s not used (%s): its files are read with fixed extents", prefix, e)
-            return
-        self._manifest_etags[prefix] = etag
-        for rel, entry in man.files.items():
-            self._manifests[prefix + rel] = entry
-        log.info("manifest of /%s: %d files with content-defined extents", prefix, len(man.files))
 
     # -- metadata ---------------------------------------------------------------------------------
 
@@ -223,7 +155,7 @@ class ModelFS:
     def _dropped(self, inode: int) -> None:
         """The namespace let go of `inode` (gone from the store's listing, unknown to the kernel, closed):
         so does everything keyed by it."""
-        ver = self._versions.pop(inode, None)
+        ver = self.files.forget(inode)
         if ver is not None and self.backing is not None:
             self.backing.forget(ver)
         self.prefetcher.forget(inode)
@@ -232,30 +164,19 @@ class ModelFS:
         node = self.ns.get(inode)
         if not node.is_dir:
             raise NotADirectoryError(node.key)
-        entries = sorted((await self.ns.children(node)).values(), key=lambda n: n.name)
-        fh = next(self._fh)
-        self._dir_handles[fh] = entries
-        return fh
+        return self.files.opendir(sorted((await self.ns.children(node)).values(), key=lambda n: n.name))
 
     def readdir(self, fh: int, start: int) -> list[Node]:
         """Entries of an open directory from index `start` on (a snapshot taken at opendir)."""
-        return self._dir_handles[fh][start:]
+        return self.files.readdir(fh, start)
 
     def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        self.files.releasedir(fh)
 
     # -- data -------------------------------------------------------------------------------------
 
     def version(self, node: Node) -> FileVersion:
-        ver = self._versions.get(node.inode)
-        if ver is None:
-            info = node.info
-            assert info is not None
-            entry = self._manifests.get(info.key)
-            # A manifest entry describes one object version: trusted only while the ETag and size match.
-            layout = entry.extents if entry and entry.etag == info.etag and entry.size == info.size else None
-            ver = self._versions[node.inode] = FileVersion.of(self.store.identity, info, self.extent_size, layout)
-        return ver
+        return self.files.version(node)
 
     def open(self, inode: int, flags: int) -> int:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
@@ -263,9 +184,7 @@ class ModelFS:
         node = self.ns.get(inode)
         if node.is_dir:
             raise IsADirectoryError(node.key)
-        fh = next(self._fh)
-        self._handles[fh] = (node, self.version(node))
-        self._open[inode] = self._open.get(inode, 0) + 1
+        fh = self.files.open(node)
         self.prefetcher.opened(node)
         return fh
 
@@ -276,19 +195,9 @@ class ModelFS:
         of one inode share its version's backing id."""
         if self.backing is None:
             return 0
-        node, ver = self._handles[fh]
-        lock = self._mode_locks.setdefault(node.inode, trio.Lock())
-        async with lock:
-            backing_id = 0
-            if not self._cached_open.get(node.inode):
-                backing_id = await self.backing.open(ver)
-            if backing_id:
-                self._passthrough.add(fh)
-                self._check_siblings(node)
-            else:
-                self._cached_open[node.inode] = self._cached_open.get(node.inode, 0) + 1
-        if not lock.statistics().tasks_waiting and self._mode_locks.get(node.inode) is lock and not lock.locked():
-            del self._mode_locks[node.inode]
+        backing_id = await self.files.choose_mode(fh, self.backing.open)
+        if backing_id:
+            self._check_siblings(self.files.handles[fh][0])
         return backing_id
 
     def _check_siblings(self, node: Node) -> None:
@@ -304,29 +213,29 @@ class ModelFS:
         self.backing.check_ahead([self.version(n) for name, n in sorted(siblings.items())
                                   if not n.is_dir and n is not node])
 
-    def is_open(self, inode: int) -> bool:
-        return self._open.get(inode, 0) > 0
-
     def release(self, fh: int) -> None:
-        entry = self._handles.pop(fh, None)
-        if entry is None:
+        closed = self.files.release(fh)
+        if closed is None:
             return
-        node, ver = entry
-        if fh in self._passthrough:
-            self._passthrough.discard(fh)
+        if closed.passthrough:
             assert self.backing is not None
-            self.backing.release(ver)
-        elif node.inode in self._cached_open:
-            self._cached_open[node.inode] -= 1
-            if not self._cached_open[node.inode]:
-                del self._cached_open[node.inode]
-        self._open[node.inode] -= 1
-        if not self._open[node.inode]:
-            del self._open[node.inode]
-            self.prefetcher.released(node)
+            self.backing.release(closed.ver)
+        if closed.last:
+            self.prefetcher.released(closed.node)
             if self.backing is not None:
-                self.backing.want(ver)  # a copy for the next open, built when the daemon is quiet
-            self.ns.collect(node.inode)
+                self.backing.want(closed.ver)  # a copy for the next open, built when the daemon is quiet
+            self.ns.collect(closed.node.inode)
+
+    @property
+    def busy(self) -> bool:
+        """A GET in flight, or prefetch work scheduled, queued or running."""
+        return bool(self.fetcher.in_flight) or not self.prefetcher.idle
+
+    async def idle(self, poll: float = 0.01) -> None:
+        """Return once nothing is fetched or prefetched (tests; anything that must see a load's end state).
+        Polls: the parts that make work are many, and none of them waits on this."""
+        while self.busy:
+            await trio.sleep(poll)
 
     def _quiet(self) -> bool:
         """No READ served and no GET buffer taken for backing.QUIET seconds, nothing in flight or queued:
@@ -341,7 +250,7 @@ class ModelFS:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
         else through `extents` (map it in a worker thread, or join or start its GET). How long it waited
         goes to `read_wait`: the common case counts as no wait, with no clock read."""
-        node, ver = self._handles[fh]
+        node, ver = self.files.handles[fh]
         end = min(offset + size, ver.info.size)
         if offset >= end:
             return b""
@@ -436,7 +345,7 @@ class ModelFS:
         snap = self.stats.snapshot()
         snap["mapped_blocks"] = self.blocks.mapped
         snap["inodes"] = len(self.ns)
-        snap["versions_held"] = len(self._versions)
+        snap["versions_held"] = len(self.files)
         snap["blocks_mapped"] = self.cache.maps_made
         snap["blocks_verified"] = self.cache.verifications
         snap["bytes_in_cache"] = self.cache.bytes_stored

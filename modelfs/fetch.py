@@ -153,7 +153,8 @@ class Fetcher:
 
     def __init__(self, store: Store, blocks: BlockStore, stats: Stats, pool: BufferPool, deadline: float = 30.0,
                  health: Health | None = None, observe: Callable[[float], None] | None = None,
-                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS) -> None:
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS,
+                 supervisor: Supervisor | None = None) -> None:
         self.store = store
         self.faults = faults
         self.blocks = blocks
@@ -166,12 +167,9 @@ class Fetcher:
         # Twice the buffers: abandoned GETs (past their deadline) hold a thread until botocore gives up.
         self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
-        self._supervisor: Supervisor | None = None
-
-    def start(self, supervisor: Supervisor) -> None:
-        """Flights run supervised in the daemon's nursery, which owns them: cancelling it cancels every
-        wait, and no failure in one reaches the FUSE loop."""
-        self._supervisor = supervisor
+        # Flights run supervised in the daemon's nursery, which owns them: cancelling it cancels every
+        # wait, and no failure in one reaches the FUSE loop.
+        self._supervisor = supervisor or Supervisor(stats)
 
     @property
     def in_flight(self) -> int:
@@ -327,7 +325,6 @@ class Fetcher:
                      acquire: Callable[[], Awaitable[list[mmap.mmap]]]) -> list[_Flight]:
         """Start the one flight of each extent of `run` (one GET); callers check `_inflight` with no await
         since."""
-        assert self._supervisor is not None, "Fetcher.start() was not called"
         flights = []
         for start, _ in run:
             key = (ver.vid, start)
@@ -380,7 +377,6 @@ class Fetcher:
             raise
         except Exception as e:  # a bug: this flight's readers get EIO, the mount keeps serving
             error = StoreError(f"internal error fetching {ver.info.key}: {type(e).__name__}")
-            assert self._supervisor is not None
             self._supervisor.failed(f"the fetch of {ver.info.key} at {run[0][0]}", e)
         finally:
             for (start, _), flight in zip(run, flights, strict=True):

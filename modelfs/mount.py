@@ -35,6 +35,7 @@ from modelfs.push import PushFn
 from modelfs.remote import open_store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +246,16 @@ class Daemon:
             self._resources.append(cache.close)
             cache.keep(pinned_blocks(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None
-            shared = SharedTier.open(cfg, store.domain, stats, cache) if cfg.shared.url else None
+            supervisor = Supervisor(stats)
+            shared = SharedTier.open(cfg, store.domain, stats, cache, supervisor) if cfg.shared.url else None
             if shared is not None:
                 self._resources.append(shared.close)
             push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer
             self.core = ModelFS(cfg, store, index, cache, stats, push=push,
                                 observe=metrics.fetch_seconds.observe if metrics else None, shared=shared,
                                 kernel=passthrough_kernel(cfg),
-                                faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
+                                faults=faults.from_environment(),  # test-only: MODELFS_TEST_FAULTS
+                                supervisor=supervisor)
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:
@@ -283,9 +286,8 @@ class Daemon:
                 log.exception("error while closing")
 
     async def _main(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
-        async with trio.open_nursery() as nursery:
-            supervisor = self.core.start(nursery)
-            supervisor.spawn(self._watch_signals, nursery.cancel_scope, name="signal handling", restart=True)
+        async with self.core.serving() as nursery:
+            self.core.supervisor.spawn(self._watch_signals, nursery.cancel_scope, name="signal handling", restart=True)
             nursery.start_soon(self._announce, mountpoint, on_ready)  # a failure here fails the mount
             await pyfuse3.main(min_tasks=4, max_tasks=self.cfg.mount.fuse_tasks)
             nursery.cancel_scope.cancel()

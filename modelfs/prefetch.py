@@ -48,7 +48,7 @@ from modelfs.extents import Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
 from modelfs.namespace import Namespace, Node
-from modelfs.push import PushGate
+from modelfs.push import PushFn, PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
 class OpenFiles(Protocol):
-    """What the prefetcher needs of the files it serves (the core): a node's version, and whether it is
+    """What the prefetcher needs of the open-file table (`openfiles`): a node's version, and whether it is
     open (pushes and mapping ahead are for open files only)."""
 
     def version(self, node: Node) -> FileVersion: ...
@@ -100,8 +100,9 @@ class Prefetcher:
 
     def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: BlockCache,
                  ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
-                 max_request: int = 64 << 20, gate: PushGate | None = None,
-                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS) -> None:
+                 max_request: int = 64 << 20, push: PushFn | None = None,
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS,
+                 supervisor: Supervisor | None = None) -> None:
         self.cfg = cfg
         self.faults = faults
         self.extents = extents
@@ -113,7 +114,9 @@ class Prefetcher:
         self.io_limiter = io_limiter
         self.workers = workers
         self.max_request = max_request
-        self.gate = gate  # page-cache push: None when off
+        # page-cache push, behind its gate: None when off
+        self.gate = PushGate(push, stats, int(cfg.push_min_available)) \
+            if push is not None and cfg.page_cache_push else None
         self.shared = shared  # with a shared tier, nodes start prefetching a file at different points
         # Pushes have threads of their own: one waiting in the kernel must never hold a demand read's.
         self.push_limiter = trio.CapacityLimiter(2)
@@ -128,17 +131,19 @@ class Prefetcher:
         self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
         # inode -> extent start -> [lo, hi): bytes READs of an open file were answered with (not to push)
         self._served: dict[int, dict[int, list[int]]] = {}
-        self._supervisor: Supervisor | None = None
+        # Workers and scheduling steps run supervised: a failure stops one job, never the mount.
+        self._supervisor = supervisor or Supervisor(stats)
+        self._started = False
         self._scheduling = 0
         self._armed: set[int] = set()  # inodes opened whose first READ has not come: prefetch starts there
         #: Checkpoint dirs already reported as not fitting in the cache: said once, not on every open.
         self._told_no_room: set[str] = set()
 
-    def start(self, supervisor: Supervisor) -> None:
-        """Workers and scheduling steps run supervised: a failure stops one job, never the mount."""
-        self._supervisor = supervisor
+    def start(self) -> None:
+        """Start the workers (in the supervisor's nursery, which must be running)."""
+        self._started = True
         for i in range(self.workers):
-            supervisor.spawn(self._worker, name=f"prefetch worker {i}", restart=True)
+            self._supervisor.spawn(self._worker, name=f"prefetch worker {i}", restart=True)
 
     @property
     def queued(self) -> int:
@@ -152,7 +157,7 @@ class Prefetcher:
 
     def opened(self, node: Node) -> None:
         """A file was opened: whole-file and checkpoint-set prefetch start at its first READ."""
-        if self._supervisor is not None and (self._whole(node) or self._set(node)):
+        if self._started and (self._whole(node) or self._set(node)):
             self._armed.add(node.inode)
 
     def _whole(self, node: Node) -> bool:
@@ -171,7 +176,6 @@ class Prefetcher:
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a scheduling step, supervised (it may read an index or list a directory)."""
-        assert self._supervisor is not None
         self._scheduling += 1
 
         async def step() -> None:
@@ -361,7 +365,6 @@ class Prefetcher:
             except (ModelfsError, OSError) as e:
                 self._stop(job, e)
             except Exception as e:  # a bug: this job stops, the worker and the mount carry on
-                assert self._supervisor is not None
                 self._supervisor.failed(f"the prefetch of {job.node.key}", e)
                 self._stop(job, ModelfsError(f"prefetch of {job.node.key} failed: internal error"))
             finally:

@@ -110,13 +110,15 @@ class SharedTier:
 
     def __init__(self, store: S3Store, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
                  probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
-                 flight_deadline: float = 30.0, writer: S3Store | None = None) -> None:
+                 flight_deadline: float = 30.0, writer: S3Store | None = None,
+                 supervisor: Supervisor | None = None) -> None:
         self.store = store
         # Writes send a whole block before the answer comes: they get the origin's timeouts, not the
         # per-request deadline of reads (a write-back is never on a reader's path).
         self.writer = writer or store
         self.domain = domain
         self.stats = stats
+        self.supervisor = supervisor or Supervisor(stats)  # runs its writers, probe and claim watch
         self.cache = cache
         self.deadline = deadline
         self.writes = write_back
@@ -140,7 +142,7 @@ class SharedTier:
         self._corrupt_logged = False
 
     @classmethod
-    def open(cls, cfg: Config, domain: str, stats: Stats, cache: BlockCache) -> SharedTier:
+    def open(cls, cfg: Config, domain: str, stats: Stats, cache: BlockCache, supervisor: Supervisor) -> SharedTier:
         """The tier `cfg.shared` describes (its store reached lazily: a tier that is down at mount is just
         skipped). One attempt per request, timeouts of `shared.deadline`: a failing tier is skipped, not
         retried."""
@@ -152,10 +154,12 @@ class SharedTier:
         return cls(S3Store(bucket, prefix, reads), domain, stats, cache, deadline=cfg.shared.deadline,
                    probe_interval=cfg.fetch.probe_interval, write_back=cfg.shared.write_back,
                    trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline,
-                   writer=S3Store(bucket, prefix, writes))
+                   writer=S3Store(bucket, prefix, writes), supervisor=supervisor)
 
-    def start(self, supervisor: Supervisor) -> None:
+    def start(self) -> None:
+        """Start the writers, the probe and the claim watch (the supervisor's nursery must be running)."""
         self._token = trio.lowlevel.current_trio_token()
+        supervisor = self.supervisor
         supervisor.spawn(self.health.probe_loop, name="shared tier probe", restart=True)
         supervisor.spawn(self._watch_claims, name="shared tier claim watch", restart=True)
         for i in range(WRITERS):

@@ -13,7 +13,8 @@ loop (`restart=True`) starts again after a pause. Only cancellation, at shutdown
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -27,16 +28,27 @@ RESTART_PAUSE = 1.0
 
 
 class Supervisor:
-    """Starts tasks in `nursery` so that an exception in one is its own failure, not the nursery's."""
+    """Starts tasks so that an exception in one is its own failure, not the nursery's. Made before the
+    parts that spawn work (they get it at construction); tasks run while `running()` is entered."""
 
-    def __init__(self, nursery: trio.Nursery, stats: Stats) -> None:
-        self.nursery = nursery
+    def __init__(self, stats: Stats) -> None:
         self.stats = stats
+        self._nursery: trio.Nursery | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[trio.Nursery]:
+        """Open the nursery that owns every supervised task, for as long as the block; leaving the block
+        waits for them, so the caller cancels the nursery's scope when it is done serving."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            yield nursery
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "",
               on_error: Callable[[BaseException], None] | None = None, restart: bool = False) -> None:
         """Run `fn(*args)` in the nursery, supervised."""
-        self.nursery.start_soon(self._run, fn, args, name or getattr(fn, "__qualname__", repr(fn)), on_error,
+        if self._nursery is None:
+            raise RuntimeError("Supervisor.running() was not entered")
+        self._nursery.start_soon(self._run, fn, args, name or getattr(fn, "__qualname__", repr(fn)), on_error,
                                 restart, name=name or None)
 
     async def _run(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], name: str,

@@ -49,8 +49,7 @@ def run_core(source: Path, tmp_path: Path) -> Iterator[Runner]:
         core = ModelFS(cfg, store, index, cache)
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                core.start(nursery)
+            async with core.serving() as nursery:
                 await body(core)  # type: ignore[misc]
                 nursery.cancel_scope.cancel()
 

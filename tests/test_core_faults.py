@@ -45,8 +45,7 @@ def run(store: MemoryStore, cache_dir: Path, body: Callable[[ModelFS], Awaitable
     core = ModelFS(cfg, store, index, cache)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            core.start(nursery)
+        async with core.serving() as nursery:
             with trio.fail_after(600):  # virtual seconds: a read that never returns fails the test
                 await body(core)
             nursery.cancel_scope.cancel()

@@ -43,13 +43,13 @@ def test_relisting_1000_etag_changes_keeps_the_inode_table_bounded(tmp_path: Pat
                 core.release(fh)
             core.forget(node.inode, 1)  # the kernel evicts the inode: FUSE FORGET
             held["inodes"] = max(held["inodes"], len(core.ns))
-            held["versions"] = max(held["versions"], len(core._versions))
+            held["versions"] = max(held["versions"], len(core.files))
         assert old_fh is not None
         assert bytes(await core.read(old_fh, 0, 1 << 20)) == old_data  # still serves its own version
         before = len(core.ns)
         core.release(old_fh)
         assert len(core.ns) == before - 1  # closed, unlisted, forgotten: dropped
-        assert len(core._versions) <= 1
+        assert len(core.files) <= 1
 
     try:
         run(core, body)

@@ -57,8 +57,7 @@ def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview],
 
 def run(core: ModelFS, body: Callable[[ModelFS], object]) -> None:
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            core.start(nursery)
+        async with core.serving() as nursery:
             await body(core)  # type: ignore[misc]
             nursery.cancel_scope.cancel()
 
@@ -75,8 +74,7 @@ async def lookup(core: ModelFS, path: str) -> int:
 async def settle(core: ModelFS) -> None:
     """Wait until no prefetch work is queued or running."""
     with trio.fail_after(30):
-        while not core.prefetcher.idle or core.fetcher.in_flight:
-            await trio.sleep(0.01)
+        await core.idle()
 
 
 def test_first_read_prefetches_whole_checkpoint_file_and_an_open_alone_fetches_nothing(tmp_path: Path) -> None:

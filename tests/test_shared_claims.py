@@ -27,11 +27,11 @@ BUCKET = "claims-tier"
 EXTENT = 1 << 20
 
 
-def tier(endpoint: str, prefix: str, root: Path, node: str) -> SharedTier:
+def tier(endpoint: str, prefix: str, root: Path, node: str, sup: Supervisor) -> SharedTier:
     s3 = dataclasses.replace(Config().s3, endpoint_url=endpoint, max_attempts=1)
     cache = BlockCache(str(root), "test-domain", preallocate=False)
     return SharedTier(S3Store(BUCKET, prefix, s3), "test-domain", Stats(), cache, deadline=5.0, probe_interval=1.0,
-                      node=node)
+                      node=node, supervisor=sup)
 
 
 def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_write(
@@ -47,8 +47,9 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
     data = os.urandom(EXTENT)
     ver = FileVersion.of("s3:test/bucket/", ObjectInfo("model.safetensors", EXTENT, '"etag"', 0.0), EXTENT)
     with FaultProxy(seaweed.endpoint_url) as proxy:
-        a = tier(seaweed.endpoint_url, prefix, tmp_path / "a", "node-a")
-        b = tier(proxy.endpoint_url, prefix, tmp_path / "b", "node-b")
+        sup = Supervisor(Stats())
+        a = tier(seaweed.endpoint_url, prefix, tmp_path / "a", "node-a", sup)
+        b = tier(proxy.endpoint_url, prefix, tmp_path / "b", "node-b", sup)
         key = a.key(ver, 0)
         assert key is not None
         view = memoryview(bytearray(EXTENT))
@@ -65,10 +66,9 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
 
         async def main() -> None:
             nonlocal listed_before
-            async with trio.open_nursery() as nursery:
-                sup = Supervisor(nursery, Stats())
-                a.start(sup)
-                b.start(sup)
+            async with sup.running() as nursery:
+                a.start()
+                b.start()
                 assert await trio.to_thread.run_sync(a.claim, ver, 0) is True
                 assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
 

@@ -27,8 +27,8 @@ def test_a_failing_task_is_logged_counted_and_handed_to_its_error_handler(caplog
         survivor_ran.set()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            sup = Supervisor(nursery, stats)
+        sup = Supervisor(stats)
+        async with sup.running():
             sup.spawn(boom, name="boom", on_error=handed.append)
             sup.spawn(survivor, name="survivor")
             await survivor_ran.wait()  # the nursery was not cancelled by boom
@@ -51,8 +51,9 @@ def test_a_long_lived_loop_is_restarted_and_cancellation_still_ends_it() -> None
         await trio.sleep_forever()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            Supervisor(nursery, stats).spawn(loop, name="loop", restart=True)
+        sup = Supervisor(stats)
+        async with sup.running() as nursery:
+            sup.spawn(loop, name="loop", restart=True)
             while runs < 3:
                 await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
