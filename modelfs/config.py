@@ -144,7 +144,8 @@ class MountConfig:
 
 @dataclass
 class SharedConfig:
-    """A cache tier shared by a fleet, on an S3-compatible store: off unless `url` is set."""
+    """A cache tier shared by a fleet, on an S3-compatible store or a shared directory: off unless `url`
+    is set."""
 
     url: str = ""
     endpoint_url: str = ""
@@ -235,8 +236,9 @@ class Config:
         if self.shared.deadline <= 0:
             raise ConfigError(f"config: shared.deadline must be a positive number of seconds, got "
                               f"{self.shared.deadline}")
-        if self.shared.url and not self.shared.url.startswith("s3://"):
-            raise ConfigError(f"config: shared.url must be s3://BUCKET/PREFIX, got {self.shared.url!r}")
+        if self.shared.url and not self.shared.url.startswith(("s3://", "file:///")):
+            raise ConfigError(f"config: shared.url must be s3://BUCKET/PREFIX or file:///DIR, "
+                              f"got {self.shared.url!r}")
         if self.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"config: log.level must be DEBUG, INFO, WARNING or ERROR, got {self.log.level!r}")
 

@@ -58,8 +58,10 @@ import xxhash
 
 from modelfs.cache import BlockCache, block_hash
 from modelfs.config import Config
-from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
+from modelfs.errors import ModelfsError, NotFound, StoreError, StoreUnreachable
 from modelfs.health import Health
+from modelfs.remote import Listing, WritableStore
+from modelfs.remote.local import LocalStore
 from modelfs.remote.s3 import S3Store, parse_s3_url
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
@@ -108,9 +110,9 @@ class _WriteBack:
 class SharedTier:
     """The shared tier of one daemon: reads from fetch worker threads, write-backs from its own tasks."""
 
-    def __init__(self, store: S3Store, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
+    def __init__(self, store: WritableStore, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
                  probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
-                 flight_deadline: float = 30.0, writer: S3Store | None = None,
+                 flight_deadline: float = 30.0, writer: WritableStore | None = None,
                  supervisor: Supervisor | None = None) -> None:
         self.store = store
         # Writes send a whole block before the answer comes: they get the origin's timeouts, not the
@@ -133,6 +135,7 @@ class SharedTier:
         self._claimed: collections.deque[_WriteBack] = collections.deque()
         self._queued: collections.deque[_WriteBack] = collections.deque()
         self._wake = trio.lowlevel.ParkingLot()
+        self._writing = 0
         # Fetch threads waiting for extents other nodes claimed: claim key -> one event per waiter.
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
@@ -145,16 +148,21 @@ class SharedTier:
     def open(cls, cfg: Config, domain: str, stats: Stats, cache: BlockCache, supervisor: Supervisor) -> SharedTier:
         """The tier `cfg.shared` describes (its store reached lazily: a tier that is down at mount is just
         skipped). One attempt per request, timeouts of `shared.deadline`: a failing tier is skipped, not
-        retried."""
-        bucket, prefix = parse_s3_url(cfg.shared.url)
-        endpoint = cfg.shared.endpoint_url or cfg.s3.endpoint_url
-        reads = dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1,
-                                    connect_timeout=cfg.shared.deadline, read_timeout=cfg.shared.deadline)
-        writes = dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1)
-        return cls(S3Store(bucket, prefix, reads), domain, stats, cache, deadline=cfg.shared.deadline,
-                   probe_interval=cfg.fetch.probe_interval, write_back=cfg.shared.write_back,
-                   trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline,
-                   writer=S3Store(bucket, prefix, writes), supervisor=supervisor)
+        retried. An s3:// URL, or a directory every node mounts (file:///DIR)."""
+        reader: WritableStore
+        writer: WritableStore
+        if cfg.shared.url.startswith("s3://"):
+            bucket, prefix = parse_s3_url(cfg.shared.url)
+            endpoint = cfg.shared.endpoint_url or cfg.s3.endpoint_url
+            reader = S3Store(bucket, prefix, dataclasses.replace(
+                cfg.s3, endpoint_url=endpoint, max_attempts=1, connect_timeout=cfg.shared.deadline,
+                read_timeout=cfg.shared.deadline))
+            writer = S3Store(bucket, prefix, dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1))
+        else:
+            reader = writer = LocalStore(cfg.shared.url.removeprefix("file://"))
+        return cls(reader, domain, stats, cache, deadline=cfg.shared.deadline, probe_interval=cfg.fetch.probe_interval,
+                   write_back=cfg.shared.write_back, trust=cfg.shared.trust, node=node_id(cfg),
+                   flight_deadline=cfg.fetch.deadline, writer=writer, supervisor=supervisor)
 
     def start(self) -> None:
         """Start the writers, the probe and the claim watch (the supervisor's nursery must be running)."""
@@ -289,6 +297,8 @@ class SharedTier:
             for parent, names in dirs.items():
                 try:
                     listing = await trio.to_thread.run_sync(self.store.list_dir, parent, abandon_on_cancel=True)
+                except NotFound:  # a directory store lists no claims as no directory
+                    listing = Listing()
                 except (ModelfsError, OSError) as e:
                     self.stats.add(shared_errors=1)
                     self.health.mark_unreachable(e)
@@ -366,7 +376,16 @@ class SharedTier:
             while not self._claimed and not self._queued:
                 await self._wake.park()
             item = self._claimed.popleft() if self._claimed else self._queued.popleft()
-            await trio.to_thread.run_sync(self._write, item, limiter=self._limiter, abandon_on_cancel=True)
+            self._writing += 1
+            try:
+                await trio.to_thread.run_sync(self._write, item, limiter=self._limiter, abandon_on_cancel=True)
+            finally:
+                self._writing -= 1
+
+    @property
+    def pending(self) -> int:
+        """Write-backs queued or being written (trio thread)."""
+        return len(self._claimed) + len(self._queued) + self._writing
 
     def _write(self, item: _WriteBack) -> None:
         """One write-back (skipped while the tier is offline), then the claim it ends, if any: a claim is

@@ -66,7 +66,7 @@ async def open_file(core: ModelFS, name: str) -> int:
 def test_a_stalled_store_fails_the_read_at_the_deadline_and_the_next_read_fetches_afresh(tmp_path: Path) -> None:
     store = MemoryStore()
     data = os.urandom(3 * EXTENT)
-    store.put("w.bin", data)
+    store.add("w.bin", data)
 
     async def body(core: ModelFS) -> None:
         fh = await open_file(core, "w.bin")
@@ -97,7 +97,7 @@ def test_a_reader_of_the_first_extent_of_a_long_get_is_answered_before_the_get_e
     extent's bytes are in, while the rest of the GET is still held; the GET is made once."""
     store = MemoryStore()
     data = os.urandom(3 * EXTENT)
-    store.put("w.bin", data)
+    store.add("w.bin", data)
 
     async def body(core: ModelFS) -> None:
         node = await core.lookup(1, "w.bin")
@@ -120,8 +120,8 @@ def test_a_reader_of_the_first_extent_of_a_long_get_is_answered_before_the_get_e
 def test_an_unreachable_store_turns_uncached_reads_into_instant_errors_and_the_probe_ends_it(tmp_path: Path) -> None:
     store = MemoryStore()
     cached, uncached = os.urandom(2 * EXTENT), os.urandom(2 * EXTENT)
-    store.put("cached.bin", cached)
-    store.put("uncached.bin", uncached)
+    store.add("cached.bin", cached)
+    store.add("uncached.bin", uncached)
 
     async def body(core: ModelFS) -> None:
         fh_c = await open_file(core, "cached.bin")
@@ -170,7 +170,7 @@ def test_a_failed_get_is_tried_again_within_the_deadline(tmp_path: Path) -> None
     each, not an EIO, and do not make the store offline."""
     store = MemoryStore()
     data = os.urandom(2 * EXTENT)
-    store.put("w.bin", data)
+    store.add("w.bin", data)
 
     async def body(core: ModelFS) -> None:
         fh = await open_file(core, "w.bin")
@@ -184,8 +184,8 @@ def test_a_failed_get_is_tried_again_within_the_deadline(tmp_path: Path) -> None
 def test_a_daemon_started_while_the_store_is_unreachable_serves_the_saved_listing(tmp_path: Path) -> None:
     store = MemoryStore()
     data = os.urandom(EXTENT + 7)
-    store.put("ckpt/w.bin", data)
-    store.put("ckpt/never-read.bin", b"x" * 100)
+    store.add("ckpt/w.bin", data)
+    store.add("ckpt/never-read.bin", b"x" * 100)
 
     async def first(core: ModelFS) -> None:
         ckpt = await core.lookup(1, "ckpt")
@@ -215,7 +215,7 @@ def test_a_daemon_started_while_the_store_is_unreachable_serves_the_saved_listin
 def test_a_cache_with_no_room_serves_from_memory(tmp_path: Path) -> None:
     store = MemoryStore()
     data = os.urandom(3 * EXTENT)
-    store.put("w.bin", data)
+    store.add("w.bin", data)
 
     async def body(core: ModelFS) -> None:
         fh = await open_file(core, "w.bin")
@@ -242,9 +242,9 @@ def test_adjacent_manifest_extents_are_fetched_in_requests_up_to_max_request(tmp
     write_safetensors(local, [20_000 + 37 * i for i in range(60)])
     data = local.read_bytes()
     store = MemoryStore()
-    info = store.put("m.safetensors", data)
+    info = store.add("m.safetensors", data)
     extents = file_extents(str(local), EXTENT)
-    store.put(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
+    store.add(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
     max_request = 256 * 1024
 
     async def body(core: ModelFS) -> None:

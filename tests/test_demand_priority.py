@@ -298,9 +298,9 @@ def test_a_demand_read_joining_a_coalesced_prefetch_get_that_waits_for_buffers_i
     write_safetensors(local, [EXTENT] * 24)
     data = local.read_bytes()
     store = KeyStall("m.safetensors", times=3)
-    info = store.put("m.safetensors", data)
+    info = store.add("m.safetensors", data)
     extents = file_extents(str(local), EXTENT)
-    store.put(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
+    store.add(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
 
     async def body(core: ModelFS) -> None:
         await core.ns.children(core.ns.root)  # reads the manifest
@@ -338,7 +338,7 @@ def test_a_read_of_a_held_block_counts_as_no_wait_without_a_clock_read(tmp_path:
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     store = MemoryStore()
     data = os.urandom(2 * EXTENT)
-    store.put("w.bin", data)
+    store.add("w.bin", data)
 
     def no_clock() -> float:
         raise AssertionError("the fast path read the clock")

@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from modelfs.errors import ConfigError
-from modelfs.remote.base import Listing, ObjectInfo, Store, read_bytes
+from modelfs.remote.base import Listing, ObjectInfo, Store, WritableStore, read_bytes
 
 if TYPE_CHECKING:
     from modelfs.config import S3Config
 
-__all__ = ["Listing", "ObjectInfo", "Store", "open_store", "read_bytes"]
+__all__ = ["Listing", "ObjectInfo", "Store", "WritableStore", "open_store", "read_bytes"]
 
 
 def open_store(source: str, s3_cfg: S3Config) -> Store:

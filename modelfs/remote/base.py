@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,33 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class WritableStore(Store, Protocol):
+    """A store the daemon also writes: the shared cache tier (`shared`), whose keys name content, so an
+    object never changes once written. Implementations: `S3Store`, `LocalStore` (a directory every node
+    mounts, e.g. NFS), `testing.memstore.MemoryStore`."""
+
+    def get_into(self, key: str, views: Sequence[memoryview], deadline: float | None = None
+                 ) -> dict[str, str] | None:
+        """Fill `views` with the whole object `key` and return its metadata; None if there is none. A
+        StoreError if its size is not the views' total. One attempt, within `deadline` (time.monotonic)."""
+        ...
+
+    def put(self, key: str, body: bytes | BinaryIO, metadata: dict[str, str], if_absent: bool = False) -> bool:
+        """Write object `key` with `metadata`, whole or not at all (a reader never sees part of it). With
+        `if_absent`, only if no object `key` exists: False if one does (the tier's claims)."""
+        ...
+
+    def age(self, key: str) -> float | None:
+        """Seconds since `key` was written, by the store's own clock where it has one; None if absent."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; no error if it is absent."""
+        ...
 
 
 def read_bytes(store: Store, obj: ObjectInfo, start: int, length: int) -> bytes:

@@ -1,4 +1,5 @@
-"""An in-memory object store that implements the `remote.Store` interface for real, with faults to inject.
+"""An in-memory object store that implements `remote.Store` and `remote.WritableStore` for real, with
+faults to inject.
 
 For tests of the core without a mount or a server (the integration tests keep SeaweedFS and the fault
 proxy): objects with ETags (a new one on every put, as S3 gives), delimiter listings, ranged reads into
@@ -18,6 +19,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 from modelfs.errors import NotFound, StoreError, StoreUnreachable, VersionChanged
 from modelfs.remote.base import Listing, ObjectInfo
@@ -33,6 +35,7 @@ class MemoryStore:
         self.unhedged = 0
         self.unreachable = False
         self._objects: dict[str, tuple[ObjectInfo, bytes]] = {}
+        self._meta: dict[str, dict[str, str]] = {}
         self._etags = itertools.count(1)
         self._lock = threading.Lock()
         self._fail: list[BaseException] = []
@@ -44,15 +47,13 @@ class MemoryStore:
 
     # -- set-up by tests ---------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> ObjectInfo:
+    def add(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        """Create or overwrite `key` (a new ETag each time)."""
         with self._lock:
             info = ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time())
             self._objects[key] = (info, bytes(data))
+            self._meta[key] = dict(metadata or {})
         return info
-
-    def delete(self, key: str) -> None:
-        with self._lock:
-            self._objects.pop(key, None)
 
     def fail_reads(self, n: int, error: BaseException) -> None:
         """The next `n` ranged reads raise `error`."""
@@ -140,3 +141,53 @@ class MemoryStore:
 
     def close(self) -> None:
         self.release()
+
+    # -- the WritableStore interface (a shared cache tier in memory) ----------------------------------------
+
+    def get_into(self, key: str, views: Sequence[memoryview], deadline: float | None = None
+                 ) -> dict[str, str] | None:
+        self._reachable()
+        with self._lock:
+            self.reads.append((key, 0, sum(len(v) for v in views)))
+            error = self._fail.pop(0) if self._fail else None
+            current = self._objects.get(key)
+            meta = dict(self._meta.get(key, {}))
+        if error is not None:
+            raise error
+        if current is None:
+            return None
+        data = current[1]
+        if len(data) != sum(len(v) for v in views):
+            raise StoreError(f"GET {key}: {len(data)} bytes, expected {sum(len(v) for v in views)}")
+        pos = 0
+        for v in views:
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+        return meta
+
+    def put(self, key: str, body: bytes | BinaryIO, metadata: dict[str, str], if_absent: bool = False) -> bool:
+        self._reachable()
+        data = body if isinstance(body, bytes) else body.read()
+        with self._lock:
+            if if_absent and key in self._objects:
+                return False
+            self._objects[key] = (ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time()), data)
+            self._meta[key] = dict(metadata)
+        return True
+
+    def age(self, key: str) -> float | None:
+        self._reachable()
+        with self._lock:
+            current = self._objects.get(key)
+        return None if current is None else max(0.0, time.time() - current[0].mtime)
+
+    def exists(self, key: str) -> bool:
+        self._reachable()
+        with self._lock:
+            return key in self._objects
+
+    def delete(self, key: str) -> None:
+        self._reachable()
+        with self._lock:
+            self._objects.pop(key, None)
+            self._meta.pop(key, None)

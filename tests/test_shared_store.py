@@ -1,0 +1,152 @@
+"""The shared cache tier over the `WritableStore` interface, without S3: the in-memory store and a directory
+(the tier on a file system every node mounts), each a real implementation. Two nodes' tiers share one
+store, as two daemons share one bucket."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelfs.cache import BlockCache, block_hash
+from modelfs.remote import ObjectInfo, WritableStore
+from modelfs.remote.local import LocalStore
+from modelfs.shared import SharedTier, claim_key
+from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
+from modelfs.testing.memstore import MemoryStore
+from modelfs.version import FileVersion
+
+EXTENT = 1 << 20
+
+
+def memory(_: Path) -> WritableStore:
+    return MemoryStore("tier")
+
+
+def directory(root: Path) -> WritableStore:
+    (root / "tier").mkdir()
+    return LocalStore(str(root / "tier"))
+
+
+STORES = [pytest.param(memory, id="memory"), pytest.param(directory, id="directory")]
+MakeStore = Callable[[Path], WritableStore]
+
+
+def tier(store: WritableStore, root: Path, node: str, sup: Supervisor) -> SharedTier:
+    cache = BlockCache(str(root / node), "test-domain", preallocate=False)
+    return SharedTier(store, "test-domain", Stats(), cache, deadline=5.0, probe_interval=1.0, node=node,
+                      supervisor=sup)
+
+
+def version(size: int = EXTENT) -> FileVersion:
+    return FileVersion.of("mem:origin", ObjectInfo("m.safetensors", size, '"etag-1"', 0.0), EXTENT)
+
+
+def run(sup: Supervisor, tiers: list[SharedTier], body: Callable[[], object]) -> None:
+    async def main() -> None:
+        async with sup.running() as nursery:
+            for t in tiers:
+                t.start()
+            with trio.fail_after(60):  # detects a hang only
+                await body()  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def written(t: SharedTier) -> None:
+    """Until the tier has no write-back queued or in progress."""
+    while t.pending:
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_block_written_back_by_one_node_is_read_verified_by_another(make: MakeStore, tmp_path: Path) -> None:
+    store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
+    a, b = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
+    ver, digest = version(), block_hash(data)
+    view = memoryview(bytearray(EXTENT))
+
+    async def body() -> None:
+        assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) is None  # nothing there yet
+        await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+        await trio.to_thread.run_sync(a.write_back, ver, 0, digest, EXTENT)
+        await written(a)
+        assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) == digest
+
+    run(sup, [a, b], body)
+    assert bytes(view) == data
+    assert a.stats.shared_bytes_written == EXTENT and b.stats.shared_hits == 1 and b.stats.shared_misses == 1
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_damaged_bytes_in_the_tier_are_never_served(make: MakeStore, tmp_path: Path) -> None:
+    store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
+    a = tier(store, tmp_path, "a", sup)
+    ver = version()
+    key = a.key(ver, 0)
+    assert key is not None
+    store.put(key, b"x" * EXTENT, {"xxh3": block_hash(data).hex()})  # the hash of other bytes
+    view = memoryview(bytearray(EXTENT))
+
+    async def body() -> None:
+        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
+
+    run(sup, [a], body)
+    assert a.stats.shared_corrupt == 1 and a.stats.shared_hits == 0
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(make: MakeStore,
+                                                                             tmp_path: Path) -> None:
+    """A claims the extent, B finds the claim and waits; B is not answered while the claim stands; A writes
+    the block and drops its claim; B wakes and reads it from the tier (no miss, no origin fetch)."""
+    store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
+    a, b = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
+    ver, digest = version(), block_hash(data)
+    view = memoryview(bytearray(EXTENT))
+    got: list[bytes | None] = []
+    key = a.key(ver, 0)
+    assert key is not None
+
+    async def body() -> None:
+        assert await trio.to_thread.run_sync(a.claim, ver, 0) is True
+        assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
+
+        async def wait() -> None:
+            got.append(await trio.to_thread.run_sync(b.wait_for, ver, 0, view))
+
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(wait)
+            while b.stats.shared_polls < 3:  # B keeps listing the claims while the claim stands
+                await trio.sleep(0.01)
+            assert not got and store.exists(claim_key(key))
+            await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+            a.share_soon(ver, 0, digest, EXTENT)  # written, then the claim dropped
+        assert not store.exists(claim_key(key))
+
+    run(sup, [a, b], body)
+    assert got == [digest] and bytes(view) == data
+    assert b.stats.shared_waits == 1 and b.stats.shared_hits == 1 and b.stats.shared_misses == 0
+
+
+def test_an_unreachable_tier_answers_nothing_and_is_skipped(tmp_path: Path) -> None:
+    """Every call fails: the tier says "not known" (the origin serves), counts the error, and is marked
+    offline, so the next extents do not ask it again."""
+    store, sup = MemoryStore("tier"), Supervisor(Stats())
+    store.unreachable = True
+    a = tier(store, tmp_path, "a", sup)
+    ver = version(4 * EXTENT)
+    view = memoryview(bytearray(EXTENT))
+
+    async def body() -> None:
+        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
+        assert await trio.to_thread.run_sync(a.claim, ver, EXTENT) is None
+        assert await trio.to_thread.run_sync(a.fetch, ver, 2 * EXTENT, view) is None
+
+    run(sup, [a], body)
+    assert a.stats.shared_errors == 1 and a.health.offline
