@@ -27,6 +27,7 @@ yields). Trio-thread only.
 from __future__ import annotations
 
 import mmap
+import threading
 from collections import deque
 
 import trio
@@ -183,3 +184,45 @@ class BufferPool:
     def release_all(self, bufs: list[mmap.mmap]) -> None:
         for buf in bufs:
             self.release(buf)
+
+
+class Lease:
+    """Pooled buffers held by one GET (`fetch`), by its worker thread and by its flight task; the last to
+    let go hands them back (on the trio thread).
+
+    The thread's hold is settled exactly once, whatever the timing of a cancellation: by the thread when
+    it ends, or, if the thread never got to start (cancelled while queued), by the flight task, in which
+    case a thread that starts after all does nothing.
+    """
+
+    __slots__ = ("_lock", "_thread", "bufs", "holders", "pool")
+
+    def __init__(self, pool: BufferPool, bufs: list[mmap.mmap]) -> None:
+        self.pool = pool
+        self.bufs = bufs
+        self.holders = 2
+        self._lock = threading.Lock()
+        self._thread = "queued"  # -> "running" (the thread drops its hold) or "void" (the flight did)
+
+    def thread_begins(self) -> bool:
+        """From the worker thread: False if the flight already gave up on it (then do nothing)."""
+        with self._lock:
+            if self._thread == "void":
+                return False
+            self._thread = "running"
+            return True
+
+    def thread_never_ran(self) -> None:
+        """From the flight task, after the thread call raised: settle the thread's hold if it never began."""
+        with self._lock:
+            if self._thread != "queued":
+                return
+            self._thread = "void"
+        self.drop()
+
+    def drop(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            for buf in self.bufs:
+                self.pool.release(buf)
+            self.bufs = []

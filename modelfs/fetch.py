@@ -1,7 +1,9 @@
 """The fetcher: single-flight ranged GETs into pooled buffers, from the shared tier or the origin.
 
 What a GET brings is handed to the block store (`BlockStore`, implemented by `extents.Blocks`) in one
-call per extent; the fetcher knows nothing of the block cache, the chunk index or the mapped pool.
+call per extent; the fetcher knows nothing of the block cache, the chunk index or the mapped pool. With a
+shared tier, which extents come from the tier, which from the origin and which to wait for is the tier's
+choice (`shared.SharedTier.cooperate`); the fetcher makes the GETs it is asked for.
 
 An extent is fetched at most once at a time however many readers want it: the first asks, the rest wait
 on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader that goes
@@ -14,7 +16,7 @@ prefetch starts new GETs only below fetch.prefetch_during_demand. The worker thr
 straight into the buffer, hashes it and hands it to the block store; readers waiting on the flight are
 then answered from a copy of the new block kept in memory (when a reader waits for it) or from the buffer itself.
 
-Buffer lifetime (a `_Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
+Buffer lifetime (a `Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
 ended, which for a GET abandoned at its deadline can be long after the flight failed, and (2) every reader
 that waited on its flights has taken its view (readers answer synchronously once woken: see `buffers`).
 
@@ -30,7 +32,6 @@ import functools
 import logging
 import mmap
 import random
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import NamedTuple, Protocol
 
 import trio
 
-from modelfs.buffers import Ask, BufferPool
+from modelfs.buffers import Ask, BufferPool, Lease
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
@@ -81,48 +82,6 @@ class BlockStore(Protocol):
     def keep(self, digest: bytes, copy: memoryview, ahead: bool = False, evict: bool = True) -> memoryview: ...
 
 
-class _Lease:
-    """Pooled buffers held by one GET, by its worker thread and by its flight task; the last to let go
-    hands them back (on the trio thread).
-
-    The thread's hold is settled exactly once, whatever the timing of a cancellation: by the thread when
-    it ends, or, if the thread never got to start (cancelled while queued), by the flight task, in which
-    case a thread that starts after all does nothing.
-    """
-
-    __slots__ = ("_lock", "_thread", "bufs", "holders", "pool")
-
-    def __init__(self, pool: BufferPool, bufs: list[mmap.mmap]) -> None:
-        self.pool = pool
-        self.bufs = bufs
-        self.holders = 2
-        self._lock = threading.Lock()
-        self._thread = "queued"  # -> "running" (the thread drops its hold) or "void" (the flight did)
-
-    def thread_begins(self) -> bool:
-        """From the worker thread: False if the flight already gave up on it (then do nothing)."""
-        with self._lock:
-            if self._thread == "void":
-                return False
-            self._thread = "running"
-            return True
-
-    def thread_never_ran(self) -> None:
-        """From the flight task, after the thread call raised: settle the thread's hold if it never began."""
-        with self._lock:
-            if self._thread != "queued":
-                return
-            self._thread = "void"
-        self.drop()
-
-    def drop(self) -> None:
-        self.holders -= 1
-        if self.holders == 0:
-            for buf in self.bufs:
-                self.pool.release(buf)
-            self.bufs = []
-
-
 @dataclass(eq=False)
 class _Flight:
     """One extent being fetched. After `done`: `data` (the whole extent) or `error`."""
@@ -133,6 +92,14 @@ class _Flight:
     waiters: int = 0  # readers waiting for `data`; the buffers stay out of the pool until they took it
     drained: trio.Event | None = None
     ask: Ask | None = None  # its GET's request for buffers, while a coalesced prefetch GET waits for them
+
+
+def _offset_call(fn: Callable[[int], object], first: int, k: int) -> None:
+    fn(first + k)
+
+
+def _with_no_hash(arrived: Callable[[int, bytes | None], object], i: int) -> None:
+    arrived(i, None)
 
 
 def pack(run: list[Extent], size: int) -> list[int]:
@@ -349,12 +316,12 @@ class Fetcher:
         """Carry out the flights of `run` (one extent, or adjacent ones in one GET): take buffers, run the
         GET in a worker thread, all within fetch.deadline, then hand each flight its bytes or the error."""
         error: BaseException | None = None
-        lease: _Lease | None = None
+        lease: Lease | None = None
         until = time.monotonic() + self.deadline  # the worker thread's retries end with the flight
         try:
             with trio.fail_after(self.deadline):
                 bufs = await acquire()
-                lease = _Lease(self.pool, bufs)
+                lease = Lease(self.pool, bufs)
                 views = self._views(run, bufs)
                 token = trio.lowlevel.current_trio_token()
                 try:
@@ -411,7 +378,7 @@ class Fetcher:
         flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
-                        lease: _Lease, token: trio.lowlevel.TrioToken, until: float
+                        lease: Lease, token: trio.lowlevel.TrioToken, until: float
                         ) -> list[tuple[bytes, memoryview | None]]:
         """GET, hash, store blocks (with a copy of the new block of a flight a reader waits on).
         Runs in a worker thread; drops the thread's hold on the buffers when it ends, however it ends."""
@@ -436,78 +403,40 @@ class Fetcher:
 
     def _gather(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                 token: trio.lowlevel.TrioToken, until: float) -> list[tuple[bytes, memoryview | None]]:
-        """Fill every extent of `run` from the shared tier or the origin, storing each and, in a run of
-        several, answering its flight as soon as its bytes are in (a demand read that joined a long
-        prefetch GET waits for its extent, not for the whole GET).
-
-        With a shared tier: what it holds comes from it; of the rest, this node GETs from the origin (one
-        GET per stretch) what it claimed or nobody could claim, and only then waits for the extents other
-        nodes claimed, so its own GET is never held up by theirs. What came from the origin goes to the tier
-        in the background, a claimed extent before any other (other nodes wait for it); never on this node's
-        readers' path."""
+        """Fill every extent of `run`, from the origin (one GET per stretch of adjacent extents) or, with a
+        shared tier, as the tier decides (`shared.SharedTier.cooperate`); store each as it arrives and, in a
+        run of several, answer its flight at once (a demand read that joined a long prefetch GET waits for
+        its extent, not for the whole GET)."""
         out: list[tuple[bytes, memoryview | None] | None] = [None] * len(run)
-        tier: list[bytes | None] = [None] * len(run)  # hashes of the extents the shared tier gave
-        claimed: set[int] = set()  # extents this node fetches from the origin for the fleet
-        waiting: list[int] = []  # extents another node is fetching from the origin now
 
-        def arrived(i: int) -> None:
-            start, length = run[i]
-            digest, stored, kept = self.blocks.store(ver, start, views[i], tier[i], keep=flights[i].waiters > 0)
-            out[i] = (digest, kept)  # a lone extent is answered when this thread ends (`_fly`)
+        def arrived(i: int, digest: bytes | None) -> Stored:
+            start = run[i][0]
+            stored = self.blocks.store(ver, start, views[i], digest, keep=flights[i].waiters > 0)
+            out[i] = (stored.digest, stored.copy)  # a lone extent is answered when this thread ends (`_fly`)
             if len(run) > 1:
                 try:
-                    token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], digest, kept)
-                    out[i] = (digest, None)  # answered; the copy is the trio thread's now
+                    token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], stored.digest,
+                                        stored.copy)
+                    out[i] = (stored.digest, None)  # answered; the copy is the trio thread's now
                 except trio.RunFinishedError:
                     pass
-            if self.shared is None or tier[i] is not None:
-                return
-            if i in claimed:
-                claimed.discard(i)
-                if stored:
-                    self.shared.share_soon(ver, start, digest, length)
-                else:
-                    self.shared.release(ver, start)
-            elif stored:
-                self.shared.write_back(ver, start, digest, length)
+            return stored
 
-        def filled(first: int, n: int) -> None:
-            arrived(first + n)
-
-        def from_origin(todo: list[int]) -> None:
+        def from_origin(todo: list[int], each: Callable[[int], object]) -> None:
             k = 0
             while k < len(todo):
                 j = k + 1
                 while j < len(todo) and todo[j] == todo[j - 1] + 1:
                     j += 1
                 first = todo[k]
-                self._get(ver, run[first][0], views[first:first + j - k], until, functools.partial(filled, first))
+                self._get(ver, run[first][0], views[first:first + j - k], until,
+                          functools.partial(_offset_call, each, first))
                 k = j
 
-        try:
-            if self.shared is not None:
-                for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
-                    tier[i] = self.shared.fetch(ver, start, view)
-                    if tier[i] is not None:
-                        arrived(i)
-                        continue
-                    mine = self.shared.claim(ver, start)
-                    if mine is False:
-                        waiting.append(i)
-                    elif mine:
-                        claimed.add(i)
-            from_origin([i for i in range(len(run)) if out[i] is None and i not in waiting])
-            for i in waiting:  # then what other nodes are fetching: it may be in the tier by now
-                assert self.shared is not None
-                tier[i] = self.shared.wait_for(ver, run[i][0], views[i])
-                if tier[i] is not None:
-                    arrived(i)
-                else:
-                    from_origin([i])
-        finally:
-            for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
-                assert self.shared is not None
-                self.shared.release(ver, run[i][0])
+        if self.shared is None:
+            from_origin(list(range(len(run))), functools.partial(_with_no_hash, arrived))
+        else:
+            self.shared.cooperate(ver, run, views, from_origin, arrived)
         got = [o for o in out if o is not None]
         if len(got) != len(run):
             raise StoreError(f"{ver.info.key}: the store answered {len(got)} of {len(run)} extents")

@@ -51,7 +51,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 import xxhash
@@ -66,6 +67,9 @@ from modelfs.remote.s3 import S3Store, parse_s3_url
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
+
+if TYPE_CHECKING:
+    from modelfs.fetch import Stored
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +226,56 @@ class SharedTier:
         return True, digest
 
     # -- cooperative fetch (fetch worker threads) ----------------------------------------------------------
+
+    def cooperate(self, ver: FileVersion, run: list[tuple[int, int]], views: list[memoryview],
+                  origin: Callable[[list[int], Callable[[int], object]], None],
+                  arrived: Callable[[int, bytes | None], Stored]) -> None:
+        """From a fetch worker thread: fill the extents of `run` (into `views`) as a fleet. What the tier
+        holds comes from it; of the rest, this node GETs from the origin (`origin(indexes, each)`, which
+        calls `each(i)` as extent i is in) what it claimed or nobody could claim, and only then waits for
+        the extents other nodes claimed, so its own GET is never held up by theirs. Each extent is handed
+        to `arrived(i, hash or None)` (the fetcher stores it and answers its readers); what came from the
+        origin then goes to the tier in the background, a claimed extent before any other (other nodes
+        wait for it): never on this node's readers' path."""
+        claimed: set[int] = set()  # extents this node fetches from the origin for the fleet
+        waiting: list[int] = []  # extents another node is fetching from the origin now
+        done: set[int] = set()
+
+        def from_origin(i: int) -> None:
+            start, length = run[i]
+            stored = arrived(i, None)
+            done.add(i)
+            if i in claimed:
+                claimed.discard(i)
+                if stored.cached:
+                    self.share_soon(ver, start, stored.digest, length)
+                else:
+                    self.release(ver, start)
+            elif stored.cached:
+                self.write_back(ver, start, stored.digest, length)
+
+        try:
+            for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
+                digest = self.fetch(ver, start, view)
+                if digest is not None:
+                    arrived(i, digest)
+                    done.add(i)
+                    continue
+                mine = self.claim(ver, start)
+                if mine is False:
+                    waiting.append(i)
+                elif mine:
+                    claimed.add(i)
+            origin([i for i in range(len(run)) if i not in done and i not in waiting], from_origin)
+            for i in waiting:  # then what other nodes are fetching: it may be in the tier by now
+                digest = self.wait_for(ver, run[i][0], views[i])
+                if digest is not None:
+                    arrived(i, digest)
+                else:
+                    origin([i], from_origin)
+        finally:
+            for i in claimed:  # left only if the fetch failed: nobody should wait for it any longer
+                self.release(ver, run[i][0])
 
     def claim(self, ver: FileVersion, start: int) -> bool | None:
         """After a miss: True if this node is to fetch the extent from the origin and share it at once
