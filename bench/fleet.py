@@ -4,13 +4,15 @@ N modelfs daemons on this machine (separate cache dirs and mountpoints: N nodes)
 origin bucket and the shared-tier bucket. The origin sits behind the fault proxy, which behaves like a
 bucket far away: its response bodies share one link capped at --bandwidth-mbs (default 200 MB/s, all nodes
 together) and every request waits --rtt-ms (default 20 ms) first; the bytes it serves are counted from its
-request log. The tier is near: no cap, no delay. Each scenario starts from empty node caches and an empty
+request log. The tier is near: no cap, no delay; a bucket on the same SeaweedFS (--tier s3, the default),
+or a directory all nodes share (--tier dir: what a fleet gets from a shared file system, here the local
+disk, so tier writes cost little next to the origin's link). Each scenario starts from empty node caches and an empty
 tier, drops the page cache, and releases one loader per node (`load_file` + copy of every tensor, in a
 fresh process): all at once, or staggered (node k released k x --stagger seconds after the first).
 Reported per scenario: origin bytes / checkpoint, the slowest and the median node's load, tier bytes read
-and written, and the origin egress at --egress-usd-per-gb. Writes bench/results/fleet.{md,json}.
+and written, and the origin egress at --egress-usd-per-gb. Writes bench/results/<--name>.{md,json}.
 
-    python bench/fleet.py [--size-gib 1] [--nodes 1,3,6] [--stagger 3] [--reps 1]     (root)
+    python bench/fleet.py [--size-gib 1] [--nodes 1,3,6] [--stagger 3] [--reps 1] [--tier s3|dir]   (root)
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ SHARED_BUCKET = "fleet-cache"
 
 
 def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared: bool, stagger: float,
-             proxy: FaultProxy, tag: str, timeout: float, extra: list[str]) -> dict[str, float]:
+             proxy: FaultProxy, tag: str, timeout: float, extra: list[str], tier: str = "s3") -> dict[str, float]:
     """One rollout: `nodes` fresh daemons, one loader each; returns wall time and origin bytes / checkpoint."""
-    opts = [f"shared.url=s3://{SHARED_BUCKET}/{tag}", f"shared.endpoint_url={store.endpoint_url}"] if shared else []
+    opts: list[str] = []
+    if shared and tier == "dir":
+        (work / "tier" / tag).mkdir(parents=True)
+        opts = [f"shared.url=file://{work / 'tier' / tag}"]
+    elif shared:
+        opts = [f"shared.url=s3://{SHARED_BUCKET}/{tag}", f"shared.endpoint_url={store.endpoint_url}"]
     opts += extra
     origin = Store(proxy.endpoint_url, store.bucket, store.prefix,
                    {**store.env, "AWS_ENDPOINT_URL": proxy.endpoint_url})
@@ -88,6 +95,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="fleet", help="results file name, without .md / .json")
+    ap.add_argument("--tier", choices=("s3", "dir"), default="s3",
+                    help="the shared tier: a bucket on the same SeaweedFS, or a directory all nodes share")
     ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a setting for every node (e.g. shared.deadline=10)")
     args = ap.parse_args()
@@ -115,7 +125,7 @@ def main() -> None:
                                        f"{'at once' if not stagger else f'staggered {stagger:g} s'}"
                                 r = scenario(work, store, src, size, nodes, shared, stagger, proxy,
                                              f"r{rep}-{nodes}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}",
-                                             args.timeout, args.modelfs_option)
+                                             args.timeout, args.modelfs_option, args.tier)
                                 results.setdefault(name, []).append(r)
                                 say(f"{name} {rep + 1}/{args.reps}: slowest {r['wall_s']:.2f} s, loads "
                                     f"{', '.join(f'{t:.2f}' for t in r['each_s'])} s, origin {r['origin_x']:.2f}x")
@@ -125,8 +135,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     lines = [f"Nodes (daemons with their own caches) on one 2-core machine, {time.strftime('%Y-%m-%d')}, "
              f"{size / 2**30:.2f} GiB 4-shard checkpoint, medians of {args.reps}. Origin: {args.bandwidth_mbs:g} MB/s "
-             f"shared by all nodes, {args.rtt_ms:g} ms round trip, bytes counted at the origin; tier: same server, "
-             f"no cap. Egress at ${args.egress_usd_per_gb:g}/GB. Slowest: from the first release to the last "
+             f"shared by all nodes, {args.rtt_ms:g} ms round trip, bytes counted at the origin; tier: "
+             f"{'same server' if args.tier == 's3' else 'a directory on the local disk'}, no cap. "
+             f"Egress at ${args.egress_usd_per_gb:g}/GB. Slowest: from the first release to the last "
              "node's last tensor; median and first/later: each node's own load.",
              "", "| rollout | slowest (s) | median node (s) | first / later nodes (s) | origin / ckpt | "
              "tier read / written (GiB) | origin egress ($) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -139,8 +150,8 @@ def main() -> None:
                      f"{statistics.median(r['tier_written'] for r in rs) / 2**30:.2f} | "
                      f"{statistics.median(r['origin_bytes'] for r in rs) / 1e9 * args.egress_usd_per_gb:.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
-    (args.out / "fleet.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                      "results": results}, indent=1))
     print("\n".join(lines))
 

@@ -401,6 +401,18 @@ class BlockCache:
             self._on_evict(len(victims), sum(size for _, size in victims))
         return freed >= need
 
+    def writable(self) -> bool:
+        """Whether the cache takes a write now (`modelfs health`): a probe file written and removed (a temp
+        name, swept at start if a crash leaves it)."""
+        path = os.path.join(self.blocks_root, f"probe.tmp.{os.getpid()}")
+        try:
+            with open(path, "wb") as f:
+                f.write(b"x")
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+
     def contains(self, digest: bytes) -> bool:
         return os.path.exists(self.path(digest))
 

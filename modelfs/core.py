@@ -322,18 +322,7 @@ class ModelFS:
             reachable = True
         except (ModelfsError, OSError, trio.TooSlowError) as e:
             reachable, problem = False, str(e) or "the store did not answer in time"
-
-        def probe_cache() -> bool:
-            path = os.path.join(self.cache.blocks_root, f"probe.tmp.{os.getpid()}")  # swept if left behind
-            try:
-                with open(path, "wb") as f:
-                    f.write(b"x")
-                os.unlink(path)
-                return True
-            except OSError:
-                return False
-
-        writable = await trio.to_thread.run_sync(probe_cache, limiter=self.io_limiter)
+        writable = await trio.to_thread.run_sync(self.cache.writable, limiter=self.io_limiter)
         if not writable:
             problem = problem or f"cannot write to the cache at {self.cache.blocks_root}"
         return {"store_reachable": reachable, "cache_writable": writable, "offline": self.health.offline,

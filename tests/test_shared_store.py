@@ -5,7 +5,7 @@ store, as two daemons share one bucket."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -46,13 +46,13 @@ def version(size: int = EXTENT) -> FileVersion:
     return FileVersion.of("mem:origin", ObjectInfo("m.safetensors", size, '"etag-1"', 0.0), EXTENT)
 
 
-def run(sup: Supervisor, tiers: list[SharedTier], body: Callable[[], object]) -> None:
+def run(sup: Supervisor, tiers: list[SharedTier], body: Callable[[], Awaitable[None]]) -> None:
     async def main() -> None:
         async with sup.running() as nursery:
             for t in tiers:
                 t.start()
             with trio.fail_after(60):  # detects a hang only
-                await body()  # type: ignore[misc]
+                await body()
             nursery.cancel_scope.cancel()
 
     trio.run(main)

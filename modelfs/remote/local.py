@@ -24,6 +24,21 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
+def _fill(fd: int, views: Sequence[memoryview], pos: int) -> bool:
+    """Read from `pos` into `views`, in order, until all are full; False if the file ends first."""
+    pending = [v for v in views if len(v)]
+    while pending:
+        n = os.preadv(fd, pending, pos)
+        if n == 0:
+            return False
+        pos += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending.pop(0))
+        if n:
+            pending[0] = pending[0][n:]
+    return True
+
+
 class LocalStore:
     """Serves the regular files under `root`; symlinks are followed (e.g. a Hugging Face cache snapshot)."""
 
@@ -80,17 +95,8 @@ class LocalStore:
         try:
             if _etag(os.fstat(fd)) != obj.etag:
                 raise VersionChanged(f"{obj.key} changed in the store")
-            pending = [v for v in views if len(v)]
-            pos = start
-            while pending:
-                n = os.preadv(fd, pending, pos)
-                if n == 0:
-                    raise VersionChanged(f"{obj.key} changed in the store while it was read")
-                pos += n
-                while pending and n >= len(pending[0]):
-                    n -= len(pending.pop(0))
-                if n:
-                    pending[0] = pending[0][n:]
+            if not _fill(fd, views, start):
+                raise VersionChanged(f"{obj.key} changed in the store while it was read")
             if _etag(os.fstat(fd)) != obj.etag:
                 raise VersionChanged(f"{obj.key} changed in the store while it was read")
         except OSError as e:
@@ -120,16 +126,8 @@ class LocalStore:
             size = os.fstat(fd).st_size
             if size != length:
                 raise StoreError(f"{key}: {size} bytes, expected {length}")
-            pending, pos = [v for v in views if len(v)], 0
-            while pending:
-                n = os.preadv(fd, pending, pos)
-                if n == 0:
-                    raise StoreError(f"{key}: short file, {pos} of {length} bytes")
-                pos += n
-                while pending and n >= len(pending[0]):
-                    n -= len(pending.pop(0))
-                if n:
-                    pending[0] = pending[0][n:]
+            if not _fill(fd, views, 0):
+                raise StoreError(f"{key}: shorter than {length} bytes while it was read")
             return _metadata(fd)
         except OSError as e:
             raise StoreError(f"cannot read {key}: {e.strerror}") from None
