@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,43 @@ from modelfs.testing.faultproxy import FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
 
 SHARED_BUCKET = "fleet-cache"
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core summed (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+class CpuSampler:
+    """The machine's CPU times every 50 ms, so the busy share can be read up to a moment known only later
+    (the last load's end, before the first loader's verification and the loaders' exit)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *cpu_times()))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> tuple[float, float]:
+        """(busy share, busy CPU-seconds) from the last sample at or before t0 to the first at or after t1."""
+        a = max((s for s in self.samples if s[0] <= t0), default=self.samples[0])
+        b = min((s for s in self.samples if s[0] >= t1), default=self.samples[-1])
+        return (b[1] - a[1]) / max(1e-9, b[2] - a[2]), b[1] - a[1]
 
 
 def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared: bool, stagger: float,
@@ -61,6 +100,8 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
         proxy.clear_log()
         with loaders(list(mnts), [src] + [None] * (nodes - 1), timeout) as procs:
             drop_caches()
+            sampler = stack.enter_context(CpuSampler())
+            time.sleep(0.06)
             t0 = time.time()
             for k, lp in enumerate(procs):
                 while time.time() < t0 + k * stagger:
@@ -71,6 +112,7 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
         if outs[0].verified is None:
             raise RuntimeError("the first node's load was not verified")
         wall = max(o.end for o in outs) - t0
+        busy, busy_s = sampler.between(t0, t0 + wall)
     keys = ("bytes_fetched", "shared_hits", "shared_misses", "shared_waits", "shared_errors", "shared_corrupt",
             "shared_bytes_read", "shared_bytes_written", "shared_writeback_dropped", "store_retries", "shared_polls",
             "hedged_gets", "read_timeouts", "store_errors")
@@ -78,6 +120,9 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
                                    for st in stats))
     return {"wall_s": wall, "origin_x": proxy.ranged_bytes() / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
             "origin_bytes": proxy.ranged_bytes(),
+            # All the machine's CPU during the rollout (daemons, loaders, proxy, SeaweedFS): its busy share,
+            # and the busy CPU-seconds over the cores, a floor for the rollout's wall time on this machine.
+            "cpu_busy": busy, "cpu_floor_s": busy_s / (os.cpu_count() or 1),
             "tier_read": sum(st.get("shared_bytes_read", 0) for st in stats),
             "tier_written": sum(st.get("shared_bytes_written", 0) for st in stats),
             "nodes": [{k: st.get(k, 0) for k in keys} for st in stats]}  # type: ignore[dict-item]
@@ -128,7 +173,8 @@ def main() -> None:
                                              args.timeout, args.modelfs_option, args.tier)
                                 results.setdefault(name, []).append(r)
                                 say(f"{name} {rep + 1}/{args.reps}: slowest {r['wall_s']:.2f} s, loads "
-                                    f"{', '.join(f'{t:.2f}' for t in r['each_s'])} s, origin {r['origin_x']:.2f}x")
+                                    f"{', '.join(f'{t:.2f}' for t in r['each_s'])} s, origin {r['origin_x']:.2f}x, "
+                                    f"CPU busy {r['cpu_busy']:.0%}, floor {r['cpu_floor_s']:.2f} s")
         finally:
             server.stop()
     finally:
@@ -138,9 +184,12 @@ def main() -> None:
              f"shared by all nodes, {args.rtt_ms:g} ms round trip, bytes counted at the origin; tier: "
              f"{'same server' if args.tier == 's3' else 'a directory on the local disk'}, no cap. "
              f"Egress at ${args.egress_usd_per_gb:g}/GB. Slowest: from the first release to the last "
-             "node's last tensor; median and first/later: each node's own load.",
+             "node's last tensor; median and first/later: each node's own load. CPU busy: the whole machine's "
+             "(daemons, loaders, proxy, SeaweedFS) from the first release to the last load's end; CPU floor: "
+             "those busy CPU-seconds over the cores, the least wall time this machine needs for that work.",
              "", "| rollout | slowest (s) | median node (s) | first / later nodes (s) | origin / ckpt | "
-             "tier read / written (GiB) | origin egress ($) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "tier read / written (GiB) | origin egress ($) | CPU busy | CPU floor (s) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, rs in results.items():
         each = [statistics.median(r["each_s"][k] for r in rs) for k in range(len(rs[0]["each_s"]))]
         lines.append(f"| {name} | {statistics.median(r['wall_s'] for r in rs):.2f} | {statistics.median(each):.2f} | "
@@ -148,7 +197,9 @@ def main() -> None:
                      f"{statistics.median(r['origin_x'] for r in rs):.2f}x | "
                      f"{statistics.median(r['tier_read'] for r in rs) / 2**30:.2f} / "
                      f"{statistics.median(r['tier_written'] for r in rs) / 2**30:.2f} | "
-                     f"{statistics.median(r['origin_bytes'] for r in rs) / 1e9 * args.egress_usd_per_gb:.3f} |")
+                     f"{statistics.median(r['origin_bytes'] for r in rs) / 1e9 * args.egress_usd_per_gb:.3f} | "
+                     f"{statistics.median(r['cpu_busy'] for r in rs):.0%} | "
+                     f"{statistics.median(r['cpu_floor_s'] for r in rs):.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -58,9 +58,10 @@ class ModelFS:
         self.index = index
         self.cache = cache
         self.stats = stats or Stats()
-        # Owns every background task of the mount (`serving`); the shared tier's too, when it was made
-        # with this supervisor.
-        self.supervisor = supervisor or Supervisor(self.stats)
+        # Owns every background task of the mount (`serving`), the shared tier's too (made with it).
+        self.supervisor = supervisor or (shared.supervisor if shared is not None else Supervisor(self.stats))
+        if shared is not None and shared.supervisor is not self.supervisor:
+            raise ValueError("the shared tier was made with another supervisor than the core's")
         self.extent_size = int(cfg.cache.extent_size)
         # Cache-disk threads for demand reads, apart from the prefetcher's: prefetch never starves a READ.
         self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
