@@ -45,6 +45,26 @@ log = logging.getLogger(__name__)
 IDLE_TRIM = 30.0
 
 
+class Quiet:
+    """Whether the daemon is quiet (`backing` builds copies only then): no READ served and no GET buffer
+    taken for backing.QUIET seconds, nothing in flight or queued, so a copy built now takes no cold load's
+    disk or CPU."""
+
+    def __init__(self, stats: Stats, buffers: BufferPool, fetcher: Fetcher, prefetcher: Prefetcher) -> None:
+        self.stats = stats
+        self.buffers = buffers
+        self.fetcher = fetcher
+        self.prefetcher = prefetcher
+        self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
+
+    def __call__(self) -> bool:
+        state, since = (self.stats.bytes_served, self.buffers.taken), time.monotonic()
+        if state != self._activity[0]:
+            self._activity = (state, since)
+            return False
+        return since - self._activity[1] >= QUIET and not self.fetcher.in_flight and not self.prefetcher.queued
+
+
 class ModelFS:
     """Read-only view of a store; serves while `serving()` is entered."""
 
@@ -93,9 +113,9 @@ class ModelFS:
                                      max_request=int(cfg.fetch.max_request), push=push, shared=shared,
                                      faults=faults, supervisor=self.supervisor)
         # FUSE passthrough: the kernel serves an open from a verified copy of the file (`backing`).
-        self.backing = BackingFiles(CacheDir(cfg.cache.dir).path, cache, index, self.stats, kernel, self._quiet) \
+        self.backing = BackingFiles(CacheDir(cfg.cache.dir).path, cache, index, self.stats, kernel,
+                                    Quiet(self.stats, self.buffers, self.fetcher, self.prefetcher)) \
             if kernel is not None else None
-        self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
         self._ahead_dirs: set[int] = set()  # directories whose copies were checked ahead (`_check_siblings`)
 
     @asynccontextmanager
@@ -237,15 +257,6 @@ class ModelFS:
         Polls: the parts that make work are many, and none of them waits on this."""
         while self.busy:
             await trio.sleep(poll)
-
-    def _quiet(self) -> bool:
-        """No READ served and no GET buffer taken for backing.QUIET seconds, nothing in flight or queued:
-        a copy built now takes no cold load's disk or CPU."""
-        state, since = (self.stats.bytes_served, self.buffers.taken), time.monotonic()
-        if state != self._activity[0]:
-            self._activity = (state, since)
-            return False
-        return since - self._activity[1] >= QUIET and not self.fetcher.in_flight and not self.prefetcher.queued
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
         """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),

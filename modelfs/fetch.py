@@ -43,7 +43,7 @@ from modelfs.buffers import Ask, BufferPool, Lease
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
-from modelfs.health import Health
+from modelfs.health import RETRY_PAUSE, RETRY_PAUSE_MAX, Health
 from modelfs.remote import Store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -52,9 +52,6 @@ from modelfs.version import Extent, FileVersion
 
 log = logging.getLogger(__name__)
 
-#: A GET the store failed for now is tried again after this pause, doubling up to the max (jittered).
-_RETRY_PAUSE = 0.25
-_RETRY_PAUSE_MAX = 2.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -456,7 +453,7 @@ class Fetcher:
             if filled is not None:
                 filled(first + k)
 
-        pause = _RETRY_PAUSE
+        pause = RETRY_PAUSE
         while True:
             first = done
             at = start + sum(len(v) for v in views[:first])
@@ -478,7 +475,7 @@ class Fetcher:
                 self.stats.add(store_retries=1)
                 log.debug("GET %s at %d: %s; trying again in %.2f s", ver.info.key, at, e, pause)
                 time.sleep(random.uniform(pause / 2, pause))
-                pause = min(2 * pause, _RETRY_PAUSE_MAX)
+                pause = min(2 * pause, RETRY_PAUSE_MAX)
         if self.health is not None:
             self.health.answered()
         self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))

@@ -52,6 +52,24 @@ def to_errno(e: BaseException) -> int:
     return errno.EIO
 
 
+class _Every:
+    """True at most once per `seconds` (a warning that offline mode would repeat on every READ)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = -seconds
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
+_eio_said = _Every(5.0)
+
+
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """The one place where errors become errno."""
 
@@ -66,7 +84,9 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
             raise pyfuse3.FUSEError(errno.EIO) from None
         except (ModelfsError, OSError) as e:
             code = to_errno(e)
-            if code not in (errno.ENOENT, errno.EROFS, errno.ENODATA):
+            if code == errno.EIO and _eio_said.ready():
+                log.warning("%s answered EIO: %s", fn.__name__, e)  # what a loader saw fail, and why
+            elif code not in (errno.ENOENT, errno.EROFS, errno.ENODATA):
                 log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(code) from None
         except Exception:

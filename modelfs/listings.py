@@ -9,11 +9,12 @@ content-defined extents from it (`manifest`), trusted per object version (ETag a
 from __future__ import annotations
 
 import logging
+import random
 
 import trio
 
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
-from modelfs.health import Health
+from modelfs.health import RETRY_PAUSE, RETRY_PAUSE_MAX, Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import DIR as MANIFEST_DIR
 from modelfs.manifest import NAME as MANIFEST_NAME
@@ -47,20 +48,34 @@ class Listings:
         return entry.extents if entry and entry.etag == info.etag and entry.size == info.size else None
 
     async def list_dir(self, prefix: str) -> Listing:
-        """The store's listing, saved for offline mode; the saved one while the store is unreachable."""
-        if not self.health.offline:
+        """The store's listing, saved for offline mode. When the store fails it for now (an overloaded
+        store refuses, cuts or 5xx's: not an outage), the saved listing answers; a directory never listed
+        before is asked again, with pauses, until fetch.deadline or offline mode, so a load rides out an
+        overloaded store rather than get EIO on a directory it has not reached yet."""
+        until = trio.current_time() + self.deadline
+        pause = RETRY_PAUSE
+        while not self.health.offline and trio.current_time() < until:
             try:
-                with trio.fail_after(self.deadline):
+                with trio.fail_at(until):
                     listing = await trio.to_thread.run_sync(self.store.list_dir, prefix, limiter=self.meta_limiter,
                                                             abandon_on_cancel=True)
             except trio.TooSlowError:
                 self.health.mark_unreachable(TimeoutError(f"no listing within {self.deadline:g} s"))
-            except StoreUnreachable as e:
-                self.health.mark_unreachable(e)
+                break
             except StoreError as e:
                 if not e.transient:
                     raise
-                log.warning("listing of /%s failed (%s): the saved listing answers", prefix, e)
+                if isinstance(e, StoreUnreachable):
+                    self.health.mark_unreachable(e)
+                saved = await self._saved(prefix)
+                if saved is not None:
+                    log.info("listing of /%s failed (%s): the saved listing answers", prefix, e)
+                    return saved
+                if trio.current_time() + pause >= until:
+                    break
+                log.debug("listing of /%s failed (%s): trying again in %.2f s", prefix, e, pause)
+                await trio.sleep(random.uniform(pause / 2, pause))
+                pause = min(2 * pause, RETRY_PAUSE_MAX)
             else:
                 self.health.answered()
                 await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,
@@ -68,11 +83,16 @@ class Listings:
                 if MANIFEST_DIR in listing.dirs:
                     await self._load_manifest(prefix)
                 return listing
-        saved = await trio.to_thread.run_sync(self.index.load_listing, self.store.identity, prefix,
-                                              limiter=self.io_limiter)
+        saved = await self._saved(prefix)
         if saved is None:
             raise self.health.unreachable_error(f"the listing of /{prefix}")
-        if MANIFEST_DIR in saved.dirs and prefix not in self._manifest_etags:
+        return saved
+
+    async def _saved(self, prefix: str) -> Listing | None:
+        """The listing of `prefix` saved when the store last gave it (and its saved manifest, applied)."""
+        saved = await trio.to_thread.run_sync(self.index.load_listing, self.store.identity, prefix,
+                                              limiter=self.io_limiter)
+        if saved is not None and MANIFEST_DIR in saved.dirs and prefix not in self._manifest_etags:
             raw = await trio.to_thread.run_sync(self.index.load_manifest, self.store.identity, prefix,
                                                 limiter=self.io_limiter)
             if raw is not None:

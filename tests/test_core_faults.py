@@ -261,3 +261,44 @@ def test_adjacent_manifest_extents_are_fetched_in_requests_up_to_max_request(tmp
         assert core.cache.blocks_stored == len({d for _, _, d in extents})  # each extent its own block
 
     run(store, tmp_path / "cache", body, **{"prefetch.whole_file": "true", "fetch.max_request": str(max_request)})
+
+
+@pytest.mark.parametrize("error", [StoreUnreachable("connection refused"), StoreError("503 SlowDown", transient=True)],
+                         ids=["refused", "503"])
+def test_a_directory_not_listed_before_rides_out_a_store_that_fails_for_now(tmp_path: Path,
+                                                                             error: StoreError) -> None:
+    """An overloaded store refuses or 5xx's the first listings of a directory the mount has no saved
+    listing of: the listing is asked again, with pauses, and the load goes on (no EIO, no offline mode)."""
+    store = MemoryStore()
+    data = os.urandom(EXTENT)
+    store.add("ckpt/w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        ckpt = await core.lookup(1, "ckpt")
+        listed = store.lists
+        store.fail_lists(4, error)
+        node = await core.lookup(ckpt.inode, "w.bin")
+        fh = core.open(node.inode, os.O_RDONLY)
+        assert bytes(await core.read(fh, 0, EXTENT)) == data
+        assert store.lists == listed + 5 and not core.health.offline
+
+    run(store, tmp_path / "cache", body)
+
+
+def test_a_directory_never_listed_fails_with_eio_at_the_deadline_when_the_store_keeps_refusing(
+        tmp_path: Path) -> None:
+    """A store that keeps refusing the listing of a directory the mount never listed: it is asked again
+    until fetch.deadline (or offline mode, if that comes first), then the lookup fails with EIO."""
+    store = MemoryStore()
+    store.add("ckpt/w.bin", b"x")
+
+    async def body(core: ModelFS) -> None:
+        ckpt = await core.lookup(1, "ckpt")
+        store.fail_lists(10_000, StoreUnreachable("connection refused"))
+        began = trio.current_time()
+        with pytest.raises(ModelfsError, match="not cached") as failed:
+            await core.lookup(ckpt.inode, "w.bin")
+        assert failed.value.errno == errno.EIO
+        assert 30 - 2 <= trio.current_time() - began <= 30  # the deadline, less at most one pause (virtual time)
+
+    run(store, tmp_path / "cache", body)

@@ -6,7 +6,7 @@ proxy): objects with ETags (a new one on every put, as S3 gives), delimiter list
 the caller's buffers with If-Match semantics (an overwritten or deleted object is `VersionChanged`). It
 records every ranged read, and misbehaves on request, as Mountpoint's failure client does:
 
-- `fail_reads(n, error)`: the next n ranged reads raise `error` (a countdown);
+- `fail_reads(n, error)`, `fail_lists(n, error)`: the next n ranged reads, or listings, raise `error`;
 - `stall_reads()` / `release()`: ranged reads block (in their worker thread) until released;
 - `unreachable = True`: every call raises `StoreUnreachable`, as a store that cannot be reached does.
 
@@ -39,6 +39,8 @@ class MemoryStore:
         self._etags = itertools.count(1)
         self._lock = threading.Lock()
         self._fail: list[BaseException] = []
+        self._fail_lists: list[BaseException] = []
+        self.lists = 0  # listings asked for
         self._stalled = threading.Event()
         self._stalled.set()  # set = not stalled
         self._stall_after_first = False
@@ -59,6 +61,11 @@ class MemoryStore:
         """The next `n` ranged reads raise `error`."""
         with self._lock:
             self._fail += [error] * n
+
+    def fail_lists(self, n: int, error: BaseException) -> None:
+        """The next `n` listings raise `error`."""
+        with self._lock:
+            self._fail_lists += [error] * n
 
     def stall_reads(self, after_first: bool = False) -> None:
         """Hold ranged reads until `release`: before their first byte, or (`after_first`) once the first
@@ -82,6 +89,11 @@ class MemoryStore:
         self._reachable()
 
     def list_dir(self, prefix: str) -> Listing:
+        with self._lock:
+            self.lists += 1
+            error = self._fail_lists.pop(0) if self._fail_lists else None
+        if error is not None:
+            raise error
         self._reachable()
         listing = Listing()
         dirs: set[str] = set()
