@@ -161,7 +161,8 @@ class SharedTier:
             reader = S3Store(bucket, prefix, dataclasses.replace(
                 cfg.s3, endpoint_url=endpoint, max_attempts=1, connect_timeout=cfg.shared.deadline,
                 read_timeout=cfg.shared.deadline))
-            writer = S3Store(bucket, prefix, dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1))
+            writer = S3Store(bucket, prefix, dataclasses.replace(cfg.s3, endpoint_url=endpoint, max_attempts=1),
+                             sign_payload=False)
         else:
             reader = writer = LocalStore(cfg.shared.url.removeprefix("file://"))
         return cls(reader, domain, stats, cache, deadline=cfg.shared.deadline, probe_interval=cfg.fetch.probe_interval,
