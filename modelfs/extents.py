@@ -29,11 +29,11 @@ import trio
 
 from modelfs.cache import BlockCache, CacheFull, block_hash
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Fetcher, Stored
+from modelfs.fetch import Fetcher
 from modelfs.index import ChunkIndex
 from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.stats import Stats
-from modelfs.version import Extent, FileVersion
+from modelfs.version import Extent, FileVersion, Stored
 
 _T = TypeVar("_T")
 

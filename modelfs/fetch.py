@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import trio
 
@@ -48,21 +48,12 @@ from modelfs.remote import Store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import Extent, FileVersion
+from modelfs.version import Extent, FileVersion, Stored
 
 log = logging.getLogger(__name__)
 
 
 Buffer = bytes | bytearray | memoryview
-
-
-class Stored(NamedTuple):
-    """What became of one fetched extent: its hash, whether its block is in the cache now, and a private
-    copy of its bytes when one was asked for (readers wait on it; the GET buffer goes back to its pool)."""
-
-    digest: bytes
-    cached: bool
-    copy: memoryview | None
 
 
 class BlockStore(Protocol):

@@ -52,7 +52,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import trio
 import xxhash
@@ -66,10 +65,7 @@ from modelfs.remote.local import LocalStore
 from modelfs.remote.s3 import S3Store, parse_s3_url
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion
-
-if TYPE_CHECKING:
-    from modelfs.fetch import Stored
+from modelfs.version import FileVersion, Stored
 
 log = logging.getLogger(__name__)
 

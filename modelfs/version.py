@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from modelfs.index import ChunkIndex, version_id
 from modelfs.remote import ObjectInfo
@@ -83,3 +84,12 @@ class FileVersion:
             out.append((start, length))
             pos = start + length
         return out
+
+
+class Stored(NamedTuple):
+    """What became of one fetched extent: its hash, whether its block is in the cache now, and a private
+    copy of its bytes when one was asked for (readers wait on it; the GET buffer goes back to its pool)."""
+
+    digest: bytes
+    cached: bool
+    copy: memoryview | None
