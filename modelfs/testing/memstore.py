@@ -52,9 +52,13 @@ class MemoryStore:
     def add(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> ObjectInfo:
         """Create or overwrite `key` (a new ETag each time)."""
         with self._lock:
-            info = ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time())
-            self._objects[key] = (info, bytes(data))
-            self._meta[key] = dict(metadata or {})
+            return self._set(key, data, metadata or {})
+
+    def _set(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+        """Store `key` as a new version; the caller holds the lock."""
+        info = ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time())
+        self._objects[key] = (info, bytes(data))
+        self._meta[key] = dict(metadata)
         return info
 
     def fail_reads(self, n: int, error: BaseException) -> None:
@@ -159,8 +163,9 @@ class MemoryStore:
     def get_into(self, key: str, views: Sequence[memoryview], deadline: float | None = None
                  ) -> dict[str, str] | None:
         self._reachable()
+        length = sum(len(v) for v in views)
         with self._lock:
-            self.reads.append((key, 0, sum(len(v) for v in views)))
+            self.reads.append((key, 0, length))
             error = self._fail.pop(0) if self._fail else None
             current = self._objects.get(key)
             meta = dict(self._meta.get(key, {}))
@@ -169,8 +174,8 @@ class MemoryStore:
         if current is None:
             return None
         data = current[1]
-        if len(data) != sum(len(v) for v in views):
-            raise StoreError(f"GET {key}: {len(data)} bytes, expected {sum(len(v) for v in views)}")
+        if len(data) != length:
+            raise StoreError(f"GET {key}: {len(data)} bytes, expected {length}")
         pos = 0
         for v in views:
             v[:] = data[pos:pos + len(v)]
@@ -183,8 +188,7 @@ class MemoryStore:
         with self._lock:
             if if_absent and key in self._objects:
                 return False
-            self._objects[key] = (ObjectInfo(key, len(data), f'"etag-{next(self._etags)}"', time.time()), data)
-            self._meta[key] = dict(metadata)
+            self._set(key, data, metadata)
         return True
 
     def age(self, key: str) -> float | None:
