@@ -78,7 +78,8 @@ class CpuSampler:
 
 
 def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared: bool, stagger: float,
-             proxy: FaultProxy, tag: str, timeout: float, extra: list[str], tier: str = "s3") -> dict[str, float]:
+             proxy: FaultProxy, tag: str, timeout: float, extra: list[str], tier: str = "s3",
+             logs: Path | None = None) -> dict[str, float]:
     """One rollout: `nodes` fresh daemons, one loader each; returns wall time and origin bytes / checkpoint."""
     opts: list[str] = []
     if shared and tier == "dir":
@@ -113,9 +114,14 @@ def scenario(work: Path, store: Store, src: Path, size: int, nodes: int, shared:
             raise RuntimeError("the first node's load was not verified")
         wall = max(o.end for o in outs) - t0
         busy, busy_s = sampler.between(t0, t0 + wall)
+    if logs is not None:  # each daemon's log, kept for reading after the run (the work dir goes)
+        (logs / tag).mkdir(parents=True, exist_ok=True)
+        for k in range(nodes):
+            with contextlib.suppress(OSError):
+                shutil.copy(work / f"cache{k}" / "modelfs.log", logs / tag / f"node{k}.log")
     keys = ("bytes_fetched", "shared_hits", "shared_misses", "shared_waits", "shared_errors", "shared_corrupt",
             "shared_bytes_read", "shared_bytes_written", "shared_writeback_dropped", "store_retries", "shared_polls",
-            "hedged_gets", "read_timeouts", "store_errors")
+            "hedged_gets", "read_timeouts", "store_errors", "shared_wait_expired")
     say("  per node: " + "; ".join(" ".join(f"{k.removeprefix('shared_')}={st.get(k, 0)}" for k in keys)
                                    for st in stats))
     return {"wall_s": wall, "origin_x": proxy.ranged_bytes() / size, "each_s": [o.elapsed for o in outs],  # type: ignore[dict-item]
@@ -145,6 +151,8 @@ def main() -> None:
                     help="the shared tier: a bucket on the same SeaweedFS, or a directory all nodes share")
     ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a setting for every node (e.g. shared.deadline=10)")
+    ap.add_argument("--only", default="", help="only the rollouts whose name contains this ('shared tier, at')")
+    ap.add_argument("--logs", type=Path, help="keep each daemon's log under this directory")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelfs-fleet-"))
     results: dict[str, list[dict[str, Any]]] = {}
@@ -168,9 +176,11 @@ def main() -> None:
                                 name = f"{nodes} node{'s' if nodes > 1 else ''}, " \
                                        f"{'shared tier' if shared else 'origin only'}, " \
                                        f"{'at once' if not stagger else f'staggered {stagger:g} s'}"
+                                if args.only not in name:
+                                    continue
                                 r = scenario(work, store, src, size, nodes, shared, stagger, proxy,
                                              f"r{rep}-{nodes}-{int(shared)}-{int(stagger * 10)}-{time.time_ns()}",
-                                             args.timeout, args.modelfs_option, args.tier)
+                                             args.timeout, args.modelfs_option, args.tier, args.logs)
                                 results.setdefault(name, []).append(r)
                                 say(f"{name} {rep + 1}/{args.reps}: slowest {r['wall_s']:.2f} s, loads "
                                     f"{', '.join(f'{t:.2f}' for t in r['each_s'])} s, origin {r['origin_x']:.2f}x, "

@@ -49,6 +49,8 @@ COUNTERS = {
     "shared_writeback_dropped": "write-backs dropped because their queue was full",
     "shared_waits": "extents waited for in the shared tier while another node fetched them",
     "shared_polls": "listings of the claims this node waited on (one per claimed directory and poll)",
+    "shared_wait_expired": "extents another node claimed that did not land in the shared tier in time (the origin "
+                           "served them)",
 }
 #: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
 ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks",

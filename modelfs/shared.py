@@ -3,9 +3,11 @@ about once.
 
 On a local miss the fetcher asks this tier before the origin (`SharedTier.fetch`, from its worker thread);
 what came from the origin is written back here in the background (`SharedTier.write_back`: a bounded queue
-drained by supervised tasks; never on a reader's path). A tier that is down, slow or failing is skipped,
-like the origin in offline mode, and probed again every `fetch.probe_interval`: it never costs a load more
-than `shared.deadline` per request.
+drained by supervised tasks; never on a reader's path). A request the tier fails or does not answer within
+`shared.deadline` is served by the origin; a tier that answers no request for two deadlines (down,
+blackholed) is skipped, like the origin in offline mode, and probed again every `fetch.probe_interval`. So
+it never costs a load more than `shared.deadline` per request, and a tier that is only busy (one answer
+late, the next on time) keeps serving the extents it answers in time.
 
 Layout, under the prefix of `shared.url` (version 1):
 
@@ -52,6 +54,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import trio
 import xxhash
@@ -69,10 +72,15 @@ from modelfs.version import FileVersion, Stored
 
 log = logging.getLogger(__name__)
 
+#: What the tier answered a read (`SharedTier._read`).
+Answer = Literal["hit", "miss", "damaged", "failed"]
+
 LAYOUT = "v1"
 #: Write-backs waiting for a writer; more are dropped (and counted), never waited for.
 QUEUE = 256
 WRITERS = 4
+#: A tier that answers no request for this many `shared.deadline`s is skipped until a probe gets an answer.
+OFFLINE_AFTER = 2
 #: How often a node waiting for extents other nodes claimed lists their claims (one LIST per directory).
 CLAIM_POLL = 0.05
 
@@ -129,8 +137,12 @@ class SharedTier:
         # A peer's claimed extent normally lands within a GET and a PUT; past this, fetch it here.
         self.wait = 4 * deadline
         self.stale_after = flight_deadline + self.wait
+        # A request past its deadline makes the tier suspect, not skipped: a tier that is busy (its server
+        # short of CPU while a fleet writes to it) misses one deadline and answers the next request, and
+        # skipping it then would send every extent to the origin for a probe interval. One that answers
+        # nothing for `offline_after` (down, blackholed) is skipped; each request costs at most `deadline`.
         self.health = Health(store.check, f"shared cache tier {store.describe()}", probe_interval, deadline,
-                             mode="skipped, loads go to the origin")
+                             mode="skipped, loads go to the origin", offline_after=OFFLINE_AFTER * deadline)
         # Two lanes: extents this node claimed (other nodes wait for them) are written before any other.
         self._claimed: collections.deque[_WriteBack] = collections.deque()
         self._queued: collections.deque[_WriteBack] = collections.deque()
@@ -191,26 +203,25 @@ class SharedTier:
     def fetch(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
         """Fill `view` with the extent at `start` from the tier; its verified hash, or None (not there,
         not trusted, tier skipped or failing, or bytes that do not check out: the origin then serves)."""
-        found, digest = self._read(ver, start, view)
-        if found:
-            self.stats.add(shared_misses=int(digest is None))
-        return digest
+        return self._read(ver, start, view)[1]
 
-    def _read(self, ver: FileVersion, start: int, view: memoryview) -> tuple[bool, bytes | None]:
-        """(True, hash) for a verified hit, (True, None) for a miss; (False, None) when the tier was not
-        asked or failed, or its bytes did not check out (nothing more to expect from it)."""
+    def _read(self, ver: FileVersion, start: int, view: memoryview) -> tuple[Answer, bytes | None]:
+        """("hit", hash) for verified bytes; otherwise (what the tier answered, None): "miss" (counted),
+        "damaged" (bytes that do not check out: the object is to be replaced), or "failed" (failed, too
+        slow, or not asked: nothing more to expect from it for this extent)."""
         key = self.key(ver, start)
         if key is None or self.health.offline:
-            return False, None
-        began = time.monotonic()
+            return "failed", None
         try:
-            meta = self.store.get_into(key, [view], deadline=began + self.deadline)
+            meta = self.store.get_into(key, [view], deadline=time.monotonic() + self.deadline)
         except (ModelfsError, OSError) as e:
             self.stats.add(shared_errors=1)
             self.health.mark_unreachable(e)
-            return False, None
+            return "failed", None
+        self.health.answered()
         if meta is None:
-            return True, None
+            self.stats.add(shared_misses=1)
+            return "miss", None
         digest = block_hash(view)
         want = ver.known[start][0] if ver.layout is not None else _hex(meta.get("xxh3", ""))
         if digest != want:
@@ -218,9 +229,9 @@ class SharedTier:
             if not self._corrupt_logged:
                 self._corrupt_logged = True
                 log.warning("shared cache tier: %s does not match its hash: ignored, the origin serves it", key)
-            return False, None
+            return "damaged", None
         self.stats.add(shared_hits=1, shared_bytes_read=len(view))
-        return True, digest
+        return "hit", digest
 
     # -- cooperative fetch (fetch worker threads) ----------------------------------------------------------
 
@@ -253,16 +264,23 @@ class SharedTier:
 
         try:
             for i, ((start, _), view) in enumerate(zip(run, views, strict=True)):
-                digest = self.fetch(ver, start, view)
+                answer, digest = self._read(ver, start, view)
+                if answer == "miss" or answer == "damaged":
+                    mine = self.claim(ver, start)
+                    # Shared between this node's miss and its claim (a busy tier takes seconds to claim):
+                    # read it, instead of a GET from the origin and a PUT.
+                    if mine and answer == "miss" and self._landed(ver, start):
+                        self.release(ver, start)
+                        answer, digest = self._read(ver, start, view)
+                    elif mine is False:
+                        waiting.append(i)
+                    elif mine:
+                        claimed.add(i)
+                # else the tier failed this extent: the origin serves it, unclaimed (a claim would cost the
+                # loader another deadline)
                 if digest is not None:
                     arrived(i, digest)
                     done.add(i)
-                    continue
-                mine = self.claim(ver, start)
-                if mine is False:
-                    waiting.append(i)
-                elif mine:
-                    claimed.add(i)
             origin([i for i in range(len(run)) if i not in done and i not in waiting], from_origin)
             for i in waiting:  # then what other nodes are fetching: it may be in the tier by now
                 digest = self.wait_for(ver, run[i][0], views[i])
@@ -284,8 +302,10 @@ class SharedTier:
         ckey = claim_key(key)
         try:
             if self.store.put(ckey, self.node.encode(), {}, if_absent=True):
+                self.health.answered()
                 return True
             age = self.store.age(ckey)
+            self.health.answered()
             if age is None or age > self.stale_after:  # shared meanwhile, or its node died: ours now
                 self.store.put(ckey, self.node.encode(), {})
                 return True
@@ -294,6 +314,18 @@ class SharedTier:
             self.stats.add(shared_errors=1)
             self.health.mark_unreachable(e)
             return None
+
+    def _landed(self, ver: FileVersion, start: int) -> bool:
+        """After this node won a claim: whether the extent is in the tier after all. Another node may have
+        written it and dropped its claim between this node's miss and its claim (seconds, on a busy tier);
+        one HEAD then saves a GET from the origin and a PUT."""
+        key = self.key(ver, start)
+        try:
+            return key is not None and self.store.exists(key)
+        except (ModelfsError, OSError) as e:
+            self.stats.add(shared_errors=1)
+            self.health.mark_unreachable(e)
+            return False
 
     def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
         """The extent another node claimed, once it lands in the tier (verified hash), waiting at most
@@ -314,7 +346,7 @@ class SharedTier:
         try:
             self._token.run_sync_soon(self._watch_wake.unpark_all)
             if not gone.wait(self.wait):
-                self.stats.add(shared_misses=1)
+                self.stats.add(shared_misses=1, shared_wait_expired=1)
                 return None
         except trio.RunFinishedError:
             return None
@@ -325,10 +357,7 @@ class SharedTier:
                     events.remove(gone)
                     if not events:
                         del self._waiters[ckey]
-        found, digest = self._read(ver, start, view)
-        if found and digest is None:  # the claimer's fetch or write failed: nothing to wait for
-            self.stats.add(shared_misses=1)
-        return digest
+        return self._read(ver, start, view)[1]  # a miss: the claimer's fetch or write failed
 
     async def _watch_claims(self) -> None:
         """While any fetch thread waits for an extent another node claimed: list the directories of those
@@ -355,6 +384,7 @@ class SharedTier:
                     self.health.mark_unreachable(e)
                     gone += [parent + n for n in names]
                     continue
+                self.health.answered()
                 present = {n for n, _ in listing.objects}
                 gone += [parent + n for n in names if n not in present]
             self.stats.add(shared_polls=1)
@@ -442,7 +472,9 @@ class SharedTier:
         """One write-back (skipped while the tier is offline), then the claim it ends, if any: a claim is
         dropped even when the write was not made, so nobody waits for it any longer."""
         if not self.health.offline:
-            self._put(item, False)
+            # An extent nobody claimed came from the origin after a miss, a failed claim or a wait that
+            # ran out: another node may have written it meanwhile, and a HEAD costs less than a PUT.
+            self._put(item, unless_there=item.claim is None)
         if item.claim is not None:
             self._drop_claim(item.claim)
 
@@ -463,6 +495,7 @@ class SharedTier:
             if isinstance(e, StoreUnreachable):
                 self.health.mark_unreachable(e)
             return
+        self.health.answered()
         self.stats.add(shared_bytes_written=item.length)
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class Stats:
     shared_writeback_dropped: int = 0
     shared_waits: int = 0
     shared_polls: int = 0
+    shared_wait_expired: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

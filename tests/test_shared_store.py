@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import trio
@@ -18,7 +19,7 @@ from modelfs.shared import SharedTier, claim_key
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.testing.memstore import MemoryStore
-from modelfs.version import FileVersion
+from modelfs.version import FileVersion, Stored
 
 EXTENT = 1 << 20
 
@@ -134,19 +135,87 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
     assert b.stats.shared_waits == 1 and b.stats.shared_hits == 1 and b.stats.shared_misses == 0
 
 
-def test_an_unreachable_tier_answers_nothing_and_is_skipped(tmp_path: Path) -> None:
-    """Every call fails: the tier says "not known" (the origin serves), counts the error, and is marked
-    offline, so the next extents do not ask it again."""
+def test_an_unreachable_tier_is_suspect_then_skipped(tmp_path: Path) -> None:
+    """Every call fails: the tier says "not known" (the origin serves) and counts the error. One failure only
+    makes it suspect (a busy tier misses one deadline and answers the next request); one that answers
+    nothing for two deadlines is skipped (offline), so the next extents do not ask it again."""
     store, sup = MemoryStore("tier"), Supervisor(Stats())
     store.unreachable = True
-    a = tier(store, tmp_path, "a", sup)
+    cache = BlockCache(str(tmp_path / "a"), "test-domain", preallocate=False)
+    a = SharedTier(store, "test-domain", Stats(), cache, deadline=0.05, probe_interval=60, node="a", supervisor=sup)
     ver = version(4 * EXTENT)
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
         assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
         assert await trio.to_thread.run_sync(a.claim, ver, EXTENT) is None
+        assert a.health.suspect and not a.health.offline and a.stats.shared_errors == 2
+        await trio.sleep(2 * a.deadline)
         assert await trio.to_thread.run_sync(a.fetch, ver, 2 * EXTENT, view) is None
+        assert a.health.offline and a.stats.shared_errors == 3
+        assert await trio.to_thread.run_sync(a.fetch, ver, 3 * EXTENT, view) is None  # not asked
+        assert a.stats.shared_errors == 3
 
     run(sup, [a], body)
-    assert a.stats.shared_errors == 1 and a.health.offline
+
+
+def test_a_busy_tier_that_answers_again_is_not_skipped(tmp_path: Path) -> None:
+    """A request that fails, then one that gets its answer: the tier is trusted again, never skipped."""
+    store, sup = MemoryStore("tier"), Supervisor(Stats())
+    a = tier(store, tmp_path, "a", sup)
+    ver = version(2 * EXTENT)
+    view = memoryview(bytearray(EXTENT))
+
+    async def body() -> None:
+        store.unreachable = True
+        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
+        assert a.health.suspect
+        store.unreachable = False
+        assert await trio.to_thread.run_sync(a.fetch, ver, EXTENT, view) is None  # a miss: an answer
+        assert not a.health.suspect and not a.health.offline
+        assert a.stats.shared_errors == 1 and a.stats.shared_misses == 1
+
+    run(sup, [a], body)
+
+
+class _WrittenBeforeClaim(MemoryStore):
+    """An in-memory tier where another node's write of the block lands between this node's miss and its
+    claim (on a busy tier, seconds apart): `before_claim` runs once, just before the first claim is made."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.before_claim: Callable[[], object] | None = None
+
+    def put(self, key: str, body: bytes | BinaryIO, metadata: dict[str, str], if_absent: bool = False) -> bool:
+        if if_absent and self.before_claim is not None:
+            hook, self.before_claim = self.before_claim, None
+            hook()
+        return super().put(key, body, metadata, if_absent)
+
+
+def test_a_block_shared_between_a_miss_and_the_claim_is_read_from_the_tier_not_the_origin(tmp_path: Path) -> None:
+    store, sup, data = _WrittenBeforeClaim("tier"), Supervisor(Stats()), os.urandom(EXTENT)
+    b = tier(store, tmp_path, "b", sup)
+    ver, digest = version(), block_hash(data)
+    key = b.key(ver, 0)
+    assert key is not None
+    store.before_claim = lambda: store.put(key, data, {"xxh3": digest.hex()})  # node A's write-back
+    view = memoryview(bytearray(EXTENT))
+    from_origin: list[list[int]] = []
+    arrived: list[tuple[int, bytes | None]] = []
+
+    def origin(indexes: list[int], each: Callable[[int], object]) -> None:
+        from_origin.append(indexes)
+
+    def got(i: int, d: bytes | None) -> Stored:
+        arrived.append((i, d))
+        return Stored(d or b"", True, False)
+
+    async def body() -> None:
+        await trio.to_thread.run_sync(b.cooperate, ver, [(0, EXTENT)], [view], origin, got)
+
+    run(sup, [b], body)
+    assert arrived == [(0, digest)] and bytes(view) == data
+    assert from_origin in ([], [[]]), from_origin  # nothing asked of the origin
+    assert not store.exists(claim_key(key))  # the claim it won was dropped at once
+    assert b.stats.shared_misses == 1 and b.stats.shared_hits == 1 and b.pending == 0

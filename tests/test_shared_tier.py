@@ -166,8 +166,10 @@ def test_a_failing_shared_tier_never_fails_or_stalls_a_load(fault: str, seaweed:
         if fault == "flipped":
             assert st["shared_corrupt"] >= 1, st
         else:
-            # Skipped after the first failure, not asked for every extent: the load cannot stall on it.
-            assert 1 <= st["shared_errors"] <= 4, st
+            # At most one failed request per extent (no claim after a failed read: that would cost the loader
+            # a second deadline), and skipped once it answered nothing for two deadlines.
+            extents = sum(-(-size // (8 << 20)) + 1 for size in checkpoint.files().values())
+            assert 1 <= st["shared_errors"] <= extents, (st, extents)
         assert took < 120, took  # a hang bound, not a timing
         tier.blackhole(False)
 
