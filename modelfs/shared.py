@@ -35,7 +35,9 @@ Invariants:
 - A claim is made with a conditional PUT (If-None-Match: *): of nodes that miss one extent at once,
   exactly one fetches it from the origin and writes it here before any other write-back (after answering
   its own readers: its loads never wait for the tier), then deletes the claim; the others poll the claim
-  listing until the claim is gone, for a bounded time, then read it here or fetch it themselves. A
+  listing until the claim is gone, for a bounded time, then read it here or fetch it themselves. A node
+  whose claim wins first checks that the extent is not here already: another node may have written it
+  and deleted its claim between this node's miss and its claim; then it deletes its claim and reads it. A
   crash before the write leaves the claim: the others wait out the bound, then fetch it themselves. A
   claim left by a node that died is taken over once older than any flight may run (by the store's
   clock, not a node's).
@@ -134,9 +136,14 @@ class SharedTier:
         self.writes = write_back
         self.manifest_only = trust == "manifest"
         self.node = node
-        # A peer's claimed extent normally lands within a GET and a PUT; past this, fetch it here.
+        # A peer's claimed extent normally lands within a GET and a PUT; past this with no claim landing
+        # anywhere in the directories waited on, fetch it here. While claims keep landing (the fleet is
+        # writing, only behind: a busy tier, a long queue of claimed writes), wait on, up to a flight's
+        # deadline: a node that died stops every claim of its own, not the others'.
         self.wait = 4 * deadline
+        self.wait_most = max(self.wait, flight_deadline)
         self.stale_after = flight_deadline + self.wait
+        self._progress = 0.0  # time.monotonic() when a claim last vanished from a listing (trio thread writes)
         # A request past its deadline makes the tier suspect, not skipped: a tier that is busy (its server
         # short of CPU while a fleet writes to it) misses one deadline and answers the next request, and
         # skipping it then would send every extent to the origin for a probe interval. One that answers
@@ -328,8 +335,9 @@ class SharedTier:
             return False
 
     def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
-        """The extent another node claimed, once it lands in the tier (verified hash), waiting at most
-        `wait` seconds; None if it did not (then this node fetches it from the origin).
+        """The extent another node claimed, once it lands in the tier (verified hash), waiting `wait` seconds
+        past the last claim seen to land (`wait_most` at most); None if it did not (then this node fetches
+        it from the origin).
 
         The claimer deletes its claim once the extent is written (or its fetch failed), so the waiter
         sleeps until its claim is gone from the claim listing, which one task of this daemon polls for all
@@ -345,7 +353,7 @@ class SharedTier:
             self._waiters.setdefault(ckey, []).append(gone)
         try:
             self._token.run_sync_soon(self._watch_wake.unpark_all)
-            if not gone.wait(self.wait):
+            if not self._until_landed(gone):
                 self.stats.add(shared_misses=1, shared_wait_expired=1)
                 return None
         except trio.RunFinishedError:
@@ -359,14 +367,29 @@ class SharedTier:
                         del self._waiters[ckey]
         return self._read(ver, start, view)[1]  # a miss: the claimer's fetch or write failed
 
+    def _until_landed(self, gone: threading.Event) -> bool:
+        """Wait for `gone`: at most `wait` seconds past the later of now and the last claim seen to land,
+        and `wait_most` in all. False if it ran out."""
+        began = time.monotonic()
+        while True:
+            until = min(began + self.wait_most, max(began, self._progress) + self.wait)
+            left = until - time.monotonic()
+            if left <= 0:
+                return gone.is_set()
+            if gone.wait(left):
+                return True
+
     async def _watch_claims(self) -> None:
         """While any fetch thread waits for an extent another node claimed: list the directories of those
         claims every CLAIM_POLL and wake the waiters whose claim is gone. A failed listing wakes them all
-        (they fetch from the origin: a tier that cannot list is not one to wait for)."""
+        (they fetch from the origin: a tier that cannot list is not one to wait for). Any claim listed
+        before and gone now, this node's waiters' or not, is progress: the fleet's claimed writes land."""
+        listed: dict[str, set[str]] = {}
         while True:
             with self._waiters_lock:
                 waited = list(self._waiters)
             if not waited:
+                listed.clear()
                 await self._watch_wake.park()
                 continue
             dirs: dict[str, list[str]] = {}
@@ -387,6 +410,9 @@ class SharedTier:
                 self.health.answered()
                 present = {n for n, _ in listing.objects}
                 gone += [parent + n for n in names if n not in present]
+                if listed.get(parent, set()) - present:
+                    self._progress = time.monotonic()
+                listed[parent] = present
             self.stats.add(shared_polls=1)
             with self._waiters_lock:
                 for ckey in gone:  # woken: not listed again for them

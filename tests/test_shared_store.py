@@ -37,9 +37,9 @@ STORES = [pytest.param(memory, id="memory"), pytest.param(directory, id="directo
 MakeStore = Callable[[Path], WritableStore]
 
 
-def tier(store: WritableStore, root: Path, node: str, sup: Supervisor) -> SharedTier:
+def tier(store: WritableStore, root: Path, node: str, sup: Supervisor, deadline: float = 5.0) -> SharedTier:
     cache = BlockCache(str(root / node), "test-domain", preallocate=False)
-    return SharedTier(store, "test-domain", Stats(), cache, deadline=5.0, probe_interval=1.0, node=node,
+    return SharedTier(store, "test-domain", Stats(), cache, deadline=deadline, probe_interval=1.0, node=node,
                       supervisor=sup)
 
 
@@ -219,3 +219,40 @@ def test_a_block_shared_between_a_miss_and_the_claim_is_read_from_the_tier_not_t
     assert from_origin in ([], [[]]), from_origin  # nothing asked of the origin
     assert not store.exists(claim_key(key))  # the claim it won was dropped at once
     assert b.stats.shared_misses == 1 and b.stats.shared_hits == 1 and b.pending == 0
+
+
+@pytest.mark.parametrize("others_land", [True, False], ids=["claims-landing", "no-claim-landing"])
+def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bool, tmp_path: Path) -> None:
+    """B waits for an extent A claimed. While A's other claims keep landing (A is alive, its writes only
+    behind), B waits past `wait` and gets the block from the tier; when no claim lands for `wait` (a
+    claimer that died), B gives up after `wait` and the origin serves it (`shared_wait_expired`)."""
+    store, sup, data = MemoryStore("tier"), Supervisor(Stats()), os.urandom(EXTENT)
+    a, b = tier(store, tmp_path, "a", sup, deadline=0.5), tier(store, tmp_path, "b", sup, deadline=0.5)
+    ver, digest = version(8 * EXTENT), block_hash(data)
+    view = memoryview(bytearray(EXTENT))
+    got: list[bytes | None] = []
+
+    async def body() -> None:
+        for k in range(8):
+            assert await trio.to_thread.run_sync(a.claim, ver, k * EXTENT) is True
+        assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
+
+        async def wait() -> None:
+            got.append(await trio.to_thread.run_sync(b.wait_for, ver, 0, view))
+
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(wait)
+            if not others_land:
+                return  # the nursery waits for B to give up
+            for k in range(1, 8):  # 3.5 s of claims landing, one per 0.5 s: past B's wait of 2 s
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(a.release, ver, k * EXTENT)
+            assert not got, "gave up while claims kept landing"
+            await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+            a.share_soon(ver, 0, digest, EXTENT)
+
+    run(sup, [a, b], body)
+    if others_land:
+        assert got == [digest] and bytes(view) == data and b.stats.shared_wait_expired == 0
+    else:
+        assert got == [None] and b.stats.shared_wait_expired == 1
