@@ -205,6 +205,12 @@ class SharedTier:
         fetch different extents from the origin and share them here."""
         return xxhash.xxh3_64_intdigest(f"{self.node}\0{seed}".encode()) % n if n else 0
 
+    def _unanswered(self, e: BaseException) -> None:
+        """A read-side request (read, claim, HEAD, claim listing) got no answer: counted, and the tier is
+        suspect (skipped if it answers nothing for `offline_after`)."""
+        self.stats.add(shared_errors=1)
+        self.health.mark_unreachable(e)
+
     # -- reads (fetch worker threads) -------------------------------------------------------------------
 
     def fetch(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
@@ -222,8 +228,7 @@ class SharedTier:
         try:
             meta = self.store.get_into(key, [view], deadline=time.monotonic() + self.deadline)
         except (ModelfsError, OSError) as e:
-            self.stats.add(shared_errors=1)
-            self.health.mark_unreachable(e)
+            self._unanswered(e)
             return "failed", None
         self.health.answered()
         if meta is None:
@@ -318,8 +323,7 @@ class SharedTier:
                 return True
             return False
         except (ModelfsError, OSError) as e:
-            self.stats.add(shared_errors=1)
-            self.health.mark_unreachable(e)
+            self._unanswered(e)
             return None
 
     def _landed(self, ver: FileVersion, start: int) -> bool:
@@ -330,8 +334,7 @@ class SharedTier:
         try:
             return key is not None and self.store.exists(key)
         except (ModelfsError, OSError) as e:
-            self.stats.add(shared_errors=1)
-            self.health.mark_unreachable(e)
+            self._unanswered(e)
             return False
 
     def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
@@ -403,8 +406,7 @@ class SharedTier:
                 except NotFound:  # a directory store lists no claims as no directory
                     listing = Listing()
                 except (ModelfsError, OSError) as e:
-                    self.stats.add(shared_errors=1)
-                    self.health.mark_unreachable(e)
+                    self._unanswered(e)
                     gone += [parent + n for n in names]
                     continue
                 self.health.answered()
