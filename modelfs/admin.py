@@ -1,19 +1,18 @@
 """`modelfs cache ...`: what is in a cache dir, verifying it, shrinking it, pinning models.
 
 Pins are kept in `<cache>/pins.json` as key prefixes of a source (`{"<source identity>": ["llama/", ...]}`,
-where a source is what `cache ls` shows). The daemon reads them at start: blocks of pinned files are never
-evicted by its quota or free-space floor; `gc` honours them too.
+where a source is what `cache ls` shows). The daemon reads them at start: extents of pinned files (and the
+same content in any other file) are never evicted by its quota or free-space floor; `gc` honours them too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelfs.cache import BlockCache, block_hash
+from modelfs.cache import FileCache, content_hash
 from modelfs.cachedir import CacheDir
 from modelfs.errors import ModelfsError
 from modelfs.index import ChunkIndex
@@ -59,26 +58,25 @@ def _is_pinned(pins: dict[str, list[str]], source: str, key: str) -> bool:
     return any(key.startswith(p) for p in pins.get(source, ()))
 
 
-def pinned_blocks(cache_dir: str, index: ChunkIndex) -> set[str]:
-    """Names (hex hashes) of the blocks of every pinned file version."""
+def pinned_hashes(cache_dir: str, index: ChunkIndex) -> set[bytes]:
+    """Content hashes of the extents of every pinned file version (never evicted, in any file)."""
     pins = load_pins(cache_dir)
-    names: set[str] = set()
+    hashes: set[bytes] = set()
     if pins:
         for vid, rec in index.versions().items():
             if _is_pinned(pins, str(rec["source"]), str(rec["key"])):
-                names.update(digest.hex() for digest, _ in index.extents(vid).values())
-    return names
+                hashes.update(digest for digest, _ in index.extents(vid).values())
+    return hashes
 
 
 def list_models(cache_dir: str) -> list[CachedModel]:
     index = _index(cache_dir)
     pins = load_pins(cache_dir)
     try:
-        blocks = {name for _, _, files in os.walk(CacheDir(cache_dir).blocks) for name in files}
+        present = index.present()
         out = []
         for vid, rec in index.versions().items():
-            extents = index.extents(vid)
-            cached = sum(length for digest, length in extents.values() if digest.hex() in blocks)
+            cached = sum(length for _, length in present.get(vid, {}).values())
             out.append(CachedModel(str(rec["source"]), str(rec["key"]), int(str(rec["size"])), cached,
                                    _is_pinned(pins, str(rec["source"]), str(rec["key"]))))
         return sorted(out, key=lambda m: (m.source, m.key))
@@ -87,52 +85,68 @@ def list_models(cache_dir: str) -> list[CachedModel]:
 
 
 def verify(cache_dir: str, progress: Callable[[int], object] = lambda n: None) -> tuple[int, list[str]]:
-    """Hash every block against its name; drop the bad ones. Returns (blocks checked, bad block paths)."""
+    """Read back every present extent of every cache file and hash it against the index. Returns (extents
+    checked, the bad ones as "<version id> at <offset>"). With the cache dir free, bad extents are dropped
+    (fetched again when read); while a daemon holds it they are only reported: the daemon checks each file
+    before its first use, so a restart has it refetch them."""
+    where = CacheDir(cache_dir)
+    try:
+        lock: int | None = where.lock()
+    except ModelfsError:
+        lock = None  # a daemon runs: report only
+    index = _index(cache_dir)
     checked = 0
-    bad: list[str] = []
-    for dirpath, _dirs, files in os.walk(CacheDir(cache_dir).blocks):
-        for name in files:
-            if ".tmp." in name:
-                continue
-            path = os.path.join(dirpath, name)
+    bad: list[tuple[bytes, int]] = []
+    try:
+        for vid, extents in index.present().items():
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                fd = os.open(os.path.join(where.files, vid.hex()), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                continue  # evicted meanwhile
-            checked += 1
-            progress(len(data))
-            if block_hash(data).hex() != name:
-                bad.append(path)
-                os.unlink(path)
-    return checked, bad
+                bad += [(vid, start) for start in extents]
+                continue
+            try:
+                for start, (digest, length) in sorted(extents.items()):
+                    data = os.pread(fd, length, start)
+                    checked += 1
+                    progress(len(data))
+                    if len(data) != length or content_hash(data) != digest:
+                        bad.append((vid, start))
+            finally:
+                os.close(fd)
+        if lock is not None and bad:
+            cache = FileCache(cache_dir, index, "")
+            for vid, start in bad:
+                cache.drop(vid, start, "damaged (modelfs cache verify)")
+            cache.close()
+    finally:
+        index.close()
+        if lock is not None:
+            os.close(lock)
+    return checked, [f"{vid.hex()} at {start}" for vid, start in bad]
 
 
 def total_bytes(cache_dir: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(CacheDir(cache_dir).blocks):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
+    """Bytes of extents present in the cache's files (what counts against cache.max_size)."""
+    index = _index(cache_dir)
+    try:
+        return sum(length for extents in index.present().values() for _, length in extents.values())
+    finally:
+        index.close()
 
 
 def gc(cache_dir: str, target: int) -> tuple[int, int]:
-    """Evict least recently used, unpinned blocks until the cache holds at most `target` bytes.
+    """Evict least recently used extents of unpinned models until the cache holds at most `target` bytes.
     The cache must not be in use (one daemon per cache dir: it keeps its own accounting)."""
     lock = CacheDir(cache_dir).lock()
     try:
         index = _index(cache_dir)
         try:
-            cache = BlockCache(cache_dir, "gc", max_size=0)  # evicts across every domain's blocks
-            cache.keep(pinned_blocks(cache_dir, index))
+            cache = FileCache(cache_dir, index, "")  # evicts across every source's files
+            cache.keep(pinned_hashes(cache_dir, index))
             before = cache.bytes_stored
             cache.max_size = max(target, 1)
             cache.make_room(0, partial=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(cache.root)  # the "gc" domain dir the constructor made, if empty
+            cache.close()
             return before, cache.bytes_stored
         finally:
             index.close()

@@ -1,26 +1,34 @@
-"""The block cache: one file per content hash on local disk, identical content stored once.
+"""The file cache: each file version the daemon serves has one file on local disk, written in place as its
+extents arrive; once every extent is in, that same file is what the kernel serves by FUSE passthrough.
 
-Layout: `<cache>/blocks/<domain>/<h[0:2]>/<h[2:4]>/<h>` where `h` is the hex xxh3-128 of the block and
-`<domain>` a short hash of the trust domain (by default one source bucket: content is shared by hash
-only between objects of one domain, because xxh3 is fast, not collision-resistant).
+Layout (`cachedir.CacheDir.files`): `<cache>/files/<vid hex>`, a sparse file of the version's size. The bytes
+of an extent are at the extent's own offset once it is present (the index's present table says which). So
+a cold byte is received once (into a GET buffer), hashed once (there), written once (here) and then served
+from this file: by READs through the daemon until the file is complete, by the kernel after that. No
+second copy of it is ever made on disk.
 
-A block is written under `<name>.tmp.<pid>.<n>` and renamed, so a crash never leaves a partial block
-under a real name; temp files are swept at start. Blocks are not fsync'ed (see `index`): what a crash or
-the disk does to one is caught when it is read. Every read of a block (`load`) copies it into memory the
-daemon owns and hashes it there, and only that copy is served (`mapped`): a block file changed under the
-daemon by anything (a write in place, a truncation, bit rot, a bad sector under pages the kernel reads
-again) is found at its next read, dropped and refetched, and no byte of it is ever served. The fd is
-closed as soon as the block is read, so open files never grow with the cache.
+Identical content is stored once per trust domain (one source bucket by default: xxh3 is fast, not
+collision-resistant): an extent whose hash another present extent has is not fetched again. Where the
+filesystem shares extents (btrfs, XFS: `FICLONERANGE`), it is cloned into the version's own file, which
+costs no disk; elsewhere (ext4) it is read from the file that holds it (`locate`), and only copied into the
+version's own file (`copy_in`, in the kernel) once that version has been loaded often enough to be worth a
+second copy on disk and passthrough (`cache.copy_shared_after`).
 
-Space: blocks of every domain under `<cache>/blocks` count against `cache.max_size`, and the cache
-filesystem keeps `cache.min_free` free. Room is made by evicting the least recently used blocks; a block
-that is being mapped is held (`held`) and never evicted (an unlinked file that is open stays readable
-anyway). When no room can be made, or the disk is full regardless (ENOSPC), `put` raises CacheFull and
-the caller serves the bytes from memory: a full cache costs warmth, never a failed read.
+Trust: files are not fsync'ed, and anything running as root may write them. A present extent is served only
+once this process trusts it: it wrote it from bytes it hashed, or read it back and hashed it (`verify`). An
+extent found damaged is punched out, unrecorded and fetched again (`drop`).
 
-Spare copies (the whole-file backing files of FUSE passthrough, `backing`) count against the same quota
-and are evicted before any block, least recently registered first, unless one is in use (`hold_spare`):
-they are copies of blocks, and the blocks are what the cache exists to keep.
+Concurrency: every method that touches the disk blocks (worker threads), except `pread` with `nowait`, which
+the trio thread may call (it reads only what the page cache holds). In-memory state is guarded by one lock
+held only for bookkeeping, never across I/O. An extent is punched out (eviction, damage) only while no read
+of it is in progress (`_File.reading`, counted under the lock around every read), after it was marked
+absent under the lock: no read can ever see the hole.
+
+Space: present extents of every domain count against `cache.max_size`, and the cache filesystem keeps
+`cache.min_free` free. Room is made by punching out the least recently used extents of files that no read is
+in and no passthrough open holds (the kernel reads those files at any time); a file left with no extent is
+deleted. When no room can be made, or the disk is full regardless (ENOSPC), `write` raises CacheFull and the
+caller serves the bytes from memory: a full cache costs warmth, never a failed read.
 """
 
 from __future__ import annotations
@@ -30,10 +38,9 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import itertools
 import logging
-import mmap
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -42,36 +49,41 @@ from collections.abc import Callable, Iterator
 import xxhash
 
 from modelfs.cachedir import CacheDir
+from modelfs.index import ChunkIndex
 from modelfs.mapped import private
+from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
+#: Open files kept at most for reading and writing (those in use stay open; idle ones are closed first).
+MAX_FDS = 256
+PAGE = 4096
+
 
 class CacheFull(OSError):
-    """No room for a block: quota reached with every block held, kept or protected, or the disk is full."""
+    """No room for an extent: quota reached with every extent in use, kept or protected, or the disk is full."""
 
     def __init__(self, why: str) -> None:
         super().__init__(errno.ENOSPC, why)
 
 
-def block_hash(data: bytes | memoryview) -> bytes:
-    """The 16-byte content hash that names a block."""
+def content_hash(data: bytes | memoryview) -> bytes:
+    """The 16-byte content hash of an extent's bytes (xxh3-128)."""
     return xxhash.xxh3_128_digest(data)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _libc.fallocate.restype = ctypes.c_int
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+#: _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset, src_length, dest_offset})
+_FICLONERANGE = 0x4020940D
 
 
-def preallocate(fd: int, size: int) -> bool:
-    """Reserve a new block file's disk space in one call before writing it. On ext4 (as measured for
-    `make bench`), writing 8 MiB into a preallocated file cost about a tenth of the CPU of a write that
-    allocates as it goes (delayed allocation, page by page), and a full disk shows up here as ENOSPC
-    before any byte is copied. False where the filesystem cannot preallocate (then plain writes do);
-    raises OSError for ENOSPC/EDQUOT and other real failures. Unlike posix_fallocate, never falls back
-    to writing zeros."""
-    if _libc.fallocate(fd, 0, 0, size) == 0:
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2); False where the filesystem cannot (then the caller does without); OSError otherwise."""
+    if _libc.fallocate(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -79,187 +91,500 @@ def preallocate(fd: int, size: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-class _CacheStatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve an extent's disk space in one call before writing it: on ext4, writing 8 MiB into preallocated
+    space cost a third to a tenth of the CPU of a write that allocates as it goes (measured here), and a full
+    disk shows up as ENOSPC before any byte is copied. Never falls back to writing zeros."""
+    return _fallocate(fd, 0, offset, length)
 
 
-class _CacheStat(ctypes.Structure):
-    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64), ("nr_writeback", ctypes.c_uint64),
-                ("nr_evicted", ctypes.c_uint64), ("nr_recently_evicted", ctypes.c_uint64)]
+def punch(fd: int, offset: int, length: int) -> None:
+    """Give an extent's disk space back (the file keeps its size; the range reads as zeros)."""
+    if not _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        # No hole punching (tmpfs before 3.5, some FUSE filesystems): overwrite with zeros instead, so a
+        # stale byte is never mistaken for the extent's.
+        os.pwrite(fd, bytes(length), offset)
 
 
-_SYS_CACHESTAT = 451  # Linux >= 6.5, the same number on every architecture
-_libc.syscall.restype = ctypes.c_long
+def clone_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+    """Share a range of one file with another on disk (FICLONERANGE: btrfs, XFS); OSError where it cannot."""
+    arg = struct.pack("=qQQQ", src, src_off, length, dst_off)
+    fcntl.ioctl(dst, _FICLONERANGE, arg)
 
 
-def _all_cached(fd: int, size: int) -> bool | None:
-    """Whether the page cache holds every page of the file's first `size` bytes (cachestat(2): no I/O,
-    no mapping); None where the kernel cannot tell."""
-    rng, st = _CacheStatRange(0, size), _CacheStat()
-    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
-        return None
-    return bool(st.nr_cache >= -(-size // mmap.PAGESIZE))
+def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+    """Copy a range between files inside the kernel (no bytes through Python)."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short copy")
+        done += n
 
 
-def read_block(fd: int, view: memoryview) -> int:
-    """Read a whole block file into `view` (page-aligned `private` memory); the bytes read.
+def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view, offset = view[n:], offset + n
 
-    A block the page cache holds whole (written or read moments ago) is copied from it: no disk read, no
-    writeback of dirty pages. Any other is read with O_DIRECT straight into `view`, so its pages do not
-    stay in the page cache beside the copy (loaders' reads are cached in the mount's own page cache). A
-    read that may start I/O before O_DIRECT (RWF_NOWAIT still queues readahead) was measured here at
-    twice the time of O_DIRECT alone. Filesystems without O_DIRECT read through the page cache."""
-    size = len(view)
+
+def read_all(fd: int, view: memoryview, offset: int) -> int:
     got = 0
-    if not _all_cached(fd, size):
-        whole = view.obj  # the private mapping, ALIGN-rounded: aligned lengths
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        except OSError:
-            pass
-        else:
-            try:
-                while got < size:
-                    n = os.preadv(fd, [memoryview(whole)[got:]], got)
-                    if n <= 0:
-                        return got
-                    got += n
-                return got
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                got = 0
-            finally:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    while got < size:  # buffered
-        n = os.preadv(fd, [view[got:]], got)
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
             break
         got += n
     return got
 
 
-def _digest_of(path: str) -> bytes:
-    try:
-        return bytes.fromhex(os.path.basename(path))
-    except ValueError:
-        return b""
+class _File:
+    """One version's file and what this process knows of it."""
+
+    __slots__ = ("domain", "fd", "holds", "pending", "present", "present_bytes", "reading", "size", "trusted", "vid")
+
+    def __init__(self, vid: bytes, size: int, domain: str) -> None:
+        self.vid = vid
+        self.size = size
+        self.domain = domain
+        self.present: dict[int, tuple[bytes, int]] = {}  # start -> (hash, length) of extents in the file
+        self.present_bytes = 0
+        self.trusted: set[int] = set()  # present extents this process wrote or read back and hashed
+        self.fd = -1
+        self.reading: dict[int, int] = {}  # extent start -> reads of it in progress (it is not punched meanwhile)
+        self.holds = 0  # passthrough registrations: the kernel may read any byte at any time
+        self.pending = 0  # writes into the file in progress
+
+    @property
+    def idle(self) -> bool:
+        """Nothing reads, writes or holds the file now (it may be closed, or deleted once empty)."""
+        return not (self.reading or self.holds or self.pending)
+
+    @property
+    def complete(self) -> bool:
+        return self.present_bytes == self.size
+
+    @property
+    def all_trusted(self) -> bool:
+        return self.complete and len(self.trusted) == len(self.present)
 
 
-def _private_dirs(path: str, depth: int) -> None:
-    """makedirs, with mode 0700 on the last `depth` levels too (makedirs gives parents 0777 & ~umask)."""
-    parts = [path]
-    for _ in range(depth - 1):
-        parts.append(os.path.dirname(parts[-1]))
-    for p in reversed(parts):
-        os.makedirs(p, mode=0o700, exist_ok=True)
+class FileCache:
+    """Version files on local disk, for one daemon (whose store's trust domain is `domain`). Blocking
+    methods run in worker threads; `pread(nowait=True)` and the properties may run on the trio thread."""
 
-
-class BlockCache:
-    """Content-addressed blocks on local disk. All methods block: call them from worker threads."""
-
-    def __init__(self, root: str, domain: str, on_corrupt: Callable[[bytes], None] | None = None,
-                 max_size: int = 0, min_free: int = 0, on_evict: Callable[[int, int], None] | None = None,
-                 preallocate: bool = True) -> None:
-        self.blocks_root = CacheDir(root).blocks
-        self.root = self.domain_root(domain)
-        _private_dirs(self.root, depth=2)
+    def __init__(self, root: str, index: ChunkIndex, domain: str, identity: str = "", *, max_size: int = 0,
+                 min_free: int = 0,
+                 on_evict: Callable[[int, int], None] | None = None,
+                 on_corrupt: Callable[[int], None] | None = None, preallocate: bool = True) -> None:
+        self.dir = CacheDir(root)
+        self.root = self.dir.files
+        self.dir.remove_old_layout()
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.index = index
+        self.domain = domain
+        self.identity = identity  # the store's: index records name their source
         self.max_size = max_size
         self.min_free = min_free
         self._on_evict = on_evict
-        # Every block file of every domain, least recently used first: path -> (size, last use, monotonic).
-        self._lru: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        self._held: dict[str, int] = {}  # path -> mappings being made of it now
-        self._kept: set[str] = set()  # block names of pinned models (`modelfs cache pin`)
+        self._on_corrupt = on_corrupt
+        self._preallocate = preallocate  # and until the cache filesystem says it cannot
+        self._lock = threading.Lock()
+        self._files: dict[bytes, _File] = {}
+        # Present extents, least recently used first: (vid, start) -> time.monotonic() of last use (-1: before
+        # this process).
+        self._lru: OrderedDict[tuple[bytes, int], float] = OrderedDict()
+        self._by_hash: dict[bytes, set[tuple[bytes, int]]] = {}  # hash -> present extents with that content
+        self._fds: OrderedDict[bytes, None] = OrderedDict()  # files with an open fd, least recently used first
+        self._writing: set[tuple[bytes, int]] = set()
+        self._kept: set[bytes] = set()  # hashes of pinned models' extents (`modelfs cache pin`)
         self._reserved = 0  # bytes of writes in progress, already counted against the quota
-        self._unlinking = 0  # bytes of evicted blocks not unlinked yet: on disk, so still counted
-        self._spares: OrderedDict[str, int] = OrderedDict()  # spare copies (backing files): path -> size
-        self._spares_held: dict[str, int] = {}  # spare path -> users (open passthrough files)
-        self.spare_bytes = 0
+        self._unlinking = 0  # bytes being punched out: still on disk, so still counted
         self._fs_free_value = 0
         self._fs_free_at = -1.0
-        self._verified: set[bytes] = set()  # blocks this process wrote or read back intact (`complete`)
-        self._writing: set[bytes] = set()
-        self._lock = threading.Lock()
-        self._tmp_seq = itertools.count()
-        self._preallocate = preallocate  # and until the cache filesystem says it cannot
-        self._on_corrupt = on_corrupt
         self.bytes_stored = 0
-        self.blocks_stored = 0
-        self.maps_made = 0  # blocks read from disk (`load`), and hashed: every one of them
-        self.verifications = 0
-        self.scan()
+        self.reads_verified = 0  # extents read back from disk and hashed (`verify`)
+        self.reflinks = self._probe_reflink()
+        self._scan()
 
-    def domain_root(self, domain: str) -> str:
-        """The block dir of a trust domain (by default one source bucket or directory)."""
-        return os.path.join(self.blocks_root, xxhash.xxh3_64_hexdigest(domain.encode()))
+    # -- layout ---------------------------------------------------------------------------------------------
 
-    def keep(self, names: set[str]) -> None:
-        """Never evict blocks with these names (hex hashes of pinned models' extents), in any domain."""
-        with self._lock:
-            self._kept = set(names)
+    def path(self, vid: bytes) -> str:
+        return os.path.join(self.root, vid.hex())
 
-    def path(self, digest: bytes) -> str:
-        h = digest.hex()
-        return os.path.join(self.root, h[0:2], h[2:4], h)
+    def _probe_reflink(self) -> bool:
+        """Whether the cache filesystem shares extents between files (a one-block clone of two scratch
+        files: swept at start if a crash leaves them)."""
+        a, b = (os.path.join(self.root, f"probe.tmp.{os.getpid()}.{i}") for i in (0, 1))
+        try:
+            fa = os.open(a, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fb = os.open(b, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fa, bytes(PAGE), 0)
+                clone_range(fa, 0, fb, 0, PAGE)
+                return True
+            except OSError:
+                return False
+            finally:
+                os.close(fa)
+                os.close(fb)
+        except OSError:
+            return False
+        finally:
+            for p in (a, b):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
 
-    def scan(self) -> None:
-        """Sweep temp files left by a crash and list what is stored, oldest use first (run at start,
-        before any `put`: a temp file here is never one of this process's writes in progress)."""
-        swept = 0
-        found: list[tuple[float, str, int]] = []
-        for dirpath, _dirs, files in os.walk(self.blocks_root):
-            for name in files:
-                p = os.path.join(dirpath, name)
-                try:
-                    if ".tmp." in name:
-                        os.unlink(p)
-                        swept += 1
-                        continue
-                    st = os.stat(p)
-                except OSError:
+    def _scan(self) -> None:
+        """Reconcile the files on disk with the index at start: a file no present entry names, or of the wrong
+        size, is deleted; entries whose file is gone are dropped. Nothing is trusted yet."""
+        present = self.index.present()
+        records = self.index.versions()
+        on_disk: dict[bytes, int] = {}
+        for name in os.listdir(self.root):
+            p = os.path.join(self.root, name)
+            try:
+                vid = bytes.fromhex(name)
+                size = os.stat(p).st_size
+            except (ValueError, OSError):
+                vid, size = b"", -1
+            rec = records.get(vid)
+            if len(vid) != 16 or vid not in present or rec is None or int(str(rec["size"])) != size:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+                continue
+            on_disk[vid] = size
+        gone = [(vid, start) for vid, ext in present.items() if vid not in on_disk for start in ext]
+        if gone:
+            self.index.unmark(gone)
+        order: list[tuple[float, bytes]] = []
+        for vid, size in on_disk.items():
+            rec = records[vid]
+            f = self._files[vid] = _File(vid, size, str(rec.get("domain", "")))
+            for start, (digest, length) in present[vid].items():
+                if start + length > size:
                     continue
-                found.append((max(st.st_atime, st.st_mtime), p, st.st_size))
-        found.sort()
-        with self._lock:
-            self._lru = OrderedDict((p, (size, -1.0)) for _, p, size in found)
-            self.bytes_stored = sum(size for _, _, size in found)
-            self.blocks_stored = len(found)
-        if swept:
-            log.info("swept %d temporary block files left by an interrupted run", swept)
+                f.present[start] = (digest, length)
+                f.present_bytes += length
+                self._by_hash.setdefault(digest, set()).add((vid, start))
+                self.bytes_stored += length
+            order.append((float(str(rec.get("last_used", 0))), vid))
+        for _, vid in sorted(order):
+            for start in sorted(self._files[vid].present):
+                self._lru[(vid, start)] = -1.0
 
-    # -- space ------------------------------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------------------------------
 
-    def _touch(self, path: str) -> None:
-        with self._lock:
-            ent = self._lru.get(path)
-            if ent is not None:
-                self._lru[path] = (ent[0], time.monotonic())
-                self._lru.move_to_end(path)
+    def _fd(self, f: _File, create: bool = False) -> int:
+        """The file's fd (opened, and made at its full size, on first use); call with the lock held."""
+        if f.fd < 0:
+            path = self.path(f.vid)
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            fd = os.open(path, flags, 0o600)
+            try:
+                if create and os.fstat(fd).st_size != f.size:
+                    os.ftruncate(fd, f.size)
+            except BaseException:
+                os.close(fd)
+                raise
+            f.fd = fd
+            self._close_idle_fds()
+        self._fds[f.vid] = None
+        self._fds.move_to_end(f.vid)
+        return f.fd
+
+    def _close_idle_fds(self) -> None:
+        for vid in list(self._fds):
+            if len(self._fds) < MAX_FDS:
+                return
+            f = self._files.get(vid)
+            if f is not None and not f.idle:
+                continue
+            del self._fds[vid]
+            if f is not None and f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
 
     @contextlib.contextmanager
-    def held(self, digest: bytes) -> Iterator[str]:
-        """Keep the block from eviction while the caller reads it; yields its path."""
-        path = self.path(digest)
+    def _reading(self, vid: bytes, start: int, trusted: bool) -> Iterator[tuple[int, bytes, int] | None]:
+        """(fd, hash, length) of `vid`'s extent at `start` while a read of it is in progress (no punch and no
+        close meanwhile); None if it is not present (or, with `trusted`, not trusted)."""
         with self._lock:
-            self._held[path] = self._held.get(path, 0) + 1
+            f = self._files.get(vid)
+            got = None
+            if f is not None and start in (f.trusted if trusted else f.present):
+                try:
+                    got = (self._fd(f), *f.present[start])
+                except OSError as e:  # its file was deleted or damaged under us: nothing of it is present
+                    self._lost(f, e)
+                else:
+                    f.reading[start] = f.reading.get(start, 0) + 1
+                    key = (vid, start)
+                    if key in self._lru:
+                        self._lru[key] = time.monotonic()
+                        self._lru.move_to_end(key)
+        if got is None or f is None:
+            yield None
+            return
         try:
-            yield path
+            yield got
         finally:
             with self._lock:
-                n = self._held.pop(path) - 1
+                n = f.reading.pop(start) - 1
                 if n:
-                    self._held[path] = n
+                    f.reading[start] = n
+
+    def _lost(self, f: _File, e: OSError) -> None:
+        """The file cannot be opened (lock held): forget it and every extent of it; they are fetched again."""
+        log.warning("cache file of version %s cannot be opened (%s): its extents will be fetched again",
+                    f.vid.hex(), e.strerror or e)
+        starts = list(f.present)
+        for start in starts:
+            self._unlinking -= self._unpresent(f, start)[2]  # nothing to punch
+        if f.idle:
+            del self._files[f.vid]
+            self._fds.pop(f.vid, None)
+        self.index.unmark([(f.vid, s) for s in starts])
+
+    def pread(self, vid: bytes, start: int, offset: int, view: memoryview, nowait: bool = False) -> int:
+        """Read bytes [offset, offset+len(view)) of the trusted extent of `vid` at `start` into `view`. Returns
+        the bytes read; -1 if the extent is not trusted here (verify or fetch it); with `nowait` (the trio thread), 0 or
+        short when the page cache does not hold them all (then read in a worker thread)."""
+        with self._reading(vid, start, trusted=True) as got:
+            if got is None:
+                return -1
+            fd = got[0]
+            if not nowait:
+                return read_all(fd, view, start + offset)
+            try:
+                return os.preadv(fd, [view], start + offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return 0
+
+    def verify(self, vid: bytes, start: int, length: int) -> memoryview | None:
+        """Read a present extent back into memory of its own and hash it (worker thread): trusted from now on,
+        and its bytes returned, if it matches; else dropped (punched out, unrecorded, counted) and None."""
+        with self._reading(vid, start, trusted=False) as got:
+            if got is None:
+                return None
+            fd, digest, known = got
+            f = self._files[vid]
+            view = memoryview(private(length))[:length]
+            why = "damaged"
+            try:
+                n = read_all(fd, view, start) if known == length else -1
+            except OSError as e:  # the disk failed to read it (EIO): as bad as a wrong byte
+                n, why = -1, f"unreadable ({e.strerror or e})"
+            ok = n == length and content_hash(view) == digest
+            with self._lock:
+                self.reads_verified += 1
+                if ok and start in f.present:
+                    f.trusted.add(start)
+        if ok:
+            return view
+        self.drop(vid, start, why)
+        return None
+
+    def read_back(self, vid: bytes, start: int, length: int, digest: bytes) -> memoryview | None:
+        """An extent's bytes read from its file, or from any file holding the same content, and hashed (what
+        the shared tier writes back: bytes damaged on disk are never shared); None if the cache holds them
+        nowhere (each damaged copy found is dropped on the way)."""
+        while True:
+            where = (vid, start) if self.present(vid, start) else self.locate(digest, length)
+            if where is None:
+                return None
+            view = self.verify(*where, length)
+            if view is not None:
+                return view if content_hash(view) == digest else None
+
+    def drop(self, vid: bytes, start: int, why: str) -> None:
+        """An extent found damaged: punched out and unrecorded (its readers refetch it); counted once."""
+        with self._lock:
+            f = self._files.get(vid)
+            if f is None or start not in f.present:
+                return  # dropped already by another reader
+            victim = self._unpresent(f, start)
+        log.warning("cache file of version %s: extent at %d is %s: dropped, will refetch", vid.hex(), start, why)
+        self._punch([victim])
+        if self._on_corrupt:
+            self._on_corrupt(1)
+
+    # -- what is where (any thread) ----------------------------------------------------------------------------
+
+    def present(self, vid: bytes, start: int) -> bool:
+        f = self._files.get(vid)
+        return f is not None and start in f.present
+
+    def trusted(self, vid: bytes, start: int) -> bool:
+        f = self._files.get(vid)
+        return f is not None and start in f.trusted
+
+    def complete(self, vid: bytes) -> bool:
+        """Every byte of the version is in its own file (passthrough may serve it once it is trusted)."""
+        f = self._files.get(vid)
+        return f is not None and f.complete
+
+    def all_trusted(self, vid: bytes) -> bool:
+        """Complete, and every extent trusted by this process: the kernel may serve the file as it is."""
+        f = self._files.get(vid)
+        return f is not None and f.all_trusted
+
+    def untrusted(self, vid: bytes) -> list[tuple[int, int]]:
+        """(start, length) of the present extents this process has not checked yet, in file order."""
+        with self._lock:
+            f = self._files.get(vid)
+            if f is None:
+                return []
+            return sorted((s, n) for s, (_, n) in f.present.items() if s not in f.trusted)
+
+    def present_bytes(self, vid: bytes) -> int:
+        f = self._files.get(vid)
+        return f.present_bytes if f is not None else 0
+
+    def locate(self, digest: bytes, length: int, besides: tuple[bytes, int] | None = None) -> tuple[bytes, int] | None:
+        """(vid, start) of a present extent of this daemon's trust domain with this content (trusted ones
+        first), other than `besides`; None if there is none."""
+        with self._lock:
+            best: tuple[bytes, int] | None = None
+            for vid, start in self._by_hash.get(digest, ()):
+                f = self._files[vid]
+                if (vid, start) == besides or f.domain != self.domain or f.present[start][1] != length:
+                    continue
+                if start in f.trusted:
+                    return vid, start
+                best = best or (vid, start)
+            return best
+
+    @property
+    def files(self) -> int:
+        return len(self._files)
+
+    @property
+    def files_complete(self) -> int:
+        return sum(1 for f in self._files.values() if f.complete)
+
+    # -- writing (worker threads) ------------------------------------------------------------------------------
+
+    def write(self, ver: FileVersion, start: int, data: bytes | memoryview, digest: bytes) -> bool:
+        """Write an extent whose hash the caller computed into the version's file and record it (trusted).
+        False if it was present already. Makes room first; raises CacheFull when there is none, or another
+        OSError if it cannot be written: then nothing of it counts as present."""
+        return self._store(ver, start, len(data), digest, lambda fd: self._write_bytes(fd, start, data))
+
+    def _write_bytes(self, fd: int, start: int, data: bytes | memoryview) -> None:
+        if self._preallocate and len(data):
+            self._preallocate = preallocate(fd, start, len(data))
+        write_all(fd, data, start)
+
+    def copy_in(self, ver: FileVersion, start: int, length: int, digest: bytes, src: tuple[bytes, int]) -> bool:
+        """Put an extent into the version's file from another file holding the same content: shared on disk
+        where the filesystem can (`reflinks`, the same offset within a page), else copied inside the kernel.
+        Trusted if the source was (its bytes were checked); False if the source is gone or not trusted."""
+        with self._reading(*src, trusted=True) as got:
+            if got is None or got[1:] != (digest, length):
+                return False
+            src_fd = got[0]
+            return self._store(ver, start, length, digest,
+                               lambda fd: self._copy_bytes(src_fd, src[1], fd, start, length))
+
+    def _copy_bytes(self, src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+        if self.reflinks and (src_off - dst_off) % PAGE == 0:
+            head = -dst_off % PAGE
+            body = (length - head) // PAGE * PAGE if length > head else 0
+            if dst_off + length == os.fstat(dst).st_size:  # a clone may end at the end of the file
+                body = length - head
+            if body > 0:
+                try:
+                    clone_range(src, src_off + head, dst, dst_off + head, body)
+                except OSError as e:
+                    log.debug("clone of %d bytes failed (%s): copying", body, e)
+                    copy_range(src, src_off, dst, dst_off, length)
+                    return
+                copy_range(src, src_off, dst, dst_off, head)
+                tail = length - head - body
+                copy_range(src, src_off + head + body, dst, dst_off + head + body, tail)
+                return
+        copy_range(src, src_off, dst, dst_off, length)
+
+    def _store(self, ver: FileVersion, start: int, length: int, digest: bytes, fill: Callable[[int], None]) -> bool:
+        key = (ver.vid, start)
+        with self._lock:
+            f = self._files.get(ver.vid)
+            if f is None:
+                f = self._files[ver.vid] = _File(ver.vid, ver.info.size, self.domain)
+            if start in f.present or key in self._writing:
+                return False
+            self._writing.add(key)
+            f.pending += 1
+        stored = False
+        try:
+            if not self.make_room(length, reserve=True):
+                raise CacheFull(f"no room for a {length}-byte extent under the cache quota")
+            try:
+                with self._lock:
+                    fd = self._fd(f, create=True)
+                fill(fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The disk filled up under us (other writers, or no min_free): keep two extents of slack.
+                self.min_free = max(self.min_free, 2 * length)
+                raise CacheFull("the cache filesystem is full") from None
+            finally:
+                with self._lock:
+                    self._reserved -= length
+            self.index.mark_present(ver.vid, self.identity, self.domain, ver.info, [(start, digest, length)])
+            with self._lock:
+                f.present[start] = (digest, length)
+                f.present_bytes += length
+                f.trusted.add(start)
+                self._by_hash.setdefault(digest, set()).add(key)
+                self._lru[key] = time.monotonic()
+                self.bytes_stored += length
+            stored = True
+            return True
+        finally:
+            with self._lock:
+                self._writing.discard(key)
+                f.pending -= 1
+                gone = not stored and not f.present and f.idle
+                if gone:  # nothing of it was ever stored: no file either
+                    self._files.pop(ver.vid, None)
+                    self._fds.pop(ver.vid, None)
+                    fd, f.fd = f.fd, -1
+            if gone:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path(ver.vid))
+                if fd >= 0:
+                    os.close(fd)
+
+    # -- space ------------------------------------------------------------------------------------------------
+
+    def keep(self, digests: set[bytes]) -> None:
+        """Never evict extents with these hashes (pinned models), in any file."""
+        with self._lock:
+            self._kept = set(digests)
+
+    def hold(self, vid: bytes, n: int) -> None:
+        """Add `n` (negative: remove) passthrough registrations of the file: one held is never punched."""
+        with self._lock:
+            f = self._files.get(vid)
+            if f is not None:
+                f.holds += n
 
     def _fs_free(self, fresh: bool = False) -> int:
-        """Free bytes on the cache filesystem; re-measured at most every 0.5 s (a statvfs per block
-        written showed in profiles), and whenever `fresh` is asked (before evicting)."""
+        """Free bytes on the cache filesystem; re-measured at most every 0.5 s, and when `fresh` is asked."""
         now = time.monotonic()
         if fresh or now - self._fs_free_at > 0.5:
-            st = os.statvfs(self.blocks_root)
+            st = os.statvfs(self.root)
             self._fs_free_value, self._fs_free_at = st.f_bavail * st.f_frsize, now
         return self._fs_free_value
+
+    def _used(self) -> int:
+        return self.bytes_stored + self._unlinking + self._reserved
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` fit with no eviction (no I/O most of the time: callable from the trio thread)."""
@@ -267,307 +592,125 @@ class BlockCache:
             return False
         return not self.min_free or self._fs_free() - self._reserved - nbytes >= self.min_free
 
-    def _used(self) -> int:
-        """Bytes counted against max_size: blocks, spare copies, evictions in progress, writes reserved."""
-        return self.bytes_stored + self.spare_bytes + self._unlinking + self._reserved
-
-    # -- spare copies (backing files) ---------------------------------------------------------------
-
-    def reserve(self, nbytes: int) -> bool:
-        """Room for a spare copy about to be written (evicting older spares, then blocks not used for a
-        minute: a copy never evicts what a load is using); False if there is none. `add_spare` or
-        `unreserve` settles it."""
-        return self.make_room(nbytes, protect_since=time.monotonic() - 60, reserve=True)
-
-    def unreserve(self, nbytes: int) -> None:
-        with self._lock:
-            self._reserved -= nbytes
-
-    def add_spare(self, path: str, nbytes: int, reserved: bool = True) -> None:
-        """Count a spare copy written at `path` (its room reserved by `reserve`, or found at start)."""
-        with self._lock:
-            if reserved:
-                self._reserved -= nbytes
-            old = self._spares.pop(path, None)
-            self.spare_bytes += nbytes - (old or 0)
-            self._spares[path] = nbytes
-
-    def drop_spare(self, path: str) -> None:
-        """Forget and delete a spare copy (a damaged one, or one of a version that is gone)."""
-        with self._lock:
-            size = self._spares.pop(path, None)
-            if size is not None:
-                self.spare_bytes -= size
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-    def has_spare(self, path: str) -> bool:
-        with self._lock:
-            return path in self._spares
-
-    def hold_spare(self, path: str, users: int) -> None:
-        """Add `users` (negative: remove) to a spare copy in use; one in use is never evicted."""
-        with self._lock:
-            n = self._spares_held.get(path, 0) + users
-            if n > 0:
-                self._spares_held[path] = n
-            else:
-                self._spares_held.pop(path, None)
-
-    @property
-    def spares(self) -> int:
-        return len(self._spares)
-
-    def _evictable(self, path: str) -> bool:
-        """Not being read or mapped, and not of a pinned model (call with the lock held)."""
-        return path not in self._held and os.path.basename(path) not in self._kept
+    def _evictable(self, key: tuple[bytes, int]) -> bool:
+        """Not in a file read, written or held now, and not of a pinned model (call with the lock held)."""
+        f = self._files[key[0]]
+        return not f.holds and key[1] not in f.reading and f.present[key[1]][0] not in self._kept
 
     def headroom(self, protect_since: float | None = None) -> int:
-        """Bytes that fit now, counting blocks that could be evicted (only those last used before
+        """Bytes that fit now, counting extents that could be evicted (only those last used before
         `protect_since`, a time.monotonic() value, when given)."""
         room = self.max_size - self._used() if self.max_size else 1 << 62
         if self.min_free:
             room = min(room, self._fs_free() - self.min_free)
         with self._lock:
-            for path, (size, used) in self._lru.items():
+            for key, used in self._lru.items():
                 if protect_since is not None and used >= protect_since:
                     break
-                if self._evictable(path):
-                    room += size
-            room += sum(size for path, size in self._spares.items() if path not in self._spares_held)
+                if self._evictable(key):
+                    room += self._files[key[0]].present[key[1]][1]
         return max(0, room)
 
     def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
                   partial: bool = False) -> bool:
-        """Evict least recently used blocks (not held, not kept) until `nbytes` fit; False (evicting nothing) if
-        they cannot.
+        """Punch out least recently used extents until `nbytes` fit; False (evicting nothing) if they cannot.
 
-        Blocks last used at or after `protect_since` are kept (prefetch must not evict what the load it
-        serves has just fetched or read); with None any block not held or kept may go. `reserve` holds the room
-        for a write in progress, so concurrent writers cannot together overshoot the quota. `partial`
-        evicts what it can even when that is not enough (`modelfs cache gc` with pinned models).
-        """
+        Extents last used at or after `protect_since` are kept (prefetch must not evict what the load it serves
+        has just fetched or read). `reserve` holds the room for a write in progress, so concurrent writers
+        cannot together overshoot the quota. `partial` evicts what it can even when that is not enough
+        (`modelfs cache gc` with pinned models)."""
         if self.max_size and nbytes > self.max_size:
             return False
-        if self.fits(nbytes) and not reserve:
+        if not reserve and self.fits(nbytes):
             return True
         fs_free = self._fs_free(fresh=True) if self.min_free else 0
-        victims: list[tuple[str, int]] = []
         with self._lock:
             need = 0
-            if self.max_size:  # bytes being unlinked are still on disk: not yet room for anyone
+            if self.max_size:
                 need = self._used() + nbytes - self.max_size
             if self.min_free:
                 need = max(need, self.min_free + self._reserved + nbytes - fs_free)
             freed = 0
-            spares: list[tuple[str, int]] = []
-            for path, size in self._spares.items():  # copies go before any block
-                if freed >= need:
-                    break
-                if path not in self._spares_held:
-                    spares.append((path, size))
-                    freed += size
-            for path, (size, used) in self._lru.items():
+            chosen: list[tuple[bytes, int]] = []
+            for key, used in self._lru.items():
                 if freed >= need or (protect_since is not None and used >= protect_since):
                     break
-                if self._evictable(path):
-                    victims.append((path, size))
-                    freed += size
-            if freed < need and not (partial and (victims or spares)):
+                if self._evictable(key):
+                    chosen.append(key)
+                    freed += self._files[key[0]].present[key[1]][1]
+            if freed < need and not (partial and chosen):
                 return False
             if reserve:
                 self._reserved += nbytes
-            for path, size in spares:
-                del self._spares[path]
-                self.spare_bytes -= size
-            for path, size in victims:
-                del self._lru[path]
-                self.bytes_stored -= size
-                self.blocks_stored -= 1
-                self._verified.discard(_digest_of(path))
-            victims += spares
-            unlinking = sum(size for _, size in victims)
-            self._unlinking += unlinking
-        try:
-            for path, _ in victims:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        finally:
-            with self._lock:
-                self._unlinking -= unlinking
+            victims = [self._unpresent(self._files[vid], start) for vid, start in chosen]
+        self._punch(victims)
         if victims and self._on_evict:
-            self._on_evict(len(victims), sum(size for _, size in victims))
+            self._on_evict(len(victims), sum(v[2] for v in victims))
         return freed >= need
 
-    def writable(self) -> bool:
-        """Whether the cache takes a write now (`modelfs health`): a probe file written and removed (a temp
-        name, swept at start if a crash leaves it)."""
-        path = os.path.join(self.blocks_root, f"probe.tmp.{os.getpid()}")
+    def _unpresent(self, f: _File, start: int) -> tuple[_File, int, int]:
+        """Mark an extent absent (lock held): from now on no read starts on it. Returns what to punch."""
+        digest, length = f.present.pop(start)
+        f.present_bytes -= length
+        f.trusted.discard(start)
+        self._lru.pop((f.vid, start), None)
+        where = self._by_hash.get(digest)
+        if where is not None:
+            where.discard((f.vid, start))
+            if not where:
+                del self._by_hash[digest]
+        self.bytes_stored -= length
+        self._unlinking += length
+        return f, start, length
+
+    def _punch(self, victims: list[tuple[_File, int, int]]) -> None:
+        """Unrecord, then punch out, extents marked absent (invariant 1 of `index`); a file left with no extent
+        and nothing using it is deleted. Each punch opens the file anew: an fd of the cache's may be closed and
+        its number reused meanwhile."""
+        if not victims:
+            return
+        self.index.unmark([(f.vid, start) for f, start, _ in victims])
         try:
-            with open(path, "wb") as f:
-                f.write(b"x")
+            for f, start, length in victims:
+                with self._lock:
+                    empty = not f.present and f.idle and self._files.get(f.vid) is f
+                    if empty:
+                        del self._files[f.vid]
+                        self._fds.pop(f.vid, None)
+                        fd, f.fd = f.fd, -1
+                try:
+                    if empty:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.path(f.vid))
+                        if fd >= 0:
+                            os.close(fd)
+                    elif self._files.get(f.vid) is f:
+                        own = os.open(self.path(f.vid), os.O_WRONLY | os.O_CLOEXEC)
+                        try:
+                            punch(own, start, length)
+                        finally:
+                            os.close(own)
+                except OSError as e:
+                    log.warning("cannot free %d bytes of cache file %s: %s", length, f.vid.hex(), e)
+        finally:
+            with self._lock:
+                self._unlinking -= sum(length for _, _, length in victims)
+
+    def writable(self) -> bool:
+        """Whether the cache takes a write now (`modelfs health`): a probe file written and removed."""
+        path = os.path.join(self.root, f"probe.tmp.{os.getpid()}")
+        try:
+            with open(path, "wb") as fh:
+                fh.write(b"x")
             os.unlink(path)
             return True
         except OSError:
             return False
 
-    def contains(self, digest: bytes) -> bool:
-        return os.path.exists(self.path(digest))
-
-    def verified(self, digest: bytes) -> bool:
-        """Whether this process has checked the block against its hash (or wrote it itself) and not found
-        it bad or evicted it since."""
-        return digest in self._verified
-
-    def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | None:
-        """A copy of `size` bytes at `offset` of the block (for administration and tests; the daemon serves
-        views of `load` instead), or None if it is missing or bad."""
-        view = self.load(digest, length)
-        return None if view is None else bytes(view[offset:offset + size])
-
-    def load(self, digest: bytes, length: int) -> memoryview | None:
-        """The whole block, read into memory of its own (`mapped.private`) and checked against its hash
-        there; None if it is missing, short or bad (then dropped, counted and refetched by the caller).
-
-        Every load hashes what it read, the first of this process or not: the view returned holds exactly
-        the bytes that were hashed, and nothing done to the file afterwards (a write in place, a
-        truncation, corruption under pages the kernel reads again from disk) can change them. The block is
-        held against eviction while it is read; no fd stays open.
-        """
-        with self.held(digest) as path:
-            view = self._load_held(digest, path, length)
-        if view is not None:
-            self._touch(path)
-        return view
-
-    def _load_held(self, digest: bytes, path: str, length: int) -> memoryview | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        view: memoryview | None = None
-        got, why, inode = 0, "corrupt", None
-        try:
-            st = os.fstat(fd)
-            inode = st.st_ino
-            if st.st_size == length and length:
-                view = memoryview(private(length))[:length]
-                got = read_block(fd, view)
-            elif st.st_size < length:
-                why = "truncated"
-        except OSError as e:  # the disk failed to read it (EIO): as bad as a wrong byte
-            why = f"unreadable ({e.strerror or e})"
-        finally:
-            os.close(fd)
-        ok = view is not None and got >= length and block_hash(view) == digest
-        with self._lock:
-            self.maps_made += view is not None
-            self.verifications += view is not None
-            if ok:
-                self._verified.add(digest)
-        if not ok:
-            self.drop(digest, why, inode)
-            return None
-        return view
-
-    def drop(self, digest: bytes, why: str, inode: int | None = None) -> None:
-        """Remove a block that failed verification (only the file `inode` when given: a block refetched
-        and stored again meanwhile is a new file, and good); the caller refetches. Counted once per bad
-        file, however many readers found it."""
-        path = self.path(digest)
-        with self._lock:
-            self._verified.discard(digest)
-        try:
-            if inode is not None and os.stat(path).st_ino != inode:
-                return  # stored again meanwhile: a new file, and good
-            os.unlink(path)
-        except FileNotFoundError:
-            return  # two readers found the same bad file at once: the other one dropped and counted it
-        log.warning("cache block %s is %s: dropped, will refetch", digest.hex(), why)
-        with self._lock:
-            ent = self._lru.pop(path, None)
-            if ent is not None:
-                self.bytes_stored -= ent[0]
-                self.blocks_stored -= 1
-        if self._on_corrupt:
-            self._on_corrupt(digest)
-
-    def put(self, digest: bytes, data: bytes | memoryview) -> bool:
-        """Store a block whose hash the caller computed. False if it was already stored (dedup).
-
-        Evicts least recently used blocks to make room. Raises CacheFull when there is no room, or
-        another OSError if the block cannot be written; nothing partial is left behind.
-        """
-        path = self.path(digest)
-        size = len(data)
-        with self._lock:
-            if digest in self._verified or digest in self._writing or os.path.exists(path):
-                return False
-            self._writing.add(digest)
-        written = False
-        try:
-            if not self.make_room(size, reserve=True):
-                raise CacheFull(f"no room for a {size}-byte block under the cache quota")
-            try:
-                try:
-                    written = self._write(path, data)
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    # The disk filled up under us (other writers, or no min_free): keep two blocks of
-                    # slack from now on, evict, and try once more.
-                    self.min_free = max(self.min_free, 2 * size)
-                    if not self.make_room(0):
-                        raise CacheFull("the cache filesystem is full") from None
-                    written = self._write(path, data)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, CacheFull):
-                    raise CacheFull("the cache filesystem is full") from None
-                raise
-            finally:
-                with self._lock:
-                    self._reserved -= size
-                    if written:
-                        self._verified.add(digest)
-                        self._lru[path] = (size, time.monotonic())
-                        self.bytes_stored += size
-                        self.blocks_stored += 1
-        finally:
-            with self._lock:
-                self._writing.discard(digest)
-        return True
-
-    def _write(self, path: str, data: bytes | memoryview) -> bool:
-        """Write a block under a temp name and rename it into place."""
-        tmp = f"{path}.tmp.{os.getpid()}.{next(self._tmp_seq)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            _private_dirs(os.path.dirname(path), depth=2)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if self._preallocate and data:
-                self._preallocate = preallocate(fd, len(data))
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                if n == 0:
-                    raise OSError(errno.ENOSPC, "short write")
-                view = view[n:]
-            os.close(fd)
-            fd = -1
-            os.rename(tmp, path)
-            return True
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
     def close(self) -> None:
-        """Nothing is held open between calls (mappings close their fds at once); kept for symmetry."""
+        with self._lock:
+            for f in self._files.values():
+                if f.fd >= 0:
+                    os.close(f.fd)
+                    f.fd = -1
+            self._fds.clear()

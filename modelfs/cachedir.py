@@ -3,21 +3,32 @@
     <cache>/
       lock          flock held by the one process that may write here (a daemon, or `modelfs cache gc`);
                     it holds that process's pid, for the error the next one shows
-      index/        the LMDB chunk index (`index.ChunkIndex`)
-      blocks/       content-addressed blocks (`cache.BlockCache`: blocks/<domain>/ab/cd/<xxh3-128>)
+      index/        the LMDB chunk index (`index.ChunkIndex`): extent hashes, which extents are present
+      files/        one sparse file per file version, `files/<version id hex>`, its bytes at their own
+                    offsets (`cache.FileCache`); a complete one is what FUSE passthrough serves
       pins.json     models never evicted (`admin`)
       modelfs.log   the daemon's log when it runs detached (unless log.file says otherwise)
 
+Earlier layouts kept content-addressed blocks in `blocks/` and passthrough copies in `backing/`: a daemon
+that finds them removes them at start (their index entries stay true; only cache warmth is lost).
+
 The directory and everything modelfs creates in it are private to the user that runs the daemon (0700
-directories, 0600 files): blocks are the user's model weights.
+directories, 0600 files): the files are the user's model weights.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import shutil
 
 from modelfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Directories of earlier layouts (content-addressed blocks, passthrough copies), removed at start.
+OLD_LAYOUT = ("blocks", "backing")
 
 
 class CacheDir:
@@ -26,7 +37,7 @@ class CacheDir:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.index = os.path.join(self.path, "index")
-        self.blocks = os.path.join(self.path, "blocks")
+        self.files = os.path.join(self.path, "files")
         self.pins = os.path.join(self.path, "pins.json")
         self.log = os.path.join(self.path, "modelfs.log")
         self._lock = os.path.join(self.path, "lock")
@@ -37,6 +48,14 @@ class CacheDir:
     def has_index(self) -> bool:
         """Whether a daemon ever wrote an index here (offline mode needs one)."""
         return os.path.exists(os.path.join(self.index, "data.mdb"))
+
+    def remove_old_layout(self) -> None:
+        """Remove what an earlier layout left (under the lock: nothing else writes here)."""
+        for name in OLD_LAYOUT:
+            old = os.path.join(self.path, name)
+            if os.path.isdir(old):
+                log.info("removing %s: the cache keeps whole files now (%s refills as models load)", old, self.path)
+                shutil.rmtree(old, ignore_errors=True)
 
     def create(self) -> None:
         """Make the directory (0700) if need be; one line for users if that cannot be done."""

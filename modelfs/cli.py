@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["ls", "verify", "gc", "pin", "unpin"])
     c.add_argument("key", nargs="?", help="for pin/unpin: a key prefix, as `cache ls` shows it")
     c.add_argument("--cache-dir", help="the cache dir (default: the daemon's default)")
-    c.add_argument("--to", help="for gc: evict least recently used blocks down to this size")
+    c.add_argument("--to", help="for gc: evict least recently used extents down to this size")
     c.add_argument("--source", help="for pin/unpin: the source, when the cache holds several")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_cache)
@@ -384,7 +384,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for mdl in models:
             pin = "yes" if mdl.pinned else "   "
             print(f"{human(mdl.cached):>11} {human(mdl.size):>11}  {pin}  {mdl.source}  {mdl.key}")
-        print(f"{human(admin.total_bytes(cache_dir)):>11} {'':>11}       total in blocks")
+        print(f"{human(admin.total_bytes(cache_dir)):>11} {'':>11}       total in cache files")
         return 0
     if args.action == "verify":
         from tqdm import tqdm
@@ -392,9 +392,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         with tqdm(total=admin.total_bytes(cache_dir), unit="B", unit_scale=True, unit_divisor=1024,
                   desc="verify", disable=args.quiet) as bar:
             checked, bad = admin.verify(cache_dir, bar.update)
-        for path in bad:
-            print(f"modelfs: dropped corrupt block {path}", file=sys.stderr)
-        print(f"modelfs: {checked} blocks checked, {len(bad)} corrupt (dropped; refetched when read)")
+        for where in bad:
+            print(f"modelfs: corrupt extent of version {where}", file=sys.stderr)
+        print(f"modelfs: {checked} extents checked, {len(bad)} corrupt (dropped, or reported if a daemon runs; "
+              "refetched when read)")
         return 1 if bad else 0
     if args.action == "gc":
         if not args.to:

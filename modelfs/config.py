@@ -90,6 +90,7 @@ class CacheConfig:
     map_budget: Size = Size(128 * MiB)
     index_map_size: Size = Size(64 * GiB)
     preallocate: bool = True
+    copy_shared_after: int = 2
 
 
 @dataclass
@@ -122,7 +123,7 @@ class PrefetchConfig:
     sequential: bool = True
     initial_window: Size = Size(16 * MiB)
     max_window: Size = Size(1024 * MiB)
-    page_cache_push: bool = True
+    page_cache_push: bool = False
     push_min_available: Size = Size(2 * GiB)
 
 
@@ -194,6 +195,9 @@ class Config:
         for key, val in positive:
             if val < 1:
                 raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.cache.copy_shared_after < 0:
+            raise ConfigError(f"config: cache.copy_shared_after must be 0 (never) or more, got "
+                              f"{self.cache.copy_shared_after}")
         if self.fetch.demand_reserve < 0:
             raise ConfigError(f"config: fetch.demand_reserve must be >= 0, got {self.fetch.demand_reserve}")
         if self.fetch.prefetch_during_demand < 1:

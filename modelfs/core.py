@@ -1,9 +1,10 @@
-"""The filesystem core, without FUSE: namespace -> chunk index -> block cache -> fetcher -> store.
+"""The filesystem core, without FUSE: namespace -> chunk index -> file cache -> fetcher -> store.
 
 `fs.Operations` is a thin boundary over this class; tests drive it directly, without a mount. A READ of
-a mapped block is answered on the trio thread (a slice of the mapping, `extents`); every blocking step
-(store listing, LMDB, opening, mapping and verifying block files, GETs) runs in a worker thread under a
-CapacityLimiter, so the trio thread that serves FUSE never waits on the disk or the network.
+bytes the page cache holds is answered on the trio thread (a read of the cache file that cannot wait,
+`extents`); every blocking step (store listing, LMDB, reading and checking cache files, GETs) runs in a
+worker thread under a CapacityLimiter, so the trio thread that serves FUSE never waits on the disk or the
+network.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from modelfs.backing import QUIET, BackingFiles, Kernel
 from modelfs.buffers import BufferPool
-from modelfs.cache import BlockCache
-from modelfs.cachedir import CacheDir
+from modelfs.cache import FileCache
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly
 from modelfs.extents import Blocks, Extents, Where
@@ -31,6 +30,7 @@ from modelfs.index import ChunkIndex
 from modelfs.listings import Listings
 from modelfs.namespace import Namespace, Node
 from modelfs.openfiles import OpenFiles
+from modelfs.passthrough import Kernel, Passthrough
 from modelfs.prefetch import Prefetcher
 from modelfs.push import PushFn
 from modelfs.remote import Store
@@ -45,30 +45,10 @@ log = logging.getLogger(__name__)
 IDLE_TRIM = 30.0
 
 
-class Quiet:
-    """Whether the daemon is quiet (`backing` builds copies only then): no READ served and no GET buffer
-    taken for backing.QUIET seconds, nothing in flight or queued, so a copy built now takes no cold load's
-    disk or CPU."""
-
-    def __init__(self, stats: Stats, buffers: BufferPool, fetcher: Fetcher, prefetcher: Prefetcher) -> None:
-        self.stats = stats
-        self.buffers = buffers
-        self.fetcher = fetcher
-        self.prefetcher = prefetcher
-        self._activity: tuple[tuple[int, int], float] = ((0, 0), 0.0)
-
-    def __call__(self) -> bool:
-        state, since = (self.stats.bytes_served, self.buffers.taken), time.monotonic()
-        if state != self._activity[0]:
-            self._activity = (state, since)
-            return False
-        return since - self._activity[1] >= QUIET and not self.fetcher.in_flight and not self.prefetcher.queued
-
-
 class ModelFS:
     """Read-only view of a store; serves while `serving()` is entered."""
 
-    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: BlockCache,
+    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: FileCache,
                  stats: Stats | None = None, push: PushFn | None = None,
                  observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
                  kernel: Kernel | None = None, faults: Faults = NO_FAULTS,
@@ -100,7 +80,7 @@ class ModelFS:
                            int(cfg.fetch.memory_budget) // self.extent_size))
         self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
                                   cap=cfg.fetch.prefetch_during_demand)
-        self.blocks = Blocks(index, cache, self.stats, store.identity, int(cfg.cache.map_budget))
+        self.blocks = Blocks(index, cache, self.stats, int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, self.blocks, self.stats, self.buffers, cfg.fetch.deadline,
                                self.health, observe, shared, faults, self.supervisor)
         self.shared = shared
@@ -111,12 +91,11 @@ class ModelFS:
                                      self.prefetch_limiter,
                                      workers=max(1, min(cfg.prefetch.concurrency, count)),
                                      max_request=int(cfg.fetch.max_request), push=push, shared=shared,
-                                     faults=faults, supervisor=self.supervisor)
-        # FUSE passthrough: the kernel serves an open from a verified copy of the file (`backing`).
-        self.backing = BackingFiles(CacheDir(cfg.cache.dir).path, cache, index, self.stats, kernel,
-                                    Quiet(self.stats, self.buffers, self.fetcher, self.prefetcher)) \
-            if kernel is not None else None
-        self._ahead_dirs: set[int] = set()  # directories whose copies were checked ahead (`_check_siblings`)
+                                     faults=faults, supervisor=self.supervisor,
+                                     copy_shared_after=cfg.cache.copy_shared_after)
+        # FUSE passthrough: the kernel serves an open of a complete file from its cache file (`passthrough`).
+        self.passthrough = Passthrough(cache, self.stats, kernel) if kernel is not None else None
+        self._ahead_dirs: set[int] = set()  # directories whose files were checked ahead (`_check_siblings`)
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[trio.Nursery]:
@@ -133,14 +112,13 @@ class ModelFS:
         self.prefetcher.start()
         self.supervisor.spawn(self.health.probe_loop, name="offline probe", restart=True)
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
-        if self.backing is not None:
-            self.supervisor.spawn(self.backing.run, name="backing files", restart=True)
-            self.supervisor.spawn(self.backing.run_checks, name="backing file checks", restart=True)
+        if self.passthrough is not None:
+            self.supervisor.spawn(self.passthrough.run_checks, name="passthrough checks", restart=True)
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
-        GET, give back the GET buffers' memory and the verified block copies (the next READ loads its
-        block again from disk, and verifies it again)."""
+        GET, give back the GET buffers' memory and the extents held in memory (those the cache had no room
+        for: fetched again if read again)."""
         seen, trimmed = (-1, -1), False
         while True:
             await trio.sleep(IDLE_TRIM)
@@ -150,7 +128,7 @@ class ModelFS:
             elif not trimmed:
                 freed = self.buffers.trim() + self.blocks.trim()
                 trimmed = True
-                log.debug("idle: gave back %d bytes of GET buffers and block copies", freed)
+                log.debug("idle: gave back %d bytes of GET buffers and extents held in memory", freed)
 
     # -- metadata ---------------------------------------------------------------------------------
 
@@ -176,9 +154,7 @@ class ModelFS:
     def _dropped(self, inode: int) -> None:
         """The namespace let go of `inode` (gone from the store's listing, unknown to the kernel, closed):
         so does everything keyed by it."""
-        ver = self.files.forget(inode)
-        if ver is not None and self.backing is not None:
-            self.backing.forget(ver)
+        self.files.forget(inode)
         self.prefetcher.forget(inode)
 
     async def opendir(self, inode: int) -> int:
@@ -209,29 +185,29 @@ class ModelFS:
         self.prefetcher.opened(node)
         return fh
 
-    async def passthrough(self, fh: int) -> int:
-        """For an open just made: a backing id if the kernel is to serve it from the file's copy (FUSE
-        passthrough), else 0 (served through READs, in cached mode). Passthrough needs a verified copy
-        and no handle of the inode open in cached mode (the kernel refuses a mix); all passthrough opens
-        of one inode share its version's backing id."""
-        if self.backing is None:
+    async def backing_id(self, fh: int) -> int:
+        """For an open just made: a backing id if the kernel is to serve it from its cache file (FUSE
+        passthrough), else 0 (served through READs, in cached mode). Passthrough needs the file complete and
+        checked, and no handle of the inode open in cached mode (the kernel refuses a mix); all passthrough
+        opens of one inode share its version's backing id."""
+        if self.passthrough is None:
             return 0
-        backing_id = await self.files.choose_mode(fh, self.backing.open)
+        backing_id = await self.files.choose_mode(fh, self.passthrough.open)
         if backing_id:
             self._check_siblings(self.files.handles[fh][0])
         return backing_id
 
     def _check_siblings(self, node: Node) -> None:
         """The first passthrough open in a directory: the other files of the set (shards) will be opened
-        next, so their copies are checked now, in name order, ahead of the loader."""
-        if node.parent in self._ahead_dirs or self.backing is None:
+        next, so their cache files are checked now, in name order, ahead of the loader."""
+        if node.parent in self._ahead_dirs or self.passthrough is None:
             return
         self._ahead_dirs.add(node.parent)
         try:
             siblings = self.ns.get(node.parent).children
         except NotFound:
             return
-        self.backing.check_ahead([self.version(n) for name, n in sorted(siblings.items())
+        self.passthrough.check_ahead([self.version(n) for name, n in sorted(siblings.items())
                                   if not n.is_dir and n is not node])
 
     def release(self, fh: int) -> None:
@@ -239,12 +215,10 @@ class ModelFS:
         if closed is None:
             return
         if closed.passthrough:
-            assert self.backing is not None
-            self.backing.release(closed.ver)
+            assert self.passthrough is not None
+            self.passthrough.release(closed.ver)
         if closed.last:
             self.prefetcher.released(closed.node)
-            if self.backing is not None:
-                self.backing.want(closed.ver)  # a copy for the next open, built when the daemon is quiet
             self.ns.collect(closed.node.inode)
 
     @property
@@ -259,9 +233,9 @@ class ModelFS:
             await trio.sleep(poll)
 
     async def read(self, fh: int, offset: int, size: int) -> Buffer:
-        """A READ: a slice of the extent's mapped block when it is mapped (the common case, no await),
-        else through `extents` (map it in a worker thread, or join or start its GET). How long it waited
-        goes to `read_wait`: the common case counts as no wait, with no clock read."""
+        """A READ: read from the cache file when the page cache holds the bytes (the common case, no await),
+        else through `extents` (read or check them in a worker thread, or join or start their GET). How long
+        it waited goes to `read_wait`: the common case counts as no wait, with no clock read."""
         node, ver = self.files.handles[fh]
         end = min(offset + size, ver.info.size)
         if offset >= end:
@@ -270,7 +244,7 @@ class ModelFS:
         self.prefetcher.on_read(node, ver, offset, size, start, length)
         self.stats.bytes_served += end - offset
         if end <= start + length:
-            view = self.extents.mapped(ver, start, offset - start, end - offset)
+            view = self.extents.fast(ver, start, offset - start, end - offset)
             if view is not None:
                 self.read_wait.instant += 1
                 return view
@@ -292,14 +266,12 @@ class ModelFS:
             raise IsADirectoryError(node.key)
         job = await self.prefetcher.warm(node)
         ver = self.version(node)
-        if self.backing is not None:
-            self.backing.want(ver)
         if self.shared is not None:
             await self.shared.fill(ver, ver.extents())
         return {"size": ver.info.size, "fetched": job.fetched}
 
     async def cached_bytes(self, inode: int) -> int:
-        """How many bytes of a file the block cache holds (progress of a warm-up)."""
+        """How many bytes of a file the cache holds, in its own file or another's (progress of a warm-up)."""
         _, states = await self._extent_states(inode)
         return sum(length for _, length, cached in states if cached)
 
@@ -320,7 +292,7 @@ class ModelFS:
             out: list[tuple[bytes | None, int, bool]] = []
             for start, length in ver.extents():
                 digest, where = self.extents.state(ver, start, length)
-                out.append((digest, length, where is Where.CACHED))
+                out.append((digest, length, where in (Where.CACHED, Where.ELSEWHERE)))
             return out
 
         return ver, await trio.to_thread.run_sync(collect, limiter=self.io_limiter)
@@ -336,7 +308,7 @@ class ModelFS:
             reachable, problem = False, str(e) or "the store did not answer in time"
         writable = await trio.to_thread.run_sync(self.cache.writable, limiter=self.io_limiter)
         if not writable:
-            problem = problem or f"cannot write to the cache at {self.cache.blocks_root}"
+            problem = problem or f"cannot write to the cache at {self.cache.root}"
         return {"store_reachable": reachable, "cache_writable": writable, "offline": self.health.offline,
                 "problem": problem}
 
@@ -344,19 +316,16 @@ class ModelFS:
 
     def counters(self) -> dict[str, int]:
         snap = self.stats.snapshot()
-        snap["mapped_blocks"] = self.blocks.mapped
+        snap["extents_in_memory"] = self.blocks.held
         snap["inodes"] = len(self.ns)
         snap["versions_held"] = len(self.files)
-        snap["blocks_mapped"] = self.cache.maps_made
-        snap["blocks_verified"] = self.cache.verifications
+        snap["extents_verified"] = self.cache.reads_verified
         snap["bytes_in_cache"] = self.cache.bytes_stored
-        snap["blocks_in_cache"] = self.cache.blocks_stored
+        snap["files_in_cache"] = self.cache.files
+        snap["files_complete"] = self.cache.files_complete
         snap["hedged_gets"] = self.store.hedged
         snap["unhedged_gets"] = self.store.unhedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["prefetch_queue"] = self.prefetcher.queued
-        snap["backing_files"] = self.cache.spares
-        snap["backing_bytes"] = self.cache.spare_bytes
-        snap["backing_pending"] = self.backing.pending if self.backing is not None else 0
         snap.update(self.read_wait.counters())
         return snap

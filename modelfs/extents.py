@@ -1,17 +1,20 @@
-"""Where an extent's bytes are, and the one way to get them; the owner of the mapped pool.
+"""Where an extent's bytes are, and the one way to get them.
 
-`Blocks` is the only code that stores a block (block cache + chunk index + the verified copy in memory)
-or looks one up; the fetcher hands it what its GETs bring (`Blocks.store`, then `Blocks.keep`) and knows
-nothing of the cache, the index or the pool. `Extents` answers readers from it and from the fetcher.
+`Blocks` is the only code that stores an extent (the version's file + the chunk index, `cache.FileCache`)
+or finds one; the fetcher hands it what its GETs bring (`Blocks.store`) and knows nothing of the cache or
+the index. `Extents` answers readers from it and from the fetcher.
 
 Every reader of extents asks here: the core's READs, the prefetcher, `modelfs du` and the progress of
 `modelfs prefetch`. The places, cheapest first:
 
-  mapped     a verified copy of the block in the daemon's memory (`mapped.MappedBlocks`): a READ is a
-             slice of it, answered on the trio thread with no I/O
-  in flight  a GET is under way (`fetch.Fetcher`): join it, and answer from its copy or buffer
-  cached     a block on disk: a worker thread reads it into memory of its own and verifies it there
-  missing    the index does not know the extent, or its block is not on disk: a ranged GET
+  file       trusted bytes in the version's own file, or in another version's file with the same content
+             (dedup): a READ is a read of the page cache on the trio thread (RWF_NOWAIT), or, when the page
+             cache lacks them, a read in a worker thread
+  memory     an extent the cache had no room for, held in the daemon's memory (`mapped.MappedBlocks`)
+  in flight  a GET is under way (`fetch.Fetcher`): join it, and answer from its buffer
+  unchecked  bytes in a file that this daemon has not checked yet (written before it started): read back
+             and hashed in a worker thread first (`cache.FileCache.verify`)
+  missing    not in any file: a ranged GET, written into the version's file as it arrives
 
 Views handed out follow `buffers`' rule: valid until the caller's next checkpoint (answer a READ with
 them, or copy them).
@@ -21,157 +24,236 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
 
-from modelfs.cache import BlockCache, CacheFull, block_hash
+from modelfs.cache import CacheFull, FileCache, content_hash
 from modelfs.errors import ModelfsError
 from modelfs.fetch import Fetcher
 from modelfs.index import ChunkIndex
-from modelfs.mapped import MappedBlocks, private_copy
+from modelfs.mapped import MappedBlocks, private, private_copy
 from modelfs.stats import Stats
-from modelfs.version import Extent, FileVersion, Stored
+from modelfs.version import FileVersion, Stored
 
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-#: Seconds the prefetcher waits for the loader to use blocks mapped ahead before it stops protecting them.
-AHEAD_WAIT = 2.0
+#: Bytes of the trio thread's READ reply buffer to begin with (the kernel's READs are 1 MiB at most with
+#: read_ahead_kb=4096; it grows to the largest READ seen).
+REPLY = 1 << 20
 
 
 class Where(enum.Enum):
-    MAPPED = "mapped"
+    MAPPED = "memory"
     IN_FLIGHT = "in flight"
-    CACHED = "cached"
+    CACHED = "in its own file"
+    ELSEWHERE = "in another version's file"
     MISSING = "missing"
 
 
 @dataclass(eq=False)
 class _Pending:
-    """A block being mapped by a worker thread; `view` once `done` (None: not cached)."""
+    """An extent being checked by a worker thread (`Extents._check`); `where` once `done`."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    view: memoryview | None = None
+    where: Where = Where.MISSING
 
 
 class Blocks:
-    """Where blocks are kept: on disk (`cache.BlockCache`, found through the `index.ChunkIndex`) and, as
-    verified copies, in memory (`mapped.MappedBlocks`, `cache.map_budget`). Methods marked "worker
-    thread" block on the disk; the others are trio-thread only and never block."""
+    """Where extents are kept: the version files on disk (`cache.FileCache`, found through the chunk index)
+    and, for extents the cache could not store, copies in memory (`mapped.MappedBlocks`). Methods marked
+    "worker thread" block on the disk; the others are trio-thread only and never block."""
 
-    def __init__(self, index: ChunkIndex, cache: BlockCache, stats: Stats, identity: str, map_budget: int) -> None:
+    def __init__(self, index: ChunkIndex, cache: FileCache, stats: Stats, map_budget: int) -> None:
         self.index = index
         self.cache = cache
         self.stats = stats
-        self.identity = identity  # the store's: index records are per source
         self.maps = MappedBlocks(map_budget)
+        self._reply = memoryview(private(REPLY))  # READs answered on the trio thread are read into it
         self._write_error_logged = False
 
     # -- the trio thread ---------------------------------------------------------------------------------
 
-    def view(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+    def fast(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+        """Bytes [inner, inner+size) of the extent at `start` if they can be had with no wait: trusted bytes
+        the page cache holds (read into the reply buffer: valid until the next call), or a copy in memory."""
+        if len(self._reply) < size:
+            self._reply = memoryview(private(size))
+        view = self._reply[:size]
+        if self.cache.pread(ver.vid, start, inner, view, nowait=True) == size:
+            return view
+        src = ver.elsewhere.get(start)
+        if src is not None:
+            n = self.cache.pread(src[0], src[1], inner, view, nowait=True)
+            if n == size:
+                return view
+            if n < 0:
+                del ver.elsewhere[start]  # evicted or dropped there: look again
         ext = ver.known.get(start)
         return self.maps.view(ext[0], inner, size) if ext is not None else None
 
-    def whole(self, ver: FileVersion, start: int) -> memoryview | None:
-        ext = ver.known.get(start)
-        return self.maps.whole(ext[0]) if ext is not None else None
-
-    def held(self, ver: FileVersion, start: int) -> bool:
+    def trusted(self, ver: FileVersion, start: int) -> bool:
+        """Its bytes can be read now, with no check: in a file, trusted, or in memory."""
+        if self.cache.trusted(ver.vid, start):
+            return True
+        src = ver.elsewhere.get(start)
+        if src is not None and self.cache.trusted(*src):
+            return True
         ext = ver.known.get(start)
         return ext is not None and ext[0] in self.maps
 
-    def keep(self, digest: bytes, copy: memoryview, ahead: bool = False, evict: bool = True) -> memoryview:
-        """Hold a verified copy (from `load`, or `store(keep=True)`); returns the view to serve."""
-        return self.maps.put(digest, copy, ahead=ahead, evict=evict)
+    def has(self, ver: FileVersion, start: int) -> bool:
+        """The extent is in the version's own file, or referred to another's (no I/O: any thread)."""
+        return self.cache.present(ver.vid, start) or start in ver.elsewhere
 
-    def verified(self, ver: FileVersion) -> bool:
-        """Every extent's block was verified by this daemon (so it is on disk: eviction forgets it)."""
-        verified = self.cache.verified
-        for start, _ in ver.extents():
-            ext = ver.known.get(start)
-            if ext is None or not verified(ext[0]):
-                return False
-        return True
+    def keep(self, digest: bytes, copy: memoryview) -> memoryview:
+        """Hold the copy of an extent the cache could not store (`store`); returns the view to serve."""
+        return self.maps.put(digest, copy)
 
-    async def reserve_ahead(self, length: int, patience: float) -> None:
-        await self.maps.reserve_ahead(length, patience)
-
-    def unreserve(self, length: int) -> None:
-        self.maps.unreserve(length)
+    def complete(self, ver: FileVersion) -> bool:
+        """Every extent is in the version's own file and trusted: nothing to fetch, check or copy."""
+        return self.cache.all_trusted(ver.vid)
 
     @property
-    def mapped(self) -> int:
+    def held(self) -> int:
         return len(self.maps)
 
     def trim(self) -> int:
-        """Drop every copy held (an idle daemon gives its memory back); returns the bytes let go."""
+        """Drop every copy held in memory (an idle daemon gives its memory back); returns the bytes let go."""
         freed = self.maps.bytes
         self.maps.clear()
         return freed
 
     # -- worker threads ----------------------------------------------------------------------------------
 
-    def load(self, ver: FileVersion, start: int, length: int) -> tuple[bytes, memoryview] | None:
-        """The extent's hash and its block read from disk and verified (`cache.BlockCache.load`), or None
-        if it is not cached."""
-        ext = ver.lookup(self.index, start, length)
-        if ext is None:
-            return None
-        copy = self.cache.load(ext[0], length)
-        return (ext[0], copy) if copy is not None else None
-
-    def contains(self, ver: FileVersion, start: int, length: int) -> bool:
-        return self.state(ver, start, length)[1] is Where.CACHED
-
     def state(self, ver: FileVersion, start: int, length: int) -> tuple[bytes | None, Where]:
-        """The extent's hash if known, and whether its block is on disk (CACHED) or not (MISSING)."""
+        """The extent's hash if known, and whether its bytes are in the version's own file (CACHED), in
+        another version's (ELSEWHERE: `ver.elsewhere` says where) or nowhere (MISSING)."""
         ext = ver.lookup(self.index, start, length)
+        if self.cache.present(ver.vid, start):
+            return (ext[0] if ext else None), Where.CACHED
         if ext is None:
             return None, Where.MISSING
-        return ext[0], Where.CACHED if self.cache.contains(ext[0]) else Where.MISSING
+        src = self.cache.locate(ext[0], length, besides=(ver.vid, start))
+        if src is None:
+            ver.elsewhere.pop(start, None)
+            return ext[0], Where.MISSING
+        ver.elsewhere[start] = src
+        return ext[0], Where.ELSEWHERE
+
+    def check(self, ver: FileVersion, start: int, length: int, copy: bool) -> Where:
+        """Make the extent's bytes readable with no further check, if the cache has them anywhere: bytes this
+        daemon has not checked yet are read back and hashed (damaged ones are dropped: MISSING), and with
+        `copy` (or where the filesystem shares extents, for free) bytes of another version's file are put
+        into this version's own. Returns where they are now."""
+        digest, where = self.state(ver, start, length)
+        if where is Where.CACHED:
+            if self.cache.trusted(ver.vid, start) or self.cache.verify(ver.vid, start, length) is not None:
+                return Where.CACHED
+            return Where.MISSING
+        if where is Where.ELSEWHERE:
+            assert digest is not None
+            src = ver.elsewhere[start]
+            if not self.cache.trusted(*src) and self.cache.verify(*src, length) is None:
+                ver.elsewhere.pop(start, None)
+                return self.check(ver, start, length, copy)  # another copy, if any
+            if copy or self.cache.reflinks:
+                try:
+                    if self.cache.copy_in(ver, start, length, digest, src):
+                        self.stats.add(dedup_bytes_saved=length)
+                        ver.elsewhere.pop(start, None)
+                        return Where.CACHED
+                except OSError as e:  # no room, or the copy failed: the other file still serves it
+                    log.debug("%s at %d not copied from another version: %s", ver.info.key, start, e)
+                if self.cache.present(ver.vid, start):
+                    return Where.CACHED
+            return Where.ELSEWHERE
+        return where
+
+    def read(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+        """Bytes [inner, inner+size) of a trusted extent, wherever they are, read into a new buffer (a READ
+        whose bytes the page cache did not hold); None if they are no longer there."""
+        out = memoryview(bytearray(size))
+        if self.cache.pread(ver.vid, start, inner, out) == size:
+            return out
+        src = ver.elsewhere.get(start)
+        if src is not None and self.cache.pread(src[0], src[1], inner, out) == size:
+            return out
+        return None
+
+    def cached(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
+        """For a flight about to GET an extent: if the extent is in the version's file by now (stored by a
+        flight that ended between the reader's look and this one's start), its bytes read into `view` and
+        its hash; else None."""
+        known = ver.known.get(start)
+        if known is None or known[1] != len(view):
+            return None
+        if self.cache.pread(ver.vid, start, 0, view) == len(view):
+            return known[0]
+        return None
 
     def learn(self, ver: FileVersion) -> None:
         ver.learn(self.index)
 
-    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None,
-              keep: bool = False) -> Stored:
-        """Store the bytes a GET brought for one extent: hash them (unless the caller did), write the block
-        (unless the cache is full), record the extent in the index; with `keep` (a reader waits on them),
-        also a private copy to hand to `keep` (the GET buffer goes back to its pool). A block that cannot be
-        written is served from memory this once."""
+    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None) -> Stored:
+        """Store the bytes a GET brought for one extent: hash them (unless the caller did) and write them into
+        the version's file (the chunk index records them). Content another version's file holds already is
+        not written again (dedup): it is cloned where the filesystem shares extents, else read from there
+        (`ver.elsewhere`) until the version is loaded often enough to copy it in. An extent the cache cannot
+        take is recorded as known only, and a private copy comes back for `keep`: its readers are served from
+        memory."""
         known = ver.known.get(start)
         if digest is None:
-            digest = block_hash(data)
+            digest = content_hash(data)
         if known is not None and known[0] != digest:
             log.warning("%s at %d: the store returned other bytes than the manifest or index says; re-indexed",
                         ver.info.key, start)
+        ver.known[start] = (digest, len(data))
         try:
-            if not self.cache.put(digest, data):
+            if self._shared(ver, start, len(data), digest):
                 self.stats.add(dedup_bytes_saved=len(data))
+                return Stored(digest, True, None)
+            if not self.cache.write(ver, start, data, digest):
+                self.stats.add(dedup_bytes_saved=len(data))  # written by another flight meanwhile
         except CacheFull as e:
-            # Quota reached with every block in use, or the disk is full: serve this extent from memory.
+            # Quota reached with every extent in use, or the disk is full: serve this extent from memory.
             self.stats.add(cache_full_skips=1)
             log.debug("%s at %d not cached: %s", ver.info.key, start, e.strerror)
-            return Stored(digest, False, None)
+            return self._unstored(ver, start, data, digest)
         except OSError as e:
             self.stats.add(cache_write_errors=1)
             if not self._write_error_logged:
                 self._write_error_logged = True
-                log.warning("cannot write to the block cache (%s): serving from memory without caching",
-                            e.strerror or e)
-            return Stored(digest, False, None)
-        self.index.record(ver.vid, self.identity, ver.info, start, digest, len(data))
+                log.warning("cannot write to the cache (%s): serving from memory without caching", e.strerror or e)
+            return self._unstored(ver, start, data, digest)
+        ver.elsewhere.pop(start, None)
+        return Stored(digest, True, None)
+
+    def _shared(self, ver: FileVersion, start: int, length: int, digest: bytes) -> bool:
+        """Whether a trusted extent of some file holds these bytes already, and this one now uses it: cloned or
+        copied into the version's own file (a filesystem that shares extents; the same file; a version
+        loaded often), or read from there (`ver.elsewhere`; its hash recorded, its presence not)."""
+        src = self.cache.locate(digest, length, besides=(ver.vid, start))
+        if src is None or not self.cache.trusted(*src):
+            return False
+        if self.cache.reflinks or ver.copy_shared or src[0] == ver.vid:
+            return self.cache.copy_in(ver, start, length, digest, src)
+        self.index.record(ver.vid, self.cache.identity, self.cache.domain, ver.info, start, digest, length)
+        ver.elsewhere[start] = src
+        return True
+
+    def _unstored(self, ver: FileVersion, start: int, data: memoryview, digest: bytes) -> Stored:
+        self.index.record(ver.vid, self.cache.identity, self.cache.domain, ver.info, start, digest, len(data))
         ver.known[start] = (digest, len(data))
-        return Stored(digest, True, private_copy(data) if keep else None)
+        return Stored(digest, False, private_copy(data))
 
 
 class Extents:
-    """The read path below the core: mapped blocks, flights, block files, GETs."""
+    """The read path below the core: files, memory, flights, GETs."""
 
     def __init__(self, blocks: Blocks, fetcher: Fetcher, stats: Stats, io_limiter: trio.CapacityLimiter,
                  prefetch_limiter: trio.CapacityLimiter, deadline: float = 30.0) -> None:
@@ -179,57 +261,62 @@ class Extents:
         self.fetcher = fetcher
         self.stats = stats  # cache_hits / cache_misses: READ pieces served from the cache / that waited for a GET
         # Cache-disk threads: READs take `io_limiter` tokens, the prefetcher `prefetch_limiter` ones, so
-        # prefetch never delays a READ's map; a READ waits at most `deadline` for the disk.
+        # prefetch never delays a READ's disk work; a READ waits at most `deadline` for the disk.
         self.io_limiter = io_limiter
         self.prefetch_limiter = prefetch_limiter
         self.deadline = deadline
         # Threads in all, with room for READ threads abandoned at their deadline until they end.
         self._threads = trio.CapacityLimiter(2 * (io_limiter.total_tokens + prefetch_limiter.total_tokens))
-        self._mapping: dict[tuple[bytes, int], _Pending] = {}
+        self._checking: dict[tuple[bytes, int], _Pending] = {}
 
-    # -- the trio thread, no I/O -------------------------------------------------------------------------
+    # -- the trio thread, no I/O wait -------------------------------------------------------------------------
 
-    def mapped(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
-        """Bytes [inner, inner+size) of the extent at `start` if a verified copy of its block is held;
-        else None (then `read`)."""
-        view = self.blocks.view(ver, start, inner, size)
+    def fast(self, ver: FileVersion, start: int, inner: int, size: int) -> memoryview | None:
+        """Bytes [inner, inner+size) of the extent at `start` if they can be had with no wait (the page
+        cache, or memory); else None (then `read`). The view is valid until the next call."""
+        view = self.blocks.fast(ver, start, inner, size)
         if view is not None:
             self.stats.cache_hits += 1
         return view
 
     def where(self, ver: FileVersion, start: int) -> Where | None:
-        """Mapped or in flight (known without I/O); None: ask `state` in a worker thread."""
-        if self.blocks.held(ver, start):
-            return Where.MAPPED
-        return Where.IN_FLIGHT if self.fetcher.flight(ver, start) is not None else None
+        """In flight, or readable with no check (known without I/O); None: ask `state` in a worker thread."""
+        if self.fetcher.flight(ver, start) is not None:
+            return Where.IN_FLIGHT
+        return Where.CACHED if self.blocks.trusted(ver, start) else None
 
     def complete(self, ver: FileVersion) -> bool:
-        """Every extent's block was verified by this daemon (so it is on disk: eviction forgets it). Then
-        prefetch has nothing to do for the file: a re-open, a hot load, is served by the page cache."""
-        return self.blocks.verified(ver)
+        """Every extent is in the version's own file and trusted: prefetch has nothing to do for it (a
+        re-open, a hot load, is served by passthrough or the page cache)."""
+        return self.blocks.complete(ver)
 
     # -- async: may wait for a worker thread or a GET ------------------------------------------------------
 
     async def read(self, ver: FileVersion, start: int, length: int, inner: int, size: int,
                    demand: bool = True) -> memoryview:
-        """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted,
-        and its mapping may displace others), or for the prefetcher's own parsing."""
-        flight = self.fetcher.flight(ver, start)
-        held = self.blocks.view(ver, start, inner, size)
-        if held is not None:
-            self.stats.cache_hits += demand
-            return held
-        if flight is None:
-            view = await self._map(ver, start, length, evict=demand, demand=demand)
+        """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted), or
+        for the prefetcher's own parsing."""
+        while True:
+            flight = self.fetcher.flight(ver, start)
+            if flight is not None:
+                self.stats.cache_misses += demand
+                data = await self.fetcher.wait(flight)
+                return data[inner:inner + size]
+            view = self.blocks.fast(ver, start, inner, size)
             if view is not None:
                 self.stats.cache_hits += demand
-                return view[inner:inner + size]
-            self.stats.cache_misses += demand
-            data = await self.fetcher.fetch(ver, start, length)
-        else:
-            self.stats.cache_misses += demand
-            data = await self.fetcher.wait(flight)
-        return data[inner:inner + size]
+                return view
+            if self.blocks.trusted(ver, start):  # in a file, not in the page cache: read it in a worker
+                got = await self._disk(demand, self.blocks.read, ver, start, inner, size)
+                if got is not None:
+                    self.stats.cache_hits += demand
+                    return got
+                continue  # evicted meanwhile: look again
+            where = await self._check(ver, start, length, demand)
+            if where is Where.MISSING and self.fetcher.flight(ver, start) is None:
+                self.stats.cache_misses += demand
+                data = await self.fetcher.fetch(ver, start, length)
+                return data[inner:inner + size]
 
     async def copy(self, ver: FileVersion, offset: int, size: int, demand: bool = True) -> bytearray:
         """Bytes [offset, offset+size) of a version in a new buffer: READs that cross an extent edge, and
@@ -240,77 +327,42 @@ class Extents:
         while pos < end:
             start, length = ver.extent_at(pos)
             n = min(end, start + length) - pos
-            view = self.mapped(ver, start, pos - start, n) if demand else None
-            if view is None:
-                view = await self.read(ver, start, length, pos - start, n, demand)
+            view = await self.read(ver, start, length, pos - start, n, demand)
             out[pos - offset:pos - offset + n] = view  # copied before the next await
             pos += n
         return out
 
-    async def warm(self, ver: FileVersion, start: int, length: int,
-                   make_room: Callable[[int], Awaitable[None]], ahead: bool = True) -> bool:
-        """Prefetch one extent: fetch it (after `make_room`) unless its block is on disk. With `ahead` (a
-        file being read) a block on disk is mapped and verified now, ahead of the reader, so it is read
-        from disk, hashed and mapped once (the lead is bounded by the pool: `mapped`). True if fetched."""
-        where = self.where(ver, start)
-        if where is Where.MAPPED:
-            return False
-        if where is Where.IN_FLIGHT:
-            flight = self.fetcher.flight(ver, start)
-            assert flight is not None
-            await self.fetcher.settle(flight)
-            return False
-        if not ahead:
-            _, where = await self._disk(False, self.blocks.state, ver, start, length)
-            if where is Where.CACHED:
-                return False
-            await make_room(length)
-            return await self.fetcher.prefetch(ver, start, length)
-        # The lead over the loader is what the pool holds: wait for it to read what was mapped ahead.
-        await self.blocks.reserve_ahead(length, AHEAD_WAIT)
-        try:
-            if await self._map(ver, start, length, ahead=True, demand=False) is not None:
-                return False
-        finally:
-            self.blocks.unreserve(length)
-        await make_room(length)
-        return await self.fetcher.prefetch(ver, start, length)
-
-    async def fetch_run(self, ver: FileVersion, run: list[Extent]) -> int:
+    async def fetch_run(self, ver: FileVersion, run: list[tuple[int, int]]) -> int:
         """Fetch adjacent uncached extents in as few GETs as the buffers allow; returns bytes fetched."""
         return await self.fetcher.prefetch_run(ver, run)
 
-    async def mapping(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
-        """The whole cached extent as a view of its verified copy (for a page-cache push, from a worker
-        thread: the copy stays valid as long as the view lives); None if it is not cached."""
-        view = self.blocks.whole(ver, start)
-        return view if view is not None else await self._map(ver, start, length, evict=False, demand=False)
+    async def whole(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
+        """The whole extent in a buffer of its own (a page-cache push, from a worker thread: the view stays
+        valid as long as it lives); None if the cache does not hold it."""
+        ext = ver.known.get(start)
+        held = self.blocks.maps.whole(ext[0]) if ext is not None else None
+        return held if held is not None else await self._disk(False, self.blocks.read, ver, start, 0, length)
 
-    async def _map(self, ver: FileVersion, start: int, length: int, ahead: bool = False, evict: bool = True,
-                   demand: bool = True) -> memoryview | None:
-        """Load the extent's block in a worker thread (read into memory of its own and verified there) and
-        keep the copy (`Blocks.keep`); single-flight: READs that arrive together (the kernel's
-        readahead sends several) and the prefetcher share one load. A view of the whole block, or None if
-        it is not cached."""
+    async def _check(self, ver: FileVersion, start: int, length: int, demand: bool) -> Where:
+        """`Blocks.check` in a worker thread, single-flight: READs that arrive together (the kernel's
+        readahead sends several) and the prefetcher share one check of an extent."""
         key = (ver.vid, start)
-        pending = self._mapping.get(key)
+        pending = self._checking.get(key)
         if pending is not None:
             await pending.done.wait()
-            return pending.view
-        pending = self._mapping[key] = _Pending()
+            return pending.where
+        pending = self._checking[key] = _Pending()
         try:
-            got = await self._disk(demand, self.blocks.load, ver, start, length)
-            if got is not None:
-                pending.view = self.blocks.keep(*got, ahead=ahead, evict=evict)
+            pending.where = await self._disk(demand, self.blocks.check, ver, start, length, ver.copy_shared)
         finally:
-            del self._mapping[key]
+            del self._checking[key]
             pending.done.set()
-        return pending.view
+        return pending.where
 
     async def _disk(self, demand: bool, fn: Callable[..., _T], *args: object) -> _T:
         """Run blocking cache-disk work in a worker thread: for a READ under its own limiter and within
-        fetch.deadline (a disk that stops answering fails that READ with EIO, its thread abandoned);
-        for the prefetcher under the prefetcher's."""
+        fetch.deadline (a disk that stops answering fails that READ with EIO, its thread abandoned); for the
+        prefetcher under the prefetcher's."""
         if not demand:
             async with self.prefetch_limiter:
                 return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
@@ -319,19 +371,33 @@ class Extents:
                 async with self.io_limiter:
                     return await trio.to_thread.run_sync(fn, *args, limiter=self._threads, abandon_on_cancel=True)
         except trio.TooSlowError:
-            raise ModelfsError(f"the block cache did not answer within fetch.deadline ({self.deadline:g} s)") from None
+            raise ModelfsError(f"the cache did not answer within fetch.deadline ({self.deadline:g} s)") from None
 
     # -- worker threads --------------------------------------------------------------------------------
 
     def learn(self, ver: FileVersion) -> None:
         """Every extent of `ver` the index knows, in one scan (before prefetching a whole file: then the
-        prefetcher knows each extent's block without a lookup per extent)."""
+        prefetcher knows each extent's hash without a lookup per extent)."""
         self.blocks.learn(ver)
 
     def state(self, ver: FileVersion, start: int, length: int) -> tuple[bytes | None, Where]:
-        """The extent's hash if known, and whether its block is on disk (CACHED) or not (MISSING). Blocks
-        on disk: call from a worker thread."""
+        """The extent's hash if known, and where its bytes are (`Blocks.state`). Worker thread."""
         return self.blocks.state(ver, start, length)
+
+    def holds(self, ver: FileVersion, start: int, length: int, check: bool) -> bool:
+        """Whether the cache holds the extent's bytes anywhere (no GET needed). With `check` (a file read
+        through the daemon) bytes not yet checked are checked now, ahead of its reader; with
+        `ver.copy_shared`, bytes of another version's file are copied into this one's. Worker thread."""
+        if self.blocks.trusted(ver, start) and not (ver.copy_shared and start in ver.elsewhere):
+            return True
+        if check or ver.copy_shared:
+            return self.blocks.check(ver, start, length, ver.copy_shared) is not Where.MISSING
+        return self.blocks.state(ver, start, length)[1] is not Where.MISSING
+
+    def note_load(self, ver: FileVersion) -> int:
+        """One more load of the version began; how many there have been (the index keeps count). Worker
+        thread."""
+        return self.blocks.index.note_load(ver.vid)
 
 
 def usage(maps: list[tuple[str, dict[str, Any]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:

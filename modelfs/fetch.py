@@ -1,7 +1,8 @@
 """The fetcher: single-flight ranged GETs into pooled buffers, from the shared tier or the origin.
 
 What a GET brings is handed to the block store (`BlockStore`, implemented by `extents.Blocks`) in one
-call per extent; the fetcher knows nothing of the block cache, the chunk index or the mapped pool. With a
+call per extent, which writes it into the version's file; the fetcher knows nothing of the cache, the chunk
+index or the memory pool. With a
 shared tier, which extents come from the tier, which from the origin and which to wait for is the tier's
 choice (`shared.SharedTier.cooperate`); the fetcher makes the GETs it is asked for.
 
@@ -13,8 +14,10 @@ Memory: a GET runs only while it holds pooled buffers (`buffers.BufferPool`, fet
 per extent, or several extents packed into one. Demand reads get buffers and bandwidth before prefetch
 (`buffers`): buffers prefetch never takes, so a demand GET starts at once, and while one waits or runs
 prefetch starts new GETs only below fetch.prefetch_during_demand. The worker thread reads the body
-straight into the buffer, hashes it and hands it to the block store; readers waiting on the flight are
-then answered from a copy of the new block kept in memory (when a reader waits for it) or from the buffer itself.
+straight into the buffer, hashes it there and hands it to the block store, which writes it into the
+version's file: each byte is received once, hashed once and written once. Readers waiting on the flight
+are answered from the buffer itself (or, for an extent the cache had no room for, from the copy kept in
+memory); readers that come later read the file.
 
 Buffer lifetime (a `Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
 ended, which for a GET abandoned at its deadline can be long after the flight failed, and (2) every reader
@@ -57,17 +60,16 @@ Buffer = bytes | bytearray | memoryview
 
 
 class BlockStore(Protocol):
-    """Where fetched blocks go and cached ones are found (`extents.Blocks`). `load`, `contains` and `store`
-    block on the disk (worker threads); `keep` is trio-thread only."""
+    """Where fetched extents go (`extents.Blocks`). `cached` and `store` block on the disk (worker threads);
+    `has` and `keep` never block."""
 
-    def load(self, ver: FileVersion, start: int, length: int) -> tuple[bytes, memoryview] | None: ...
+    def has(self, ver: FileVersion, start: int) -> bool: ...
 
-    def contains(self, ver: FileVersion, start: int, length: int) -> bool: ...
+    def cached(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None: ...
 
-    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None,
-              keep: bool = False) -> Stored: ...
+    def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None) -> Stored: ...
 
-    def keep(self, digest: bytes, copy: memoryview, ahead: bool = False, evict: bool = True) -> memoryview: ...
+    def keep(self, digest: bytes, copy: memoryview) -> memoryview: ...
 
 
 @dataclass(eq=False)
@@ -178,34 +180,6 @@ class Fetcher:
 
     # -- prefetch ----------------------------------------------------------------------------------
 
-    async def prefetch(self, ver: FileVersion, start: int, length: int) -> bool:
-        """Fetch an extent that is not cached, at prefetch priority; False if someone else's flight or the
-        cache had it by the time a buffer was free. Buffers are taken before the flight is made, so a demand
-        read never joins a flight still queued behind prefetch."""
-        key = (ver.vid, start)
-        flight = self._inflight.get(key)
-        if flight is None:
-            self._refuse_if_offline(ver, start)
-            bufs = await self._buffers_for(length, demand=False)()
-            flight = self._inflight.get(key)  # someone may have started it while we waited
-            if flight is None and ver.known.get(start) is not None:
-                try:
-                    cached = await trio.to_thread.run_sync(self.blocks.contains, ver, start, length)
-                except BaseException:
-                    self._give_back(bufs)
-                    raise
-                flight = self._inflight.get(key)  # ... or while we looked in the cache
-                if cached and flight is None:
-                    self._give_back(bufs)  # stored by a flight that finished while we waited
-                    return False
-            if flight is None:
-                flight = self._launch(ver, [(start, length)], self._given(bufs))
-                await self.settle(flight)
-                return True
-            self._give_back(bufs)
-        await self.settle(flight)
-        return False
-
     async def prefetch_run(self, ver: FileVersion, run: list[Extent]) -> int:
         """Fetch adjacent uncached extents with one ranged GET per stretch not already in flight, at
         prefetch priority. Every extent gets its flight at once (no await before), so demand reads of any
@@ -219,6 +193,9 @@ class Fetcher:
             flight = self._inflight.get((ver.vid, start))
             if flight is not None:  # someone else's: wait for it, and start a new stretch after it
                 waits.append(flight)
+                current = None
+                continue
+            if self.blocks.has(ver, start):  # stored by a flight that ended since the caller looked
                 current = None
                 continue
             # A stretch is as many extents as the buffers prefetch may hold; an extent larger than a buffer
@@ -375,13 +352,11 @@ class Fetcher:
         try:
             self.faults.check("flight", ver.info.key)
             if len(run) == 1:
-                start, length = run[0]
-                if ver.known.get(start) is not None:
-                    # A flight for this extent may have completed between the reader's cache check and this
-                    # flight's start: serve what it stored instead of fetching the same bytes twice.
-                    got = self.blocks.load(ver, start, length)
-                    if got is not None:
-                        return [got]
+                # A flight for this extent may have completed between the reader's cache check and this
+                # flight's start: serve what it stored instead of fetching the same bytes twice.
+                digest = self.blocks.cached(ver, run[0][0], views[0])
+                if digest is not None:
+                    return [(digest, None)]
             return self._gather(ver, run, views, flights, token, until)
         finally:
             try:
@@ -399,7 +374,7 @@ class Fetcher:
 
         def arrived(i: int, digest: bytes | None) -> Stored:
             start = run[i][0]
-            stored = self.blocks.store(ver, start, views[i], digest, keep=flights[i].waiters > 0)
+            stored = self.blocks.store(ver, start, views[i], digest)
             out[i] = (stored.digest, stored.copy)  # a lone extent is answered when this thread ends (`_fly`)
             if len(run) > 1:
                 try:

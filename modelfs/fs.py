@@ -110,7 +110,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, core: ModelFS) -> None:
         super().__init__()
         self.core = core
-        self.enable_passthrough = core.backing is not None  # asked of the kernel at INIT (pyfuse3)
+        self.enable_passthrough = core.passthrough is not None  # asked of the kernel at INIT (pyfuse3)
         m = core.cfg.mount
         self.uid = m.uid if m.uid >= 0 else os.getuid()
         self.gid = m.gid if m.gid >= 0 else os.getgid()
@@ -186,10 +186,10 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """INIT is answered (pyfuse3 calls this from it): say whether the kernel took FUSE passthrough."""
-        if self.core.backing is None:
+        if self.core.passthrough is None:
             return
-        if self.core.backing.available:
-            log.info("FUSE passthrough on: files with a verified copy in the cache are served by the kernel")
+        if self.core.passthrough.available:
+            log.info("FUSE passthrough on: files complete in the cache are served by the kernel from their cache file")
         else:
             self.core.stats.add(passthrough_refused=1)
             log.warning("FUSE passthrough not offered by the kernel (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH): "
@@ -199,11 +199,11 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh = self.core.open(inode, flags)
         try:
-            backing_id = await self.core.passthrough(fh)
+            backing_id = await self.core.backing_id(fh)
         except BaseException:
             self.core.release(fh)
             raise
-        if backing_id:  # the kernel reads the copy itself; KEEP_CACHE with passthrough fails the open
+        if backing_id:  # the kernel reads the cache file itself; KEEP_CACHE with passthrough fails the open
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 

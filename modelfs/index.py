@@ -1,29 +1,32 @@
-"""The chunk index: which content hash holds each extent of each immutable file version (LMDB).
+"""The chunk index: which content hash each extent of each immutable file version holds, and which of
+those bytes the cache holds, in the version's own file (LMDB).
 
 Schema (one LMDB environment per process, in `<cache>/index/`; the daemon is its only writer):
 
-    meta      b"schema"                         -> b"1"
-    versions  vid (16 B)                        -> JSON {source, key, etag, size, last_used}
+    meta      b"schema"                         -> b"2"
+    versions  vid (16 B)                        -> JSON {source, domain, key, etag, size, last_used, loads}
     extents   vid (16 B) + offset (8 B, BE)     -> hash (16 B, xxh3-128) + length (4 B, BE)
+    present   vid (16 B) + offset (8 B, BE)     -> b"": the extent's bytes are in the version's file
+                                                   (`cache.FileCache`, `<cache>/files/<vid hex>`)
     listings  source identity + NUL + prefix    -> JSON {dirs: [name], objects: [[name, size, etag, mtime]]}
               ... + NUL + "manifest"            -> the prefix's manifest as published (bytes)
 
 `vid` is xxh3-128 of (source identity, key, ETag, size): one immutable version. A new ETag is a new
-vid, so entries never need invalidation: they describe bytes that can no longer change.
+vid, so entries never need invalidation: they describe bytes that can no longer change. Schema 1 (blocks
+in content-addressed files) is upgraded in place: its extents and listings stay true, nothing is present.
 
-Invariants, and what a crash at each step of a fetch leaves behind:
+Invariants, and what a crash at each step of storing an extent leaves behind:
 
-1. A block file reaches its final name (tmp + rename in `cache`) BEFORE any extents entry naming its
-   hash is committed. Crash before the rename: a `*.tmp` file, swept at the next start. Crash after
-   the rename but before the commit: an orphan block, harmless (a later fetch of the same content
-   finds it and dedups against it).
-2. An extents entry is a statement about content, not about presence: its block may since have been
-   evicted, dropped as corrupt, or lost. Readers treat a missing block as a miss and refetch; the
-   entry stays correct because the version's bytes cannot change.
-3. Blocks are not fsync'ed and the environment runs with sync=False (a commit is durable against a
-   process crash, not an OS crash). Hence every block is verified against its hash the first time a
-   process serves it, and an environment that fails to open or has a foreign schema is moved aside
-   and rebuilt empty: only cache warmth is lost, never correctness.
+1. A present entry is committed only AFTER the extent's bytes were written into the version's file (in
+   the page cache), and deleted BEFORE its range is punched out of the file (eviction). Crash after the
+   write, before the commit: bytes in the file that no entry names; the extent is fetched and written
+   again. Crash after the delete, before the punch: bytes nobody names; punched or overwritten later.
+2. An extents entry is a statement about content, not about presence: it stays true after eviction,
+   because the version's bytes cannot change. Dedup finds content by hash through it, joined with present.
+3. Files are not fsync'ed and the environment runs with sync=False (a commit is durable against a process
+   crash, not an OS crash). Hence a present extent is trusted only once this process wrote it or read it
+   back and hashed it (`cache.FileCache`), and an environment that fails to open or has a foreign schema
+   is moved aside and rebuilt empty: only cache warmth is lost, never correctness.
 4. A listings entry is the last listing of one directory that the store answered, written after the
    store answered and before the kernel is told. It is used only while the store is unreachable
    (offline mode), to keep serving the tree the cache holds; a crash mid-write leaves the previous
@@ -39,6 +42,7 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Iterable
 
 import lmdb
 import xxhash
@@ -47,7 +51,9 @@ from modelfs.remote import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"1"
+SCHEMA = b"2"
+#: Schemas this one upgrades in place (their tables mean the same; what they lacked starts empty).
+UPGRADES = (b"1",)
 _EXT = struct.Struct(">16sI")
 _OFF = struct.Struct(">Q")
 
@@ -56,6 +62,10 @@ def version_id(identity: str, info: ObjectInfo) -> bytes:
     """The 16-byte id of one immutable version of one object of one source."""
     return xxhash.xxh3_128_digest(f"{identity}\0{info.key}\0{info.etag}\0{info.size}".encode("utf-8",
                                                                                             "surrogatepass"))
+
+
+#: (offset, hash, length) of one extent of a version, as stored.
+Entry = tuple[int, bytes, int]
 
 
 class ChunkIndex:
@@ -84,18 +94,21 @@ class ChunkIndex:
             self._meta = self.env.open_db(b"meta")
             self._versions = self.env.open_db(b"versions")
             self._extents = self.env.open_db(b"extents")
+            self._present = self.env.open_db(b"present")
             self._listings = self.env.open_db(b"listings")
             with self.env.begin(write=True) as txn:
                 schema = txn.get(b"schema", db=self._meta)
-                if schema is None:
+                if schema is None or schema in UPGRADES:
                     txn.put(b"schema", SCHEMA, db=self._meta)
                 elif schema != SCHEMA:
                     raise ValueError(f"schema {schema!r}")
                 # Touch every record once so a truncated or garbage file fails here, not mid-read.
-                for db in (self._versions, self._extents, self._listings):
+                for db in (self._versions, self._extents, self._present, self._listings):
                     for k, v in txn.cursor(db=db):
                         if db is self._extents and (len(k) != 24 or len(v) != _EXT.size):
                             raise ValueError("bad extent record")
+                        if db is self._present and len(k) != 24:
+                            raise ValueError("bad present record")
         except BaseException:
             self.env.close()
             raise
@@ -118,24 +131,85 @@ class ChunkIndex:
                     out[_OFF.unpack(k[16:])[0]] = _EXT.unpack(v)
         return out
 
-    def record(self, vid: bytes, identity: str, info: ObjectInfo, offset: int, digest: bytes, length: int) -> None:
-        """Remember that `length` bytes of `vid` at `offset` hash to `digest` (block already stored).
+    def _version_record(self, txn: lmdb.Transaction, vid: bytes, identity: str, domain: str,
+                        info: ObjectInfo) -> None:
+        if vid in self._touched:
+            return
+        old = txn.get(vid, db=self._versions)
+        rec = json.loads(bytes(old)) if old is not None else {"loads": 0}
+        rec.update({"source": identity, "domain": domain, "key": info.key, "etag": info.etag, "size": info.size,
+                    "last_used": time.time()})
+        txn.put(vid, json.dumps(rec).encode(), db=self._versions)
 
-        A failed write (disk full, map full) only costs warmth: it is counted, logged once, and the
-        read that caused it is served regardless.
-        """
+    def record(self, vid: bytes, identity: str, domain: str, info: ObjectInfo, offset: int, digest: bytes,
+               length: int) -> None:
+        """Remember that `length` bytes of `vid` at `offset` hash to `digest` (bytes not stored: the cache
+        was full). A failed write (disk full, map full) only costs warmth: counted, logged once."""
+        self._write(vid, identity, domain, info, [(offset, digest, length)], present=False)
+
+    def mark_present(self, vid: bytes, identity: str, domain: str, info: ObjectInfo, entries: list[Entry]) -> bool:
+        """The bytes of these extents are in the version's file now (written there, invariant 1): their
+        hashes and their presence, in one transaction. False if the index could not be written."""
+        return self._write(vid, identity, domain, info, entries, present=True)
+
+    def _write(self, vid: bytes, identity: str, domain: str, info: ObjectInfo, entries: list[Entry],
+               present: bool) -> bool:
         try:
             with self.env.begin(write=True) as txn:
-                txn.put(vid + _OFF.pack(offset), _EXT.pack(digest, length), db=self._extents)
-                if vid not in self._touched:
-                    rec = {"source": identity, "key": info.key, "etag": info.etag, "size": info.size,
-                           "last_used": time.time()}
-                    txn.put(vid, json.dumps(rec).encode(), db=self._versions)
+                for offset, digest, length in entries:
+                    key = vid + _OFF.pack(offset)
+                    txn.put(key, _EXT.pack(digest, length), db=self._extents)
+                    if present:
+                        txn.put(key, b"", db=self._present)
+                self._version_record(txn, vid, identity, domain, info)
         except lmdb.Error as e:
             self._write_failed(e)
-            return
+            return False
         with self._lock:
             self._touched.add(vid)
+        return True
+
+    def unmark(self, extents: Iterable[tuple[bytes, int]]) -> None:
+        """These (vid, offset) are no longer in their files (evicted, found damaged): before the punch."""
+        try:
+            with self.env.begin(write=True, db=self._present) as txn:
+                for vid, offset in extents:
+                    txn.delete(vid + _OFF.pack(offset))
+        except lmdb.Error as e:
+            self._write_failed(e)
+
+    def present(self) -> dict[bytes, dict[int, tuple[bytes, int]]]:
+        """Every present extent: vid -> offset -> (hash, length) (read once, at start)."""
+        out: dict[bytes, dict[int, tuple[bytes, int]]] = {}
+        with self.env.begin() as txn:
+            ext = txn.cursor(db=self._extents)
+            for k, _ in txn.cursor(db=self._present):
+                v = ext.get(k)
+                if v is None:
+                    continue  # cannot happen (written together); unknown content is not served
+                out.setdefault(bytes(k[:16]), {})[_OFF.unpack(k[16:])[0]] = _EXT.unpack(v)
+        return out
+
+    def version(self, vid: bytes) -> dict[str, object] | None:
+        with self.env.begin(db=self._versions) as txn:
+            v = txn.get(vid)
+        return json.loads(v) if v is not None else None
+
+    def note_load(self, vid: bytes) -> int:
+        """One more load of `vid` began (a first READ after an open); returns how many there have been."""
+        try:
+            with self.env.begin(write=True, db=self._versions) as txn:
+                v = txn.get(vid)
+                if v is None:
+                    return 1
+                rec = json.loads(v)
+                rec["loads"] = int(rec.get("loads", 0)) + 1
+                rec["last_used"] = time.time()
+                txn.put(vid, json.dumps(rec).encode())
+                return int(rec["loads"])
+        except lmdb.Error as e:
+            self._write_failed(e)
+            return 1
 
     def _write_failed(self, e: lmdb.Error) -> None:
         self.write_errors += 1

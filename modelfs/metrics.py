@@ -28,19 +28,17 @@ COUNTERS = {
     "gets": "ranged GETs completed",
     "hedged_gets": "extra requests sent for ranged GETs whose requests were all silent (s3.hedge_after)",
     "unhedged_gets": "ranged GETs sent with no room for a hedge (s3.max_request_threads)",
-    "cache_hits": "extents served from the block cache",
-    "cache_misses": "extents that needed the store",
-    "dedup_bytes_saved": "fetched bytes whose block was already stored",
-    "evictions": "blocks evicted from the cache",
-    "evicted_bytes": "bytes of blocks evicted from the cache",
+    "cache_hits": "READ pieces served from the cache",
+    "cache_misses": "READ pieces that waited for a GET",
+    "dedup_bytes_saved": "bytes not fetched or not written because the cache held the same content",
+    "evictions": "extents evicted from the cache",
+    "evicted_bytes": "bytes of extents evicted from the cache",
     "prefetch_bytes": "bytes fetched ahead of readers",
     "pushed_bytes": "bytes pushed into the page cache",
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
-    "passthrough_opens": "opens answered with FUSE passthrough: the kernel reads the file's copy itself",
-    "passthrough_refused": "times the kernel did not take FUSE passthrough (at mount, or a backing file)",
-    "backing_built": "backing files built for passthrough from verified blocks",
-    "backing_corrupt": "backing files found damaged before their first passthrough open (deleted, rebuilt)",
+    "passthrough_opens": "opens answered with FUSE passthrough: the kernel reads the cache file itself",
+    "passthrough_refused": "times the kernel did not take FUSE passthrough (at mount, or a cache file)",
     "store_retries": "GETs tried again after the store failed them for now (refused, stalled, 5xx)",
     "shared_hits": "extents read from the shared cache tier instead of the origin",
     "shared_misses": "extents the shared cache tier did not have",
@@ -53,19 +51,17 @@ COUNTERS = {
                            "served them)",
 }
 #: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
-ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_blocks",
+ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_extents", "files_corrupt",
                          "cache_write_errors", "push_errors")} | {
     "internal": "internal_errors", "shared": "shared_errors", "shared_write": "shared_write_errors",
     "shared_corrupt": "shared_corrupt"}
 #: Point-in-time values exported as gauges.
 GAUGES = {
-    "bytes_in_cache": "bytes of blocks in the cache",
-    "blocks_in_cache": "blocks in the cache",
+    "bytes_in_cache": "bytes of extents in the cache's files, counted against cache.max_size",
+    "files_in_cache": "file versions with at least one extent in the cache",
+    "files_complete": "file versions whose every byte is in their cache file (served by passthrough)",
     "fetches_in_flight": "GETs in flight",
     "prefetch_queue": "extents waiting for a prefetch worker",
-    "backing_files": "backing files (whole-file copies for FUSE passthrough) in the cache",
-    "backing_bytes": "bytes of backing files in the cache, counted against cache.max_size",
-    "backing_pending": "backing files queued or being built",
 }
 
 

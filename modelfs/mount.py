@@ -19,9 +19,8 @@ import pyfuse3
 import trio
 
 from modelfs import faults, xattrs
-from modelfs.admin import pinned_blocks
-from modelfs.backing import Kernel
-from modelfs.cache import BlockCache
+from modelfs.admin import pinned_hashes
+from modelfs.cache import FileCache
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.core import ModelFS
@@ -31,6 +30,7 @@ from modelfs.health import check_within
 from modelfs.index import ChunkIndex
 from modelfs.metrics import Metrics
 from modelfs.notify import notify, status_line
+from modelfs.passthrough import Kernel
 from modelfs.push import PushFn
 from modelfs.remote import open_store
 from modelfs.shared import SharedTier
@@ -238,16 +238,15 @@ class Daemon:
             if unreachable is not None and index.load_listing(store.identity, "") is None:
                 raise StoreUnreachable(f"{unreachable}, and the cache holds no listing of it to serve offline")
             stats = Stats()
-            cache = BlockCache(cache_dir.path, store.domain,
-                               on_corrupt=lambda _d: stats.add(corrupt_blocks=1), max_size=int(cfg.cache.max_size),
-                               min_free=int(cfg.cache.min_free),
-                               on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n),
-                               preallocate=cfg.cache.preallocate)
+            cache = FileCache(cache_dir.path, index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
+                              min_free=int(cfg.cache.min_free),
+                              on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n),
+                              on_corrupt=lambda k: stats.add(corrupt_extents=k), preallocate=cfg.cache.preallocate)
             self._resources.append(cache.close)
-            cache.keep(pinned_blocks(cache_dir.path, index))  # `modelfs cache pin`: never evicted
+            cache.keep(pinned_hashes(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None
             supervisor = Supervisor(stats)
-            shared = SharedTier.open(cfg, store.domain, stats, cache, supervisor) if cfg.shared.url else None
+            shared = SharedTier.open(cfg, store.domain, stats, cache.read_back, supervisor) if cfg.shared.url else None
             if shared is not None:
                 self._resources.append(shared.close)
             push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer

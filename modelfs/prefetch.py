@@ -1,4 +1,4 @@
-"""The prefetcher: decides what to fetch before the loader asks, and hands it to the kernel page cache.
+"""The prefetcher: decides what to fetch before the loader asks.
 
 Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of worker tasks:
 - whole file: the first READ of an open checkpoint file (`prefetch.patterns`) schedules every extent
@@ -14,12 +14,16 @@ READ reaching the daemon, and must cost no GET. (Prefetching on open refetched e
 such a file; under a cache quota smaller than the working set that was many times the bytes served.)
 In a cold load the first READ follows the open at once, so nothing is lost there.
 
-Extents whose blocks are already on disk (a warm load) are mapped and verified here, ahead of the
-loader, so its READs find them mapped and are answered on the trio thread; the others are fetched.
-With page-cache push on, extents of a file that is open are also handed to the kernel page cache
-(`push.PushGate` over FUSE's notify_store, given by the mount; the core knows nothing of FUSE), so the
-loader's reads and page faults never reach the daemon. Pushes run in threads of their own: a push can
-wait for a page lock held by a READ, and that READ must still be answerable.
+Adjacent extents to fetch go in one ranged GET of up to `fetch.max_request` bytes (fewer requests: the
+client's cost per GET is as large as that of megabytes of body). Extents whose bytes the cache already
+holds are not fetched: in a file being read through the daemon, bytes written before this daemon started
+are checked ahead of the loader (read back and hashed), so its READs find them trusted in the page cache;
+bytes another version's file holds (dedup) are cloned into this version's file where the filesystem shares
+extents, or copied once the version has been loaded `cache.copy_shared_after` times (else read from there).
+With page-cache push on (`prefetch.page_cache_push`, off by default: it cost more than it saved when
+measured), extents of a file that is open are also handed to the kernel page cache (`push.PushGate` over
+FUSE's notify_store, given by the mount; the core knows nothing of FUSE). Pushes run in threads of their
+own: a push can wait for a page lock held by a READ, and that READ must still be answerable.
 
 Workers take GET buffers at prefetch priority (`buffers.BufferPool`): never the buffers reserved for demand
 GETs, and while a demand GET waits or runs, a worker about to start a GET pauses there until prefetch holds
@@ -41,7 +45,7 @@ from typing import Protocol
 
 import trio
 
-from modelfs.cache import BlockCache
+from modelfs.cache import FileCache
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
 from modelfs.extents import Extents, Where
@@ -61,7 +65,7 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
 class OpenFiles(Protocol):
     """What the prefetcher needs of the open-file table (`openfiles`): a node's version, and whether it is
-    open (pushes and mapping ahead are for open files only)."""
+    open (pushes and checks ahead are for open files only)."""
 
     def version(self, node: Node) -> FileVersion: ...
 
@@ -70,11 +74,12 @@ class OpenFiles(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    """Prefetch of some extents of one file. `push`: also hand them to the page cache."""
+    """Prefetch of some extents of one file. `reading`: the file is open and read through the daemon (its
+    bytes are checked ahead of the reader, and pushed into the page cache when push is on)."""
 
     node: Node
     ver: FileVersion
-    push: bool
+    reading: bool
     pending: deque[int] = field(default_factory=deque)
     queued: set[int] = field(default_factory=set)
     completed: list[int] = field(default_factory=list)
@@ -98,11 +103,11 @@ class Job:
 class Prefetcher:
     """Schedules prefetch jobs and runs them on `workers` tasks in the daemon's nursery."""
 
-    def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: BlockCache,
+    def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: FileCache,
                  ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20, push: PushFn | None = None,
                  shared: SharedTier | None = None, faults: Faults = NO_FAULTS,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, copy_shared_after: int = 0) -> None:
         self.cfg = cfg
         self.faults = faults
         self.extents = extents
@@ -114,6 +119,7 @@ class Prefetcher:
         self.io_limiter = io_limiter
         self.workers = workers
         self.max_request = max_request
+        self.copy_shared_after = copy_shared_after  # loads of a version after which shared extents are copied in
         # page-cache push, behind its gate: None when off
         self.gate = PushGate(push, stats, int(cfg.push_min_available)) \
             if push is not None and cfg.page_cache_push else None
@@ -199,14 +205,14 @@ class Prefetcher:
         if self.gate is not None:
             self._note_served(node.inode, offset, size, start, length)
         job = self._jobs.get(node.inode)
-        if not self.cfg.sequential or (job is not None and job.push):
+        if not self.cfg.sequential or (job is not None and job.reading):
             return  # already being prefetched into the page cache
         tracker = self._trackers.get(node.inode)
         if tracker is None:
             tracker = self._trackers[node.inode] = StreamTracker(ver.info.size, self.policy)
         rng = tracker.on_read(offset, size)
         if rng is not None:
-            self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], push=True)
+            self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], reading=True)
 
     def _note_served(self, inode: int, offset: int, size: int, start: int, length: int) -> None:
         """What a READ tells the pusher. The kernel asks for bytes we pushed: they were evicted (or raced
@@ -240,7 +246,7 @@ class Prefetcher:
         self._armed.discard(node.inode)
         job = self._jobs.get(node.inode)
         if job is not None:
-            job.push = False
+            job.reading = False
         self._trackers.pop(node.inode, None)
         self._served.pop(node.inode, None)
 
@@ -254,13 +260,13 @@ class Prefetcher:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    def _submit(self, node: Node, ver: FileVersion, starts: list[int], push: bool) -> Job:
+    def _submit(self, node: Node, ver: FileVersion, starts: list[int], reading: bool) -> Job:
         job = self._jobs.get(node.inode)
         if job is None or job.ver is not ver:
-            job = self._jobs[node.inode] = Job(node, ver, push)
+            job = self._jobs[node.inode] = Job(node, ver, reading)
             self._queue.append(job)
-        elif push and not job.push:
-            job.push = True  # the file was opened: what went into the cache only is pushed now too
+        elif reading and not job.reading:
+            job.reading = True  # the file was opened: what was only fetched is checked and pushed now too
             redo, job.completed = job.completed, []
             job.queued.difference_update(redo)
             job.add(redo)
@@ -270,20 +276,24 @@ class Prefetcher:
         self._wakeup.set()
         return job
 
-    async def _schedule_whole(self, node: Node, push: bool) -> Job:
+    async def _schedule_whole(self, node: Node, reading: bool) -> Job:
         """Every extent in file order: the order `load_file` reads a safetensors file (the header, then
         tensors by data offset) and `torch.load` a zip, and what a sequential reader needs next."""
         ver = self.version_of(node)
-        if not (push and self._pushing()) and self.extents.complete(ver):
-            done = Job(node, ver, push)  # every block served before: nothing to fetch or verify
+        if not (reading and self._pushing()) and self.extents.complete(ver):
+            done = Job(node, ver, reading)  # every extent in its file and checked: nothing to fetch or check
             done.done.set()
             return done
         await trio.to_thread.run_sync(self.extents.learn, ver, limiter=self.io_limiter)
+        if reading and self.copy_shared_after and not ver.copy_shared:
+            # Loaded often: what other versions' files hold is worth a copy in its own (then passthrough).
+            loads = await trio.to_thread.run_sync(self.extents.note_load, ver, limiter=self.io_limiter)
+            ver.copy_shared = loads >= self.copy_shared_after
         starts = [s for s, _ in ver.extents()]
         if self.shared is not None:  # cooperative fetch: each node of a fleet starts somewhere else
             k = self.shared.rotation(ver.vid.hex(), len(starts))
             starts = starts[k:] + starts[:k]
-        return self._submit(node, ver, starts, push)
+        return self._submit(node, ver, starts, reading)
 
     def _pushing(self) -> bool:
         return self.gate is not None and self.gate.is_open
@@ -358,10 +368,7 @@ class Prefetcher:
             try:
                 if job.error is None:
                     self.faults.check("prefetch", job.node.key)
-                    if len(starts) == 1:
-                        await self._one(job, start)
-                    else:
-                        await self._many(job, starts)
+                    await self._many(job, starts)
             except (ModelfsError, OSError) as e:
                 self._stop(job, e)
             except Exception as e:  # a bug: this job stops, the worker and the mount carry on
@@ -381,12 +388,10 @@ class Prefetcher:
             log.debug("prefetch of %s stopped: %s", job.node.key, e)
 
     def _take_adjacent(self, job: Job, start: int) -> list[int]:
-        """Queued extents that directly follow `start`, to fetch with it in one GET of at most
-        `max_request` bytes. Only for manifest layouts (their extents are tensors, often small); each
-        extent is still pushed on its own afterwards."""
+        """Queued extents that directly follow `start`, to fetch with it in one GET of at most `max_request`
+        bytes (fewer GETs: each costs the client as much CPU as megabytes of body); each extent is still
+        checked, and pushed, on its own."""
         ver = job.ver
-        if ver.layout is None:
-            return []
         _, length = ver.extent_at(start)
         end, total = start + length, length
         taken: list[int] = []
@@ -400,9 +405,14 @@ class Prefetcher:
         return taken
 
     async def _many(self, job: Job, starts: list[int]) -> None:
-        """Adjacent extents: the cached ones are skipped, each run of uncached ones is one ranged GET."""
+        """Adjacent extents: those the cache holds are skipped (checked first, in a file being read), each run
+        of the others is one ranged GET; then each is pushed if push is on."""
         ver = job.ver
-        runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, limiter=self.io_limiter)
+        check = job.reading and self.is_open(job.node.inode)
+        if all(self.extents.where(ver, s) is Where.CACHED for s in starts) and not ver.copy_shared:
+            runs: list[list[Extent]] = []  # all readable already: no thread hop
+        else:
+            runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, check, limiter=self.io_limiter)
         for run in runs:
             need = sum(length for _, length in run)
             await self._make_room(need)
@@ -418,13 +428,14 @@ class Prefetcher:
                 self.cache.make_room, nbytes, self._protect_since(), limiter=self.io_limiter):
             raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
 
-    def _uncached_runs(self, ver: FileVersion, starts: list[int]) -> list[list[Extent]]:
-        """From a worker thread: the uncached extents among `starts`, grouped into adjacent runs."""
+    def _uncached_runs(self, ver: FileVersion, starts: list[int], check: bool) -> list[list[Extent]]:
+        """From a worker thread: the extents among `starts` the cache holds nowhere, grouped into adjacent runs.
+        With `check`, bytes held but not checked by this daemon are checked now (and copied in when wanted)."""
         runs: list[list[Extent]] = []
         end = -1
         for start in starts:
             _, length = ver.extent_at(start)
-            if self.extents.state(ver, start, length)[1] is Where.CACHED:
+            if self.extents.holds(ver, start, length, check):
                 continue
             if start == end:
                 runs[-1].append((start, length))
@@ -433,26 +444,16 @@ class Prefetcher:
             end = start + length
         return runs
 
-    async def _one(self, job: Job, start: int) -> None:
-        """One extent: verified ahead if cached, else fetched; then pushed if the file is open."""
-        ver = job.ver
-        inode = job.node.inode
-        _, length = ver.extent_at(start)
-        if await self.extents.warm(ver, start, length, self._make_room, ahead=job.push and self.is_open(inode)):
-            job.fetched += length
-            self.stats.add(prefetch_bytes=length)
-        await self._push(job, start)
-
     async def _push(self, job: Job, start: int) -> None:
         """Hand a prefetched extent of an open file to the page cache (through the gate), once."""
         inode = job.node.inode
-        if job.push and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
+        if job.reading and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
             _, length = job.ver.extent_at(start)
             lo, hi = self._served.get(inode, {}).get(start, (start, start))
             gaps = [(a, b) for a, b in ((start, lo), (hi, start + length)) if b > a]
             pushed = True
             if gaps:
-                view = await self.extents.mapping(job.ver, start, length)
+                view = await self.extents.whole(job.ver, start, length)
                 assert self.gate is not None
                 pushed = view is not None and await trio.to_thread.run_sync(
                     self._push_gaps, inode, start, view, gaps, limiter=self.push_limiter)

@@ -21,7 +21,7 @@ Layout, under the prefix of `shared.url` (version 1):
                                       the origin now (cooperative fetch); deleted once the extent is
                                       shared, ignored once older than a flight can last
 
-<domain> is the xxh3-64 of the origin's trust domain (one bucket by default), as in the local block cache:
+<domain> is the xxh3-64 of the origin's trust domain (one bucket by default), as in the local cache:
 content is shared by hash only within one trust domain.
 
 Invariants:
@@ -61,7 +61,7 @@ from typing import Literal
 import trio
 import xxhash
 
-from modelfs.cache import BlockCache, block_hash
+from modelfs.cache import content_hash
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, StoreError, StoreUnreachable
 from modelfs.health import Health
@@ -109,9 +109,16 @@ def node_id(cfg: Config) -> str:
     return cfg.shared.node_id or f"{socket.gethostname()}:{os.path.abspath(cfg.cache.dir)}"
 
 
+#: Reads an extent back from the local cache for a write-back: (vid, start, length, hash) -> its bytes, checked
+#: against the hash, or None if the cache no longer holds them (`extents.Blocks.read_back`).
+ReadBack = Callable[[bytes, int, int, bytes], "memoryview | None"]
+
+
 @dataclasses.dataclass(frozen=True)
 class _WriteBack:
     key: str
+    vid: bytes  # the extent is read back from this version's cache file, at `start`
+    start: int
     digest: bytes
     length: int
     claim: str | None = None  # this node's claim on the extent, dropped once it is written (or failed)
@@ -120,7 +127,7 @@ class _WriteBack:
 class SharedTier:
     """The shared tier of one daemon: reads from fetch worker threads, write-backs from its own tasks."""
 
-    def __init__(self, store: WritableStore, domain: str, stats: Stats, cache: BlockCache, *, deadline: float,
+    def __init__(self, store: WritableStore, domain: str, stats: Stats, read_back: ReadBack, *, deadline: float,
                  probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
                  flight_deadline: float = 30.0, writer: WritableStore | None = None,
                  supervisor: Supervisor | None = None) -> None:
@@ -131,7 +138,7 @@ class SharedTier:
         self.domain = domain
         self.stats = stats
         self.supervisor = supervisor or Supervisor(stats)  # runs its writers, probe and claim watch
-        self.cache = cache
+        self.read_back = read_back
         self.deadline = deadline
         self.writes = write_back
         self.manifest_only = trust == "manifest"
@@ -164,7 +171,7 @@ class SharedTier:
         self._corrupt_logged = False
 
     @classmethod
-    def open(cls, cfg: Config, domain: str, stats: Stats, cache: BlockCache, supervisor: Supervisor) -> SharedTier:
+    def open(cls, cfg: Config, domain: str, stats: Stats, read_back: ReadBack, supervisor: Supervisor) -> SharedTier:
         """The tier `cfg.shared` describes (its store reached lazily: a tier that is down at mount is just
         skipped). One attempt per request, timeouts of `shared.deadline`: a failing tier is skipped, not
         retried. An s3:// URL, or a directory every node mounts (file:///DIR)."""
@@ -180,9 +187,10 @@ class SharedTier:
                              sign_payload=False)
         else:
             reader = writer = LocalStore(cfg.shared.url.removeprefix("file://"))
-        return cls(reader, domain, stats, cache, deadline=cfg.shared.deadline, probe_interval=cfg.fetch.probe_interval,
-                   write_back=cfg.shared.write_back, trust=cfg.shared.trust, node=node_id(cfg),
-                   flight_deadline=cfg.fetch.deadline, writer=writer, supervisor=supervisor)
+        return cls(reader, domain, stats, read_back, deadline=cfg.shared.deadline,
+                   probe_interval=cfg.fetch.probe_interval, write_back=cfg.shared.write_back,
+                   trust=cfg.shared.trust, node=node_id(cfg), flight_deadline=cfg.fetch.deadline, writer=writer,
+                   supervisor=supervisor)
 
     def start(self) -> None:
         """Start the writers, the probe and the claim watch (the supervisor's nursery must be running)."""
@@ -234,7 +242,7 @@ class SharedTier:
         if meta is None:
             self.stats.add(shared_misses=1)
             return "miss", None
-        digest = block_hash(view)
+        digest = content_hash(view)
         want = ver.known[start][0] if ver.layout is not None else _hex(meta.get("xxh3", ""))
         if digest != want:
             self.stats.add(shared_corrupt=1)
@@ -428,7 +436,7 @@ class SharedTier:
         drop the claim."""
         key = self.key(ver, start)
         if key is not None:
-            self._submit(_WriteBack(key, digest, length, claim_key(key)))
+            self._submit(_WriteBack(key, ver.vid, start, digest, length, claim_key(key)))
 
     def release(self, ver: FileVersion, start: int) -> None:
         """Drop this node's claim (the fetch failed: others need not wait any longer)."""
@@ -449,7 +457,7 @@ class SharedTier:
         cache) for the tier. Never waits: a full queue drops it (counted)."""
         key = self.key(ver, start)
         if self.writes and key is not None:
-            self._submit(_WriteBack(key, digest, length))
+            self._submit(_WriteBack(key, ver.vid, start, digest, length))
 
     def _submit(self, item: _WriteBack) -> None:
         if self._token is None:
@@ -467,7 +475,7 @@ class SharedTier:
             known = ver.known.get(start)
             if key is None or known is None or self.health.offline:
                 continue
-            await trio.to_thread.run_sync(self._put, _WriteBack(key, known[0], length), True,
+            await trio.to_thread.run_sync(self._put, _WriteBack(key, ver.vid, start, known[0], length), True,
                                           limiter=self._limiter, abandon_on_cancel=True)
 
     def _enqueue(self, item: _WriteBack) -> None:
@@ -507,13 +515,13 @@ class SharedTier:
             self._drop_claim(item.claim)
 
     def _put(self, item: _WriteBack, unless_there: bool) -> None:
-        """PUT one block from the local cache (its verified copy is the body: a block damaged on disk is
-        never shared). A failed write is counted; only a tier that cannot be reached at all is skipped for
+        """PUT one extent from the local cache (read back and checked against its hash: bytes damaged on disk
+        are never shared). A failed write is counted; only a tier that cannot be reached at all is skipped for
         it (a read-only or full tier still serves reads)."""
         try:
             if unless_there and self.writer.exists(item.key):
                 return
-            block = self.cache.load(item.digest, item.length)
+            block = self.read_back(item.vid, item.start, item.length, item.digest)
             if block is None:
                 return  # evicted (or never stored: the cache was full) since, or bad: nothing to share
             self.writer.put(item.key, io.BytesIO(block), {"xxh3": item.digest.hex()})  # a file botocore can rewind

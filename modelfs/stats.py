@@ -21,7 +21,7 @@ class Stats:
     cache_hits: int = 0
     cache_misses: int = 0
     dedup_bytes_saved: int = 0
-    corrupt_blocks: int = 0
+    corrupt_extents: int = 0
     store_errors: int = 0
     store_retries: int = 0
     version_changes: int = 0
@@ -38,8 +38,7 @@ class Stats:
     internal_errors: int = 0
     passthrough_opens: int = 0
     passthrough_refused: int = 0
-    backing_built: int = 0
-    backing_corrupt: int = 0
+    files_corrupt: int = 0
     shared_hits: int = 0
     shared_misses: int = 0
     shared_bytes_read: int = 0
@@ -70,7 +69,7 @@ READ_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 class ReadWaits:
     """How long demand READs waited for their bytes (the loader sits in D state that long).
 
-    A READ answered on the trio thread from a held block (the common case) counts as no wait with one
+    A READ answered on the trio thread from the page cache (the common case) counts as no wait with one
     integer add (`instant`), no clock read; only READs that await (a disk load, a GET) are timed and
     `observe`d. Trio thread only; a scrape from another thread may see one READ half counted.
     """

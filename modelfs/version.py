@@ -22,7 +22,8 @@ HashedExtent = tuple[int, int, bytes]
 
 @dataclass(eq=False)
 class FileVersion:
-    """One immutable version of a file, and what is known of its extents (offset -> (hash, length)).
+    """One immutable version of a file, what is known of its extents (offset -> (hash, length)), and where
+    the cache holds the bytes of those its own file lacks (`elsewhere`).
 
     Extents are fixed-size (`extent_size`) unless a manifest gave this version a content-following
     `layout` (sorted starts); then `known` starts out with every extent's hash, so extents whose content
@@ -34,6 +35,11 @@ class FileVersion:
     extent_size: int
     known: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     layout: list[int] | None = None
+    #: extent start -> (vid, start) of another version's file that holds the same bytes (dedup): where READs
+    #: of an extent this version's own file lacks are served from
+    elsewhere: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    #: copy what other files hold into this version's own file (loaded often enough: `cache.copy_shared_after`)
+    copy_shared: bool = False
 
     @classmethod
     def of(cls, identity: str, info: ObjectInfo, extent_size: int,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.cache import BlockCache
+from modelfs.cache import FileCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.errors import ReadOnly, VersionChanged
@@ -45,7 +45,7 @@ def run_core(source: Path, tmp_path: Path) -> Iterator[Runner]:
                                  "prefetch.checkpoint_sets": "false"})
         store = LocalStore(str(source))
         index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
-        cache = BlockCache(str(cache_dir), store.domain)
+        cache = FileCache(str(cache_dir), index, store.domain, store.identity)
         core = ModelFS(cfg, store, index, cache)
 
         async def main() -> None:
@@ -127,7 +127,7 @@ def test_identical_content_is_stored_once(source: Path, run_core: Runner) -> Non
             for off in range(0, EXTENT * 11, EXTENT):
                 await core.read(fh, off, EXTENT)
         assert core.stats.dedup_bytes_saved == EXTENT * 10 + 1234
-        assert core.cache.blocks_stored == 11
+        assert core.cache.bytes_stored == EXTENT * 10 + 1234  # once: copy.bin reads w.bin's cache file
 
     run_core(body)
 

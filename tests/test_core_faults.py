@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from modelfs.cache import BlockCache
+from modelfs.cache import FileCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
@@ -41,7 +41,7 @@ def run(store: MemoryStore, cache_dir: Path, body: Callable[[ModelFS], Awaitable
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT), "cache.min_free": "0",
                              "fetch.deadline": "30", "fetch.probe_interval": "5", **QUIET, **overrides})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
-    cache = BlockCache(str(cache_dir), store.domain, max_size=max_size)
+    cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=max_size)
     core = ModelFS(cfg, store, index, cache)
 
     async def main() -> None:
@@ -222,8 +222,8 @@ def test_a_cache_with_no_room_serves_from_memory(tmp_path: Path) -> None:
         for _ in range(2):
             got = b"".join([bytes(await core.read(fh, off, EXTENT)) for off in range(0, len(data), EXTENT)])
             assert got == data
-        assert core.stats.cache_full_skips == 6 and core.cache.blocks_stored == 0
-        assert len(store.reads) == 6  # nothing could be kept: every read fetched again
+        assert core.stats.cache_full_skips == 3 and core.cache.bytes_stored == 0
+        assert len(store.reads) == 3  # nothing could be cached: the second pass is served from memory
 
     run(store, tmp_path / "cache", body, max_size=EXTENT // 2)  # smaller than one extent: never room
 
@@ -258,7 +258,7 @@ def test_adjacent_manifest_extents_are_fetched_in_requests_up_to_max_request(tmp
         assert all(length <= max_request for _, _, length in gets)
         assert sum(length for _, _, length in gets) == len(data)  # every byte once
         assert len(gets) < len(extents) / 4  # coalesced: far fewer GETs than extents
-        assert core.cache.blocks_stored == len({d for _, _, d in extents})  # each extent its own block
+        assert core.cache.bytes_stored == len(data)  # every extent in the file, once
 
     run(store, tmp_path / "cache", body, **{"prefetch.whole_file": "true", "fetch.max_request": str(max_request)})
 

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from modelfs.buffers import BufferPool
-from modelfs.cache import BlockCache
+from modelfs.cache import FileCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.index import ChunkIndex
@@ -44,8 +44,8 @@ def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview],
                              **overrides})
     store = LocalStore(str(src))
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
-    cache = BlockCache(str(cache_dir), store.domain, max_size=int(cfg.cache.max_size),
-                       min_free=int(cfg.cache.min_free))
+    cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
+                      min_free=int(cfg.cache.min_free))
     core = ModelFS(cfg, store, index, cache, push=push)
 
     def close() -> None:
@@ -370,9 +370,9 @@ def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
         close()
 
 
-def test_an_idle_daemon_gives_back_buffers_and_mappings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a load, an idle core drops its block mappings and returns its GET buffers' pages to the system;
-    the next read still gets every byte."""
+def test_an_idle_daemon_gives_back_its_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a load, an idle core drops the extents it holds in memory and returns its GET buffers' pages to
+    the system; the next read still gets every byte."""
     import ctypes
     import ctypes.util
     import mmap
@@ -398,10 +398,10 @@ def test_an_idle_daemon_gives_back_buffers_and_mappings(tmp_path: Path, monkeypa
         fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
         assert bytes(await core.read(fh, 0, len(data))) == data
         await settle(core)
-        assert core.blocks.mapped > 0 and core.buffers._free
+        assert core.buffers._free
         assert any(resident(b) for b in core.buffers._free)
         with trio.fail_after(30):
-            while core.blocks.mapped or any(resident(b) for b in core.buffers._free):
+            while core.blocks.held or any(resident(b) for b in core.buffers._free):
                 await trio.sleep(0.05)
         assert bytes(await core.read(fh, 1000, 5 * EXTENT)) == data[1000:1000 + 5 * EXTENT]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.cache import BlockCache, block_hash
+from modelfs.cache import FileCache, content_hash
 from modelfs.config import Config
+from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
 from modelfs.shared import SharedTier, claim_key
@@ -27,11 +28,12 @@ BUCKET = "claims-tier"
 EXTENT = 1 << 20
 
 
-def tier(endpoint: str, prefix: str, root: Path, node: str, sup: Supervisor) -> SharedTier:
+def tier(endpoint: str, prefix: str, root: Path, node: str, sup: Supervisor) -> tuple[SharedTier, FileCache]:
     s3 = dataclasses.replace(Config().s3, endpoint_url=endpoint, max_attempts=1)
-    cache = BlockCache(str(root), "test-domain", preallocate=False)
-    return SharedTier(S3Store(BUCKET, prefix, s3), "test-domain", Stats(), cache, deadline=5.0, probe_interval=1.0,
-                      node=node, supervisor=sup)
+    cache = FileCache(str(root), ChunkIndex(str(root / "index"), 1 << 24), "test-domain", "s3:test/bucket/",
+                      preallocate=False)
+    return SharedTier(S3Store(BUCKET, prefix, s3), "test-domain", Stats(), cache.read_back, deadline=5.0,
+                      probe_interval=1.0, node=node, supervisor=sup), cache
 
 
 def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_write(
@@ -48,12 +50,12 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
     ver = FileVersion.of("s3:test/bucket/", ObjectInfo("model.safetensors", EXTENT, '"etag"', 0.0), EXTENT)
     with FaultProxy(seaweed.endpoint_url) as proxy:
         sup = Supervisor(Stats())
-        a = tier(seaweed.endpoint_url, prefix, tmp_path / "a", "node-a", sup)
-        b = tier(proxy.endpoint_url, prefix, tmp_path / "b", "node-b", sup)
+        a, a_cache = tier(seaweed.endpoint_url, prefix, tmp_path / "a", "node-a", sup)
+        b, _ = tier(proxy.endpoint_url, prefix, tmp_path / "b", "node-b", sup)
         key = a.key(ver, 0)
         assert key is not None
         view = memoryview(bytearray(EXTENT))
-        digest = block_hash(data)
+        digest = content_hash(data)
         claim = prefix + claim_key(key)
         got: list[bytes | None] = []
         listed_before = 0
@@ -79,7 +81,7 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
                     while len(lists()) < 3:  # B is polling; the claim stands, so it waits
                         await trio.sleep(0.01)
                     assert not got
-                    await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+                    await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
                     a.share_soon(ver, 0, digest, EXTENT)  # written, then the claim dropped
                     while await trio.to_thread.run_sync(claimed):
                         await trio.sleep(0.01)

@@ -12,7 +12,8 @@ from typing import BinaryIO
 import pytest
 import trio
 
-from modelfs.cache import BlockCache, block_hash
+from modelfs.cache import FileCache, content_hash
+from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo, WritableStore
 from modelfs.remote.local import LocalStore
 from modelfs.shared import SharedTier, claim_key
@@ -37,10 +38,17 @@ STORES = [pytest.param(memory, id="memory"), pytest.param(directory, id="directo
 MakeStore = Callable[[Path], WritableStore]
 
 
-def tier(store: WritableStore, root: Path, node: str, sup: Supervisor, deadline: float = 5.0) -> SharedTier:
-    cache = BlockCache(str(root / node), "test-domain", preallocate=False)
-    return SharedTier(store, "test-domain", Stats(), cache, deadline=deadline, probe_interval=1.0, node=node,
-                      supervisor=sup)
+def local_cache(root: Path) -> FileCache:
+    """A node's own cache (files and index), as its daemon has: write-backs are read back from it."""
+    return FileCache(str(root), ChunkIndex(str(root / "index"), 1 << 24), "test-domain", "mem:origin",
+                     preallocate=False)
+
+
+def tier(store: WritableStore, root: Path, node: str, sup: Supervisor,
+         deadline: float = 5.0) -> tuple[SharedTier, FileCache]:
+    cache = local_cache(root / node)
+    return SharedTier(store, "test-domain", Stats(), cache.read_back, deadline=deadline, probe_interval=1.0, node=node,
+                      supervisor=sup), cache
 
 
 def version(size: int = EXTENT) -> FileVersion:
@@ -68,13 +76,13 @@ async def written(t: SharedTier) -> None:
 @pytest.mark.parametrize("make", STORES)
 def test_a_block_written_back_by_one_node_is_read_verified_by_another(make: MakeStore, tmp_path: Path) -> None:
     store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
-    a, b = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
-    ver, digest = version(), block_hash(data)
+    (a, a_cache), (b, _) = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
+    ver, digest = version(), content_hash(data)
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
         assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) is None  # nothing there yet
-        await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+        await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
         await trio.to_thread.run_sync(a.write_back, ver, 0, digest, EXTENT)
         await written(a)
         assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) == digest
@@ -87,11 +95,11 @@ def test_a_block_written_back_by_one_node_is_read_verified_by_another(make: Make
 @pytest.mark.parametrize("make", STORES)
 def test_damaged_bytes_in_the_tier_are_never_served(make: MakeStore, tmp_path: Path) -> None:
     store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
-    a = tier(store, tmp_path, "a", sup)
+    a, _ = tier(store, tmp_path, "a", sup)
     ver = version()
     key = a.key(ver, 0)
     assert key is not None
-    store.put(key, b"x" * EXTENT, {"xxh3": block_hash(data).hex()})  # the hash of other bytes
+    store.put(key, b"x" * EXTENT, {"xxh3": content_hash(data).hex()})  # the hash of other bytes
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
@@ -107,8 +115,8 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
     """A claims the extent, B finds the claim and waits; B is not answered while the claim stands; A writes
     the block and drops its claim; B wakes and reads it from the tier (no miss, no origin fetch)."""
     store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
-    a, b = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
-    ver, digest = version(), block_hash(data)
+    (a, a_cache), (b, _) = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup)
+    ver, digest = version(), content_hash(data)
     view = memoryview(bytearray(EXTENT))
     got: list[bytes | None] = []
     key = a.key(ver, 0)
@@ -126,7 +134,7 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
             while b.stats.shared_polls < 3:  # B keeps listing the claims while the claim stands
                 await trio.sleep(0.01)
             assert not got and store.exists(claim_key(key))
-            await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+            await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
             a.share_soon(ver, 0, digest, EXTENT)  # written, then the claim dropped
         assert not store.exists(claim_key(key))
 
@@ -141,8 +149,8 @@ def test_an_unreachable_tier_is_suspect_then_skipped(tmp_path: Path) -> None:
     nothing for two deadlines is skipped (offline), so the next extents do not ask it again."""
     store, sup = MemoryStore("tier"), Supervisor(Stats())
     store.unreachable = True
-    cache = BlockCache(str(tmp_path / "a"), "test-domain", preallocate=False)
-    a = SharedTier(store, "test-domain", Stats(), cache, deadline=0.05, probe_interval=60, node="a", supervisor=sup)
+    a = SharedTier(store, "test-domain", Stats(), local_cache(tmp_path / "a").read_back, deadline=0.05,
+                   probe_interval=60, node="a", supervisor=sup)
     ver = version(4 * EXTENT)
     view = memoryview(bytearray(EXTENT))
 
@@ -162,7 +170,7 @@ def test_an_unreachable_tier_is_suspect_then_skipped(tmp_path: Path) -> None:
 def test_a_busy_tier_that_answers_again_is_not_skipped(tmp_path: Path) -> None:
     """A request that fails, then one that gets its answer: the tier is trusted again, never skipped."""
     store, sup = MemoryStore("tier"), Supervisor(Stats())
-    a = tier(store, tmp_path, "a", sup)
+    a, _ = tier(store, tmp_path, "a", sup)
     ver = version(2 * EXTENT)
     view = memoryview(bytearray(EXTENT))
 
@@ -195,8 +203,8 @@ class _WrittenBeforeClaim(MemoryStore):
 
 def test_a_block_shared_between_a_miss_and_the_claim_is_read_from_the_tier_not_the_origin(tmp_path: Path) -> None:
     store, sup, data = _WrittenBeforeClaim("tier"), Supervisor(Stats()), os.urandom(EXTENT)
-    b = tier(store, tmp_path, "b", sup)
-    ver, digest = version(), block_hash(data)
+    b, _ = tier(store, tmp_path, "b", sup)
+    ver, digest = version(), content_hash(data)
     key = b.key(ver, 0)
     assert key is not None
     store.before_claim = lambda: store.put(key, data, {"xxh3": digest.hex()})  # node A's write-back
@@ -227,8 +235,8 @@ def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bo
     behind), B waits past `wait` and gets the block from the tier; when no claim lands for `wait` (a
     claimer that died), B gives up after `wait` and the origin serves it (`shared_wait_expired`)."""
     store, sup, data = MemoryStore("tier"), Supervisor(Stats()), os.urandom(EXTENT)
-    a, b = tier(store, tmp_path, "a", sup, deadline=0.5), tier(store, tmp_path, "b", sup, deadline=0.5)
-    ver, digest = version(8 * EXTENT), block_hash(data)
+    (a, a_cache), (b, _) = tier(store, tmp_path, "a", sup, deadline=0.5), tier(store, tmp_path, "b", sup, deadline=0.5)
+    ver, digest = version(8 * EXTENT), content_hash(data)
     view = memoryview(bytearray(EXTENT))
     got: list[bytes | None] = []
 
@@ -248,7 +256,7 @@ def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bo
                 await trio.sleep(0.5)
                 await trio.to_thread.run_sync(a.release, ver, k * EXTENT)
             assert not got, "gave up while claims kept landing"
-            await trio.to_thread.run_sync(a.cache.put, digest, memoryview(data))
+            await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
             a.share_soon(ver, 0, digest, EXTENT)
 
     run(sup, [a, b], body)

@@ -1,0 +1,189 @@
+"""FUSE passthrough: a file whose every byte is in its cache file, and checked, is opened with a backing id
+for that very file, and the kernel serves it itself. Reads, mmap page faults and read-ahead of that file go
+straight to the cache file inside the kernel: no READ reaches the daemon, so a load runs at local-disk speed.
+
+There is no copy to build: the cache file a cold load wrote (`cache.FileCache`) is the backing file. So the
+open after the one that completed a file is already a passthrough open, in the same daemon; and a daemon
+that starts on a cache where files are complete opens them by passthrough once it has checked them.
+
+Rules kept:
+- The kernel is handed only a file this daemon trusts whole: every extent written by it from bytes it
+  hashed, or read back and hashed before this open (`check`; single-flight; other shards of the same
+  directory are checked ahead of the loader, one at a time, `check_ahead`). A damaged extent is dropped
+  and fetched again; the open meanwhile is served through the daemon.
+- A file is never punched while a backing id of it is registered (`FileCache.hold`): the kernel may read
+  any byte at any time. Eviction or a new ETag never changes bytes under an open file.
+- One backing id per version while any passthrough handle of it is open.
+- A partial file is never handed to the kernel: it would read the holes as zeros, and no kernel
+  mechanism makes such a read wait for the bytes. Until a file is complete its READs come to the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from modelfs.cache import FileCache
+from modelfs.stats import Stats
+from modelfs.version import FileVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Open:
+    backing_id: int
+    handles: int
+
+
+class Kernel:
+    """What the kernel offers: whether passthrough was negotiated, and registering a backing file (FUSE
+    DEV_IOC_BACKING_OPEN / _CLOSE). The live one is pyfuse3's; tests may pass one that refuses."""
+
+    def __init__(self, negotiated: Callable[[], bool], register: Callable[[int], int],
+                 unregister: Callable[[int], None]) -> None:
+        self.negotiated = negotiated
+        self.register = register
+        self.unregister = unregister
+
+
+class Passthrough:
+    """Backing ids of complete, checked cache files while opens use them. Blocking work runs in worker
+    threads; the rest on trio's."""
+
+    def __init__(self, cache: FileCache, stats: Stats, kernel: Kernel) -> None:
+        self.cache = cache
+        self.stats = stats
+        self.kernel = kernel
+        self._open: dict[bytes, _Open] = {}  # vid -> registration while passthrough handles are open
+        self._checking: dict[bytes, trio.Event] = {}
+        self._ahead: dict[bytes, FileVersion] = {}  # files to check before their open asks (`check_ahead`)
+        self._ahead_wake = trio.Event()
+        self._check_limiter = trio.CapacityLimiter(1)  # one check at a time: one sequential read of the disk
+        self._refused = False
+
+    @property
+    def available(self) -> bool:
+        """Whether opens may be answered with passthrough now."""
+        return not self._refused and self.kernel.negotiated()
+
+    # -- opens (trio thread) -------------------------------------------------------------------------
+
+    async def open(self, ver: FileVersion) -> int:
+        """A backing id for a passthrough open of `ver`, or 0 (serve it through the daemon): the file is not
+        complete in the cache, or a check found it damaged."""
+        reg = self._open.get(ver.vid)
+        if reg is None:
+            if not self.available or not self.cache.complete(ver.vid):
+                return 0
+            if not self.cache.all_trusted(ver.vid) and not await self._check(ver):
+                return 0
+            try:
+                backing_id = await trio.to_thread.run_sync(self._register, ver.vid)
+            except OSError as e:
+                self._refuse(e)
+                return 0
+            reg = self._open.get(ver.vid)  # registered meanwhile by another open: keep one id per version
+            if reg is not None:
+                self.kernel.unregister(backing_id)
+                self.cache.hold(ver.vid, -1)
+            else:
+                reg = self._open[ver.vid] = _Open(backing_id, 0)
+        reg.handles += 1
+        self.stats.add(passthrough_opens=1)
+        return reg.backing_id
+
+    def release(self, ver: FileVersion) -> None:
+        """A passthrough handle of `ver` was released; the last one gives the backing id back."""
+        reg = self._open.get(ver.vid)
+        if reg is None:
+            return
+        reg.handles -= 1
+        if reg.handles:
+            return
+        del self._open[ver.vid]
+        self.cache.hold(ver.vid, -1)
+        try:
+            self.kernel.unregister(reg.backing_id)
+        except OSError as e:
+            log.debug("backing id %d of %s: %s", reg.backing_id, ver.info.key, e)
+
+    def _register(self, vid: bytes) -> int:
+        """Register the cache file (worker thread), held first: from the moment the kernel has it nothing of it
+        is punched. The hold is the registration's from then on (`release` gives it back)."""
+        self.cache.hold(vid, 1)
+        try:
+            if not self.cache.all_trusted(vid):  # evicted or dropped since the check
+                raise FileNotFoundError(errno.ENOENT, "no longer complete")
+            fd = os.open(self.cache.path(vid), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return self.kernel.register(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.cache.hold(vid, -1)
+            raise
+
+    def _refuse(self, e: OSError) -> None:
+        """The kernel would not take a backing file: no CAP_SYS_ADMIN, a stacked filesystem under the cache, a
+        kernel without it. Latched off: every later open is served through the daemon. A file that stopped
+        being complete meanwhile is not a refusal."""
+        if isinstance(e, FileNotFoundError):
+            return
+        self.stats.add(passthrough_refused=1)
+        self._refused = True
+        log.warning("FUSE passthrough refused by the kernel (%s, cache files in %s): files are served through "
+                    "the daemon from now on", errno.errorcode.get(e.errno or 0, e), self.cache.root)
+
+    async def _check(self, ver: FileVersion) -> bool:
+        """Read back and hash every extent of the file this daemon has not checked (single-flight: concurrent
+        opens wait for one check). True if the file is complete and trusted after it."""
+        while (busy := self._checking.get(ver.vid)) is not None:
+            await busy.wait()
+        if self.cache.all_trusted(ver.vid):
+            return True
+        done = self._checking[ver.vid] = trio.Event()
+        try:
+            good = await trio.to_thread.run_sync(self.check, ver, limiter=self._check_limiter)
+        finally:
+            del self._checking[ver.vid]
+            done.set()
+        return good
+
+    def check(self, ver: FileVersion) -> bool:
+        """Every unchecked extent of the file read back and hashed (worker thread); a damaged one is dropped
+        and counted (`files_corrupt`: its bytes are fetched again)."""
+        bad = 0
+        for start, length in self.cache.untrusted(ver.vid):
+            if self.cache.verify(ver.vid, start, length) is None:
+                bad += 1
+        if bad:
+            self.stats.add(files_corrupt=1)
+            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", ver.info.key, bad)
+        return self.cache.all_trusted(ver.vid)
+
+    def check_ahead(self, versions: list[FileVersion]) -> None:
+        """A loader opened one file of a set by passthrough: check the files of the others now, in this order,
+        so that their opens find them checked (the disk reads them once, ahead of the loader, and the kernel
+        then serves them from the page cache)."""
+        for ver in versions:
+            if self.cache.complete(ver.vid) and not self.cache.all_trusted(ver.vid):
+                self._ahead.setdefault(ver.vid, ver)
+        if self._ahead:
+            self._ahead_wake.set()
+
+    async def run_checks(self) -> None:
+        """Check the files `check_ahead` asked for, one at a time (an open waits for a check in progress)."""
+        while True:
+            if not self._ahead:
+                self._ahead_wake = trio.Event()
+                await self._ahead_wake.wait()
+            vid = next(iter(self._ahead))
+            ver = self._ahead.pop(vid)
+            if self.available and not self.cache.all_trusted(vid):
+                await self._check(ver)
