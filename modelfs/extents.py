@@ -387,11 +387,13 @@ class Extents:
     def holds(self, ver: FileVersion, start: int, length: int, check: bool) -> bool:
         """Whether the cache holds the extent's bytes anywhere (no GET needed). With `check` (a file read
         through the daemon) bytes not yet checked are checked now, ahead of its reader; with
-        `ver.copy_shared`, bytes of another version's file are copied into this one's. Worker thread."""
-        if self.blocks.trusted(ver, start) and not (ver.copy_shared and start in ver.elsewhere):
+        `ver.copy_shared`, or on a filesystem that shares extents, bytes of another version's file are copied
+        into this one's. Worker thread."""
+        copy = ver.copy_shared or self.blocks.cache.reflinks
+        if self.blocks.trusted(ver, start) and not (copy and start in ver.elsewhere):
             return True
-        if check or ver.copy_shared:
-            return self.blocks.check(ver, start, length, ver.copy_shared) is not Where.MISSING
+        if check or copy:
+            return self.blocks.check(ver, start, length, copy) is not Where.MISSING
         return self.blocks.state(ver, start, length)[1] is not Where.MISSING
 
     def note_load(self, ver: FileVersion) -> int:

@@ -409,7 +409,8 @@ class Prefetcher:
         of the others is one ranged GET; then each is pushed if push is on."""
         ver = job.ver
         check = job.reading and self.is_open(job.node.inode)
-        if all(self.extents.where(ver, s) is Where.CACHED for s in starts) and not ver.copy_shared:
+        copy = ver.elsewhere and (ver.copy_shared or self.cache.reflinks)
+        if not copy and all(self.extents.where(ver, s) is Where.CACHED for s in starts):
             runs: list[list[Extent]] = []  # all readable already: no thread hop
         else:
             runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, check, limiter=self.io_limiter)

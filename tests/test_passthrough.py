@@ -1,8 +1,10 @@
-"""FUSE passthrough through real mounts and the real kernel: a file whose every extent is cached gets a
-verified whole-file copy, and later opens of it are served by the kernel from that copy, with no READ
-reaching the daemon (`bytes_served` stays put). Loaders must see the source's bytes whichever way.
+"""FUSE passthrough through real mounts and the real kernel: a file whose every extent is in its cache file
+(and checked) is opened with that very file as the backing file, and the kernel serves it, with no READ
+reaching the daemon (`bytes_served` stays put). There is no copy: the cache file a cold load wrote is what
+the kernel reads, from the next open on, in the same daemon. Loaders must see the source's bytes whichever
+way.
 
-The rest of the suite runs mostly on the READ path (a file's first open in a daemon has no copy yet);
+The rest of the suite runs mostly on the READ path (a file's first open is cold);
 `test_passthrough_off_serves_every_read_through_the_daemon` runs the loads here with passthrough off."""
 
 from __future__ import annotations
@@ -42,11 +44,27 @@ def drop_caches() -> None:
 
 
 def warm(m: Mount, src: Path) -> None:
-    """Read every file once (through the daemon: no copy yet), then wait until each has its copy."""
+    """Read every file once (cold: through the daemon, or by passthrough if prefetch completed it first), then
+    wait until the daemon is idle: every file is complete in the cache by then."""
     names = _files(src)
     for name in names:
         assert sha(m.path / name) == sha(src / name), name
-    assert eventually(lambda: m.stats()["backing_files"] >= len(names)), m.stats()
+    assert eventually(lambda: idle(m)), m.stats()
+    assert m.stats()["files_complete"] == len(names), m.stats()
+
+
+def idle(m: Mount) -> bool:
+    st = m.stats()
+    return st["fetches_in_flight"] == 0 and st["prefetch_queue"] == 0
+
+
+def cache_files(m: Mount) -> list[Path]:
+    return sorted((m.cache_dir / "files").iterdir())
+
+
+def allocated(paths: list[Path]) -> int:
+    """Bytes the filesystem allocated for these files (sparse files count what they hold)."""
+    return sum(p.stat().st_blocks * 512 for p in paths)
 
 
 def load_everything(root: Path, src: Path, ckpt: Checkpoint) -> None:
@@ -95,19 +113,67 @@ def test_loads_through_passthrough_equal_the_source(checkpoint: Checkpoint,
     st = m.stats()
     assert st["passthrough_opens"] >= 10 and st["passthrough_refused"] == 0, st
     assert st["bytes_served"] == served, st  # the kernel served every byte: no READ reached the daemon
-    assert st["backing_bytes"] == sum((checkpoint.root / n).stat().st_size for n in _files(checkpoint.root))
 
 
-def test_a_damaged_copy_is_found_before_it_is_served_and_built_again(tmp_path: Path, checkpoint: Checkpoint,
-                                                                      mounter: Callable[..., Mount]) -> None:
+def test_the_cache_holds_each_byte_once(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
+    """After a cold load, the files the kernel serves by passthrough are the cache: the cache directory holds
+    the checkpoint once (no second copy beside content-addressed blocks), index and log included."""
+    m = mounter(str(checkpoint.root))
+    warm(m, checkpoint.root)
+    total = sum((checkpoint.root / n).stat().st_size for n in _files(checkpoint.root))
+    st = m.stats()
+    assert st["bytes_in_cache"] == total, st
+    everything = [p for p in m.cache_dir.rglob("*") if p.is_file()]
+    assert allocated(everything) <= 1.05 * total, (allocated(everything), total)
+
+
+def test_the_open_after_a_load_completes_a_file_is_passthrough(checkpoint: Checkpoint,
+                                                                mounter: Callable[..., Mount]) -> None:
+    """In the same daemon, with no wait for quiet and no copy built: once a file's last extent is in, its next
+    open is served by the kernel."""
+    m = mounter(str(checkpoint.root))
+    name = checkpoint.torch_file
+    assert sha(m.path / name) == sha(checkpoint.root / name)  # cold: through the daemon
+    assert eventually(lambda: idle(m)), m.stats()
+    before = m.stats()
+    assert before["files_complete"] >= 1, before
+    with open(m.path / name, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == sha(checkpoint.root / name)
+    after = m.stats()
+    assert after["passthrough_opens"] == before["passthrough_opens"] + 1, after
+    assert after["bytes_served"] == before["bytes_served"] and after["gets"] == before["gets"], after
+
+
+def test_a_new_daemon_on_a_complete_cache_opens_every_file_by_passthrough(checkpoint: Checkpoint,
+                                                                          mounter: Callable[..., Mount]) -> None:
+    """A daemon restarted right after a cold load: every open of the next load is a passthrough open (each
+    file checked once, ahead of its open where it can be), no READ reaches the daemon and nothing is fetched."""
     m = mounter(str(checkpoint.root))
     warm(m, checkpoint.root)
     m.umount()
-    copies = sorted((m.cache_dir / "backing").iterdir())
-    assert len(copies) == len(_files(checkpoint.root))
-    for copy in copies:  # one byte changed in each, as bit rot or a stray write would
-        with open(copy, "r+b") as f:
-            f.seek(os.path.getsize(copy) // 2)
+    m = m.remount()
+    drop_caches()
+    names = _files(checkpoint.root)
+    for name in names:
+        assert sha(m.path / name) == sha(checkpoint.root / name), name
+    st = m.stats()
+    assert st["passthrough_opens"] == len(names) and st["bytes_served"] == 0 and st["gets"] == 0, st
+    assert st["extents_verified"] > 0 and st["files_corrupt"] == 0, st  # checked before the kernel got them
+
+
+def test_a_damaged_cache_file_is_found_before_it_is_served(checkpoint: Checkpoint,
+                                                           mounter: Callable[..., Mount]) -> None:
+    """A byte changed in every cache file between two daemons (bit rot, a stray write): the next daemon's
+    check before the first passthrough open finds it, drops that extent and fetches it again; the loader
+    gets the right bytes, and once the file is whole again its opens are passthrough opens."""
+    m = mounter(str(checkpoint.root))
+    warm(m, checkpoint.root)
+    m.umount()
+    files = cache_files(m)
+    assert len(files) == len(_files(checkpoint.root))
+    for path in files:  # one byte changed in each, as bit rot or a stray write would
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
             b = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([b[0] ^ 0x40]))
@@ -115,25 +181,24 @@ def test_a_damaged_copy_is_found_before_it_is_served_and_built_again(tmp_path: P
     for name in _files(checkpoint.root):  # the check fails: served through the daemon, right bytes
         assert sha(m.path / name) == sha(checkpoint.root / name), name
     st = m.stats()
-    assert st["backing_corrupt"] == len(copies) and st["passthrough_opens"] == 0, st
-    assert eventually(lambda: m.stats()["backing_built"] >= len(copies)), m.stats()
+    assert st["files_corrupt"] == len(files) and st["corrupt_extents"] == len(files), st
+    assert st["passthrough_opens"] == 0 and st["gets"] >= len(files), st
+    assert eventually(lambda: idle(m) and m.stats()["files_complete"] == len(files)), m.stats()
     drop_caches()
     for name in _files(checkpoint.root):
         assert sha(m.path / name) == sha(checkpoint.root / name), name
-    assert m.stats()["passthrough_opens"] == len(copies)
+    assert m.stats()["passthrough_opens"] == len(files)
 
 
 def test_a_new_version_upstream_while_a_passthrough_handle_is_open(tmp_path: Path, checkpoint: Checkpoint,
                                                                    mounter: Callable[..., Mount]) -> None:
-    """The old handle keeps its version's bytes (from its copy), a new open sees the new version, and the
-    old version's copy is deleted once nothing uses it."""
+    """The old handle keeps its version's bytes (from its cache file), a new open sees the new version."""
     src = tmp_path / "src"
     shutil.copytree(checkpoint.root / "run42", src)
     name = "step-100.pt"
     old = (src / name).read_bytes()
     m = mounter(str(src), args=["-o", "mount.metadata_ttl=1"])
     warm(m, src)
-    copy_of_old = next((m.cache_dir / "backing").iterdir())
     with open(m.path / name, "rb") as held:
         assert m.stats()["passthrough_opens"] == 1
         new = bytes(b ^ 0xFF for b in old[:4096]) + old[4096:]
@@ -144,32 +209,35 @@ def test_a_new_version_upstream_while_a_passthrough_handle_is_open(tmp_path: Pat
         assert eventually(lambda: (m.path / name).read_bytes() == new)  # a new open: the new version
         drop_caches()
         held.seek(0)
-        assert held.read() == old  # the held handle: its version, from its copy
-    drop_caches()  # the kernel lets go of the old inode: the daemon drops it, and its copy
-    assert eventually(lambda: not copy_of_old.exists() and m.stats()["backing_files"] <= 1), m.stats()
+        assert held.read() == old  # the held handle: its version, from its cache file
+    assert len(cache_files(m)) == 2  # one file per version
 
 
 def test_eviction_under_the_quota_with_a_passthrough_file_open(tmp_path: Path, checkpoint: Checkpoint,
                                                                mounter: Callable[..., Mount]) -> None:
-    """Copies go before blocks, never one in use; loads stay right and the quota holds."""
-    total = sum((checkpoint.root / n).stat().st_size for n in _files(checkpoint.root))
-    quota = int(total * 1.4)
-    m = mounter(str(checkpoint.root), args=["-o", f"cache.max_size={quota}", "-o", "cache.min_free=0"])
-    big = max(_files(checkpoint.root), key=lambda n: (checkpoint.root / n).stat().st_size)
+    """A quota smaller than the checkpoint, one file held open by passthrough while every other file is loaded:
+    the others evict each other, never a byte of the held file (the kernel reads it at any time); loads stay
+    right and the quota holds."""
+    sizes = {n: (checkpoint.root / n).stat().st_size for n in _files(checkpoint.root)}
+    big = max(sizes, key=lambda n: sizes[n])
+    quota = sizes[big] + int(1.5 * max(s for n, s in sizes.items() if n != big))
+    assert quota < sum(sizes.values())
+    m = mounter(str(checkpoint.root), args=["-o", f"cache.max_size={quota}", "-o", "cache.min_free=0",
+                                            "-o", "prefetch.checkpoint_sets=false"])
     assert sha(m.path / big) == sha(checkpoint.root / big)
-    assert eventually(lambda: m.stats()["backing_files"] == 1)
+    assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
     with open(m.path / big, "rb") as held:
         assert m.stats()["passthrough_opens"] == 1
-        for name in _files(checkpoint.root):  # the rest: blocks, then copies, past the quota
-            assert sha(m.path / name) == sha(checkpoint.root / name), name
-        time.sleep(3)  # copies are built when the daemon is quiet: give them the chance to press the quota
-        for name in _files(checkpoint.root):
-            assert sha(m.path / name) == sha(checkpoint.root / name), name
+        for _ in range(2):
+            for name in sizes:
+                if name != big:
+                    assert sha(m.path / name) == sha(checkpoint.root / name), name
+        assert eventually(lambda: idle(m)), m.stats()
         drop_caches()
         assert hashlib.sha256(held.read()).hexdigest() == sha(checkpoint.root / big)
         st = m.stats()
-        assert st["bytes_in_cache"] + st["backing_bytes"] <= quota, st
-        assert (m.cache_dir / "backing" / os.listdir(m.cache_dir / "backing")[0]).exists()
+        assert st["evictions"] > 0 and st["bytes_in_cache"] <= quota, st
+        assert allocated(cache_files(m)) <= quota, (allocated(cache_files(m)), quota)
 
 
 def test_sigterm_with_passthrough_files_open_exits_within_the_grace(checkpoint: Checkpoint,
@@ -194,8 +262,7 @@ def test_passthrough_off_serves_every_read_through_the_daemon(checkpoint: Checkp
         drop_caches()
         load_everything(m.path, checkpoint.root, checkpoint)
     st = m.stats()
-    assert st["passthrough_opens"] == 0 and st["backing_files"] == 0 and st["bytes_served"] > 0, st
-    assert not (m.cache_dir / "backing").exists() or not os.listdir(m.cache_dir / "backing")
+    assert st["passthrough_opens"] == 0 and st["bytes_served"] > 0 and st["files_complete"] > 0, st
 
 
 def test_passthrough_on_starts_where_the_kernel_offers_it(checkpoint: Checkpoint,

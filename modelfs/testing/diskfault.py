@@ -1,4 +1,4 @@
-"""Disk faults for tests and the soak: a throwaway ext4 on a loop device, and bytes changed under it.
+"""Disk faults for tests and the soak: a throwaway ext4 (or btrfs) on a loop device, and bytes changed under it.
 
 A flip made through the filesystem (open, pwrite) moves the file's ctime and mtime, so a cache that
 remembers (inode, ctime) of what it verified can notice it. A bad disk, a bad controller or a stray
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LoopFs", "available", "corrupt_under_fs", "evict_file_pages", "loop_ext4", "physical_offset",
+__all__ = ["LoopFs", "available", "corrupt_under_fs", "evict_file_pages", "loop_btrfs", "loop_ext4", "physical_offset",
            "resident_pages", "truncate_in_place", "write_in_place"]
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -93,10 +93,30 @@ def loop_ext4(dir: Path | str, size_bytes: int, mountpoint: Path | str | None = 
     read" can be told from outside). On exit, even after an error in the body or half-way through set-up: lazy
     unmount, detach the loop device (deferred by the kernel while a process still holds a file open on
     it), remove the image and the directory this made."""
+    # Page-size blocks, as on a real cache disk (mkfs picks 1 KiB for small images); no reserved blocks (a
+    # cache quota measures against all of it); no journal zeroing to wait for.
+    with _loop_fs(dir, size_bytes, mountpoint, options, "ext4",
+                  ["mkfs.ext4", "-q", "-F", "-b", "4096", "-m", "0", "-E",
+                   "lazy_itable_init=1,lazy_journal_init=1"]) as fs:
+        yield fs
+
+
+@contextlib.contextmanager
+def loop_btrfs(dir: Path | str, size_bytes: int, mountpoint: Path | str | None = None,
+               options: str = "") -> Iterator[LoopFs]:
+    """A fresh btrfs (data checksums and extent sharing on, its defaults), as `loop_ext4` makes an ext4: for
+    the cache on a filesystem that clones extents. Needs mkfs.btrfs (btrfs-progs) and 128 MiB at least."""
+    with _loop_fs(dir, size_bytes, mountpoint, options, "btrfs", ["mkfs.btrfs", "-q", "-f"]) as fs:
+        yield fs
+
+
+@contextlib.contextmanager
+def _loop_fs(dir: Path | str, size_bytes: int, mountpoint: Path | str | None, options: str, fstype: str,
+             mkfs: list[str]) -> Iterator[LoopFs]:
     base = Path(dir)
     tag = uuid.uuid4().hex[:8]
-    image = base / f"ext4-{tag}.img"
-    mnt = Path(mountpoint) if mountpoint is not None else base / f"ext4-{tag}"
+    image = base / f"{fstype}-{tag}.img"
+    mnt = Path(mountpoint) if mountpoint is not None else base / f"{fstype}-{tag}"
     with contextlib.ExitStack() as undo:
         made_mnt = not mnt.exists()
         mnt.mkdir(parents=True, exist_ok=True)
@@ -105,13 +125,10 @@ def loop_ext4(dir: Path | str, size_bytes: int, mountpoint: Path | str | None = 
         with open(image, "xb") as f:
             f.truncate(size_bytes)
         undo.callback(lambda: image.unlink(missing_ok=True))
-        # Page-size blocks, as on a real cache disk (mkfs picks 1 KiB for small images); no reserved blocks
-        # (a cache quota measures against all of it); no journal zeroing to wait for.
-        _run("mkfs.ext4", "-q", "-F", "-b", "4096", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-             str(image))
+        _run(*mkfs, str(image))
         device = _run("losetup", "--find", "--show", str(image)).strip()
         undo.callback(lambda: subprocess.run(["losetup", "-d", device], capture_output=True, check=False))
-        _run("mount", "-t", "ext4", *(["-o", options] if options else []), device, str(mnt))
+        _run("mount", "-t", fstype, *(["-o", options] if options else []), device, str(mnt))
         undo.callback(lambda: subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False))
         yield LoopFs(mnt, image, device)
 
