@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
     u.add_argument("mountpoint")
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
-    u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon to exit")
+    u.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the daemon to exit (it may first hand on write-backs to a shared tier)")
     u.set_defaults(func=cmd_umount)
 
     pf = sub.add_parser("prefetch", help="fetch files or directories of a mount into the block cache")

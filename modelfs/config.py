@@ -154,6 +154,7 @@ class SharedConfig:
     write_back: bool = True
     trust: str = "all"
     node_id: str = ""
+    flush_on_exit: float = 10.0
 
 
 @dataclass
@@ -237,6 +238,8 @@ class Config:
             raise ConfigError(f"config: mount.passthrough must be auto, on or off, got {self.mount.passthrough!r}")
         if self.shared.trust not in ("all", "manifest"):
             raise ConfigError(f"config: shared.trust must be all or manifest, got {self.shared.trust!r}")
+        if self.shared.flush_on_exit < 0:
+            raise ConfigError(f"config: shared.flush_on_exit must be >= 0 seconds, got {self.shared.flush_on_exit}")
         if self.shared.deadline <= 0:
             raise ConfigError(f"config: shared.deadline must be a positive number of seconds, got "
                               f"{self.shared.deadline}")

@@ -289,7 +289,20 @@ class Daemon:
             self.core.supervisor.spawn(self._watch_signals, nursery.cancel_scope, name="signal handling", restart=True)
             nursery.start_soon(self._announce, mountpoint, on_ready)  # a failure here fails the mount
             await pyfuse3.main(min_tasks=4, max_tasks=self.cfg.mount.fuse_tasks)
+            if self.core.shared is not None:
+                await self._hand_on(self.core.shared)
             nursery.cancel_scope.cancel()
+
+    async def _hand_on(self, shared: SharedTier) -> None:
+        """Unmounted: the write-backs to the shared tier still queued are written first (shared.flush_on_exit
+        seconds at most), so other nodes find what this one fetched instead of fetching it from the origin."""
+        queued, began = shared.pending, time.monotonic()
+        if not queued:
+            return
+        notify(f"STATUS=stopping: writing {queued} extents back to the shared tier")
+        left = await shared.flush(self.cfg.shared.flush_on_exit)
+        log.info("unmounted: %d write-backs to the shared tier handed on in %.1f s%s", queued - left,
+                 time.monotonic() - began, f", {left} dropped (shared.flush_on_exit)" if left else "")
 
     async def _announce(self, mountpoint: str, on_ready: Callable[[], None]) -> None:
         """Report ready only once the mount answers a stat of its root, from outside the trio thread."""
@@ -311,18 +324,20 @@ class Daemon:
 
     def _arm_watchdog(self) -> None:
         """The last resort, in a plain thread (trio may be the one stuck): if the daemon is still not done
-        ABORT_AFTER seconds from now, abort its own FUSE connection, which wakes every thread waiting in
-        the kernel on it, so that trio.run returns and nothing stays in D state."""
+        ABORT_AFTER seconds from now (plus the time write-backs to a shared tier may take), abort its own FUSE
+        connection, which wakes every thread waiting in the kernel on it, so that trio.run returns and nothing
+        stays in D state."""
         if self._watchdog is not None or self._minor is None:
             return
         minor = self._minor
+        after = ABORT_AFTER + (self.cfg.shared.flush_on_exit if self.core.shared is not None else 0.0)
 
         def abort() -> None:
-            log.error("still not stopped %g s after the signal: aborting FUSE connection %d", ABORT_AFTER, minor)
+            log.error("still not stopped %g s after the signal: aborting FUSE connection %d", after, minor)
             if not abort_connection(minor):
                 log.error("could not abort FUSE connection %d (fusectl)", minor)
 
-        self._watchdog = threading.Timer(ABORT_AFTER, abort)
+        self._watchdog = threading.Timer(after, abort)
         self._watchdog.daemon = True
         self._watchdog.start()
 
@@ -349,7 +364,8 @@ class Daemon:
                         log.warning("page-cache pushes still in the kernel %g s after %s", PUSH_DRAIN,
                                     signal.Signals(signum).name)
                 pyfuse3.terminate()
-                scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                hand_on = self.cfg.shared.flush_on_exit if self.core.shared is not None else 0.0
+                scope.deadline = trio.current_time() + SHUTDOWN_GRACE + hand_on
 
 
 def passthrough_kernel(cfg: Config) -> Kernel | None:
@@ -398,7 +414,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def unmount(mountpoint: str, lazy: bool = False, timeout: float = 10.0) -> None:
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     """Unmount and wait for the daemon to exit; a stale mount is cleared lazily."""
     real = os.path.realpath(mountpoint)
     if not is_mounted(real):

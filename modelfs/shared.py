@@ -499,6 +499,25 @@ class SharedTier:
             finally:
                 self._writing -= 1
 
+    async def flush(self, timeout: float) -> int:
+        """At unmount (the mount no longer serves): let the writers finish the write-backs queued, claimed ones
+        first, for up to `timeout` seconds, so a node that unmounts right after a load still leaves the fleet
+        what it fetched; then drop the rest, and the claims among them (nobody waits for those any longer).
+        Returns how many were dropped."""
+        with trio.move_on_after(timeout):
+            while self.pending:
+                await trio.sleep(0.02)
+        left = [*self._claimed, *self._queued]
+        self._claimed.clear()
+        self._queued.clear()
+        if left:
+            self.stats.add(shared_writeback_dropped=len(left))
+            claims = [item.claim for item in left if item.claim is not None]
+            with trio.move_on_after(2 * self.deadline):
+                for ckey in claims:
+                    await trio.to_thread.run_sync(self._drop_claim, ckey, abandon_on_cancel=True)
+        return len(left)
+
     @property
     def pending(self) -> int:
         """Write-backs queued or being written (trio thread)."""

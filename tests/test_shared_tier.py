@@ -255,3 +255,27 @@ def test_three_nodes_ride_out_an_overloaded_origin(s3_checkpoint: str, checkpoin
         for m in nodes:
             assert json.loads(os.getxattr(m.path, "user.modelfs.health"))["offline"] is False
             assert m.stats()["offline_misses"] == 0
+
+
+def test_a_node_unmounted_right_after_its_load_hands_on_its_write_backs(seaweed: SeaweedServer, s3_checkpoint: str,
+                                                                          checkpoint: Checkpoint,
+                                                                          fleet: Callable[..., Mount]) -> None:
+    """A node that loads and is unmounted at once (a job that ends, a node drained): what it fetched from the
+    origin still reaches the tier before its daemon exits (shared.flush_on_exit), so the next node loads from
+    the tier, not the origin. The tier takes 1.5 s to answer each write, so write-backs are still queued when
+    the load ends (the log line says how many were handed on)."""
+    origin: FaultProxy = fleet.origin  # type: ignore[attr-defined]
+    size = sum(checkpoint.files().values())
+    with FaultProxy(seaweed.endpoint_url) as tier:
+        tier.add_rule(Fault.latency(1.5), method="PUT")
+        a = fleet(s3_checkpoint, shared_endpoint=tier.endpoint_url)
+        load_tree(a.path, checkpoint.root)
+        a.umount()  # write-backs still queued are handed on before the daemon exits
+    log = (a.cache_dir / "modelfs.log").read_text()
+    assert "write-backs to the shared tier handed on" in log and "dropped (shared.flush_on_exit)" not in log, log
+    origin.clear_log()
+
+    b = fleet(s3_checkpoint)
+    load_tree(b.path, checkpoint.root)
+    fetched = origin.ranged_bytes()
+    assert fetched <= 0.02 * size, (fetched, size, b.stats())
