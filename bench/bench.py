@@ -4,8 +4,10 @@ A SeaweedFS on loopback serves a generated 4-shard safetensors checkpoint. Every
 `load_all_safetensors` (load_file of each shard + clone, as load_state_dict does) in a fresh process,
 timed from the moment the page cache has been dropped (or not, for hot). Systems: local disk,
 s5cmd download-then-load, rclone mount (vfs-cache-mode full), s3fs (use_cache), modelfs (also four
-processes at once through one cold mount). Medians of --reps repetitions, with min/max, go to
-bench/results/results.{json,md,png}; the machine is noisy, so compare only numbers from one run.
+processes at once through one cold mount). Two loaders that bypass the page cache (O_DIRECT) replace
+load_file in rows of their own, each run through the modelfs mount and on s5cmd-downloaded files:
+Run:ai Model Streamer on file paths, and fastsafetensors. Medians of --reps repetitions, with min/max,
+go to bench/results/results.{json,md,png}; the machine is noisy, so compare only numbers from one run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -45,7 +48,17 @@ from peers import (
     s5cmd_argv,
     versions,
 )
-from report import SystemResult, chart, checks, from_json, markdown
+from report import (
+    LOCAL_SUFFIX,
+    ON_LOCAL_COPY,
+    THROUGH_MODELFS,
+    SystemResult,
+    bypass_ratios,
+    chart,
+    checks,
+    from_json,
+    markdown,
+)
 
 from modelfs.testing.checkpoints import INDEX_NAME, make_demo_checkpoint
 from modelfs.testing.seaweed import SeaweedServer
@@ -55,7 +68,48 @@ PREFIX = "ckpt/"
 HERE = Path(__file__).resolve().parent
 LOADER = HERE / "loader.py"
 RESULTS = HERE / "results"
-SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-nopush")
+SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-nopush", "runai-files", "fastsafetensors")
+
+
+@dataclass(frozen=True)
+class Bypass:
+    """A loader that reads the files with O_DIRECT, run through the modelfs mount and on s5cmd-downloaded
+    files: its own rows, because modelfs's page-cache work (push, warm pages) cannot help it."""
+
+    key: str
+    name: str  # the loader; the reader mode each load was seen to use is added to the row label
+    flag: str  # loader.py's option
+    call: str  # how it is called, for the report (DIR: the mount or the download)
+    env: dict[str, str]
+
+
+BYPASS = {
+    b.key: b for b in (
+        # Logging only (the streamer logs nothing by default): its INFO log names the file reader it resolved,
+        # and a fallback to buffered reads; RUNAI_STREAMER_FS_STRATEGY and every reader knob stay unset.
+        Bypass("runai-files", "Run:ai Model Streamer on files", "--runai-files",
+               "SafetensorsStreamer().stream_files([DIR/<shard>...]), its defaults", {
+                   "RUNAI_STREAMER_LOG_TO_STDERR": "1", "RUNAI_STREAMER_LOG_LEVEL": "INFO"}),
+        Bypass("fastsafetensors", "fastsafetensors", "--fastsafetensors",
+               "SafeTensorsFileLoader(None, 'cpu', nogds=True).add_filenames({0: [DIR/<shard>...]}), "
+               "copy_files_to_device(), its defaults", {}),
+    )
+}
+
+# What the loaders write to stderr when a direct read is refused and they read through the page cache after
+# all (Run:ai Model Streamer's async reader; fastsafetensors' Python copier and its C++ reader).
+_FALLBACK = re.compile(r"Direct reads refused|refused with EINVAL|reads buffered|reading it buffered|"
+                       r"Disabling (?:io_uring|libaio)|will not be used again|rejected O_DIRECT")
+
+
+def reader_mode(reported: str | None, stderr: str) -> str | None:
+    """The reader a load used: the file strategy Run:ai Model Streamer logs having resolved, else what the
+    loader reported; with any fallback to buffered reads the loader warned about."""
+    resolved = re.search(r"Filesystem strategy: (\w+)", stderr)
+    mode = resolved.group(1) if resolved else reported
+    if _FALLBACK.search(stderr):
+        mode = f"{mode or '?'}, fell back to buffered reads"
+    return mode
 
 
 def say(msg: str) -> None:
@@ -81,6 +135,7 @@ class LoadOut:
     nbytes: int
     verified: int | None
     daemon_cpu: float | None = None  # CPU seconds the serving daemon spent from release to the loader's exit
+    reader: str | None = None  # the read path of a page-cache-bypassing loader (reader_mode)
 
 
 class LoadProc:
@@ -114,9 +169,9 @@ class LoadProc:
             self.buf += chunk
         return True
 
-    def _stderr(self) -> str:
+    def _stderr(self, tail: int = 1500) -> str:
         self.err.seek(0)
-        return self.err.read().decode(errors="replace").strip()[-1500:]
+        return self.err.read().decode(errors="replace").strip()[-tail:]
 
     def go(self) -> None:
         assert self.proc.stdin is not None
@@ -134,7 +189,8 @@ class LoadProc:
         msgs = [json.loads(line) for line in self.buf.decode().splitlines()[1:] if line.startswith("{")]
         load = next(m for m in msgs if "elapsed" in m)
         verified = next((m["verified"] for m in msgs if "verified" in m), None)
-        return LoadOut(self.t0, load["start"], load["end"], load["elapsed"], load["tensors"], load["bytes"], verified)
+        return LoadOut(self.t0, load["start"], load["end"], load["elapsed"], load["tensors"], load["bytes"], verified,
+                       reader=reader_mode(load.get("reader"), self._stderr(tail=2**24)))
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -238,6 +294,19 @@ class Bench:
             r.hot.append(out.elapsed)
             say(f"local disk, hot {i + 1}/{self.reps}: {out.elapsed:.2f} s")
 
+    def s5cmd_download(self, dest: Path, downloads: list[float]) -> Callable[[], None]:
+        """The download into ``dest`` that a load's ``before`` runs inside its timing; its own time is kept."""
+
+        def download() -> None:
+            t = time.perf_counter()
+            p = subprocess.run(s5cmd_argv(self.store, dest), env={**os.environ, **self.store.env},
+                               capture_output=True, text=True, timeout=self.timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"s5cmd exited {p.returncode}: {(p.stderr or p.stdout).strip()[-800:]}")
+            downloads.append(time.perf_counter() - t)
+
+        return download
+
     def s5cmd(self, r: SystemResult) -> None:
         """Download everything into an empty directory, then load: timed from before the download."""
         dest = self.work / "s5cmd-download"
@@ -246,17 +315,8 @@ class Bench:
         for i in range(self.reps):
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir()
-
-            def download() -> None:
-                t = time.perf_counter()
-                p = subprocess.run(s5cmd_argv(self.store, dest), env={**os.environ, **self.store.env},
-                                   capture_output=True, text=True, timeout=self.timeout)
-                if p.returncode != 0:
-                    raise RuntimeError(f"s5cmd exited {p.returncode}: {(p.stderr or p.stdout).strip()[-800:]}")
-                downloads.append(time.perf_counter() - t)
-
             try:
-                out = self.load(dest, verify=i == 0, drop=True, before=download)
+                out = self.load(dest, verify=i == 0, drop=True, before=self.s5cmd_download(dest, downloads))
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
             total = out.end - out.t0
@@ -322,6 +382,73 @@ class Bench:
                 r.hot.append(out.elapsed)
                 say(f"{r.name} hot {i + 1}/{self.reps}: {out.elapsed:.2f} s{self.record_cpu(r, 'hot', out)}")
             shutil.rmtree(cache, ignore_errors=True)
+
+    @staticmethod
+    def note_reader(r: SystemResult, loader: Bypass, where: str, out: LoadOut) -> str:
+        """Keep the reader this load used and name the row after every reader seen (one, unless it changed)."""
+        seen: list[str] = r.extra.setdefault("reader", [])
+        seen.append(out.reader or "reader not reported")
+        r.name = f"{loader.name} ({' / '.join(dict.fromkeys(seen))}){where}"
+        return seen[-1]
+
+    def bypass_modelfs(self, loader: Bypass, system: Modelfs, r: SystemResult) -> None:
+        """A page-cache-bypassing loader through modelfs. cold: empty cache, new mount; warm: cache kept, new
+        mount; the page cache dropped before each. No hot phase: what the page cache holds is what these
+        loaders do not read."""
+        r.command = f"{system.command()}; {loader.call} with DIR = MNT"
+        mnt, cache = self.work / f"mnt-{system.key}", self.work / f"cache-{system.key}"
+        mnt.mkdir(exist_ok=True)
+        ex = r.extra
+        for i in range(self.reps):
+            shutil.rmtree(cache, ignore_errors=True)
+            with system.mounted(mnt, cache) as pid:
+                out = self.load(mnt, verify=i == 0, drop=True, daemon=pid, extra=(loader.flag,), env=loader.env)
+                st = system.settled_stats(mnt)
+                rss = peak_rss(pid)
+            r.cold.append(out.elapsed)
+            r.verified_tensors = r.verified_tensors or out.verified
+            ex.setdefault("cold_bytes_fetched", []).append(st["bytes_fetched"])
+            ex.setdefault("cold_gets", []).append(st["gets"])
+            ex.setdefault("cold_peak_rss_bytes", []).append(rss)
+            say(f"{loader.name} through modelfs, cold {i + 1}/{self.reps}: {out.elapsed:.2f} s "
+                f"({self.note_reader(r, loader, THROUGH_MODELFS, out)}; fetched {st['bytes_fetched'] / self.size:.3f}x"
+                f"{self.record_cpu(r, 'cold', out)})")
+            with system.mounted(mnt, cache) as pid:
+                out = self.load(mnt, drop=True, daemon=pid, extra=(loader.flag,), env=loader.env)
+                st = system.stats(mnt)
+            r.warm.append(out.elapsed)
+            ex.setdefault("warm_bytes_fetched", []).append(st["bytes_fetched"])
+            mode = self.note_reader(r, loader, THROUGH_MODELFS, out)
+            say(f"{loader.name} through modelfs, warm {i + 1}/{self.reps}: {out.elapsed:.2f} s ({mode}; fetched "
+                f"{st['bytes_fetched']} B{self.record_cpu(r, 'warm', out)})")
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def bypass_local(self, loader: Bypass, r: SystemResult) -> None:
+        """The same loader on a local copy, what the modelfs row is divided by. cold: s5cmd download into an
+        empty directory, then the loader (timed from before the download); warm: the loader again on the
+        downloaded files, page cache dropped."""
+        dest = self.work / f"{loader.key}-download"
+        r.command = (f"{placeholders(' '.join(s5cmd_argv(self.store, Path('DIR'))), self.store, self.work)}; "
+                     f"{loader.call}")
+        downloads: list[float] = r.extra.setdefault("download_s", [])
+        for i in range(self.reps):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            try:
+                out = self.load(dest, verify=i == 0, drop=True, before=self.s5cmd_download(dest, downloads),
+                                extra=(loader.flag,), env=loader.env)
+                total = out.end - out.t0
+                r.cold.append(total)
+                r.verified_tensors = r.verified_tensors or out.verified
+                mode = self.note_reader(r, loader, ON_LOCAL_COPY, out)
+                say(f"{loader.name}, s5cmd download then load, cold {i + 1}/{self.reps}: {total:.2f} s (download "
+                    f"{downloads[-1]:.2f} s + load {out.elapsed:.2f} s; {mode})")
+                out = self.load(dest, drop=True, extra=(loader.flag,), env=loader.env)
+                r.warm.append(out.elapsed)
+                say(f"{loader.name} on the downloaded files, page cache dropped {i + 1}/{self.reps}: "
+                    f"{out.elapsed:.2f} s ({self.note_reader(r, loader, ON_LOCAL_COPY, out)})")
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
 
     def modelfs_key_order(self, system: Modelfs, r: SystemResult) -> None:
         """Cold loads in key-name order (safe_open + get_tensor, as vLLM iterates), beside load_file's: how
@@ -407,7 +534,7 @@ def write_results(out: Path, results: list[SystemResult], facts: dict[str, Any],
         table += ("\n### Read ceiling: sequential `cat`, serving CPU per MiB beside the floor\n\n"
                   + ceiling_markdown(ceiling))
     doc = {"machine": facts, "args": run_args, "complete": final, "systems": {r.key: r.to_json() for r in results},
-           "targets": [c.to_json() for c in cks], "ceiling": ceiling}
+           "targets": [c.to_json() for c in cks], "bypass": bypass_ratios(results), "ceiling": ceiling}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(table)
     title = (f"Load every tensor of a {facts['checkpoint_bytes'] / 2**30:.2f} GiB 4-shard checkpoint from S3 "
@@ -494,39 +621,53 @@ def main() -> None:
             names = {"local": "local disk", "s5cmd": "s5cmd download + load",
                      "runai": "Run:ai Model Streamer (from S3, loader changed)", "rclone": Rclone.name,
                      "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-nopush": ModelfsNoPush.name}
-            for key in SYSTEMS:
-                if key not in args.only:
+
+            def run(key: str, r: SystemResult) -> None:
+                if key == "local":
+                    b.local(r)
+                elif key == "s5cmd":
+                    b.s5cmd(r)
+                elif key == "runai":
+                    b.runai(r)
+                elif key == "rclone":
+                    b.fuse(Rclone(store, work), r)
+                elif key == "s3fs":
+                    if shutil.which("s3fs") is None:
+                        raise RuntimeError("s3fs is not installed (apt-get install s3fs; `make bench` does)")
+                    b.fuse(S3fs(store, work), r)
+                elif key == "modelfs-nopush":  # the same daemon with page-cache push off, side by side
+                    b.fuse(ModelfsNoPush(store, work, b.modelfs_options), r)
+                elif key == "modelfs":
+                    mfs = Modelfs(store, work, b.modelfs_options)
+                    b.fuse(mfs, r)
+                    if not args.no_four:
+                        b.modelfs_four(mfs, r)
+                        b.modelfs_key_order(mfs, r)
+                elif key in BYPASS:  # one loader, two rows: through modelfs, and on a local copy
+                    b.bypass_modelfs(BYPASS[key], Modelfs(store, work, b.modelfs_options), r)
+                else:
+                    b.bypass_local(BYPASS[key.removesuffix(LOCAL_SUFFIX)], r)
+
+            for system in SYSTEMS:
+                if system not in args.only:
                     continue
-                r = SystemResult(key, names[key])
-                results.append(r)
-                say(f"== {r.name}")
-                started = time.perf_counter()
-                try:
-                    if key == "local":
-                        b.local(r)
-                    elif key == "s5cmd":
-                        b.s5cmd(r)
-                    elif key == "runai":
-                        b.runai(r)
-                    elif key == "rclone":
-                        b.fuse(Rclone(store, work), r)
-                    elif key == "s3fs":
-                        if shutil.which("s3fs") is None:
-                            raise RuntimeError("s3fs is not installed (apt-get install s3fs; `make bench` does)")
-                        b.fuse(S3fs(store, work), r)
-                    elif key == "modelfs-nopush":  # the same daemon with page-cache push off, side by side
-                        b.fuse(ModelfsNoPush(store, work, b.modelfs_options), r)
-                    else:
-                        mfs = Modelfs(store, work, b.modelfs_options)
-                        b.fuse(mfs, r)
-                        if not args.no_four:
-                            b.modelfs_four(mfs, r)
-                            b.modelfs_key_order(mfs, r)
-                except Exception as e:
-                    r.error = f"{type(e).__name__}: {e}"
-                    say(f"{r.name} FAILED: {r.error}")
-                r.extra["phase_seconds"] = round(time.perf_counter() - started, 1)
-                table = write_results(args.out, results, facts, run_args, final=False)
+                if system in BYPASS:
+                    rows = [(system, BYPASS[system].name + THROUGH_MODELFS),
+                            (system + LOCAL_SUFFIX, BYPASS[system].name + ON_LOCAL_COPY)]
+                else:
+                    rows = [(system, names[system])]
+                for key, name in rows:
+                    r = SystemResult(key, name)
+                    results.append(r)
+                    say(f"== {r.name}")
+                    started = time.perf_counter()
+                    try:
+                        run(key, r)
+                    except Exception as e:
+                        r.error = f"{type(e).__name__}: {e}"
+                        say(f"{r.name} FAILED: {r.error}")
+                    r.extra["phase_seconds"] = round(time.perf_counter() - started, 1)
+                    table = write_results(args.out, results, facts, run_args, final=False)
             if "modelfs" in args.only and not args.no_ceiling:
                 say("== read ceiling: sequential cat through local disk, floorfs and modelfs")
                 try:

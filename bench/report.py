@@ -7,6 +7,7 @@ issue's target, so a reader sees pass/fail without redoing the arithmetic.
 from __future__ import annotations
 
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ TARGET_RSS_MIB = 400
 TARGET_FETCHED = 1.02
 TARGET_WARM_CPU_VS_FLOOR = 1.5  # daemon CPU per MiB, warm cat, x the floor (floorfs pread, backing pages dropped)
 TARGET_COLD_CPU_MS = 2.0  # daemon CPU ms per MiB, cold cat (the fetch included)
+
+#: A page-cache-bypassing loader's row through modelfs has key K; the same loader on s5cmd-downloaded files, K + this.
+LOCAL_SUFFIX = "-local"
+THROUGH_MODELFS = ", through modelfs"  # how those two row labels end, after the loader and its reader
+ON_LOCAL_COPY = ", on s5cmd-downloaded files"
 
 
 @dataclass
@@ -172,10 +178,53 @@ def cpu_table(results: list[SystemResult], size: int) -> list[str]:
             "", "| daemon | cold | warm | hot |", "| --- | ---: | ---: | ---: |", *rows]
 
 
+def bypass_pairs(results: list[SystemResult]) -> list[tuple[SystemResult, SystemResult]]:
+    """Each page-cache-bypassing loader's row through modelfs with its row on s5cmd-downloaded files."""
+    by = {r.key: r for r in results}
+    return [(r, by[r.key + LOCAL_SUFFIX]) for r in results if r.key + LOCAL_SUFFIX in by]
+
+
+def bypass_ratios(results: list[SystemResult]) -> list[dict[str, Any]]:
+    """For results.json: loader through modelfs / the same loader on the downloaded files, cold and warm."""
+    out = []
+    for m, loc in bypass_pairs(results):
+        row: dict[str, Any] = {"loader": m.key, "modelfs": m.name, "local": loc.name}
+        for phase in ("cold", "warm"):
+            a, b = m.median(phase), loc.median(phase)
+            row[phase] = {"modelfs_s": a, "local_s": b, "ratio": _ratio(a, b)}
+        out.append(row)
+    return out
+
+
+def bypass_table(results: list[SystemResult]) -> list[str]:
+    """The ratio these rows exist for: a loader that skips the page cache, through modelfs against itself on
+    files s5cmd downloaded first (cold: the download inside the timing; warm: the files, page cache dropped)."""
+    rows = []
+    for m, loc in bypass_pairs(results):
+        mc, lc, mw, lw = m.median("cold"), loc.median("cold"), m.median("warm"), loc.median("warm")
+        cold, warm = _ratio(mc, lc), _ratio(mw, lw)
+        rows.append(f"| {m.name.removesuffix(THROUGH_MODELFS)} | {_secs(mc)} | {_secs(lc)} | "
+                    f"{'—' if cold is None else f'{cold:.2f}x'} | {_secs(mw)} | {_secs(lw)} | "
+                    f"{'—' if warm is None else f'{warm:.2f}x'} |")
+    if not rows:
+        return []
+    return ["", "Loaders that bypass the page cache (O_DIRECT), through modelfs / the same loader on s5cmd-downloaded "
+            "local files (medians; below 1 is modelfs faster):", "",
+            "| loader (reader) | modelfs cold | s5cmd download, then the loader | ratio | modelfs warm | "
+            "the loader on the downloaded files, page cache dropped | ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
+
+
 def _load(facts: dict[str, Any]) -> str:
     """1-minute load average at start and end: on 2 cores, anything else running shows in every number."""
     start, end = facts.get("loadavg_start"), facts.get("loadavg_end")
     return f"{start[0]:.1f} at start" + (f", {end[0]:.1f} at end" if end else "") if start else "?"
+
+
+def _row(r: SystemResult) -> str:
+    if r.error and not any(r.series(p) for p in PHASES):
+        return f"| {r.name} | failed | failed | failed |"
+    return f"| {r.name}{' (partial)' if r.error else ''} | {_cell(r.cold)} | {_cell(r.warm)} | {_cell(r.hot)} |"
 
 
 def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any]) -> str:
@@ -189,12 +238,8 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
         "| system | cold | warm | hot |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for r in results:
-        if r.error and not any(r.series(p) for p in PHASES):
-            lines.append(f"| {r.name} | failed | failed | failed |")
-            continue
-        lines.append(f"| {r.name}{' (partial)' if r.error else ''} | {_cell(r.cold)} | {_cell(r.warm)} | "
-                     f"{_cell(r.hot)} |")
+    bypassing = {r.key for pair in bypass_pairs(results) for r in pair}
+    lines += [_row(r) for r in results if r.key not in bypassing]
     four = next((r for r in results if r.key == "modelfs"), None)
     walls = four.extra.get("four_process_wall_s", []) if four else []
     if walls:
@@ -202,25 +247,36 @@ def markdown(results: list[SystemResult], cks: list[Check], facts: dict[str, Any
     keyed = four.extra.get("cold_key_order_s", []) if four else []
     if keyed:
         lines.append(f"| modelfs cold, `safe_open` in key-name order (vLLM-style) | {_cell(keyed)} | — | — |")
+    lines += [_row(r) for r in results if r.key in bypassing]  # after modelfs's own rows, as they ran
     lines += [
         "",
         "cold: empty cache, fresh mount, page cache dropped (s5cmd: download into an empty directory, then load). "
         "warm: cache kept, remounted, page cache dropped (local disk: its files with the page cache dropped). "
-        "hot: the same mount again, page cache kept.",
+        "hot: the same mount again, page cache kept." + (
+            " The rows named for a loader (Run:ai Model Streamer on files, fastsafetensors) use that loader instead "
+            "of `load_file`, with the reader it was seen to use in brackets; their local-copy row's cold is s5cmd's "
+            "download then the loader, its warm the downloaded files with the page cache dropped." if bypassing
+            else ""),
     ]
+    lines += bypass_table(results)
     if cks:
         lines += ["", "| modelfs target | modelfs | reference | ratio | target | met |",
                   "| --- | ---: | ---: | ---: | ---: | :---: |"]
         for c in cks:
             met = "—" if c.met is None else ("yes" if c.met else "**NO**")
             lines.append(f"| {c.what} | {c.measured} | {c.reference} | {c.shown_ratio()} | {c.target} | {met} |")
-    info = []
+    info: list[str] = []
+    under_bypass: list[str] = []
+    through = {m.key for m, _ in bypass_pairs(results)}
     for r in results:
         rss = [x for x in r.extra.get("cold_peak_rss_bytes", []) if x]
         if rss and r.key != "modelfs":
-            info.append(f"{r.name} {max(rss) / 2**20:.0f} MiB")
+            (under_bypass if r.key in through else info).append(f"{r.name} {max(rss) / 2**20:.0f} MiB")
     if info:
         lines += ["", "Peers' daemon peak RSS during a cold load (for context): " + ", ".join(info) + "."]
+    if under_bypass:
+        lines += ["", "modelfs's peak RSS during a cold load by a page-cache-bypassing loader (max of reps): "
+                  + ", ".join(under_bypass) + "."]
     lines += cpu_table(results, size)
     lines += ["", "How each system ran (URL: the SeaweedFS endpoint; WORK: the scratch directory). Every load "
               "must return every tensor and byte; the first load of each system is also compared, tensor by "
@@ -241,11 +297,14 @@ def chart(results: list[SystemResult], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in results if any(r.series(p) for p in PHASES)]
+    bypassing = {r.key for pair in bypass_pairs(results) for r in pair}
+    measured = [r for r in results if any(r.series(p) for p in PHASES)]
+    shown = [r for r in measured if r.key not in bypassing]
     walls = next((r.extra.get("four_process_wall_s", []) for r in results if r.key == "modelfs"), [])
     if walls:
         shown.append(SystemResult("modelfs4", "modelfs, 4 processes\n(cold, wall)", cold=list(walls)))
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    shown += [r for r in measured if r.key in bypassing]  # in the table's order
+    fig, ax = plt.subplots(figsize=(max(10.0, 1.3 * len(shown) + 1.0), 4.8))
     width = 0.27
     for k, phase in enumerate(PHASES):
         xs = [i + (k - 1) * width for i in range(len(shown))]
@@ -253,7 +312,8 @@ def chart(results: list[SystemResult], path: Path, title: str) -> None:
         bars = ax.bar([x for x, v in zip(xs, vals, strict=True) if v is not None],
                       [v for v in vals if v is not None], width, label=phase)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(shown)), [r.name for r in shown], fontsize=8)
+    labels = ["\n".join(textwrap.fill(line, 18) for line in r.name.splitlines()) for r in shown]
+    ax.set_xticks(range(len(shown)), labels, fontsize=7)
     ax.set_ylabel("seconds to load every tensor (median)")
     ax.set_title(title, fontsize=10)
     ax.legend()
