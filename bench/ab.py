@@ -27,7 +27,7 @@ from bench import BUCKET, PREFIX, Bench
 from modelfs.testing.checkpoints import make_demo_checkpoint
 from modelfs.testing.seaweed import SeaweedServer
 
-COUNTERS = ("bytes_served", "pushed_bytes", "bytes_fetched", "blocks_verified", "blocks_mapped")
+COUNTERS = ("bytes_served", "pushed_bytes", "bytes_fetched", "extents_verified", "passthrough_opens")
 
 
 def main() -> None:

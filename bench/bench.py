@@ -37,7 +37,7 @@ from ceiling import measure as measure_ceiling
 from peers import (
     FuseSystem,
     Modelfs,
-    ModelfsNoPush,
+    ModelfsPush,
     Rclone,
     S3fs,
     Store,
@@ -68,7 +68,7 @@ PREFIX = "ckpt/"
 HERE = Path(__file__).resolve().parent
 LOADER = HERE / "loader.py"
 RESULTS = HERE / "results"
-SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-nopush", "runai-files", "fastsafetensors")
+SYSTEMS = ("local", "s5cmd", "runai", "rclone", "s3fs", "modelfs", "modelfs-push", "runai-files", "fastsafetensors")
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,7 @@ class Bench:
         self.size = sum(p.stat().st_size for p in src.iterdir())
         index = json.loads((src / INDEX_NAME).read_text())
         self.tensors = len(index["weight_map"])
+        self.files_opened = 1 + len(set(index["weight_map"].values()))  # the index, then each shard
         self.tensor_bytes = int(index["metadata"]["total_size"])
 
     def load(self, path: Path | str, *, verify: bool = False, drop: bool = False,
@@ -351,6 +352,8 @@ class Bench:
         mnt.mkdir(exist_ok=True)
         mfs = system if isinstance(system, Modelfs) else None
         ex = r.extra
+        if mfs is not None:
+            ex["files_opened"] = self.files_opened
         for i in range(self.reps):
             shutil.rmtree(cache, ignore_errors=True)
             with system.mounted(mnt, cache) as pid:
@@ -367,6 +370,8 @@ class Bench:
                 rss = peak_rss(pid)
                 ex.setdefault("cold_peak_rss_bytes", []).append(rss)
             ex.setdefault("cache_bytes_after_cold", []).append(dir_bytes(cache))
+            if mfs is not None:
+                ex.setdefault("cache_distinct_bytes", []).append(st["bytes_in_cache"])
             say(f"{r.name} cold {i + 1}/{self.reps}: {out.elapsed:.2f} s (peak RSS "
                 f"{(rss or 0) / 2**20:.0f} MiB{note}{self.record_cpu(r, 'cold', out)})")
             with system.mounted(mnt, cache) as pid:
@@ -376,7 +381,10 @@ class Bench:
                 if mfs is not None:
                     st = mfs.stats(mnt)
                     ex.setdefault("warm_bytes_fetched", []).append(st["bytes_fetched"])
-                    note = f" (fetched {st['bytes_fetched']} B)"
+                    ex.setdefault("warm_passthrough_opens", []).append(st["passthrough_opens"])
+                    ex.setdefault("warm_bytes_served", []).append(st["bytes_served"])
+                    note = (f" (fetched {st['bytes_fetched']} B, {st['passthrough_opens']} passthrough opens, "
+                            f"{st['bytes_served']} B through the daemon)")
                 say(f"{r.name} warm {i + 1}/{self.reps}: {out.elapsed:.2f} s{note}{self.record_cpu(r, 'warm', out)}")
                 out = self.load(mnt, daemon=pid)
                 r.hot.append(out.elapsed)
@@ -620,7 +628,7 @@ def main() -> None:
             b = Bench(work, store, src, args)
             names = {"local": "local disk", "s5cmd": "s5cmd download + load",
                      "runai": "Run:ai Model Streamer (from S3, loader changed)", "rclone": Rclone.name,
-                     "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-nopush": ModelfsNoPush.name}
+                     "s3fs": S3fs.name, "modelfs": Modelfs.name, "modelfs-push": ModelfsPush.name}
 
             def run(key: str, r: SystemResult) -> None:
                 if key == "local":
@@ -635,8 +643,8 @@ def main() -> None:
                     if shutil.which("s3fs") is None:
                         raise RuntimeError("s3fs is not installed (apt-get install s3fs; `make bench` does)")
                     b.fuse(S3fs(store, work), r)
-                elif key == "modelfs-nopush":  # the same daemon with page-cache push off, side by side
-                    b.fuse(ModelfsNoPush(store, work, b.modelfs_options), r)
+                elif key == "modelfs-push":  # the same daemon with page-cache push on, side by side
+                    b.fuse(ModelfsPush(store, work, b.modelfs_options), r)
                 elif key == "modelfs":
                     mfs = Modelfs(store, work, b.modelfs_options)
                     b.fuse(mfs, r)

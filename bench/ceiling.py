@@ -3,7 +3,9 @@ serving process spent per MiB.
 
 Rows: local disk (page cache dropped); the floor for serving bytes from Python (`floorfs.py`, a minimal
 pyfuse3 filesystem, in pread and mmap modes, backing pages dropped or cached); modelfs cold (empty cache,
-from S3) and warm (blocks on local disk, new daemon, page cache dropped). Daemon CPU is utime + stime of
+from S3), warm (cache files on local disk, new daemon, page cache dropped: served by passthrough), and warm
+with passthrough off (every READ through the daemon, which reads the cache file: the path of a file not yet
+complete, comparable with the floor). Daemon CPU is utime + stime of
 the serving process from /proc/PID/stat around the `cat`, divided by the bytes read. Part of `make bench`
 (`bench.py` calls `measure`); alone:
 
@@ -133,12 +135,14 @@ def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[s
         ("floor_mmap_dropped", "floor (floorfs mmap), backing pages dropped"),
         ("floor_mmap_cached", "floor (floorfs mmap), backing pages cached"),
         ("modelfs_cold", "modelfs cold (empty cache, S3)"),
-        ("modelfs_warm", "modelfs warm (blocks on disk, new daemon, page cache dropped)"),
+        ("modelfs_warm", "modelfs warm (cache files on disk, new daemon, page cache dropped)"),
+        ("modelfs_warm_reads", "modelfs warm, passthrough off (every READ through the daemon)"),
     ]}
+    reads = Modelfs(modelfs.store, modelfs.work, [*modelfs.options, "mount.passthrough=off"])
     daemons = [("modelfs_cold", "modelfs_warm", modelfs)]
     if baseline is not None:
         rows["base_cold"] = Row("baseline tree: modelfs cold (empty cache, S3)")
-        rows["base_warm"] = Row("baseline tree: modelfs warm (blocks on disk, new daemon, page cache dropped)")
+        rows["base_warm"] = Row("baseline tree: modelfs warm (cache on disk, new daemon, page cache dropped)")
         daemons.append(("base_cold", "base_warm", baseline))
     rows["local"].has_daemon = False
     mnt, cache = work / "mnt-ceiling", work / "cache-ceiling"
@@ -160,6 +164,9 @@ def measure(src: Path, work: Path, modelfs: Modelfs, reps: int, say: Callable[[s
                 timed(rows[cold], pid, [mnt / n for n in names], drop_caches)
             with daemon.mounted(mnt, cache) as pid:
                 timed(rows[warm], pid, [mnt / n for n in names], drop_caches)
+            if daemon is modelfs:
+                with reads.mounted(mnt, cache) as pid:
+                    timed(rows["modelfs_warm_reads"], pid, [mnt / n for n in names], drop_caches)
             shutil.rmtree(cache, ignore_errors=True)
         say(f"read ceiling {i + 1}/{reps}: " + ", ".join(
             f"{k} {r.seconds[-1]:.2f} s" + (f" / {r.cpu[-1]:.2f} cpu-s" if r.cpu else "") for k, r in rows.items()))

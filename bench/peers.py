@@ -229,15 +229,14 @@ class Modelfs:
         return json.loads(self.cli("stats", "--json", str(mnt), timeout=60))
 
     def settled_stats(self, mnt: Path, timeout: float = 60) -> dict[str, int]:
-        """Counters once background prefetch has stopped, so bytes_fetched is the load's whole cost, and the
-        copies for FUSE passthrough are built (as they are on a node that keeps its daemon after a load)."""
+        """Counters once background prefetch has stopped, so bytes_fetched is the load's whole cost."""
         deadline = time.monotonic() + timeout
         last = self.stats(mnt)
         while time.monotonic() < deadline:
             time.sleep(0.5)
             now = self.stats(mnt)
-            if now.get("fetches_in_flight", 0) == 0 and now.get("bytes_fetched") == last.get("bytes_fetched") \
-                    and now.get("backing_pending", 0) == 0:
+            if now.get("fetches_in_flight", 0) == 0 and now.get("prefetch_queue", 0) == 0 \
+                    and now.get("bytes_fetched") == last.get("bytes_fetched"):
                 return now
             last = now
         return last
@@ -262,15 +261,15 @@ class Modelfs:
                     os.kill(pid, signal.SIGKILL)
 
 
-class ModelfsNoPush(Modelfs):
-    """modelfs with page-cache push off (`prefetch.page_cache_push`, on by default), side by side: the
+class ModelfsPush(Modelfs):
+    """modelfs with page-cache push on (`prefetch.page_cache_push`, off by default), side by side: the
     measurement that decides that default."""
 
-    key = "modelfs-nopush"
-    name = "modelfs, page-cache push off"
+    key = "modelfs-push"
+    name = "modelfs, page-cache push on"
 
     def __init__(self, store: Store, work: Path, options: list[str]) -> None:
-        super().__init__(store, work, [*options, "prefetch.page_cache_push=false"])
+        super().__init__(store, work, [*options, "prefetch.page_cache_push=true"])
 
 
 def s5cmd_argv(store: Store, dest: Path) -> list[str]:

@@ -4,7 +4,7 @@ One SeaweedFS on loopback holds a 1 GiB object. Two ways, each repeated and inte
 shared machine hits both alike, medians reported:
 
 - the fetch path inside modelfs: `modelfs prefetch` of the object through the core (`ModelFS.warm`: ranged
-  GETs into pooled buffers, xxh3, block files, LMDB records), no mount, a fresh cache each time, with the
+  GETs into pooled buffers, xxh3, the version's cache file, LMDB records), no mount, a fresh cache each time, with the
   store being modelfs's `S3Store` (boto3) or the same store with its ranged GETs done by obstore;
 - the client alone: 8 MiB ranged GETs by 8 threads into reusable buffers, boto3 (as `S3Store.read_into`
   does it) or obstore (`get_range`, then one copy into the buffer).
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from modelfs.cache import BlockCache
+from modelfs.cache import FileCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.index import ChunkIndex
@@ -64,13 +64,16 @@ class ObstoreRanges(S3Store):
                         secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region=REGION,
                         client_options={"allow_http": True})
 
-    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview]) -> None:
+    def read_into(self, obj: ObjectInfo, start: int, views: Sequence[memoryview],
+                  filled: Callable[[int], None] | None = None) -> None:
         data = memoryview(self._get_range(self._obs, self.prefix + obj.key, start=start,
                                           length=sum(len(v) for v in views)))
         pos = 0
-        for v in views:
+        for k, v in enumerate(views):  # each view handed on before the next is filled (they may be one buffer)
             v[:] = data[pos:pos + len(v)]
             pos += len(v)
+            if filled is not None:
+                filled(k)
 
 
 def warm_once(store: S3Store, work: Path) -> float:
@@ -79,7 +82,7 @@ def warm_once(store: S3Store, work: Path) -> float:
     shutil.rmtree(cache_dir, ignore_errors=True)
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.min_free": "0"})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 30)
-    cache = BlockCache(str(cache_dir), store.domain)
+    cache = FileCache(str(cache_dir), index, store.domain, store.identity)
     core = ModelFS(cfg, store, index, cache)
     spent: list[float] = []
 
@@ -95,6 +98,7 @@ def warm_once(store: S3Store, work: Path) -> float:
     try:
         trio.run(main)
     finally:
+        cache.close()
         index.close()
     return spent[0]
 

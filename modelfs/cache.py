@@ -144,7 +144,8 @@ def read_all(fd: int, view: memoryview, offset: int) -> int:
 class _File:
     """One version's file and what this process knows of it."""
 
-    __slots__ = ("domain", "fd", "holds", "pending", "present", "present_bytes", "reading", "size", "trusted", "vid")
+    __slots__ = ("domain", "fd", "generation", "holds", "pending", "present", "present_bytes", "punching", "reading",
+                 "size", "trusted", "vid")
 
     def __init__(self, vid: bytes, size: int, domain: str) -> None:
         self.vid = vid
@@ -155,6 +156,8 @@ class _File:
         self.trusted: set[int] = set()  # present extents this process wrote or read back and hashed
         self.fd = -1
         self.reading: dict[int, int] = {}  # extent start -> reads of it in progress (it is not punched meanwhile)
+        self.punching: set[int] = set()  # starts marked absent, not punched out yet (not written meanwhile)
+        self.generation: dict[int, int] = {}  # start -> which write put the present bytes there
         self.holds = 0  # passthrough registrations: the kernel may read any byte at any time
         self.pending = 0  # writes into the file in progress
 
@@ -193,6 +196,8 @@ class FileCache:
         self._on_corrupt = on_corrupt
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a read ended, or a punch is done
+        self._writes = 0  # writes stored so far: each present extent's generation
         self._files: dict[bytes, _File] = {}
         # Present extents, least recently used first: (vid, start) -> time.monotonic() of last use (-1: before
         # this process).
@@ -253,6 +258,11 @@ class FileCache:
                 vid, size = b"", -1
             rec = records.get(vid)
             if len(vid) != 16 or vid not in present or rec is None or int(str(rec["size"])) != size:
+                if rec is not None and vid in present:  # truncated or extended under us: damaged
+                    log.warning("cache file %s is %d bytes, not %s: dropped, its %d extents will be fetched again",
+                                name, size, rec["size"], len(present[vid]))
+                    if self._on_corrupt:
+                        self._on_corrupt(len(present[vid]))
                 with contextlib.suppress(OSError):
                     os.unlink(p)
                 continue
@@ -309,15 +319,15 @@ class FileCache:
                 f.fd = -1
 
     @contextlib.contextmanager
-    def _reading(self, vid: bytes, start: int, trusted: bool) -> Iterator[tuple[int, bytes, int] | None]:
-        """(fd, hash, length) of `vid`'s extent at `start` while a read of it is in progress (no punch and no
-        close meanwhile); None if it is not present (or, with `trusted`, not trusted)."""
+    def _reading(self, vid: bytes, start: int, trusted: bool) -> Iterator[tuple[int, bytes, int, int] | None]:
+        """(fd, hash, length, generation) of `vid`'s extent at `start` while a read of it is in progress (no
+        punch and no close meanwhile); None if it is not present (or, with `trusted`, not trusted)."""
         with self._lock:
             f = self._files.get(vid)
             got = None
             if f is not None and start in (f.trusted if trusted else f.present):
                 try:
-                    got = (self._fd(f), *f.present[start])
+                    got = (self._fd(f), *f.present[start], f.generation.get(start, 0))
                 except OSError as e:  # its file was deleted or damaged under us: nothing of it is present
                     self._lost(f, e)
                 else:
@@ -336,6 +346,8 @@ class FileCache:
                 n = f.reading.pop(start) - 1
                 if n:
                     f.reading[start] = n
+                elif start in f.punching:
+                    self._changed.notify_all()
 
     def _lost(self, f: _File, e: OSError) -> None:
         """The file cannot be opened (lock held): forget it and every extent of it; they are fetched again."""
@@ -344,6 +356,7 @@ class FileCache:
         starts = list(f.present)
         for start in starts:
             self._unlinking -= self._unpresent(f, start)[2]  # nothing to punch
+            f.punching.discard(start)
         if f.idle:
             del self._files[f.vid]
             self._fds.pop(f.vid, None)
@@ -351,18 +364,30 @@ class FileCache:
 
     def pread(self, vid: bytes, start: int, offset: int, view: memoryview, nowait: bool = False) -> int:
         """Read bytes [offset, offset+len(view)) of the trusted extent of `vid` at `start` into `view`. Returns
-        the bytes read; -1 if the extent is not trusted here (verify or fetch it); with `nowait` (the trio thread), 0 or
-        short when the page cache does not hold them all (then read in a worker thread)."""
+        the bytes read; -1 if the extent is not trusted here (check or fetch it). With `nowait` (the trio
+        thread), 0 or short when the page cache does not hold them all (then read in a worker thread). A read
+        the disk fails (EIO: a checksumming filesystem found rot, a bad sector), or that ends short (the file
+        was cut), drops the extent: it is fetched again."""
+        why = ""
         with self._reading(vid, start, trusted=True) as got:
             if got is None:
                 return -1
-            fd = got[0]
-            if not nowait:
-                return read_all(fd, view, start + offset)
+            generation = got[3]
             try:
-                return os.preadv(fd, [view], start + offset, os.RWF_NOWAIT)
+                if nowait:
+                    return os.preadv(got[0], [view], start + offset, os.RWF_NOWAIT)
+                n = read_all(got[0], view, start + offset)
+                if n == len(view):
+                    return n
+                why = f"short ({n} of {len(view)} bytes at {offset})"
             except BlockingIOError:
                 return 0
+            except OSError as e:
+                if nowait:
+                    return 0  # the worker thread's read meets it again, and drops it there
+                why = f"unreadable ({e.strerror or e})"
+        self.drop(vid, start, why, generation)
+        return -1
 
     def verify(self, vid: bytes, start: int, length: int) -> memoryview | None:
         """Read a present extent back into memory of its own and hash it (worker thread): trusted from now on,
@@ -370,7 +395,7 @@ class FileCache:
         with self._reading(vid, start, trusted=False) as got:
             if got is None:
                 return None
-            fd, digest, known = got
+            fd, digest, known, generation = got
             f = self._files[vid]
             view = memoryview(private(length))[:length]
             why = "damaged"
@@ -385,7 +410,7 @@ class FileCache:
                     f.trusted.add(start)
         if ok:
             return view
-        self.drop(vid, start, why)
+        self.drop(vid, start, why, generation)
         return None
 
     def read_back(self, vid: bytes, start: int, length: int, digest: bytes) -> memoryview | None:
@@ -400,12 +425,15 @@ class FileCache:
             if view is not None:
                 return view if content_hash(view) == digest else None
 
-    def drop(self, vid: bytes, start: int, why: str) -> None:
-        """An extent found damaged: punched out and unrecorded (its readers refetch it); counted once."""
+    def drop(self, vid: bytes, start: int, why: str, generation: int | None = None) -> None:
+        """An extent found damaged: punched out and unrecorded (its readers refetch it); counted once. With the
+        `generation` of the bytes that were found damaged, nothing is done if other bytes are there since (two
+        readers found the same damage; the first dropped it, and a refetch wrote it again)."""
         with self._lock:
             f = self._files.get(vid)
-            if f is None or start not in f.present:
-                return  # dropped already by another reader
+            if f is None or start not in f.present or (generation is not None and
+                                                         f.generation.get(start, 0) != generation):
+                return  # dropped already by another reader (and maybe written again since)
             victim = self._unpresent(f, start)
         log.warning("cache file of version %s: extent at %d is %s: dropped, will refetch", vid.hex(), start, why)
         self._punch([victim])
@@ -484,7 +512,7 @@ class FileCache:
         where the filesystem can (`reflinks`, the same offset within a page), else copied inside the kernel.
         Trusted if the source was (its bytes were checked); False if the source is gone or not trusted."""
         with self._reading(*src, trusted=True) as got:
-            if got is None or got[1:] != (digest, length):
+            if got is None or got[1:3] != (digest, length):
                 return False
             src_fd = got[0]
             return self._store(ver, start, length, digest,
@@ -515,32 +543,46 @@ class FileCache:
             f = self._files.get(ver.vid)
             if f is None:
                 f = self._files[ver.vid] = _File(ver.vid, ver.info.size, self.domain)
+            while start in f.punching:  # its old bytes are being punched out: write after, not before
+                self._changed.wait()
             if start in f.present or key in self._writing:
                 return False
             self._writing.add(key)
             f.pending += 1
-        stored = False
+        stored = reserved = False
         try:
             if not self.make_room(length, reserve=True):
                 raise CacheFull(f"no room for a {length}-byte extent under the cache quota")
+            reserved = True
+            with self._lock:
+                fd = self._fd(f, create=True)
             try:
-                with self._lock:
-                    fd = self._fd(f, create=True)
                 fill(fd)
             except OSError as e:
+                self._unfill(fd, start, length)
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                # The disk filled up under us (other writers, or no min_free): keep two extents of slack.
+                # The disk filled up under us (other writers, or no min_free): keep two extents of slack from
+                # now on, evict for it, and try once more.
                 self.min_free = max(self.min_free, 2 * length)
-                raise CacheFull("the cache filesystem is full") from None
-            finally:
-                with self._lock:
-                    self._reserved -= length
+                if not self.make_room(0):
+                    raise CacheFull("the cache filesystem is full") from None
+                try:
+                    fill(fd)
+                except OSError as again:
+                    self._unfill(fd, start, length)
+                    if again.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheFull("the cache filesystem is full") from None
+                    raise
             self.index.mark_present(ver.vid, self.identity, self.domain, ver.info, [(start, digest, length)])
-            with self._lock:
+            with self._lock:  # the room reserved becomes the extent's: counted all along (no overshoot)
+                self._reserved -= length
+                reserved = False
                 f.present[start] = (digest, length)
                 f.present_bytes += length
                 f.trusted.add(start)
+                self._writes += 1
+                f.generation[start] = self._writes
                 self._by_hash.setdefault(digest, set()).add(key)
                 self._lru[key] = time.monotonic()
                 self.bytes_stored += length
@@ -548,6 +590,8 @@ class FileCache:
             return True
         finally:
             with self._lock:
+                if reserved:
+                    self._reserved -= length
                 self._writing.discard(key)
                 f.pending -= 1
                 gone = not stored and not f.present and f.idle
@@ -560,6 +604,12 @@ class FileCache:
                     os.unlink(self.path(ver.vid))
                 if fd >= 0:
                     os.close(fd)
+
+    @staticmethod
+    def _unfill(fd: int, start: int, length: int) -> None:
+        """A write that failed half-way: give back what it allocated (nothing of it counts as present)."""
+        with contextlib.suppress(OSError):
+            punch(fd, start, length)
 
     # -- space ------------------------------------------------------------------------------------------------
 
@@ -661,19 +711,24 @@ class FileCache:
                 del self._by_hash[digest]
         self.bytes_stored -= length
         self._unlinking += length
+        f.punching.add(start)
         return f, start, length
 
     def _punch(self, victims: list[tuple[_File, int, int]]) -> None:
         """Unrecord, then punch out, extents marked absent (invariant 1 of `index`); a file left with no extent
-        and nothing using it is deleted. Each punch opens the file anew: an fd of the cache's may be closed and
-        its number reused meanwhile."""
+        and nothing using it is deleted. A read that began before the extent was marked absent ends first; a
+        write of the same extent waits for the punch (it would otherwise punch out the new bytes). Each punch
+        opens the file anew: an fd of the cache's may be closed and its number reused meanwhile."""
         if not victims:
             return
         self.index.unmark([(f.vid, start) for f, start, _ in victims])
         try:
             for f, start, length in victims:
                 with self._lock:
-                    empty = not f.present and f.idle and self._files.get(f.vid) is f
+                    while f.reading.get(start):
+                        self._changed.wait()
+                    live = self._files.get(f.vid) is f
+                    empty = live and not f.present and f.idle
                     if empty:
                         del self._files[f.vid]
                         self._fds.pop(f.vid, None)
@@ -684,7 +739,7 @@ class FileCache:
                             os.unlink(self.path(f.vid))
                         if fd >= 0:
                             os.close(fd)
-                    elif self._files.get(f.vid) is f:
+                    elif live:
                         own = os.open(self.path(f.vid), os.O_WRONLY | os.O_CLOEXEC)
                         try:
                             punch(own, start, length)
@@ -692,6 +747,10 @@ class FileCache:
                             os.close(own)
                 except OSError as e:
                     log.warning("cannot free %d bytes of cache file %s: %s", length, f.vid.hex(), e)
+                finally:
+                    with self._lock:
+                        f.punching.discard(start)
+                        self._changed.notify_all()
         finally:
             with self._lock:
                 self._unlinking -= sum(length for _, _, length in victims)

@@ -185,16 +185,11 @@ class Blocks:
             return out
         return None
 
-    def cached(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
-        """For a flight about to GET an extent: if the extent is in the version's file by now (stored by a
-        flight that ended between the reader's look and this one's start), its bytes read into `view` and
-        its hash; else None."""
+    def cached(self, ver: FileVersion, start: int) -> bytes | None:
+        """For a flight about to GET an extent: its hash if the cache holds it by now (stored by a flight
+        that ended between the reader's look and this one's start), else None."""
         known = ver.known.get(start)
-        if known is None or known[1] != len(view):
-            return None
-        if self.cache.pread(ver.vid, start, 0, view) == len(view):
-            return known[0]
-        return None
+        return known[0] if known is not None and self.has(ver, start) else None
 
     def learn(self, ver: FileVersion) -> None:
         ver.learn(self.index)
@@ -294,29 +289,41 @@ class Extents:
 
     async def read(self, ver: FileVersion, start: int, length: int, inner: int, size: int,
                    demand: bool = True) -> memoryview:
-        """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted), or
-        for the prefetcher's own parsing."""
+        """Bytes [inner, inner+size) of the extent [start, start+length): for a READ (`demand`: counted, a
+        miss if it waited for a GET), or for the prefetcher's own parsing. A GET's extent, once stored, is
+        read from the cache like any other (it is in the page cache then)."""
+        fetched = 0
         while True:
             flight = self.fetcher.flight(ver, start)
             if flight is not None:
-                self.stats.cache_misses += demand
+                fetched += 1
                 data = await self.fetcher.wait(flight)
-                return data[inner:inner + size]
+                if data is not None:  # the cache had no room: a copy in memory
+                    return self._counted(demand, fetched, data[inner:inner + size])
             view = self.blocks.fast(ver, start, inner, size)
             if view is not None:
-                self.stats.cache_hits += demand
-                return view
+                return self._counted(demand, fetched, view)
             if self.blocks.trusted(ver, start):  # in a file, not in the page cache: read it in a worker
                 got = await self._disk(demand, self.blocks.read, ver, start, inner, size)
                 if got is not None:
-                    self.stats.cache_hits += demand
-                    return got
+                    return self._counted(demand, fetched, got)
                 continue  # evicted meanwhile: look again
+            if fetched > 3:  # stored and lost again each time: a cache with no room left for anything
+                raise ModelfsError(f"{ver.info.key} at {start}: evicted again as soon as it was stored")
             where = await self._check(ver, start, length, demand)
             if where is Where.MISSING and self.fetcher.flight(ver, start) is None:
-                self.stats.cache_misses += demand
+                fetched += 1
                 data = await self.fetcher.fetch(ver, start, length)
-                return data[inner:inner + size]
+                if data is not None:
+                    return self._counted(demand, fetched, data[inner:inner + size])
+
+    def _counted(self, demand: bool, fetched: int, view: memoryview) -> memoryview:
+        if demand:
+            if fetched:
+                self.stats.cache_misses += 1
+            else:
+                self.stats.cache_hits += 1
+        return view
 
     async def copy(self, ver: FileVersion, offset: int, size: int, demand: bool = True) -> bytearray:
         """Bytes [offset, offset+size) of a version in a new buffer: READs that cross an extent edge, and

@@ -10,18 +10,19 @@ An extent is fetched at most once at a time however many readers want it: the fi
 on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader that goes
 away never cancels a GET that others wait for.
 
-Memory: a GET runs only while it holds pooled buffers (`buffers.BufferPool`, fetch.memory_budget), one
-per extent, or several extents packed into one. Demand reads get buffers and bandwidth before prefetch
-(`buffers`): buffers prefetch never takes, so a demand GET starts at once, and while one waits or runs
-prefetch starts new GETs only below fetch.prefetch_during_demand. The worker thread reads the body
-straight into the buffer, hashes it there and hands it to the block store, which writes it into the
-version's file: each byte is received once, hashed once and written once. Readers waiting on the flight
-are answered from the buffer itself (or, for an extent the cache had no room for, from the copy kept in
-memory); readers that come later read the file.
+Memory: a GET runs only while it holds a pooled buffer (`buffers.BufferPool`, fetch.memory_budget) of one
+extent, however many extents it fetches: the worker thread reads the body into the buffer one extent at a
+time, hashes it there and hands it to the block store, which writes it into the version's file before the
+next extent is read into the same buffer. Each byte is received once, hashed once and written once, and a
+GET of many extents (fewer requests: each costs the client as much CPU as megabytes of body) costs no more
+memory than a GET of one. Readers waiting on a flight are woken once its extent is stored and read it from
+the version's file, as any later reader does (from the page cache: the one more copy); an extent the cache
+had no room for is handed to them as a copy in memory. Demand reads get buffers and bandwidth before
+prefetch (`buffers`): buffers prefetch never takes, so a demand GET starts at once, and while one waits or
+runs prefetch starts new GETs only below fetch.prefetch_during_demand.
 
-Buffer lifetime (a `Lease`): a GET's buffers go back to the pool only when (1) its worker thread has
-ended, which for a GET abandoned at its deadline can be long after the flight failed, and (2) every reader
-that waited on its flights has taken its view (readers answer synchronously once woken: see `buffers`).
+Buffer lifetime (a `Lease`): a GET's buffer goes back to the pool when its worker thread has ended, which for
+a GET abandoned at its deadline can be long after the flight failed.
 
 Every flight has a deadline (`fetch.deadline`): past it, its readers get EIO and the flight is forgotten,
 so the next read starts a fresh GET instead of joining a stuck one. The stuck GET's thread is abandoned,
@@ -60,12 +61,12 @@ Buffer = bytes | bytearray | memoryview
 
 
 class BlockStore(Protocol):
-    """Where fetched extents go (`extents.Blocks`). `cached` and `store` block on the disk (worker threads);
-    `has` and `keep` never block."""
+    """Where fetched extents go (`extents.Blocks`). `store` blocks on the disk (worker threads); `has`,
+    `cached` and `keep` never block."""
 
     def has(self, ver: FileVersion, start: int) -> bool: ...
 
-    def cached(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None: ...
+    def cached(self, ver: FileVersion, start: int) -> bytes | None: ...
 
     def store(self, ver: FileVersion, start: int, data: memoryview, digest: bytes | None = None) -> Stored: ...
 
@@ -74,14 +75,13 @@ class BlockStore(Protocol):
 
 @dataclass(eq=False)
 class _Flight:
-    """One extent being fetched. After `done`: `data` (the whole extent) or `error`."""
+    """One extent being fetched. After `done`: `error`, or stored (its readers read the cache), or `data`: the
+    whole extent in memory, when the cache had no room for it."""
 
     done: trio.Event = field(default_factory=trio.Event)
     data: memoryview | None = None
     error: BaseException | None = None
-    waiters: int = 0  # readers waiting for `data`; the buffers stay out of the pool until they took it
-    drained: trio.Event | None = None
-    ask: Ask | None = None  # its GET's request for buffers, while a coalesced prefetch GET waits for them
+    ask: Ask | None = None  # its GET's request for a buffer, while a coalesced prefetch GET waits for it
 
 
 def _offset_call(fn: Callable[[int], object], first: int, k: int) -> None:
@@ -90,19 +90,6 @@ def _offset_call(fn: Callable[[int], object], first: int, k: int) -> None:
 
 def _with_no_hash(arrived: Callable[[int, bytes | None], object], i: int) -> None:
     arrived(i, None)
-
-
-def pack(run: list[Extent], size: int) -> list[int]:
-    """Which buffer (0, 1, ...) each extent of a run goes to: consecutive extents share a `size`-byte
-    buffer while they fit, and an extent never straddles two (each is hashed and written on its own)."""
-    out: list[int] = []
-    used, n = size, -1
-    for _, length in run:
-        if used + length > size:
-            n, used = n + 1, 0
-        out.append(n)
-        used += length
-    return out
 
 
 class Fetcher:
@@ -137,31 +124,24 @@ class Fetcher:
 
     # -- demand ------------------------------------------------------------------------------------
 
-    async def fetch(self, ver: FileVersion, start: int, length: int) -> memoryview:
-        """The whole extent for a demand read: joins its flight or starts one. The view is valid until the
-        caller's next checkpoint (it may be a pooled buffer): slice it and answer, or copy it."""
+    async def fetch(self, ver: FileVersion, start: int, length: int) -> memoryview | None:
+        """Fetch an extent for a demand read: joins its flight or starts one. None once it is stored (read it
+        from the cache), or the whole extent in memory when the cache had no room for it."""
         flight = self._inflight.get((ver.vid, start))
         if flight is None:
             self._refuse_if_offline(ver, start, demand=True)
             flight = self._launch(ver, [(start, length)], self._buffers_for(length, demand=True))
         return await self.wait(flight)
 
-    async def wait(self, flight: _Flight) -> memoryview:
-        """A flight's data, under the same validity rule as `fetch`. A reader that joins a coalesced
-        prefetch GET still waiting for buffers raises it to demand priority (`BufferPool.promote`): a
-        demand read never queues behind prefetch's buffer limits."""
+    async def wait(self, flight: _Flight) -> memoryview | None:
+        """A flight's outcome, as `fetch` gives it. A reader that joins a coalesced prefetch GET still waiting
+        for its buffer raises it to demand priority (`BufferPool.promote`): a demand read never queues
+        behind prefetch's buffer limits."""
         if flight.ask is not None:
             self.pool.promote(flight.ask)
-        flight.waiters += 1
-        try:
-            await flight.done.wait()
-        finally:
-            flight.waiters -= 1
-            if not flight.waiters and flight.drained is not None:
-                flight.drained.set()
+        await flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        assert flight.data is not None
         return flight.data
 
     @staticmethod
@@ -198,10 +178,8 @@ class Fetcher:
             if self.blocks.has(ver, start):  # stored by a flight that ended since the caller looked
                 current = None
                 continue
-            # A stretch is as many extents as the buffers prefetch may hold; an extent larger than a buffer
-            # goes alone.
-            if current is None or length > size or \
-                    max(pack([*current, (start, length)], size)) >= self.pool.prefetch_max:
+            # One GET per stretch, through one buffer; an extent larger than a buffer goes alone.
+            if current is None or length > size:
                 current = []
                 stretches.append(current)
             current.append((start, length))
@@ -209,8 +187,7 @@ class Fetcher:
                 current = None
         fetched = 0
         for stretch in stretches:
-            n = max(pack(stretch, size)) + 1 if stretch[0][1] <= size else self._tokens(stretch[0][1])
-            ask = self.pool.ask(n, demand=False)
+            ask = self.pool.ask(self._tokens(stretch[0][1]), demand=False)
             flights = self._launch_many(ver, stretch, self._asked(ask))
             for flight in flights:
                 flight.ask = ask  # a demand read that joins one of them raises the request (`wait`)
@@ -266,15 +243,12 @@ class Fetcher:
         return flights
 
     def _views(self, run: list[Extent], bufs: list[mmap.mmap]) -> list[memoryview]:
-        """Where each extent's bytes go: its place in a pooled buffer, or a buffer of its own if larger."""
+        """Where each extent's bytes go: the start of the GET's one pooled buffer, every extent in turn (each
+        is stored before the next is read), or a buffer of its own for an extent larger than a pooled one."""
         if len(run) == 1 and run[0][1] > self.pool.size:
             return [memoryview(bytearray(run[0][1]))]
-        views: list[memoryview] = []
-        offsets = [0] * len(bufs)
-        for (_, length), i in zip(run, pack(run, self.pool.size), strict=True):
-            views.append(memoryview(bufs[i])[offsets[i]:offsets[i] + length])
-            offsets[i] += length
-        return views
+        whole = memoryview(bufs[0])
+        return [whole[:length] for _, length in run]
 
     async def _fly(self, ver: FileVersion, run: list[Extent], flights: list[_Flight],
                    acquire: Callable[[], Awaitable[list[mmap.mmap]]]) -> None:
@@ -295,9 +269,9 @@ class Fetcher:
                 except BaseException:
                     lease.thread_never_ran()
                     raise
-            for flight, view, (digest, kept) in zip(flights, views, got, strict=True):
+            for flight, (digest, kept) in zip(flights, got, strict=True):
                 if not flight.done.is_set():  # else answered as its bytes arrived (`_complete_early`)
-                    flight.data = view if kept is None else self.blocks.keep(digest, kept)
+                    flight.data = None if kept is None else self.blocks.keep(digest, kept)
         except trio.TooSlowError:
             self.stats.add(read_timeouts=1)
             error = StoreError(f"{ver.info.key}: no data from the store within fetch.deadline ({self.deadline:g} s)")
@@ -316,30 +290,21 @@ class Fetcher:
                     flight.error = error
                     self._land(ver, start, flight)
             if lease is not None:
-                try:
-                    for flight in flights:  # woken readers take their views before the buffers move on
-                        if flight.drained is not None:
-                            await flight.drained.wait()
-                finally:
-                    lease.drop()
+                lease.drop()
 
-    def _complete_early(self, ver: FileVersion, start: int, flight: _Flight, view: memoryview, digest: bytes,
+    def _complete_early(self, ver: FileVersion, start: int, flight: _Flight, digest: bytes,
                         kept: memoryview | None) -> None:
         """On the trio thread: one extent of a longer GET has arrived and is stored: its readers are
-        answered now, not when the last byte of the GET is in. (The buffers stay out of the pool until the
-        GET ends and every reader took its view, as for any flight.)"""
+        answered now, not when the last byte of the GET is in."""
         if flight.done.is_set():  # cannot happen (callbacks run in order, before the GET's end): be safe
             return
-        flight.data = view if kept is None else self.blocks.keep(digest, kept)
+        flight.data = None if kept is None else self.blocks.keep(digest, kept)
         self._land(ver, start, flight)
 
     def _land(self, ver: FileVersion, start: int, flight: _Flight) -> None:
-        """A flight has its data or its error: forget it, and wake its readers (who take their views
-        before the buffers go back: `drained`)."""
+        """A flight is stored, or has its data or its error: forget it, and wake its readers."""
         if self._inflight.get((ver.vid, start)) is flight:
             del self._inflight[(ver.vid, start)]
-        if flight.waiters:
-            flight.drained = trio.Event()
         flight.done.set()
 
     def _fetch_blocking(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
@@ -354,7 +319,7 @@ class Fetcher:
             if len(run) == 1:
                 # A flight for this extent may have completed between the reader's cache check and this
                 # flight's start: serve what it stored instead of fetching the same bytes twice.
-                digest = self.blocks.cached(ver, run[0][0], views[0])
+                digest = self.blocks.cached(ver, run[0][0])
                 if digest is not None:
                     return [(digest, None)]
             return self._gather(ver, run, views, flights, token, until)
@@ -375,11 +340,12 @@ class Fetcher:
         def arrived(i: int, digest: bytes | None) -> Stored:
             start = run[i][0]
             stored = self.blocks.store(ver, start, views[i], digest)
-            out[i] = (stored.digest, stored.copy)  # a lone extent is answered when this thread ends (`_fly`)
-            if len(run) > 1:
+            # The last extent is answered when this thread ends (`_fly`): a GET's flights have all landed only
+            # once its thread is done (its counters and its buffer settled).
+            out[i] = (stored.digest, stored.copy)
+            if i < len(run) - 1:
                 try:
-                    token.run_sync_soon(self._complete_early, ver, start, flights[i], views[i], stored.digest,
-                                        stored.copy)
+                    token.run_sync_soon(self._complete_early, ver, start, flights[i], stored.digest, stored.copy)
                     out[i] = (stored.digest, None)  # answered; the copy is the trio thread's now
                 except trio.RunFinishedError:
                     pass
@@ -399,7 +365,7 @@ class Fetcher:
         if self.shared is None:
             from_origin(list(range(len(run))), functools.partial(_with_no_hash, arrived))
         else:
-            self.shared.cooperate(ver, run, views, from_origin, arrived)
+            self.shared.cooperate(ver, run, views, from_origin, arrived, until)
         got = [o for o in out if o is not None]
         if len(got) != len(run):
             raise StoreError(f"{ver.info.key}: the store answered {len(got)} of {len(run)} extents")

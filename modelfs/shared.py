@@ -257,7 +257,7 @@ class SharedTier:
 
     def cooperate(self, ver: FileVersion, run: list[tuple[int, int]], views: list[memoryview],
                   origin: Callable[[list[int], Callable[[int], object]], None],
-                  arrived: Callable[[int, bytes | None], Stored]) -> None:
+                  arrived: Callable[[int, bytes | None], Stored], until: float = float("inf")) -> None:
         """From a fetch worker thread: fill the extents of `run` (into `views`) as a fleet. What the tier
         holds comes from it; of the rest, this node GETs from the origin (`origin(indexes, each)`, which
         calls `each(i)` as extent i is in) what it claimed or nobody could claim, and only then waits for
@@ -303,7 +303,7 @@ class SharedTier:
                     done.add(i)
             origin([i for i in range(len(run)) if i not in done and i not in waiting], from_origin)
             for i in waiting:  # then what other nodes are fetching: it may be in the tier by now
-                digest = self.wait_for(ver, run[i][0], views[i])
+                digest = self.wait_for(ver, run[i][0], views[i], until - self.deadline)
                 if digest is not None:
                     arrived(i, digest)
                 else:
@@ -345,7 +345,8 @@ class SharedTier:
             self._unanswered(e)
             return False
 
-    def wait_for(self, ver: FileVersion, start: int, view: memoryview) -> bytes | None:
+    def wait_for(self, ver: FileVersion, start: int, view: memoryview,
+                 until: float = float("inf")) -> bytes | None:
         """The extent another node claimed, once it lands in the tier (verified hash), waiting `wait` seconds
         past the last claim seen to land (`wait_most` at most); None if it did not (then this node fetches
         it from the origin).
@@ -364,7 +365,7 @@ class SharedTier:
             self._waiters.setdefault(ckey, []).append(gone)
         try:
             self._token.run_sync_soon(self._watch_wake.unpark_all)
-            if not self._until_landed(gone):
+            if not self._until_landed(gone, until):
                 self.stats.add(shared_misses=1, shared_wait_expired=1)
                 return None
         except trio.RunFinishedError:
@@ -378,12 +379,13 @@ class SharedTier:
                         del self._waiters[ckey]
         return self._read(ver, start, view)[1]  # a miss: the claimer's fetch or write failed
 
-    def _until_landed(self, gone: threading.Event) -> bool:
+    def _until_landed(self, gone: threading.Event, most: float = float("inf")) -> bool:
         """Wait for `gone`: at most `wait` seconds past the later of now and the last claim seen to land,
-        and `wait_most` in all. False if it ran out."""
+        `wait_most` in all, and never past `most` (time.monotonic(): the flight's deadline, less the time
+        its own GET of the extent needs). False if it ran out."""
         began = time.monotonic()
         while True:
-            until = min(began + self.wait_most, max(began, self._progress) + self.wait)
+            until = min(most, began + self.wait_most, max(began, self._progress) + self.wait)
             left = until - time.monotonic()
             if left <= 0:
                 return gone.is_set()

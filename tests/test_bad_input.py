@@ -2,9 +2,9 @@
 
 Every case must exit non-zero with exactly one stderr line, `modelfs: error: ...`, that names the
 problem; leave nothing mounted and no daemon holding the cache; and change nothing under the cache's
-`blocks/` and `index/`. The cache the failing mounts are pointed at is a warm one (a real S3 mount
-that read a file), copied per test, so "nothing changed" is checked against real blocks and a real
-LMDB index with listings in it.
+`files/` and `index/`. The cache the failing mounts are pointed at is a warm one (a real S3 mount
+that read a file), copied per test, so "nothing changed" is checked against a real version file (its
+bytes, its size and which of its ranges hold data) and a real LMDB index with listings in it.
 """
 
 from __future__ import annotations
@@ -43,10 +43,33 @@ CLI_TIMEOUT = 60
 RUNTIME_FILES = {"index/lock.mdb"}
 
 
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """[(start, end)] of the ranges of a (sparse) file that hold data: a punched-out extent shows here even
+    where its bytes were zeros."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole from here to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
 def snapshot(cache_dir: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file (and "dir" for every directory) under blocks/ and index/."""
+    """{relative path: sha256} of every file (and "dir" for every directory) under files/ and index/; a
+    version file under files/ also with its data ranges (what is punched out, what is written)."""
     out: dict[str, str] = {}
-    for sub in ("blocks", "index"):
+    for sub in ("files", "index"):
         root = cache_dir / sub
         if not root.exists():
             continue
@@ -57,6 +80,8 @@ def snapshot(cache_dir: Path) -> dict[str, str]:
                 out[rel] = "dir"
             else:
                 out[rel] = "present" if rel in RUNTIME_FILES else hashlib.sha256(p.read_bytes()).hexdigest()
+                if sub == "files":
+                    out[rel] += f" data={data_ranges(p)}"
     return out
 
 
@@ -127,7 +152,7 @@ def warm_cache(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer,
         if is_mounted(str(mnt)):
             _kill_daemon_of(mnt)
     snap = snapshot(cache)
-    assert "index/data.mdb" in snap and any(k.startswith("blocks/") and v != "dir" for k, v in snap.items()), snap
+    assert "index/data.mdb" in snap and any(k.startswith("files/") and v != "dir" for k, v in snap.items()), snap
     return cache
 
 
@@ -316,7 +341,7 @@ def test_unreachable_endpoint(warm: bool, s3_checkpoint: str, env: dict[str, str
                     needles=(endpoint,))
     assert "cannot reach" in err or "did not answer" in err, err
     if not warm:
-        assert snapshot(cache_dir) == {}, "a refused mount created blocks/ or index/ in a fresh cache dir"
+        assert snapshot(cache_dir) == {}, "a refused mount created files/ or index/ in a fresh cache dir"
 
 
 def test_refused_endpoint_without_retries(s3_checkpoint: str, env: dict[str, str], mnt: Path, tmp_path: Path,

@@ -302,3 +302,24 @@ def test_a_directory_never_listed_fails_with_eio_at_the_deadline_when_the_store_
         assert 30 - 2 <= trio.current_time() - began <= 30  # the deadline, less at most one pause (virtual time)
 
     run(store, tmp_path / "cache", body)
+
+
+def test_a_cold_file_is_fetched_in_a_few_long_gets_each_through_one_buffer(tmp_path: Path) -> None:
+    """Whole-file prefetch of a file with fixed extents (no manifest): adjacent extents go in GETs of up to
+    fetch.max_request bytes, each streamed through ONE GET buffer (every extent stored before the next is
+    read into it); every byte is fetched once and read back right."""
+    store = MemoryStore()
+    data = os.urandom(16 * EXTENT + 100)
+    store.add("w.bin", data)
+
+    async def body(core: ModelFS) -> None:
+        fh = await open_file(core, "w.bin")
+        assert bytes(await core.read(fh, 0, 100)) == data[:100]  # the first READ starts whole-file prefetch
+        await core.idle()
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        gets = [length for key, _, length in store.reads if key == "w.bin"]
+        assert sum(gets) == len(data) and max(gets) <= 8 * EXTENT, gets
+        assert len(gets) <= 4, gets  # the demand READ's extent, then two GETs for the other 16 extents
+        assert core.buffers.taken == len(gets)  # one buffer each, however long the GET
+
+    run(store, tmp_path / "cache", body, **{"prefetch.whole_file": "true", "fetch.max_request": str(8 * EXTENT)})

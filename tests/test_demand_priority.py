@@ -43,8 +43,10 @@ KiB = 1 << 10
 #: 32 GET buffers of 256 KiB for prefetch (the soak saw up to 32 GETs in flight) and the default reserve of 2
 #: on top; 34 prefetch workers, so the pool, not the workers, is what limits prefetch. Hedging off and a
 #: read timeout past every bound: a stalled GET stays one stalled request. fetch.deadline: a READ that waits
-#: for a buffer held by a stalled GET gets EIO there instead of hanging the test.
-BUSY = ["-o", "cache.extent_size=256KiB", "-o", "fetch.concurrency=32", "-o", "fetch.memory_budget=16MiB",
+#: for a buffer held by a stalled GET gets EIO there instead of hanging the test. One extent per GET
+#: (fetch.max_request): a GET of several would stream through one buffer, and 32 GETs are the point.
+BUSY = ["-o", "cache.extent_size=256KiB", "-o", "fetch.max_request=256KiB", "-o", "fetch.concurrency=32",
+        "-o", "fetch.memory_budget=16MiB",
         "-o", "prefetch.concurrency=34", "-o", "prefetch.whole_file=false", "-o", "prefetch.checkpoint_sets=false",
         "-o", "prefetch.sequential=false", "-o", "s3.hedge_after=0", "-o", "s3.read_timeout=300",
         "-o", "fetch.deadline=60", "-o", "s3.max_pool_connections=96"]
@@ -297,7 +299,7 @@ def test_a_demand_read_joining_a_coalesced_prefetch_get_that_waits_for_buffers_i
     local = tmp_path / "m.safetensors"
     write_safetensors(local, [EXTENT] * 24)
     data = local.read_bytes()
-    store = KeyStall("m.safetensors", times=3)
+    store = KeyStall("m.safetensors", times=6)
     info = store.add("m.safetensors", data)
     extents = file_extents(str(local), EXTENT)
     store.add(MANIFEST_KEY, Manifest({"m.safetensors": FileEntry(len(data), info.etag, extents)}).dumps())
@@ -311,7 +313,7 @@ def test_a_demand_read_joining_a_coalesced_prefetch_get_that_waits_for_buffers_i
         starts = [s for s, _ in ver.extents()]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(core.warm, node.inode)
-            while store.held < 3 or pool.waiting < 1:  # GETs stalled with all prefetch buffers, one more queued
+            while store.held < 6 or pool.waiting < 1:  # GETs stalled with all prefetch buffers, one more queued
                 await trio.sleep(0.01)
             assert pool.held_by_prefetch == pool.prefetch_max and pool.free == pool.reserve
             queued = [s for s in starts if (f := core.fetcher.flight(ver, s)) is not None and f.ask is not None
@@ -320,13 +322,14 @@ def test_a_demand_read_joining_a_coalesced_prefetch_get_that_waits_for_buffers_i
             fh = await open_file(core, "m.safetensors")
             got = bytes(await core.read(fh, queued[0] + 10, 100))  # joins that flight
             assert got == data[queued[0] + 10:queued[0] + 110]
-            assert store.held == 3 and pool.held_by_prefetch == pool.prefetch_max  # the others still held
-            assert store.asked == 4  # by one GET of its own
+            assert store.held == 6 and pool.held_by_prefetch == pool.prefetch_max  # the others still held
+            assert store.asked == 7  # by one GET of its own
             store.release()
         fh = await open_file(core, "m.safetensors")
         assert bytes(await core.read(fh, 0, len(data))) == data
 
-    # 8 buffers of one extent, 2 reserved: three coalesced GETs of 2 buffers each fill prefetch's 6.
+    # 8 buffers of one extent, 2 reserved: six coalesced GETs of 2 extents (one buffer each: a GET streams its
+    # extents through one) fill prefetch's 6.
     run(store, tmp_path / "cache", body, **{"prefetch.whole_file": "true", "fetch.memory_budget": str(8 * EXTENT),
                                             "fetch.concurrency": "8", "fetch.max_request": str(2 * EXTENT)})
 

@@ -129,7 +129,8 @@ def test_corrupt_under_fs_changes_one_byte_without_touching_timestamps(tmp_path:
         p = fs.mountpoint / "block"
         data = os.urandom(8 * MiB)
         p.write_bytes(data)
-        # Another process maps the file and touches every page, as the daemon holds a verified block.
+        # Another process maps the file and touches every page, as a loader maps a file that the kernel serves
+        # from its cache file (passthrough).
         holder = subprocess.Popen([sys.executable, "-c", (
             "import mmap, sys\n"
             f"f = open({str(p)!r}, 'rb'); mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"

@@ -335,7 +335,9 @@ def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 5 * EXTENT + i for i in range(40)})
-    core, close = make_core(src, tmp_path / "cache", **{"fetch.memory_budget": budget})
+    # One extent per GET (each GET holds one buffer however long it is): many GETs, many buffers at once.
+    core, close = make_core(src, tmp_path / "cache",
+                            **{"fetch.memory_budget": budget, "fetch.max_request": str(EXTENT)})
     handed: dict[int, mmap.mmap] = {}  # id -> every buffer handed out (kept alive, so ids stay unique)
     take = core.buffers._take
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from modelfs import mount
+from modelfs.index import ChunkIndex
 from modelfs.mount import is_mounted
+from modelfs.stats import human
 from modelfs.testing.faultproxy import Fault, FaultProxy
 from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import Checkpoint, Mount, cli, requires_fuse
@@ -199,32 +202,141 @@ def test_status_for_liveness_probes(seaweed: SeaweedServer, s3_checkpoint: str,
     assert gone.returncode == 1
 
 
+def cached_versions(cache_dir: Path) -> dict[str, tuple[Path, dict[int, tuple[bytes, int]]]]:
+    """key -> (its version file, {start: (hash, length)} of the extents present in it), from the index of a
+    cache dir no daemon holds."""
+    index = ChunkIndex(str(cache_dir / "index"), 1 << 30)
+    try:
+        present = index.present()
+        return {str(rec["key"]): (cache_dir / "files" / vid.hex(), present.get(vid, {}))
+                for vid, rec in index.versions().items()}
+    finally:
+        index.close()
+
+
+def version_of(cache_dir: Path, rel: str) -> tuple[Path, dict[int, tuple[bytes, int]]]:
+    (found,) = [v for key, v in cached_versions(cache_dir).items() if key.endswith(rel)]
+    return found
+
+
+def ls_rows(cache_dir: str) -> tuple[dict[str, tuple[str, str, bool]], str]:
+    """`modelfs cache ls`: key -> (cached, size, pinned) as shown, and the total line's amount."""
+    r = cli("cache", "ls", "--cache-dir", cache_dir)
+    assert r.returncode == 0, r.stderr
+    rows: dict[str, tuple[str, str, bool]] = {}
+    total = ""
+    for line in r.stdout.splitlines()[1:]:
+        if line.endswith("total in cache files"):
+            total = line[:11].strip()
+            continue
+        m = re.fullmatch(r"\s*([0-9.]+ [KMGT]?i?B)\s+([0-9.]+ [KMGT]?i?B)  (yes|   )  (\S+)  (\S+)", line)
+        assert m, line
+        rows[m.group(5)] = (m.group(1), m.group(2), m.group(3) == "yes")
+    assert total, r.stdout
+    return rows, total
+
+
+def flip(path: Path, at: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 1]), at)
+    finally:
+        os.close(fd)
+
+
+def is_hole(path: Path, start: int, length: int) -> bool:
+    """Whether [start, start+length) of a sparse file holds no data (punched out)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            return os.lseek(fd, start, os.SEEK_DATA) >= start + length
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from there to the end of the file
+                return True
+            raise
+    finally:
+        os.close(fd)
+
+
 def test_cache_admin_ls_verify_pin_gc(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
+    """`modelfs cache` on version files: ls shows each file version's cached bytes and the total in cache
+    files; verify reads back every present extent, and drops a bad one when no daemon holds the cache dir,
+    only reports it while one does (that daemon checks the file before its first use); gc --to SIZE punches
+    the least recently used extents of unpinned models, and pins keep a model's extents."""
     m = mounter(str(checkpoint.root), args=["-o", "prefetch.checkpoint_sets=false"])
     shard = sorted(f for f in checkpoint.files() if f.endswith(".safetensors"))[0]
+    sizes = checkpoint.files()
     (m.path / shard).read_bytes()
-    (m.path / checkpoint.torch_file).read_bytes()
+    (m.path / checkpoint.torch_file).read_bytes()  # used after the shard: more recently
+    in_cache = m.stats()["bytes_in_cache"]
+    assert in_cache == sizes[shard] + sizes[checkpoint.torch_file], m.stats()
     m.umount()
     cache = str(m.cache_dir)
-    ls = cli("cache", "ls", "--cache-dir", cache)
-    assert ls.returncode == 0 and shard in ls.stdout and checkpoint.torch_file in ls.stdout, ls.stdout
-    # A flipped block is found and dropped by verify.
-    blocks = sorted(p for p in (m.cache_dir / "blocks").rglob("*") if p.is_file())
-    raw = bytearray(blocks[0].read_bytes())
-    raw[0] ^= 1
-    blocks[0].write_bytes(bytes(raw))
-    bad = cli("cache", "verify", "--cache-dir", cache, "-q")
-    assert bad.returncode == 1 and "1 corrupt" in bad.stdout and not blocks[0].exists()
+    rows, total = ls_rows(cache)
+    assert rows[shard] == (human(sizes[shard]), human(sizes[shard]), False), rows
+    assert rows[checkpoint.torch_file] == (human(sizes[checkpoint.torch_file]),) * 2 + (False,), rows
+    assert total == human(in_cache)
+    torch_path, torch_extents = version_of(m.cache_dir, checkpoint.torch_file)
+    shard_path, shard_extents = version_of(m.cache_dir, shard)
+    torch_ref = (checkpoint.root / checkpoint.torch_file).read_bytes()
+    assert torch_path.read_bytes() == torch_ref and shard_path.read_bytes() == (checkpoint.root / shard).read_bytes()
+    extents = len(torch_extents) + len(shard_extents)
+    first, second = sorted(torch_extents)[:2]
+
+    # A flipped byte while a daemon holds the cache dir: reported, not dropped (the daemon's accounting is
+    # its own); the daemon finds it when the file is first opened, and fetches that extent again.
+    flip(torch_path, second + 100)
+    live = m.remount()
+    report = cli("cache", "verify", "--cache-dir", cache, "-q")
+    assert report.returncode == 1 and f"{extents} extents checked, 1 corrupt" in report.stdout, report.stdout
+    assert f"{torch_path.name} at {second}" in report.stderr, report.stderr
+    assert torch_path.read_bytes() != torch_ref and not is_hole(torch_path, second, torch_extents[second][1])
+    assert ls_rows(cache)[0][checkpoint.torch_file][0] == human(sizes[checkpoint.torch_file])  # still present
+    assert sha(live.path / checkpoint.torch_file) == sha(checkpoint.root / checkpoint.torch_file)
+    st = live.stats()
+    assert st["corrupt_extents"] == 1 and st["gets"] == 1, st
+    live.umount()
+    assert torch_path.read_bytes() == torch_ref  # written again in place
     assert cli("cache", "verify", "--cache-dir", cache, "-q").returncode == 0
+
+    # With no daemon: the bad extent is dropped (punched out, no longer present), the rest kept.
+    flip(torch_path, first + 5)
+    bad = cli("cache", "verify", "--cache-dir", cache, "-q")
+    assert bad.returncode == 1 and f"{extents} extents checked, 1 corrupt" in bad.stdout, bad.stdout
+    assert f"{torch_path.name} at {first}" in bad.stderr, bad.stderr
+    _, now = version_of(m.cache_dir, checkpoint.torch_file)
+    assert sorted(now) == sorted(s for s in torch_extents if s != first)
+    assert is_hole(torch_path, first, torch_extents[first][1])
+    torch_cached = sizes[checkpoint.torch_file] - torch_extents[first][1]
+    assert ls_rows(cache)[0][checkpoint.torch_file][0] == human(torch_cached)
+    good = cli("cache", "verify", "--cache-dir", cache, "-q")
+    assert good.returncode == 0 and f"{extents - 1} extents checked, 0 corrupt" in good.stdout, good.stdout
+
+    # gc --to SIZE: least recently used first, and no more than it takes: the shard (used first) loses
+    # extents, punched out of its file; the torch checkpoint (used last) keeps all of its own.
+    target = torch_cached + sizes[shard] // 2
+    gc = cli("cache", "gc", "--to", str(target), "--cache-dir", cache)
+    assert gc.returncode == 0, gc.stderr
+    _, torch_now = version_of(m.cache_dir, checkpoint.torch_file)
+    _, shard_now = version_of(m.cache_dir, shard)
+    assert sorted(torch_now) == sorted(now)
+    kept = sum(length for _, length in shard_now.values())
+    assert target - max(n for _, n in shard_extents.values()) < torch_cached + kept <= target, (kept, target)
+    for start, (_, length) in shard_extents.items():
+        assert is_hole(shard_path, start, length) == (start not in shard_now), start
+    rows, total = ls_rows(cache)
+    assert rows[shard][0] == human(kept) and total == human(torch_cached + kept), (rows, total)
+
     # Pin the torch checkpoint, gc everything else away.
     assert cli("cache", "pin", checkpoint.torch_file.split("/")[0] + "/", "--cache-dir", cache).returncode == 0
     gc = cli("cache", "gc", "--to", "0", "--cache-dir", cache)
     assert gc.returncode == 0, gc.stderr
-    after = cli("cache", "ls", "--cache-dir", cache).stdout
-    torch_line = next(line for line in after.splitlines() if line.endswith(checkpoint.torch_file))
-    shard_line = next(line for line in after.splitlines() if line.endswith(shard))
-    assert "yes" in torch_line and not torch_line.strip().startswith("0 B")  # pinned: kept
-    assert shard_line.strip().startswith("0 B")  # not pinned: evicted
+    rows, total = ls_rows(cache)
+    assert rows[checkpoint.torch_file] == (human(torch_cached), human(sizes[checkpoint.torch_file]), True), rows
+    assert rows[shard][0] == "0 B" and not rows[shard][2]  # not pinned: evicted
+    assert total == human(torch_cached)
+    assert not shard_path.exists()  # a file left with no extent is deleted
     assert cli("cache", "unpin", checkpoint.torch_file.split("/")[0] + "/", "--cache-dir", cache).returncode == 0
     assert cli("cache", "gc", "--to", "0", "--cache-dir", cache).returncode == 0
-    assert not [p for p in (m.cache_dir / "blocks").rglob("*") if p.is_file()]
+    assert not list((m.cache_dir / "files").iterdir())
+    assert ls_rows(cache)[1] == "0 B"

@@ -204,8 +204,10 @@ def test_a_claim_left_by_a_node_that_died_costs_a_bounded_wait(claim_age: str, s
     identity, domain = f"s3:{origin.endpoint_url}/{bucket}/{prefix}", f"s3:{origin.endpoint_url}/{bucket}"
     claim = claim_key(version_key(domain, version_id(identity, info), 0))
     seaweed.client().put_object(Bucket=SHARED_BUCKET, Key=f"{fleet.prefix}/{claim}", Body=b"a node that died")  # type: ignore[attr-defined]
-    # fetch.deadline=5 and shared.deadline=1: a claim is stale after 5 + 4 x 1 = 9 s.
-    node = fleet(s3_checkpoint, extra=("-o", "shared.deadline=1", "-o", "fetch.deadline=5"))
+    # fetch.deadline=5 and shared.deadline=1: a claim is stale after 5 + 4 x 1 = 9 s. One extent per GET: the
+    # claimed extent's flight is its own.
+    node = fleet(s3_checkpoint, extra=("-o", "shared.deadline=1", "-o", "fetch.deadline=5",
+                                       "-o", "fetch.max_request=8MiB"))
     if claim_age == "stale":
         time.sleep(10)
     load_tree(node.path, checkpoint.root)  # correct bytes either way

@@ -1,5 +1,6 @@
 """A daemon that cannot wedge, with page-cache push on: internal errors fail one read or one job, never the
-mount; SIGTERM in the middle of a load ends the daemon on time; damaged blocks under concurrent readers.
+mount; SIGTERM in the middle of a load ends the daemon on time; damaged extents of a cache file under
+concurrent readers.
 
 Every test is bounded: readers must return within 20 s, the daemon must exit within 15 s of SIGTERM, and
 no thread of the daemon or of a reader may stay in D state (uninterruptible sleep) for more than 5 s,
@@ -216,24 +217,33 @@ def test_sigterm_in_the_middle_of_a_load_with_pushes_in_flight(
     assert "internal error" not in log and "Traceback" not in log
 
 
-def test_damaged_blocks_under_two_concurrent_readers(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
-    """20 times: flip bytes in two blocks, remount, and read the shard with one sequential reader and one
-    doing random preads at once, push on: every byte right, both blocks caught, each refetched once."""
+def test_damaged_extents_under_two_concurrent_readers(checkpoint: Checkpoint,
+                                                      mounter: Callable[..., Mount]) -> None:
+    """20 times: flip a byte in each of two extents of the shard's cache file, remount, and read the shard
+    with one sequential reader and one doing random preads at once, push on: every byte right, both extents
+    caught (the new daemon hashes each extent when it first reads it back), each refetched once and written
+    back in place."""
     shard = shards(checkpoint)[0]
     ref = (checkpoint.root / shard).read_bytes()
-    # No checkpoint-set prefetch: the cache holds this shard's blocks only, so every flip hits it.
-    # The READ path: with passthrough, the shard's copy (built after the first round) would serve it instead.
+    # No checkpoint-set prefetch: the cache holds this shard's cache file only, so every flip hits it.
+    # The READ path: with passthrough, the kernel would serve the complete cache file itself (after a check
+    # of the whole file at open: test_passthrough.py).
     m = mounter(str(checkpoint.root), args=[*PUSH, "--extent-size", "1MiB", "-o", "prefetch.checkpoint_sets=false",
                                             "-o", "mount.passthrough=off"])
     assert read_all(m.path / shard) == ref
     rng = random.Random(11)
     for i in range(20):
         m.umount()
-        blocks = sorted(p for p in (m.cache_dir / "blocks").rglob("*") if p.is_file() and p.stat().st_size > 4096)
-        for victim in rng.sample(blocks, 2):
-            raw = bytearray(victim.read_bytes())
-            raw[rng.randrange(len(raw))] ^= 0x10
-            victim.write_bytes(bytes(raw))
+        files = sorted((m.cache_dir / "files").iterdir())
+        assert len(files) == 1 and files[0].read_bytes() == ref, (i, files)  # whole again after each round
+        fd = os.open(files[0], os.O_RDWR)
+        try:
+            victims = rng.sample(range(-(-len(ref) // MiB)), 2)
+            for extent in victims:
+                at = extent * MiB + rng.randrange(min(MiB, len(ref) - extent * MiB))
+                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x10]), at)
+        finally:
+            os.close(fd)
         m = m.remount()
         path = m.path / shard
 
@@ -255,4 +265,10 @@ def test_damaged_blocks_under_two_concurrent_readers(checkpoint: Checkpoint, mou
             results = run_together(sequential, scattered)
             assert results == [True, True], (i, results)
         st = m.stats()
-        assert st["corrupt_blocks"] == 2 and st["gets"] == 2, (i, st)
+        # Read again through the daemon (O_DIRECT: every READ reaches it, and it answers from the cache file):
+        # what it holds as checked is the source's bytes, the extents it wrote again included.
+        assert bounded(lambda path=path: read_direct(path)) == ref, i
+        # Each damaged extent fetched again once: in a GET of its own, or, two adjacent ones both found missing
+        # before either is fetched, in one GET (adjacent missing extents are fetched together).
+        gets = {1, 2} if abs(victims[0] - victims[1]) == 1 else {2}
+        assert st["corrupt_extents"] == 2 and st["gets"] in gets and st["bytes_fetched"] == 2 * MiB, (i, victims, st)

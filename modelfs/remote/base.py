@@ -58,8 +58,10 @@ class Store(Protocol):
         """Fill `views`, in order, with the bytes of version `obj` from `start` on (one ranged request for
         all of them: they are consecutive in the object); VersionChanged if it was overwritten. The caller
         owns the buffers (`buffers.BufferPool`), so nothing is allocated per request. `filled(k)` is called
-        once view k holds all its bytes, in order, as they arrive: a reader of the first extent of a long
-        request need not wait for the rest."""
+        once view k holds all its bytes, in order, as they arrive, and BEFORE any byte of view k+1 is read:
+        the views may all be the same memory (a GET of many extents streams through one buffer, each extent
+        stored by `filled` before the next arrives), and a reader of the first extent of a long request need
+        not wait for the rest."""
         ...
 
     def close(self) -> None: ...

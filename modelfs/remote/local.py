@@ -95,17 +95,19 @@ class LocalStore:
         try:
             if _etag(os.fstat(fd)) != obj.etag:
                 raise VersionChanged(f"{obj.key} changed in the store")
-            if not _fill(fd, views, start):
-                raise VersionChanged(f"{obj.key} changed in the store while it was read")
-            if _etag(os.fstat(fd)) != obj.etag:
-                raise VersionChanged(f"{obj.key} changed in the store while it was read")
+            pos = start
+            for k, view in enumerate(views):  # view by view: each is handed on before the next is read
+                if not _fill(fd, [view], pos):
+                    raise VersionChanged(f"{obj.key} changed in the store while it was read")
+                if _etag(os.fstat(fd)) != obj.etag:
+                    raise VersionChanged(f"{obj.key} changed in the store while it was read")
+                pos += len(view)
+                if filled is not None:
+                    filled(k)
         except OSError as e:
             raise StoreError(f"cannot read {obj.key}: {e.strerror}") from None
         finally:
             os.close(fd)
-        if filled is not None:  # one local read for all: every view is complete at once
-            for k in range(len(views)):
-                filled(k)
 
     def close(self) -> None:
         pass
