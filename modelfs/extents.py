@@ -406,7 +406,8 @@ class Extents:
     def note_load(self, ver: FileVersion) -> int:
         """One more load of the version began; how many there have been (the index keeps count). Worker
         thread."""
-        return self.blocks.index.note_load(ver.vid)
+        cache = self.blocks.cache
+        return self.blocks.index.note_load(ver.vid, cache.identity, cache.domain, ver.info)
 
 
 def usage(maps: list[tuple[str, dict[str, Any]]]) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:

@@ -195,18 +195,18 @@ class ChunkIndex:
             v = txn.get(vid)
         return json.loads(v) if v is not None else None
 
-    def note_load(self, vid: bytes) -> int:
-        """One more load of `vid` began (a first READ after an open); returns how many there have been."""
+    def note_load(self, vid: bytes, identity: str, domain: str, info: ObjectInfo) -> int:
+        """One more load of `vid` began (a first READ after an open); returns how many there have been. A
+        version with no record yet (every byte of it read from other versions' files) gets one."""
         try:
             with self.env.begin(write=True, db=self._versions) as txn:
                 v = txn.get(vid)
-                if v is None:
-                    return 1
-                rec = json.loads(v)
-                rec["loads"] = int(rec.get("loads", 0)) + 1
-                rec["last_used"] = time.time()
+                rec: dict[str, object] = json.loads(bytes(v)) if v is not None else {
+                    "source": identity, "domain": domain, "key": info.key, "etag": info.etag, "size": info.size}
+                loads = int(str(rec.get("loads", 0))) + 1
+                rec["loads"], rec["last_used"] = loads, time.time()
                 txn.put(vid, json.dumps(rec).encode())
-                return int(rec["loads"])
+                return loads
         except lmdb.Error as e:
             self._write_failed(e)
             return 1

@@ -249,7 +249,7 @@ def test_quota_and_order_survive_a_restart(tmp_path: Path) -> None:
     for v in vers:
         put(cache, v, 0, EXT)
         put(cache, v, EXT, EXT)
-    idx.note_load(vers[0].vid)  # loaded again last: the most recent now
+    idx.note_load(vers[0].vid, "src", "d", vers[0].info)  # loaded again last: the most recent now
     cache.close()
     idx.close()
     idx = new_index(tmp_path)

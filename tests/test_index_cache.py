@@ -85,7 +85,10 @@ def test_present_entries_are_marked_and_unmarked(tmp_path: Path) -> None:
     idx = new_index(tmp_path)
     assert idx.present() == {vid: {64: (b, 36)}}
     assert idx.extents(vid) == {0: (a, 64), 64: (b, 36)}
-    assert idx.note_load(vid) == 1 and idx.note_load(vid) == 2
+    assert idx.note_load(vid, "src", "dom", INFO) == 1 and idx.note_load(vid, "src", "dom", INFO) == 2
+    unseen = version_id("src", ObjectInfo("m/other.safetensors", 10, '"e"', 0.0))
+    assert idx.note_load(unseen, "src", "dom", INFO) == 1  # a version with no record yet gets one
+    assert idx.versions()[unseen]["loads"] == 1
     idx.close()
 
 
