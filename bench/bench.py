@@ -219,6 +219,13 @@ def loaders(paths: list[Path | str], verify: list[Path | None], timeout: float, 
             lp.close()
 
 
+def keep_fetch(ex: dict[str, Any], phase: str, st: dict[str, int], rss: int | None) -> None:
+    """A modelfs load's bytes fetched, GETs and the daemon's peak RSS, kept per repetition under `phase`."""
+    ex.setdefault(f"{phase}_bytes_fetched", []).append(st["bytes_fetched"])
+    ex.setdefault(f"{phase}_gets", []).append(st["gets"])
+    ex.setdefault(f"{phase}_peak_rss_bytes", []).append(rss)
+
+
 def dir_bytes(path: Path) -> int:
     """Bytes allocated on disk under ``path`` (sparse cache files count only what they hold)."""
     total = 0
@@ -415,9 +422,7 @@ class Bench:
                 rss = peak_rss(pid)
             r.cold.append(out.elapsed)
             r.verified_tensors = r.verified_tensors or out.verified
-            ex.setdefault("cold_bytes_fetched", []).append(st["bytes_fetched"])
-            ex.setdefault("cold_gets", []).append(st["gets"])
-            ex.setdefault("cold_peak_rss_bytes", []).append(rss)
+            keep_fetch(ex, "cold", st, rss)
             say(f"{loader.name} through modelfs, cold {i + 1}/{self.reps}: {out.elapsed:.2f} s "
                 f"({self.note_reader(r, loader, THROUGH_MODELFS, out)}; fetched {st['bytes_fetched'] / self.size:.3f}x"
                 f"{self.record_cpu(r, 'cold', out)})")
@@ -496,9 +501,7 @@ class Bench:
                 rss = peak_rss(pid)
             ex.setdefault("four_process_wall_s", []).append(wall)
             ex.setdefault("four_process_each_s", []).append([o.elapsed for o in outs])
-            ex.setdefault("four_process_bytes_fetched", []).append(st["bytes_fetched"])
-            ex.setdefault("four_process_gets", []).append(st["gets"])
-            ex.setdefault("four_process_peak_rss_bytes", []).append(rss)
+            keep_fetch(ex, "four_process", st, rss)
             say(f"modelfs cold, {nproc} processes {i + 1}/{self.reps}: {wall:.2f} s wall (each "
                 f"{', '.join(f'{o.elapsed:.2f}' for o in outs)}), fetched {st['bytes_fetched'] / self.size:.3f}x, "
                 f"peak RSS {(rss or 0) / 2**20:.0f} MiB")

@@ -48,7 +48,6 @@ REPLY = 1 << 20
 
 
 class Where(enum.Enum):
-    MAPPED = "memory"
     IN_FLIGHT = "in flight"
     CACHED = "in its own file"
     ELSEWHERE = "in another version's file"
