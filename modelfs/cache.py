@@ -45,6 +45,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import xxhash
 
@@ -122,6 +123,11 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
         done += n
 
 
+def pages(start: int, length: int) -> int:
+    """Bytes of the whole pages that bytes [start, start+length) touch: what an extent takes on disk at most."""
+    return (-(-(start + length) // PAGE) - start // PAGE) * PAGE
+
+
 def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -156,7 +162,9 @@ class _File:
         self.trusted: set[int] = set()  # present extents this process wrote or read back and hashed
         self.fd = -1
         self.reading: dict[int, int] = {}  # extent start -> reads of it in progress (it is not punched meanwhile)
-        self.punching: set[int] = set()  # starts marked absent, not punched out yet (not written meanwhile)
+        # start -> [lo, hi): extents marked absent and not punched out yet, and the range each punch frees (its
+        # pages, out to page edges no other extent uses); no write into those pages until the punch is done
+        self.punching: dict[int, tuple[int, int]] = {}
         self.generation: dict[int, int] = {}  # start -> which write put the present bytes there
         self.holds = 0  # passthrough registrations: the kernel may read any byte at any time
         self.pending = 0  # writes into the file in progress
@@ -166,6 +174,15 @@ class _File:
         """Nothing reads, writes or holds the file now (it may be closed, or deleted once empty)."""
         return not (self.reading or self.holds or self.pending)
 
+    def in_use(self, lo: int, hi: int, writing: dict[tuple[bytes, int], int]) -> bool:
+        """Whether bytes [lo, hi) of the file belong to a present extent or one being written (lock held)."""
+        return any(s < hi and lo < s + n for s, (_, n) in self.present.items()) or \
+            any(v == self.vid and s < hi and lo < s + n for (v, s), n in writing.items())
+
+    def punched_over(self, lo: int, hi: int) -> bool:
+        """Whether a punch in progress frees any of bytes [lo, hi) (lock held)."""
+        return any(a < hi and lo < b for a, b in self.punching.values())
+
     @property
     def complete(self) -> bool:
         return self.present_bytes == self.size
@@ -173,6 +190,19 @@ class _File:
     @property
     def all_trusted(self) -> bool:
         return self.complete and len(self.trusted) == len(self.present)
+
+
+@dataclass(frozen=True)
+class _Victim:
+    """An extent marked absent, to be punched out: its bytes [start, start+length), the range the punch frees
+    [lo, hi), and the pages it was counted for."""
+
+    file: _File
+    start: int
+    length: int
+    lo: int
+    hi: int
+    charge: int
 
 
 class FileCache:
@@ -204,10 +234,13 @@ class FileCache:
         self._lru: OrderedDict[tuple[bytes, int], float] = OrderedDict()
         self._by_hash: dict[bytes, set[tuple[bytes, int]]] = {}  # hash -> present extents with that content
         self._fds: OrderedDict[bytes, None] = OrderedDict()  # files with an open fd, least recently used first
-        self._writing: set[tuple[bytes, int]] = set()
+        self._writing: dict[tuple[bytes, int], int] = {}  # extents being written -> their lengths
         self._kept: set[bytes] = set()  # hashes of pinned models' extents (`modelfs cache pin`)
-        self._reserved = 0  # bytes of writes in progress, already counted against the quota
-        self._unlinking = 0  # bytes being punched out: still on disk, so still counted
+        # The quota counts whole pages (`pages`): what the disk holds, not the extents' lengths. `_charged` is
+        # the pages of present extents (a page two extents share counted twice: never less than the disk).
+        self._charged = 0
+        self._reserved = 0  # pages of writes in progress, already counted against the quota
+        self._unlinking = 0  # pages being punched out: still on disk, so still counted
         self._fs_free_value = 0
         self._fs_free_at = -1.0
         self.bytes_stored = 0
@@ -281,6 +314,7 @@ class FileCache:
                 f.present_bytes += length
                 self._by_hash.setdefault(digest, set()).add((vid, start))
                 self.bytes_stored += length
+                self._charged += pages(start, length)
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
             for start in sorted(self._files[vid].present):
@@ -346,7 +380,7 @@ class FileCache:
                 n = f.reading.pop(start) - 1
                 if n:
                     f.reading[start] = n
-                elif start in f.punching:
+                elif f.punching:
                     self._changed.notify_all()
 
     def _lost(self, f: _File, e: OSError) -> None:
@@ -355,8 +389,8 @@ class FileCache:
                     f.vid.hex(), e.strerror or e)
         starts = list(f.present)
         for start in starts:
-            self._unlinking -= self._unpresent(f, start)[2]  # nothing to punch
-            f.punching.discard(start)
+            self._unlinking -= self._unpresent(f, start).charge  # nothing to punch
+            del f.punching[start]
         if f.idle:
             del self._files[f.vid]
             self._fds.pop(f.vid, None)
@@ -538,20 +572,21 @@ class FileCache:
         copy_range(src, src_off, dst, dst_off, length)
 
     def _store(self, ver: FileVersion, start: int, length: int, digest: bytes, fill: Callable[[int], None]) -> bool:
-        key = (ver.vid, start)
+        key, charge = (ver.vid, start), pages(start, length)
         with self._lock:
             f = self._files.get(ver.vid)
             if f is None:
                 f = self._files[ver.vid] = _File(ver.vid, ver.info.size, self.domain)
-            while start in f.punching:  # its old bytes are being punched out: write after, not before
+            f.pending += 1  # from now on the file is not deleted under this write
+            while f.punched_over(start, start + length):  # write after the punch of these pages, not before
                 self._changed.wait()
             if start in f.present or key in self._writing:
+                f.pending -= 1
                 return False
-            self._writing.add(key)
-            f.pending += 1
+            self._writing[key] = length
         stored = reserved = False
         try:
-            if not self.make_room(length, reserve=True):
+            if not self.make_room(charge, reserve=True):
                 raise CacheFull(f"no room for a {length}-byte extent under the cache quota")
             reserved = True
             with self._lock:
@@ -564,7 +599,7 @@ class FileCache:
                     raise
                 # The disk filled up under us (other writers, or no min_free): keep two extents of slack from
                 # now on, evict for it, and try once more.
-                self.min_free = max(self.min_free, 2 * length)
+                self.min_free = max(self.min_free, 2 * charge)
                 if not self.make_room(0):
                     raise CacheFull("the cache filesystem is full") from None
                 try:
@@ -576,7 +611,7 @@ class FileCache:
                     raise
             self.index.mark_present(ver.vid, self.identity, self.domain, ver.info, [(start, digest, length)])
             with self._lock:  # the room reserved becomes the extent's: counted all along (no overshoot)
-                self._reserved -= length
+                self._reserved -= charge
                 reserved = False
                 f.present[start] = (digest, length)
                 f.present_bytes += length
@@ -586,24 +621,28 @@ class FileCache:
                 self._by_hash.setdefault(digest, set()).add(key)
                 self._lru[key] = time.monotonic()
                 self.bytes_stored += length
+                self._charged += charge
             stored = True
             return True
         finally:
             with self._lock:
                 if reserved:
-                    self._reserved -= length
-                self._writing.discard(key)
+                    self._reserved -= charge
+                del self._writing[key]
                 f.pending -= 1
-                gone = not stored and not f.present and f.idle
-                if gone:  # nothing of it was ever stored: no file either
-                    self._files.pop(ver.vid, None)
-                    self._fds.pop(ver.vid, None)
-                    fd, f.fd = f.fd, -1
-            if gone:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path(ver.vid))
-                if fd >= 0:
-                    os.close(fd)
+                if not stored and not f.present and f.idle and self._files.get(ver.vid) is f:
+                    self._delete(f)  # nothing of it was ever stored: no file either
+
+    def _delete(self, f: _File) -> None:
+        """Forget a file with no extent and nothing using it, and delete it (lock held: the path never names a
+        file the cache has forgotten while a new one is being made under it)."""
+        del self._files[f.vid]
+        self._fds.pop(f.vid, None)
+        if f.fd >= 0:
+            os.close(f.fd)
+            f.fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.path(f.vid))
 
     @staticmethod
     def _unfill(fd: int, start: int, length: int) -> None:
@@ -634,7 +673,8 @@ class FileCache:
         return self._fs_free_value
 
     def _used(self) -> int:
-        return self.bytes_stored + self._unlinking + self._reserved
+        """Pages counted against max_size: present extents', being punched, reserved for writes."""
+        return self._charged + self._unlinking + self._reserved
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` fit with no eviction (no I/O most of the time: callable from the trio thread)."""
@@ -658,7 +698,7 @@ class FileCache:
                 if protect_since is not None and used >= protect_since:
                     break
                 if self._evictable(key):
-                    room += self._files[key[0]].present[key[1]][1]
+                    room += pages(key[1], self._files[key[0]].present[key[1]][1])
         return max(0, room)
 
     def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
@@ -687,7 +727,7 @@ class FileCache:
                     break
                 if self._evictable(key):
                     chosen.append(key)
-                    freed += self._files[key[0]].present[key[1]][1]
+                    freed += pages(key[1], self._files[key[0]].present[key[1]][1])
             if freed < need and not (partial and chosen):
                 return False
             if reserve:
@@ -695,11 +735,13 @@ class FileCache:
             victims = [self._unpresent(self._files[vid], start) for vid, start in chosen]
         self._punch(victims)
         if victims and self._on_evict:
-            self._on_evict(len(victims), sum(v[2] for v in victims))
+            self._on_evict(len(victims), sum(v.length for v in victims))
         return freed >= need
 
-    def _unpresent(self, f: _File, start: int) -> tuple[_File, int, int]:
-        """Mark an extent absent (lock held): from now on no read starts on it. Returns what to punch."""
+    def _unpresent(self, f: _File, start: int) -> _Victim:
+        """Mark an extent absent (lock held): from now on no read starts on it, and no write into the pages its
+        punch frees. The punch frees its bytes and, out to the page edges, bytes no other extent uses (a page
+        shared with a present extent stays: that extent counts it)."""
         digest, length = f.present.pop(start)
         f.present_bytes -= length
         f.trusted.discard(start)
@@ -709,51 +751,52 @@ class FileCache:
             where.discard((f.vid, start))
             if not where:
                 del self._by_hash[digest]
+        lo, hi = start, start + length
+        if lo % PAGE and not f.in_use(lo - lo % PAGE, lo, self._writing):
+            lo -= lo % PAGE
+        if hi % PAGE and not f.in_use(hi, hi + PAGE - hi % PAGE, self._writing):
+            hi = min(f.size, hi + PAGE - hi % PAGE)
+        victim = _Victim(f, start, length, lo, hi, pages(start, length))
         self.bytes_stored -= length
-        self._unlinking += length
-        f.punching.add(start)
-        return f, start, length
+        self._charged -= victim.charge
+        self._unlinking += victim.charge
+        f.punching[start] = (lo, hi)
+        return victim
 
-    def _punch(self, victims: list[tuple[_File, int, int]]) -> None:
+    def _punch(self, victims: list[_Victim]) -> None:
         """Unrecord, then punch out, extents marked absent (invariant 1 of `index`); a file left with no extent
         and nothing using it is deleted. A read that began before the extent was marked absent ends first; a
-        write of the same extent waits for the punch (it would otherwise punch out the new bytes). Each punch
-        opens the file anew: an fd of the cache's may be closed and its number reused meanwhile."""
+        write into the pages being punched waits for the punch (it would otherwise punch out the new bytes).
+        Each punch opens the file anew: an fd of the cache's may be closed and its number reused meanwhile."""
         if not victims:
             return
-        self.index.unmark([(f.vid, start) for f, start, _ in victims])
+        self.index.unmark([(v.file.vid, v.start) for v in victims])
         try:
-            for f, start, length in victims:
+            for v in victims:
+                f = v.file
                 with self._lock:
-                    while f.reading.get(start):
+                    while f.reading.get(v.start):
                         self._changed.wait()
                     live = self._files.get(f.vid) is f
-                    empty = live and not f.present and f.idle
-                    if empty:
-                        del self._files[f.vid]
-                        self._fds.pop(f.vid, None)
-                        fd, f.fd = f.fd, -1
+                    if live and not f.present and f.idle:
+                        self._delete(f)
+                        live = False
                 try:
-                    if empty:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.path(f.vid))
-                        if fd >= 0:
-                            os.close(fd)
-                    elif live:
+                    if live:
                         own = os.open(self.path(f.vid), os.O_WRONLY | os.O_CLOEXEC)
                         try:
-                            punch(own, start, length)
+                            punch(own, v.lo, v.hi - v.lo)
                         finally:
                             os.close(own)
                 except OSError as e:
-                    log.warning("cannot free %d bytes of cache file %s: %s", length, f.vid.hex(), e)
+                    log.warning("cannot free %d bytes of cache file %s: %s", v.length, f.vid.hex(), e)
                 finally:
                     with self._lock:
-                        f.punching.discard(start)
+                        del f.punching[v.start]
                         self._changed.notify_all()
         finally:
             with self._lock:
-                self._unlinking -= sum(length for _, _, length in victims)
+                self._unlinking -= sum(v.charge for v in victims)
 
     def writable(self) -> bool:
         """Whether the cache takes a write now (`modelfs health`): a probe file written and removed."""

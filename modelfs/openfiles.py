@@ -72,6 +72,10 @@ class OpenFiles:
     def is_open(self, inode: int) -> bool:
         return self._open.get(inode, 0) > 0
 
+    def handles_of(self, inode: int) -> int:
+        """Handles of `inode` open now."""
+        return self._open.get(inode, 0)
+
     def open(self, node: Node) -> int:
         fh = next(self._fh)
         self.handles[fh] = (node, self.version(node))

@@ -61,6 +61,9 @@ from modelfs.version import Extent, FileVersion
 
 log = logging.getLogger(__name__)
 
+#: Seconds between a file's last close and its next open below which the open is part of the same load
+#: (`load_file` opens a shard more than once; a loader reading it again later is a new load).
+LOAD_GAP = 2.0
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
 _INDEX_SUFFIX = ".index.json"
 class OpenFiles(Protocol):
@@ -70,6 +73,8 @@ class OpenFiles(Protocol):
     def version(self, node: Node) -> FileVersion: ...
 
     def is_open(self, inode: int) -> bool: ...
+
+    def handles_of(self, inode: int) -> int: ...
 
 
 @dataclass(eq=False)
@@ -116,6 +121,7 @@ class Prefetcher:
         self.stats = stats
         self.version_of = files.version
         self.is_open = files.is_open
+        self.handles_of = files.handles_of
         self.io_limiter = io_limiter
         self.workers = workers
         self.max_request = max_request
@@ -142,6 +148,9 @@ class Prefetcher:
         self._started = False
         self._scheduling = 0
         self._armed: set[int] = set()  # inodes opened whose first READ has not come: prefetch starts there
+        # vid -> time.monotonic() its last handle closed: an open soon after is the same load (`LOAD_GAP`)
+        self._closed_at: dict[bytes, float] = {}
+        self._new_load: set[bytes] = set()  # versions whose open began a load not counted yet
         #: Checkpoint dirs already reported as not fitting in the cache: said once, not on every open.
         self._told_no_room: set[str] = set()
 
@@ -162,9 +171,16 @@ class Prefetcher:
         return any(fnmatch.fnmatchcase(name, p) for p in self.cfg.patterns)
 
     def opened(self, node: Node) -> None:
-        """A file was opened: whole-file and checkpoint-set prefetch start at its first READ."""
+        """A file was opened: whole-file and checkpoint-set prefetch start at its first READ. An open with no
+        other handle of the file open, and none closed in the last LOAD_GAP seconds, begins a new load of it
+        (`cache.copy_shared_after` counts loads, not opens: `load_file` opens a shard more than once)."""
         if self._started and (self._whole(node) or self._set(node)):
             self._armed.add(node.inode)
+        if self.copy_shared_after and self.handles_of(node.inode) == 1:
+            vid = self.version_of(node).vid
+            closed = self._closed_at.get(vid)
+            if closed is None or time.monotonic() - closed > LOAD_GAP:
+                self._new_load.add(vid)
 
     def _whole(self, node: Node) -> bool:
         return self.cfg.whole_file and self.is_checkpoint(node.name)
@@ -242,8 +258,12 @@ class Prefetcher:
         self._served.pop(inode, None)
 
     def released(self, node: Node) -> None:
-        """The last handle of `node` closed: keep filling the block cache, stop pushing."""
+        """The last handle of `node` closed: keep filling the cache, stop checking ahead and pushing."""
         self._armed.discard(node.inode)
+        now = time.monotonic()
+        if len(self._closed_at) > 4096:  # only recent closes matter
+            self._closed_at = {v: t for v, t in self._closed_at.items() if now - t <= LOAD_GAP}
+        self._closed_at[self.version_of(node).vid] = now
         job = self._jobs.get(node.inode)
         if job is not None:
             job.reading = False
@@ -285,8 +305,9 @@ class Prefetcher:
             done.done.set()
             return done
         await trio.to_thread.run_sync(self.extents.learn, ver, limiter=self.io_limiter)
-        if reading and self.copy_shared_after and not ver.copy_shared:
+        if reading and ver.vid in self._new_load and not ver.copy_shared:
             # Loaded often: what other versions' files hold is worth a copy in its own (then passthrough).
+            self._new_load.discard(ver.vid)
             loads = await trio.to_thread.run_sync(self.extents.note_load, ver, limiter=self.io_limiter)
             ver.copy_shared = loads >= self.copy_shared_after
         starts = [s for s, _ in ver.extents()]

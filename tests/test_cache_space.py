@@ -374,3 +374,70 @@ def test_listings_round_trip_for_offline_mode(tmp_path: Path) -> None:
     again = ChunkIndex(str(tmp_path / "index"), 1 << 24)
     assert again.load_listing("s3:x/b/", "m/") == listing
     again.close()
+
+
+def test_a_write_waiting_on_a_punch_keeps_its_file_and_the_path_names_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last extent of a file is dropped; while its punch is held, a write of the same extent waits and a
+    write of another extent comes in. Neither may end up in a file the cache forgot (its LRU would name a file
+    it no longer has: every later eviction failed) nor in a file no longer at the cache file's path (the
+    kernel, handed the path for passthrough, would read another file than the one the daemon wrote)."""
+    idx = new_index(tmp_path)
+    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=1 << 24, min_free=0)
+    ver = make_version("m/w.bin", 3 * EXT)
+    blocks = [os.urandom(EXT) for _ in range(3)]
+    assert cache.write(ver, 0, blocks[0], content_hash(blocks[0]))
+    held, go = threading.Event(), threading.Event()
+    real_unmark = idx.unmark
+
+    def slow_unmark(extents: object) -> None:  # the drop stops after marking the extent absent
+        held.set()
+        go.wait(10)
+        real_unmark(extents)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(idx, "unmark", slow_unmark)
+    dropper = threading.Thread(target=cache.drop, args=(ver.vid, 0, "damaged (test)"))
+    dropper.start()
+    assert held.wait(10)
+    rewrite = threading.Thread(target=cache.write, args=(ver, 0, blocks[0], content_hash(blocks[0])))
+    rewrite.start()
+    time.sleep(0.2)  # the rewrite waits for the punch of its pages (it cannot finish before it)
+    assert not cache.present(ver.vid, 0)
+    monkeypatch.setattr(idx, "unmark", real_unmark)
+    go.set()
+    dropper.join(10)
+    rewrite.join(10)
+    assert cache.write(ver, EXT, blocks[1], content_hash(blocks[1]))
+    assert cache.write(ver, 2 * EXT, blocks[2], content_hash(blocks[2]))
+    assert cache.complete(ver.vid) and cache.all_trusted(ver.vid)
+    assert cache.headroom() >= 0 and cache.make_room(1 << 20)  # every LRU entry names a file the cache has
+    assert Path(cache.path(ver.vid)).read_bytes() == b"".join(blocks)  # what passthrough would hand the kernel
+    f = cache._files[ver.vid]
+    assert os.fstat(f.fd).st_ino == os.stat(cache.path(ver.vid)).st_ino and os.fstat(f.fd).st_nlink == 1
+
+
+def test_punching_frees_the_pages_an_extent_leaves_alone_and_the_quota_counts_pages(tmp_path: Path) -> None:
+    """Extents that do not start or end on a page: the quota counts the whole pages each touches, so the disk
+    never holds more than `cache.max_size`; and once every extent sharing a page is gone, the page is freed
+    (a punch frees out to page edges no other extent uses), so nothing is left allocated behind."""
+    idx = new_index(tmp_path)
+    size = 40 * 10_007
+    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=16 * 4096 * 4, min_free=0, preallocate=False)
+    ver = make_version("m/odd.bin", size, extent_size=10_007)
+    for k in range(40):
+        n = min(10_007, size - k * 10_007)
+        put(cache, ver, k * 10_007, n)
+        allocated = os.stat(cache.path(ver.vid)).st_blocks * 512 if os.path.exists(cache.path(ver.vid)) else 0
+        assert allocated <= cache.max_size, (k, allocated)
+    cache.max_size = 1
+    cache.make_room(0, partial=True)  # every extent punched out
+    assert cache.bytes_stored == 0 and not os.path.exists(cache.path(ver.vid))
+    ver2 = make_version("m/odd2.bin", size, extent_size=10_007)
+    cache.max_size = 0
+    for k in range(0, 40, 2):  # every other extent: the pages they share with absent neighbours
+        put(cache, ver2, k * 10_007, 10_007)
+    for k in range(0, 40, 4):
+        cache.drop(ver2.vid, k * 10_007, "evicted (test)")
+    left = os.stat(cache.path(ver2.vid)).st_blocks * 512
+    from modelfs.cache import pages
+    assert left <= sum(pages(k * 10_007, 10_007) for k in range(2, 40, 4)), left

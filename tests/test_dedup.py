@@ -12,12 +12,14 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from modelfs.config import MiB
+from modelfs.prefetch import LOAD_GAP
 from modelfs.testing.checkpoints import make_variant_set, write_raw_safetensors
 from modelfs.testing.diskfault import available, loop_btrfs
 from modelfs.testing.seaweed import SeaweedServer
@@ -184,6 +186,7 @@ def test_a_fine_tune_on_ext4_is_read_from_its_base_until_loaded_often(seaweed: S
     assert st["bytes_in_cache"] - stored <= changed + 0.02 * size, st  # shared tensors stored once
     assert not passthrough_open(m, "ft")  # not whole in its own file: READs through the daemon
     fetched = st["bytes_fetched"]
+    time.sleep(LOAD_GAP + 0.5)  # a later load, not the same one opening the file again
     load(m, root, "ft")  # the second load: worth a copy of its own
     st = m.stats()
     assert st["bytes_fetched"] == fetched, st  # copied inside the cache, not fetched
