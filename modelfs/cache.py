@@ -171,8 +171,10 @@ class _File:
 
     @property
     def idle(self) -> bool:
-        """Nothing reads, writes or holds the file now (it may be closed, or deleted once empty)."""
-        return not (self.reading or self.holds or self.pending)
+        """Nothing reads, writes, punches or holds the file now (it may be closed, or deleted once empty: a
+        file is never deleted, and a new one made at its path, while a punch of it is pending, which would
+        then punch the new file)."""
+        return not (self.reading or self.holds or self.pending or self.punching)
 
     def in_use(self, lo: int, hi: int, writing: dict[tuple[bytes, int], int]) -> bool:
         """Whether bytes [lo, hi) of the file belong to a present extent or one being written (lock held)."""
@@ -777,10 +779,7 @@ class FileCache:
                 with self._lock:
                     while f.reading.get(v.start):
                         self._changed.wait()
-                    live = self._files.get(f.vid) is f
-                    if live and not f.present and f.idle:
-                        self._delete(f)
-                        live = False
+                    live = self._files.get(f.vid) is f  # and stays so: its pending punch keeps it
                 try:
                     if live:
                         own = os.open(self.path(f.vid), os.O_WRONLY | os.O_CLOEXEC)
@@ -794,6 +793,8 @@ class FileCache:
                     with self._lock:
                         del f.punching[v.start]
                         self._changed.notify_all()
+                        if live and not f.present and f.idle:
+                            self._delete(f)
         finally:
             with self._lock:
                 self._unlinking -= sum(v.charge for v in victims)

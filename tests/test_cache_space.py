@@ -7,6 +7,7 @@ Pure logic over real files (and a real, small tmpfs for ENOSPC): no mount needed
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -441,3 +442,65 @@ def test_punching_frees_the_pages_an_extent_leaves_alone_and_the_quota_counts_pa
     left = os.stat(cache.path(ver2.vid)).st_blocks * 512
     from modelfs.cache import pages
     assert left <= sum(pages(k * 10_007, 10_007) for k in range(2, 40, 4)), left
+
+
+def test_many_threads_writing_reading_dropping_and_evicting_never_see_wrong_bytes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Eight threads at once on a few versions with page-straddling extents and a quota of a dozen pages:
+    writes, reads (page cache only, or not), checks, drops and evictions interleave every way. Every read
+    that returns bytes returns the version's; every extent present at the end holds its bytes on disk; and no
+    punch ever finds its file gone (a file deleted and made anew under a pending punch would have the punch
+    land in the new file, on bytes just written there)."""
+    caplog.set_level("WARNING", logger="modelfs.cache")
+    idx = new_index(tmp_path)
+    ext = 10_007
+    rnd = random.Random(1)
+    datas = [rnd.randbytes(ext * 8 + 123) for _ in range(6)]
+    vers = [make_version(f"m/v{i}.bin", len(d), extent_size=ext) for i, d in enumerate(datas)]
+    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=48 * 4096, min_free=0)
+    wrong: list[tuple[int, int]] = []
+
+    def extents(i: int) -> list[tuple[int, int]]:
+        return [(s, min(ext, len(datas[i]) - s)) for s in range(0, len(datas[i]), ext)]
+
+    def work(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(3000):
+            i = r.randrange(len(vers))
+            s, n = r.choice(extents(i))
+            want = datas[i][s:s + n]
+            op = r.random()
+            try:
+                if op < 0.45:
+                    cache.write(vers[i], s, want, content_hash(want))
+                elif op < 0.85:
+                    off = r.randrange(n)
+                    buf = memoryview(bytearray(r.randrange(1, n - off + 1)))
+                    if cache.pread(vers[i].vid, s, off, buf, nowait=r.random() < 0.5) == len(buf) and \
+                            bytes(buf) != want[off:off + len(buf)]:
+                        wrong.append((i, s))
+                elif op < 0.92:
+                    got = cache.verify(vers[i].vid, s, n)
+                    if got is not None and bytes(got) != want:
+                        wrong.append((i, s))
+                elif op < 0.97:
+                    cache.make_room(r.randrange(4096, 40_000))
+                else:
+                    cache.drop(vers[i].vid, s, "evicted (test)")
+            except CacheFull:
+                pass
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)  # a hang bound only
+    assert not any(t.is_alive() for t in threads)
+    assert not wrong, wrong[:5]
+    for i, v in enumerate(vers):
+        for s, n in extents(i):
+            if cache.present(v.vid, s):
+                with open(cache.path(v.vid), "rb") as f:
+                    f.seek(s)
+                    assert f.read(n) == datas[i][s:s + n], (i, s)
+    assert not [r.getMessage() for r in caplog.records if "cannot free" in r.getMessage()]
