@@ -24,11 +24,16 @@ held only for bookkeeping, never across I/O. An extent is punched out (eviction,
 of it is in progress (`_File.reading`, counted under the lock around every read), after it was marked
 absent under the lock: no read can ever see the hole.
 
-Space: present extents of every domain count against `cache.max_size`, and the cache filesystem keeps
-`cache.min_free` free. Room is made by punching out the least recently used extents of files that no read is
-in and no passthrough open holds (the kernel reads those files at any time); a file left with no extent is
-deleted. When no room can be made, or the disk is full regardless (ENOSPC), `write` raises CacheFull and the
-caller serves the bytes from memory: a full cache costs warmth, never a failed read.
+Space: present extents of every domain count against `cache.max_size` (in whole pages: what the disk
+holds), and the cache filesystem keeps `cache.min_free` free. Room is made least recently used first: a file
+still filling gives up single extents, punched out of it (out to page edges no other extent uses), never one
+being read; a complete file is deleted whole, never punched, unless a passthrough open holds it (`hold`). A
+complete file may have been handed to the kernel for passthrough, by this daemon or an earlier one, and a
+loader that mapped it keeps that mapping after its fd, the backing id and even the daemon are gone: its
+bytes must never change under it, and a deleted file stays whole for such a mapping until it goes (its disk
+space with it). A file left with no extent is deleted. When no room can be made, or the disk is full
+regardless (ENOSPC), `write` raises CacheFull and the caller serves the bytes from memory: a full cache
+costs warmth, never a failed read.
 """
 
 from __future__ import annotations
@@ -689,6 +694,32 @@ class FileCache:
         f = self._files[key[0]]
         return not f.holds and key[1] not in f.reading and f.present[key[1]][0] not in self._kept
 
+    def _whole_evictable(self, f: _File) -> bool:
+        """A complete file nothing reads, writes, punches or holds now, of no pinned model (lock held)."""
+        return f.idle and not any(digest in self._kept for digest, _ in f.present.values())
+
+    def _candidates(self, protect_since: float | None, enough: int) -> tuple[list[tuple[bytes, int]], list[_File], int]:
+        """What eviction may take, least recently used first, until `enough` bytes (lock held): extents of
+        files still filling, to punch out, and complete files, to delete whole. A complete file is never
+        punched: it may have been handed to the kernel for passthrough (by this daemon or an earlier one),
+        and a process that mapped it keeps that mapping after its fd and the backing id are gone, so its
+        bytes must never change; deleted, the file stays whole for such a mapping until it goes."""
+        chosen: list[tuple[bytes, int]] = []
+        whole: dict[bytes, _File] = {}
+        freed = 0
+        for key, used in self._lru.items():
+            if freed >= enough or (protect_since is not None and used >= protect_since):
+                break
+            f = self._files[key[0]]
+            if f.complete:
+                if key[0] not in whole and self._whole_evictable(f):
+                    whole[key[0]] = f
+                    freed += sum(pages(s, n) for s, (_, n) in f.present.items())
+            elif self._evictable(key):
+                chosen.append(key)
+                freed += pages(key[1], f.present[key[1]][1])
+        return chosen, list(whole.values()), freed
+
     def headroom(self, protect_since: float | None = None) -> int:
         """Bytes that fit now, counting extents that could be evicted (only those last used before
         `protect_since`, a time.monotonic() value, when given)."""
@@ -696,16 +727,13 @@ class FileCache:
         if self.min_free:
             room = min(room, self._fs_free() - self.min_free)
         with self._lock:
-            for key, used in self._lru.items():
-                if protect_since is not None and used >= protect_since:
-                    break
-                if self._evictable(key):
-                    room += pages(key[1], self._files[key[0]].present[key[1]][1])
+            room += self._candidates(protect_since, 1 << 62)[2]
         return max(0, room)
 
     def make_room(self, nbytes: int, protect_since: float | None = None, reserve: bool = False,
                   partial: bool = False) -> bool:
-        """Punch out least recently used extents until `nbytes` fit; False (evicting nothing) if they cannot.
+        """Evict least recently used extents until `nbytes` fit (punched out of files still filling; complete
+        files deleted whole: `_candidates`); False (evicting nothing) if they cannot.
 
         Extents last used at or after `protect_since` are kept (prefetch must not evict what the load it serves
         has just fetched or read). `reserve` holds the room for a write in progress, so concurrent writers
@@ -722,23 +750,39 @@ class FileCache:
                 need = self._used() + nbytes - self.max_size
             if self.min_free:
                 need = max(need, self.min_free + self._reserved + nbytes - fs_free)
-            freed = 0
-            chosen: list[tuple[bytes, int]] = []
-            for key, used in self._lru.items():
-                if freed >= need or (protect_since is not None and used >= protect_since):
-                    break
-                if self._evictable(key):
-                    chosen.append(key)
-                    freed += pages(key[1], self._files[key[0]].present[key[1]][1])
-            if freed < need and not (partial and chosen):
+            chosen, whole, freed = self._candidates(protect_since, need)
+            if freed < need and not (partial and (chosen or whole)):
                 return False
             if reserve:
                 self._reserved += nbytes
             victims = [self._unpresent(self._files[vid], start) for vid, start in chosen]
+            deleted = [(f.vid, start, n) for f in whole for start, (_, n) in f.present.items()]
+            for f in whole:
+                self._forget(f)
+        if deleted:
+            self.index.unmark([(vid, start) for vid, start, _ in deleted])
         self._punch(victims)
-        if victims and self._on_evict:
-            self._on_evict(len(victims), sum(v.length for v in victims))
+        count = len(victims) + len(deleted)
+        if count and self._on_evict:
+            self._on_evict(count, sum(v.length for v in victims) + sum(n for _, _, n in deleted))
         return freed >= need
+
+    def _forget(self, f: _File) -> None:
+        """Evict a complete file whole (lock held): every extent absent, the file deleted. (Its index entries
+        go right after; a crash between leaves entries for a file that is gone, dropped at the next start.)"""
+        for start, (digest, length) in f.present.items():
+            self._lru.pop((f.vid, start), None)
+            where = self._by_hash.get(digest)
+            if where is not None:
+                where.discard((f.vid, start))
+                if not where:
+                    del self._by_hash[digest]
+            self.bytes_stored -= length
+            self._charged -= pages(start, length)
+        f.present.clear()
+        f.trusted.clear()
+        f.present_bytes = 0
+        self._delete(f)
 
     def _unpresent(self, f: _File, start: int) -> _Victim:
         """Mark an extent absent (lock held): from now on no read starts on it, and no write into the pages its
@@ -811,9 +855,11 @@ class FileCache:
             return False
 
     def close(self) -> None:
+        """Close the fds of files nothing uses now. A file a GET thread abandoned at shutdown still writes keeps
+        its fd (the process exit closes it): closed under it, the number could name another file by then."""
         with self._lock:
             for f in self._files.values():
-                if f.fd >= 0:
+                if f.fd >= 0 and f.idle:
                     os.close(f.fd)
                     f.fd = -1
             self._fds.clear()

@@ -11,8 +11,10 @@ Rules kept:
   hashed, or read back and hashed before this open (`check`; single-flight; other shards of the same
   directory are checked ahead of the loader, one at a time, `check_ahead`). A damaged extent is dropped
   and fetched again; the open meanwhile is served through the daemon.
-- A file is never punched while a backing id of it is registered (`FileCache.hold`): the kernel may read
-  any byte at any time. Eviction or a new ETag never changes bytes under an open file.
+- A file is never evicted while a backing id of it is registered (`FileCache.hold`): the kernel may read
+  any byte at any time. After that, a complete file is only ever deleted whole, never punched: a loader
+  that mapped it keeps its mapping after the fd and the backing id are gone. Eviction or a new ETag never
+  changes bytes under an open or mapped file.
 - One backing id per version while any passthrough handle of it is open.
 - A partial file is never handed to the kernel: it would read the holes as zeros, and no kernel
   mechanism makes such a read wait for the bytes. Until a file is complete its READs come to the daemon.

@@ -57,13 +57,14 @@ def close_to(allocated: int, stored: int) -> bool:
 
 
 def test_quota_evicts_least_recently_used_extents_first(tmp_path: Path) -> None:
-    """Over the quota, the extents not used for longest are punched out of their files (a read makes an
-    extent most recent); the room they took on disk is really given back."""
+    """Over the quota, the extents not used for longest are punched out of their files, files still filling
+    (a read makes an extent most recent); the room they took on disk is really given back."""
     evicted: list[tuple[int, int]] = []
     idx = new_index(tmp_path)
     cache = FileCache(str(tmp_path), idx, "d", "src", max_size=4 * EXT, min_free=0,
                       on_evict=lambda k, n: evicted.append((k, n)))
-    one, two = make_version("m/one.bin", 4 * EXT), make_version("m/two.bin", 2 * EXT)
+    # One more extent each than is ever written: the files stay incomplete (a complete file goes whole).
+    one, two = make_version("m/one.bin", 5 * EXT), make_version("m/two.bin", 3 * EXT)
     keys = [(one, 0), (one, EXT), (two, 0), (one, 2 * EXT), (two, EXT), (one, 3 * EXT)]
     data = [put(cache, v, s, EXT) for v, s in keys[:4]]
     assert read(cache, one.vid, 0, 10) == data[0][:10]  # (one, 0) is now the most recent
@@ -103,7 +104,7 @@ def test_room_an_eviction_frees_is_not_given_out_before_the_punch_is_done(tmp_pa
     more than the quota): bytes on disk never exceed cache.max_size."""
     idx = new_index(tmp_path)
     cache = FileCache(str(tmp_path), idx, "d", "src", max_size=3 * EXT, min_free=0)
-    held = make_version("m/held.bin", 3 * EXT, extent_size=2 * EXT)  # extents (0, 2 EXT) and (2 EXT, EXT)
+    held = make_version("m/held.bin", 4 * EXT, extent_size=2 * EXT)  # (0, 2 EXT), (2 EXT, 2 EXT): never complete
     put(cache, held, 0, 2 * EXT)  # oldest: the one the first writer evicts
     put(cache, held, 2 * EXT, EXT)  # keeps the file alive: the big extent is punched, not unlinked
     assert close_to(on_disk(tmp_path), 3 * EXT)
@@ -172,9 +173,9 @@ def test_an_extent_being_read_is_never_evicted(tmp_path: Path) -> None:
     idx.close()
 
 
-def test_a_file_held_by_passthrough_is_never_punched(tmp_path: Path) -> None:
-    """The kernel reads a passthrough file at any time, unseen by the daemon: no extent of a held file is
-    punched, however old, until the hold is released."""
+def test_a_file_held_by_passthrough_is_never_evicted(tmp_path: Path) -> None:
+    """The kernel reads a passthrough file at any time, unseen by the daemon: a held file loses no byte,
+    however old, until the hold is released; then, complete, it is evicted whole."""
     idx = new_index(tmp_path)
     cache = FileCache(str(tmp_path), idx, "d", "src", max_size=3 * EXT, min_free=0)
     held, other, new = make_version("m/held.bin", 2 * EXT), make_version("m/o.bin", EXT), make_version("m/n.bin", EXT)
@@ -193,8 +194,9 @@ def test_a_file_held_by_passthrough_is_never_punched(tmp_path: Path) -> None:
     assert (tmp_path / "files" / held.vid.hex()).read_bytes() == h0 + h1  # every byte still on disk
     assert cache.all_trusted(held.vid)
     cache.hold(held.vid, -1)
-    assert cache.write(other, 0, o, content_hash(o))  # released: its oldest extent may go
-    assert not cache.present(held.vid, 0) and cache.present(held.vid, EXT) and cache.present(new.vid, 0)
+    assert cache.write(other, 0, o, content_hash(o))  # released: it may go, whole (it is complete)
+    assert not cache.present(held.vid, 0) and not cache.present(held.vid, EXT) and cache.present(new.vid, 0)
+    assert not (tmp_path / "files" / held.vid.hex()).exists()
     assert read(cache, other.vid, 0, EXT) == o and read(cache, new.vid, 0, EXT) == n
     cache.close()
     idx.close()
@@ -243,10 +245,10 @@ def test_pinned_content_is_never_evicted(tmp_path: Path) -> None:
 
 def test_quota_and_order_survive_a_restart(tmp_path: Path) -> None:
     """A restarted cache counts what its files hold, of every trust domain, against the quota, and evicts
-    in the order versions were last loaded (`note_load`)."""
+    in the order versions were last loaded (`note_load`). (Files still filling: extents are punched.)"""
     idx = new_index(tmp_path)
     cache = FileCache(str(tmp_path), idx, "d", "src", min_free=0)
-    vers = [make_version(f"m/{i}.bin", 2 * EXT) for i in range(3)]
+    vers = [make_version(f"m/{i}.bin", 3 * EXT) for i in range(3)]
     for v in vers:
         put(cache, v, 0, EXT)
         put(cache, v, EXT, EXT)
@@ -504,3 +506,28 @@ def test_many_threads_writing_reading_dropping_and_evicting_never_see_wrong_byte
                     f.seek(s)
                     assert f.read(n) == datas[i][s:s + n], (i, s)
     assert not [r.getMessage() for r in caplog.records if "cannot free" in r.getMessage()]
+
+
+def test_a_complete_file_is_evicted_whole_and_a_mapping_of_it_keeps_its_bytes(tmp_path: Path) -> None:
+    """A complete file may have been handed to the kernel for passthrough, and a loader that mapped it keeps
+    the mapping after it closed the file (and after the daemon let the backing id go): its bytes must never
+    change. Eviction deletes such a file whole instead of punching it, so the mapping still reads the
+    version's bytes, while files still filling give up single extents."""
+    import mmap
+
+    idx = new_index(tmp_path)
+    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=4 * EXT, min_free=0)
+    done, filling = make_version("m/done.bin", 2 * EXT), make_version("m/filling.bin", 3 * EXT)
+    d0, d1 = put(cache, done, 0, EXT), put(cache, done, EXT, EXT)
+    f0 = put(cache, filling, 0, EXT)
+    with open(cache.path(done.vid), "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # as a loader's mmap through passthrough
+    put(cache, filling, EXT, EXT)
+    put(cache, make_version("m/new.bin", EXT), 0, EXT)  # over the quota: `done` is the oldest
+    assert not cache.present(done.vid, 0) and not cache.present(done.vid, EXT)
+    assert not os.path.exists(cache.path(done.vid))  # deleted whole, never punched
+    assert mapped[:] == d0 + d1  # the mapping still reads the version's bytes
+    mapped.close()
+    assert cache.present(filling.vid, 0) and read(cache, filling.vid, 0, EXT) == f0
+    cache.close()
+    idx.close()
