@@ -156,7 +156,7 @@ class _File:
     """One version's file and what this process knows of it."""
 
     __slots__ = ("domain", "fd", "generation", "holds", "pending", "present", "present_bytes", "punching", "reading",
-                 "size", "trusted", "vid")
+                 "sealed", "size", "trusted", "vid")
 
     def __init__(self, vid: bytes, size: int, domain: str) -> None:
         self.vid = vid
@@ -173,6 +173,7 @@ class _File:
         self.generation: dict[int, int] = {}  # start -> which write put the present bytes there
         self.holds = 0  # passthrough registrations: the kernel may read any byte at any time
         self.pending = 0  # writes into the file in progress
+        self.sealed = False  # complete at some point: it may be mapped through passthrough; never punched again
 
     @property
     def idle(self) -> bool:
@@ -322,6 +323,7 @@ class FileCache:
                 self._by_hash.setdefault(digest, set()).add((vid, start))
                 self.bytes_stored += length
                 self._charged += pages(start, length)
+            f.sealed = f.complete
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
             for start in sorted(self._files[vid].present):
@@ -629,6 +631,7 @@ class FileCache:
                 self._lru[key] = time.monotonic()
                 self.bytes_stored += length
                 self._charged += charge
+                f.sealed = f.sealed or f.complete
             stored = True
             return True
         finally:
@@ -695,15 +698,15 @@ class FileCache:
         return not f.holds and key[1] not in f.reading and f.present[key[1]][0] not in self._kept
 
     def _whole_evictable(self, f: _File) -> bool:
-        """A complete file nothing reads, writes, punches or holds now, of no pinned model (lock held)."""
+        """A sealed file nothing reads, writes, punches or holds now, of no pinned model (lock held)."""
         return f.idle and not any(digest in self._kept for digest, _ in f.present.values())
 
     def _candidates(self, protect_since: float | None, enough: int) -> tuple[list[tuple[bytes, int]], list[_File], int]:
         """What eviction may take, least recently used first, until `enough` bytes (lock held): extents of
-        files still filling, to punch out, and complete files, to delete whole. A complete file is never
-        punched: it may have been handed to the kernel for passthrough (by this daemon or an earlier one),
-        and a process that mapped it keeps that mapping after its fd and the backing id are gone, so its
-        bytes must never change; deleted, the file stays whole for such a mapping until it goes."""
+        files still filling, to punch out, and files that were ever complete (`sealed`), to delete whole. Those
+        are never punched: they may have been handed to the kernel for passthrough (by this daemon or an
+        earlier one), and a process that mapped one keeps that mapping after its fd and the backing id are
+        gone, so its bytes must never change; deleted, the file stays whole for such a mapping until it goes."""
         chosen: list[tuple[bytes, int]] = []
         whole: dict[bytes, _File] = {}
         freed = 0
@@ -711,7 +714,7 @@ class FileCache:
             if freed >= enough or (protect_since is not None and used >= protect_since):
                 break
             f = self._files[key[0]]
-            if f.complete:
+            if f.sealed:
                 if key[0] not in whole and self._whole_evictable(f):
                     whole[key[0]] = f
                     freed += sum(pages(s, n) for s, (_, n) in f.present.items())
@@ -768,7 +771,7 @@ class FileCache:
         return freed >= need
 
     def _forget(self, f: _File) -> None:
-        """Evict a complete file whole (lock held): every extent absent, the file deleted. (Its index entries
+        """Evict a sealed file whole (lock held): every extent absent, the file deleted. (Its index entries
         go right after; a crash between leaves entries for a file that is gone, dropped at the next start.)"""
         for start, (digest, length) in f.present.items():
             self._lru.pop((f.vid, start), None)
