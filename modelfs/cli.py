@@ -173,7 +173,7 @@ def _files_under(paths: list[str]) -> list[tuple[str, int]]:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    """Warm the block cache with whole files, showing bytes, rate and ETA; non-zero if any file failed."""
+    """Warm the cache with whole files, showing bytes, rate and ETA; non-zero if any file failed."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("source", nargs="?", help="s3://BUCKET/PREFIX or a local directory")
     m.add_argument("mountpoint", nargs="?", help="an empty directory")
     m.add_argument("--config", help="TOML configuration file (see daemon/modelfs.toml)")
-    m.add_argument("--cache-dir", help="block cache and index directory")
+    m.add_argument("--cache-dir", help="cache files and index directory")
     m.add_argument("--endpoint-url", help="S3 endpoint (default: config, then AWS_ENDPOINT_URL, then AWS)")
     m.add_argument("--extent-size", help="fetch and cache unit, e.g. 8MiB")
     m.add_argument("--allow-other", action="store_true", default=None, help="let other users read the mount")
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the daemon to exit (it may first hand on write-backs to a shared tier)")
     u.set_defaults(func=cmd_umount)
 
-    pf = sub.add_parser("prefetch", help="fetch files or directories of a mount into the block cache")
+    pf = sub.add_parser("prefetch", help="fetch files or directories of a mount into the cache")
     pf.add_argument("paths", nargs="+", metavar="PATH")
     pf.add_argument("-j", "--jobs", type=int, default=4, help="files warmed at once")
     pf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

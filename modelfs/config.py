@@ -81,7 +81,7 @@ class S3Config:
 
 @dataclass
 class CacheConfig:
-    """The local block cache and its LMDB index."""
+    """The local cache (one file per file version) and its LMDB index."""
 
     dir: str = field(default_factory=_default_cache_dir)
     extent_size: Size = Size(8 * MiB)

@@ -259,7 +259,7 @@ class ModelFS:
     # -- cache warming (`modelfs prefetch`) ----------------------------------------------------------
 
     async def warm(self, inode: int) -> dict[str, int]:
-        """Fetch a whole file into the block cache, and into the shared tier if there is one (one
+        """Fetch a whole file into the cache, and into the shared tier if there is one (one
         `modelfs prefetch` warms a fleet); returns its size and the bytes that needed GETs."""
         node = self.ns.get(inode)
         if node.is_dir:

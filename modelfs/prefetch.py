@@ -5,7 +5,7 @@ Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of 
   in file order, which is the order `load_file` reads a safetensors file (the header, then tensors by
   data offset);
 - checkpoint sets: the first READ of `*.index.json` of a sharded checkpoint, or of one shard of a
-  `name-0000K-of-0000N.ext` set, schedules the other shards into the block cache, within the free
+  `name-0000K-of-0000N.ext` set, schedules the other shards into the cache, within the free
   space of the cache filesystem;
 - sequential streams (`readahead.StreamTracker`) for any other file read sequentially.
 
@@ -271,7 +271,7 @@ class Prefetcher:
         self._served.pop(node.inode, None)
 
     async def warm(self, node: Node) -> Job:
-        """Fetch the whole file into the block cache (for `modelfs prefetch`); returns the finished job."""
+        """Fetch the whole file into the cache (for `modelfs prefetch`); returns the finished job."""
         job = await self._schedule_whole(node, False)
         await job.done.wait()
         if job.error is not None:
@@ -320,7 +320,7 @@ class Prefetcher:
         return self.gate is not None and self.gate.is_open
 
     async def _schedule_set(self, node: Node) -> None:
-        """Schedule the other shards of node's checkpoint into the block cache, as space allows."""
+        """Schedule the other shards of node's checkpoint into the cache, as space allows."""
         try:
             parent = self.ns.get(node.parent)
             siblings = await self.ns.children(parent)

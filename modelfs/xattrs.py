@@ -9,7 +9,7 @@ STATS = b"user.modelfs.stats"
 PID = b"user.modelfs.pid"
 #: Root: health for `modelfs status`: is the store reachable (checked now), is the cache writable.
 HEALTH = b"user.modelfs.health"
-#: A file: reading it fetches the whole file into the block cache first (`modelfs prefetch`); a getxattr,
+#: A file: reading it fetches the whole file into the cache first (`modelfs prefetch`); a getxattr,
 #: because the mount is read-only and setxattr never reaches the daemon.
 PREFETCH = b"user.modelfs.prefetch"
 #: A file: how many of its bytes are cached.
