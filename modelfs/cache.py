@@ -44,6 +44,7 @@ import ctypes.util
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -235,6 +236,7 @@ class FileCache:
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a read ended, or a punch is done
+        self._local = threading.local()  # each worker thread's read buffer for checks (`_scratch`)
         self._writes = 0  # writes stored so far: each present extent's generation
         self._files: dict[bytes, _File] = {}
         # Present extents, least recently used first: (vid, start) -> time.monotonic() of last use (-1: before
@@ -432,15 +434,16 @@ class FileCache:
         self.drop(vid, start, why, generation)
         return -1
 
-    def verify(self, vid: bytes, start: int, length: int) -> memoryview | None:
-        """Read a present extent back into memory of its own and hash it (worker thread): trusted from now on,
-        and its bytes returned, if it matches; else dropped (punched out, unrecorded, counted) and None."""
+    def verify(self, vid: bytes, start: int, length: int, keep: bool = False) -> memoryview | None:
+        """Read a present extent back and hash it (worker thread): trusted from now on, and its bytes returned,
+        if it matches; else dropped (punched out, unrecorded, counted) and None. The bytes are in a buffer the
+        thread reuses (valid until its next `verify`), or, with `keep`, in memory of their own."""
         with self._reading(vid, start, trusted=False) as got:
             if got is None:
                 return None
             fd, digest, known, generation = got
             f = self._files[vid]
-            view = memoryview(private(length))[:length]
+            view = memoryview(private(length))[:length] if keep else self._scratch(length)
             why = "damaged"
             try:
                 n = read_all(fd, view, start) if known == length else -1
@@ -456,6 +459,14 @@ class FileCache:
         self.drop(vid, start, why, generation)
         return None
 
+    def _scratch(self, length: int) -> memoryview:
+        """This thread's reusable read buffer, at least `length` bytes (a check of a whole file reads every
+        extent into it: no new mapping, and no page faults, per extent)."""
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = self._local.buf = private(length)
+        return memoryview(buf)[:length]
+
     def read_back(self, vid: bytes, start: int, length: int, digest: bytes) -> memoryview | None:
         """An extent's bytes read from its file, or from any file holding the same content, and hashed (what
         the shared tier writes back: bytes damaged on disk are never shared); None if the cache holds them
@@ -464,7 +475,7 @@ class FileCache:
             where = (vid, start) if self.present(vid, start) else self.locate(digest, length)
             if where is None:
                 return None
-            view = self.verify(*where, length)
+            view = self.verify(*where, length, keep=True)
             if view is not None:
                 return view if content_hash(view) == digest else None
 
@@ -510,6 +521,21 @@ class FileCache:
             if f is None:
                 return []
             return sorted((s, n) for s, (_, n) in f.present.items() if s not in f.trusted)
+
+    def read_ahead(self, vid: bytes) -> None:
+        """Ask the kernel to read the whole file from disk now, in the background (before a check reads it
+        extent by extent, and the loader after it): one sequential sweep instead of small read-aheads. Only a
+        hint: a file evicted meanwhile is simply not read."""
+        try:
+            fd = os.open(self.path(vid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def present_bytes(self, vid: bytes) -> int:
         f = self._files.get(vid)

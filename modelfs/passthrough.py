@@ -161,6 +161,7 @@ class Passthrough:
         """Every unchecked extent of the file read back and hashed (worker thread); a damaged one is dropped
         and counted (`files_corrupt`: its bytes are fetched again)."""
         bad = 0
+        self.cache.read_ahead(ver.vid)
         for start, length in self.cache.untrusted(ver.vid):
             if self.cache.verify(ver.vid, start, length) is None:
                 bad += 1
