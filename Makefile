@@ -7,9 +7,9 @@ PYTEST_ARGS ?=
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null || \
-			! command -v gcc >/dev/null || ! command -v patch >/dev/null; then \
-		echo "installing fuse3, libfuse3-dev, pkg-config, gcc, patch"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc patch; \
+			! command -v gcc >/dev/null || ! command -v patch >/dev/null || ! command -v mkfs.btrfs >/dev/null; then \
+		echo "installing fuse3, libfuse3-dev, pkg-config, gcc, patch, btrfs-progs"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc patch btrfs-progs; \
 	fi
 
 # pyfuse3 is rebuilt against libfuse 3.17 (FUSE passthrough) by daemon/fuse3/build.sh.

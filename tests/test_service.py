@@ -312,20 +312,29 @@ def test_cache_admin_ls_verify_pin_gc(checkpoint: Checkpoint, mounter: Callable[
     good = cli("cache", "verify", "--cache-dir", cache, "-q")
     assert good.returncode == 0 and f"{extents - 1} extents checked, 0 corrupt" in good.stdout, good.stdout
 
-    # gc --to SIZE: least recently used first, and no more than it takes: the shard (used first) loses
-    # extents, punched out of its file; the torch checkpoint (used last) keeps all of its own.
+    # gc --to SIZE: least recently used first, and no more than it takes: the shard (used first, complete) goes
+    # whole, its file deleted (a complete file may still be mapped through passthrough, so it is never punched);
+    # the torch checkpoint (used last, incomplete since verify dropped an extent) keeps all of its own.
     target = torch_cached + sizes[shard] // 2
     gc = cli("cache", "gc", "--to", str(target), "--cache-dir", cache)
     assert gc.returncode == 0, gc.stderr
     _, torch_now = version_of(m.cache_dir, checkpoint.torch_file)
     _, shard_now = version_of(m.cache_dir, shard)
-    assert sorted(torch_now) == sorted(now)
-    kept = sum(length for _, length in shard_now.values())
-    assert target - max(n for _, n in shard_extents.values()) < torch_cached + kept <= target, (kept, target)
-    for start, (_, length) in shard_extents.items():
-        assert is_hole(shard_path, start, length) == (start not in shard_now), start
+    assert sorted(torch_now) == sorted(now) and shard_now == {}
+    assert not shard_path.exists() and torch_path.exists()
     rows, total = ls_rows(cache)
-    assert rows[shard][0] == human(kept) and total == human(torch_cached + kept), (rows, total)
+    assert rows[shard][0] == "0 B" and total == human(torch_cached), (rows, total)
+
+    # An incomplete file is punched extent by extent, least recently used first, no more than it takes.
+    keep = torch_cached - sum(sorted(n for _, n in now.values())[:2])
+    gc = cli("cache", "gc", "--to", str(keep), "--cache-dir", cache)
+    assert gc.returncode == 0, gc.stderr
+    _, torch_now = version_of(m.cache_dir, checkpoint.torch_file)
+    kept = sum(length for _, length in torch_now.values())
+    assert keep - max(n for _, n in now.values()) < kept <= keep and torch_path.exists(), (kept, keep)
+    for start, (_, length) in now.items():
+        assert is_hole(torch_path, start, length) == (start not in torch_now), start
+    torch_cached = kept
 
     # Pin the torch checkpoint, gc everything else away.
     assert cli("cache", "pin", checkpoint.torch_file.split("/")[0] + "/", "--cache-dir", cache).returncode == 0
