@@ -116,13 +116,18 @@ def test_loads_through_passthrough_equal_the_source(checkpoint: Checkpoint,
 
 
 def test_the_cache_holds_each_byte_once(checkpoint: Checkpoint, mounter: Callable[..., Mount]) -> None:
-    """After a cold load, the files the kernel serves by passthrough are the cache: the cache directory holds
-    the checkpoint once (no second copy beside content-addressed blocks), index and log included."""
+    """After a cold load, the files the kernel serves by passthrough are the cache: while every file is served
+    by passthrough (the state warm loads run in), the cache directory holds the checkpoint once (no second copy
+    beside content-addressed blocks), index and log included."""
     m = mounter(str(checkpoint.root))
     warm(m, checkpoint.root)
-    total = sum((checkpoint.root / n).stat().st_size for n in _files(checkpoint.root))
+    names = _files(checkpoint.root)
+    before = m.stats()["passthrough_opens"]
+    for name in names:
+        assert sha(m.path / name) == sha(checkpoint.root / name), name
+    total = sum((checkpoint.root / n).stat().st_size for n in names)
     st = m.stats()
-    assert st["bytes_in_cache"] == total, st
+    assert st["passthrough_opens"] == before + len(names) and st["bytes_in_cache"] == total, st
     everything = [p for p in m.cache_dir.rglob("*") if p.is_file()]
     assert allocated(everything) <= 1.05 * total, (allocated(everything), total)
 
