@@ -800,18 +800,22 @@ class FileCache:
         """Evict a sealed file whole (lock held): every extent absent, the file deleted. (Its index entries
         go right after; a crash between leaves entries for a file that is gone, dropped at the next start.)"""
         for start, (digest, length) in f.present.items():
-            self._lru.pop((f.vid, start), None)
-            where = self._by_hash.get(digest)
-            if where is not None:
-                where.discard((f.vid, start))
-                if not where:
-                    del self._by_hash[digest]
+            self._unindex(f, start, digest)
             self.bytes_stored -= length
             self._charged -= pages(start, length)
         f.present.clear()
         f.trusted.clear()
         f.present_bytes = 0
         self._delete(f)
+
+    def _unindex(self, f: _File, start: int, digest: bytes) -> None:
+        """Take an extent out of the eviction order and the by-hash map (lock held)."""
+        self._lru.pop((f.vid, start), None)
+        where = self._by_hash.get(digest)
+        if where is not None:
+            where.discard((f.vid, start))
+            if not where:
+                del self._by_hash[digest]
 
     def _unpresent(self, f: _File, start: int) -> _Victim:
         """Mark an extent absent (lock held): from now on no read starts on it, and no write into the pages its
@@ -820,12 +824,7 @@ class FileCache:
         digest, length = f.present.pop(start)
         f.present_bytes -= length
         f.trusted.discard(start)
-        self._lru.pop((f.vid, start), None)
-        where = self._by_hash.get(digest)
-        if where is not None:
-            where.discard((f.vid, start))
-            if not where:
-                del self._by_hash[digest]
+        self._unindex(f, start, digest)
         lo, hi = start, start + length
         if lo % PAGE and not f.in_use(lo - lo % PAGE, lo, self._writing):
             lo -= lo % PAGE
