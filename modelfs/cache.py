@@ -735,15 +735,18 @@ class FileCache:
         gone, so its bytes must never change; deleted, the file stays whole for such a mapping until it goes."""
         chosen: list[tuple[bytes, int]] = []
         whole: dict[bytes, _File] = {}
+        seen: set[bytes] = set()  # sealed files decided on: each is weighed once, not once per extent
         freed = 0
         for key, used in self._lru.items():
             if freed >= enough or (protect_since is not None and used >= protect_since):
                 break
             f = self._files[key[0]]
             if f.sealed:
-                if key[0] not in whole and self._whole_evictable(f):
-                    whole[key[0]] = f
-                    freed += sum(pages(s, n) for s, (_, n) in f.present.items())
+                if key[0] not in seen:
+                    seen.add(key[0])
+                    if self._whole_evictable(f):
+                        whole[key[0]] = f
+                        freed += sum(pages(s, n) for s, (_, n) in f.present.items())
             elif self._evictable(key):
                 chosen.append(key)
                 freed += pages(key[1], f.present[key[1]][1])
