@@ -21,6 +21,9 @@ Invariants, and what a crash at each step of storing an extent leaves behind:
    the page cache), and deleted BEFORE its range is punched out of the file (eviction). Crash after the
    write, before the commit: bytes in the file that no entry names; the extent is fetched and written
    again. Crash after the delete, before the punch: bytes nobody names; punched or overwritten later.
+   A complete file is evicted whole instead (never punched: a passthrough mapping of it may outlive the
+   daemon): the file is unlinked first, its entries deleted right after. Crash between: entries naming a
+   file that is gone, dropped at the next start before anything reads them (`FileCache._scan`).
 2. An extents entry is a statement about content, not about presence: it stays true after eviction,
    because the version's bytes cannot change. Dedup finds content by hash through it, joined with present.
 3. Files are not fsync'ed and the environment runs with sync=False (a commit is durable against a process
