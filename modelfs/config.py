@@ -141,6 +141,7 @@ class MountConfig:
     file_mode: Mode = Mode(0o444)
     dir_mode: Mode = Mode(0o555)
     passthrough: str = "auto"
+    passthrough_wait: float = 30.0
 
 
 @dataclass
@@ -236,6 +237,8 @@ class Config:
                               f"{self.s3.addressing_style!r}")
         if self.mount.passthrough not in ("auto", "on", "off"):
             raise ConfigError(f"config: mount.passthrough must be auto, on or off, got {self.mount.passthrough!r}")
+        if self.mount.passthrough_wait < 0:
+            raise ConfigError(f"config: mount.passthrough_wait must be >= 0 seconds, got {self.mount.passthrough_wait}")
         if self.shared.trust not in ("all", "manifest"):
             raise ConfigError(f"config: shared.trust must be all or manifest, got {self.shared.trust!r}")
         if self.shared.flush_on_exit < 0:

@@ -192,6 +192,10 @@ class ModelFS:
         opens of one inode share its version's backing id."""
         if self.passthrough is None:
             return 0
+        node, _ = self.files.handles[fh]
+        if self.cfg.mount.passthrough_wait > 0 and self.passthrough.available and \
+                not self.files.in_cached_mode(node.inode):
+            await self.prefetcher.fill_for_open(node, self.cfg.mount.passthrough_wait)
         backing_id = await self.files.choose_mode(fh, self.passthrough.open)
         if backing_id:
             self._check_siblings(self.files.handles[fh][0])

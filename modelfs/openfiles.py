@@ -76,6 +76,10 @@ class OpenFiles:
         """Handles of `inode` open now."""
         return self._open.get(inode, 0)
 
+    def in_cached_mode(self, inode: int) -> bool:
+        """Whether a handle of `inode` is open in cached mode (a new open cannot be passthrough then)."""
+        return self._cached_open.get(inode, 0) > 0
+
     def open(self, node: Node) -> int:
         fh = next(self._fh)
         self.handles[fh] = (node, self.version(node))

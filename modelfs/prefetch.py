@@ -148,6 +148,8 @@ class Prefetcher:
         self._started = False
         self._scheduling = 0
         self._armed: set[int] = set()  # inodes opened whose first READ has not come: prefetch starts there
+        # inodes this mount has answered a READ of: the kernel may hold their pages (`fill_for_open`)
+        self._read: set[int] = set()
         # vid -> time.monotonic() its last handle closed: an open soon after is the same load (`LOAD_GAP`)
         self._closed_at: dict[bytes, float] = {}
         self._new_load: set[bytes] = set()  # versions whose open began a load not counted yet
@@ -196,6 +198,41 @@ class Prefetcher:
         if self._set(node):
             self._spawn(self._schedule_set, node)
 
+    async def fill_for_open(self, node: Node, bound: float) -> bool:
+        """An open of a checkpoint file not complete in the cache: start its whole-file (and set) prefetch now
+        rather than at its first READ, and wait up to `bound` seconds for the file's last byte, so that the
+        open can be answered by passthrough. A loader then reads the file at local-disk speed while the next
+        shards arrive, and no byte of it costs the daemon a READ (a copy and a reply each), where READs of a
+        file still arriving would each wait for their bytes anyway. True if the file was filled.
+
+        No wait where it cannot end in a complete file: whole-file prefetch off or not a checkpoint file,
+        extents read from another version's file (not copied in), or an inode this mount has answered READs
+        of (the kernel may hold its pages, though its cache file was evicted: a READ-less reopen must cost
+        no GET)."""
+        if (not self._started or not self._whole(node) or node.inode not in self._armed
+                or node.inode in self._read):
+            return False
+        self._armed.discard(node.inode)  # the load starts here, not at the first READ
+        try:
+            job = await self._schedule_whole(node, True)
+        except (ModelfsError, OSError) as e:
+            log.debug("%s: not filled before its open (%s)", node.key, e)
+            return False
+        finally:
+            if self._set(node):
+                self._spawn(self._schedule_set, node)
+        ver = job.ver
+        if ver.elsewhere and not (ver.copy_shared or self.cache.reflinks):
+            return False
+        if not job.done.is_set():
+            self.stats.add(open_waits=1)
+            with trio.move_on_after(bound):
+                await job.done.wait()
+            if not job.done.is_set():
+                self.stats.add(open_wait_expired=1)
+                return False
+        return job.error is None
+
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a scheduling step, supervised (it may read an index or list a directory)."""
         self._scheduling += 1
@@ -218,6 +255,7 @@ class Prefetcher:
         stream detector; also tells us what the kernel lost."""
         if node.inode in self._armed:
             self._first_read(node)
+        self._read.add(node.inode)
         if self.gate is not None:
             self._note_served(node.inode, offset, size, start, length)
         job = self._jobs.get(node.inode)
@@ -253,6 +291,7 @@ class Prefetcher:
     def forget(self, inode: int) -> None:
         """The namespace dropped `inode`: nothing of it is kept here either (a job still running ends)."""
         self._armed.discard(inode)
+        self._read.discard(inode)
         self._trackers.pop(inode, None)
         self._pushed.pop(inode, None)
         self._served.pop(inode, None)

@@ -38,6 +38,8 @@ class Stats:
     internal_errors: int = 0
     passthrough_opens: int = 0
     passthrough_refused: int = 0
+    open_waits: int = 0
+    open_wait_expired: int = 0
     files_corrupt: int = 0
     shared_hits: int = 0
     shared_misses: int = 0

@@ -149,6 +149,34 @@ def test_the_open_after_a_load_completes_a_file_is_passthrough(checkpoint: Check
     assert after["bytes_served"] == before["bytes_served"] and after["gets"] == before["gets"], after
 
 
+def cold_load_shards(m: Mount, ckpt: Checkpoint) -> dict[str, int]:
+    """load_file of every shard through a fresh mount, each checked against the source; the daemon's counters."""
+    shards = sorted((ckpt.root / ckpt.hf_dir).glob("*.safetensors"))
+    for shard in shards:
+        got, want = load_file(m.path / ckpt.hf_dir / shard.name), load_file(shard)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), shard.name
+    return m.stats()
+
+
+def test_a_cold_load_reads_each_shard_by_passthrough_once_it_has_arrived(checkpoint: Checkpoint,
+                                                                         mounter: Callable[..., Mount]) -> None:
+    """The first open of a shard still arriving waits for its last byte and is answered by passthrough: the
+    loader reads it at local-disk speed while the next shards arrive, not one byte goes through a READ (no
+    copy into a reply), and each byte is fetched once."""
+    st = cold_load_shards(mounter(str(checkpoint.root)), checkpoint)
+    shards = sorted((checkpoint.root / checkpoint.hf_dir).glob("*.safetensors"))
+    assert st["bytes_served"] == 0 and st["passthrough_opens"] >= len(shards), st
+    assert st["open_waits"] >= 1 and st["open_wait_expired"] == 0, st
+    assert st["bytes_fetched"] == sum(p.stat().st_size for p in shards), st
+
+
+def test_passthrough_wait_0_serves_a_cold_load_through_the_daemon(checkpoint: Checkpoint,
+                                                                  mounter: Callable[..., Mount]) -> None:
+    st = cold_load_shards(mounter(str(checkpoint.root), args=["-o", "mount.passthrough_wait=0"]), checkpoint)
+    shards = sorted((checkpoint.root / checkpoint.hf_dir).glob("*.safetensors"))
+    assert st["bytes_served"] >= sum(p.stat().st_size for p in shards) and st["open_waits"] == 0, st
+
+
 def test_a_new_daemon_on_a_complete_cache_opens_every_file_by_passthrough(checkpoint: Checkpoint,
                                                                           mounter: Callable[..., Mount]) -> None:
     """A daemon restarted right after a cold load: every open of the next load is a passthrough open (each

@@ -19,6 +19,7 @@ from modelfs.cache import FileCache
 from modelfs.config import load_config
 from modelfs.core import ModelFS
 from modelfs.index import ChunkIndex
+from modelfs.passthrough import Kernel
 from modelfs.remote.local import LocalStore
 
 EXTENT = 64 * 1024
@@ -38,7 +39,7 @@ def write_safetensors(path: Path, tensors: dict[str, int], metadata_pad: int = 0
 
 
 def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview], None] | None = None,
-              **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
+              kernel: Kernel | None = None, **overrides: str) -> tuple[ModelFS, Callable[[], None]]:
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.extent_size": str(EXTENT),
                              "fetch.memory_budget": str(16 * EXTENT), "cache.min_free": "0",
                              **overrides})
@@ -46,7 +47,7 @@ def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview],
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
                       min_free=int(cfg.cache.min_free))
-    core = ModelFS(cfg, store, index, cache, push=push)
+    core = ModelFS(cfg, store, index, cache, push=push, kernel=kernel)
 
     def close() -> None:
         cache.close()
@@ -97,6 +98,100 @@ def test_first_read_prefetches_whole_checkpoint_file_and_an_open_alone_fetches_n
         assert core.stats.bytes_fetched == len(data) + EXTENT  # every extent once, and the one notes.txt read
         assert bytes(await core.read(fh, 0, len(data))) == data
         assert core.stats.bytes_fetched == len(data) + EXTENT
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+class Registry:
+    """The kernel's side of passthrough, in memory: backing ids handed out for files the daemon registered
+    (what FUSE_DEV_IOC_BACKING_OPEN keeps), and the bytes each id would serve."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, bytes] = {}
+
+    def register(self, fd: int) -> int:
+        backing_id = len(self.files) + 1
+        self.files[backing_id] = os.pread(fd, os.fstat(fd).st_size, 0)
+        return backing_id
+
+    def kernel(self) -> Kernel:
+        return Kernel(lambda: True, self.register, lambda backing_id: None)
+
+
+def test_the_first_open_of_a_checkpoint_file_waits_for_its_last_byte_and_is_passthrough(tmp_path: Path) -> None:
+    """A cold open: the whole-file prefetch starts at the open, which returns once the file is complete, with a
+    backing id of the file's bytes: the loader's reads never reach the daemon, each byte fetched once. The
+    shard's set is scheduled at that open too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shards = [write_safetensors(src / f"model-0000{k}-of-00003.safetensors", {f"t{i}": 90_001 for i in range(12)})
+              for k in (1, 2, 3)]
+    registry = Registry()
+    core, close = make_core(src, tmp_path / "cache", kernel=registry.kernel())
+
+    async def body(core: ModelFS) -> None:
+        fh = core.open(await lookup(core, "model-00001-of-00003.safetensors"), os.O_RDONLY)
+        backing_id = await core.backing_id(fh)
+        assert backing_id and registry.files[backing_id] == shards[0]
+        assert core.stats.open_waits == 1 and core.stats.bytes_served == 0
+        await settle(core)  # the other shards were scheduled by that open
+        assert core.stats.bytes_fetched == sum(map(len, shards))
+        fh2 = core.open(await lookup(core, "model-00002-of-00003.safetensors"), os.O_RDONLY)
+        assert registry.files[await core.backing_id(fh2)] == shards[1]
+        assert core.stats.open_waits == 1 and core.stats.bytes_fetched == sum(map(len, shards))
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_an_open_waits_no_longer_than_the_bound_then_reads_come_to_the_daemon(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(40)})
+    core, close = make_core(src, tmp_path / "cache", kernel=Registry().kernel(),
+                            **{"mount.passthrough_wait": "0.000001"})
+
+    async def body(core: ModelFS) -> None:
+        fh = core.open(await lookup(core, "m.safetensors"), os.O_RDONLY)
+        assert await core.backing_id(fh) == 0
+        assert core.stats.open_wait_expired == 1
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        await settle(core)
+        assert core.stats.bytes_fetched == len(data)
+
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def test_a_reopen_of_a_file_the_kernel_may_hold_costs_no_get(tmp_path: Path) -> None:
+    """A file read through READs has its pages in the kernel's page cache, which outlive its cache file (evicted
+    under a quota): a later open that the kernel answers from those pages must not fetch the file again, so it
+    does not wait for the file either."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(10)})
+    core, close = make_core(src, tmp_path / "cache", kernel=Registry().kernel())
+
+    async def body(core: ModelFS) -> None:
+        inode = await lookup(core, "m.safetensors")
+        fh = core.open(inode, os.O_RDONLY)  # an open in cached mode (no backing id asked for)
+        assert bytes(await core.read(fh, 0, len(data))) == data
+        core.release(fh)
+        await settle(core)
+        ver = core.version(core.node(inode))
+        core.cache.drop(ver.vid, 0, "evicted (test)")
+        gets = core.stats.gets
+        fh = core.open(inode, os.O_RDONLY)
+        assert await core.backing_id(fh) == 0
+        await settle(core)
+        assert core.stats.gets == gets and core.stats.open_waits == 0
 
     try:
         run(core, body)
