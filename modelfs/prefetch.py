@@ -210,8 +210,8 @@ class Prefetcher:
         of (the kernel may hold its pages, though its cache file was evicted: a READ-less reopen must cost
         no GET)."""
         if (not self._started or not self._whole(node) or node.inode not in self._armed
-                or node.inode in self._read):
-            return False
+                or node.inode in self._read or self.cache.complete(self.version_of(node).vid)):
+            return False  # (a complete file is checked by passthrough's own open, one sequential read)
         self._armed.discard(node.inode)  # the load starts here, not at the first READ
         try:
             job = await self._schedule_whole(node, True)

@@ -391,7 +391,8 @@ def test_read_wait_is_served_on_the_metrics_endpoint(seaweed: SeaweedServer, s3_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    m = mounter(s3_checkpoint, env=seaweed.env(), args=["-o", f"metrics.address=127.0.0.1:{port}"])
+    m = mounter(s3_checkpoint, env=seaweed.env(), args=["-o", f"metrics.address=127.0.0.1:{port}",
+                                                        "-o", "mount.passthrough_wait=0"])  # READs wait
     with open(m.path / checkpoint.torch_file, "rb") as f:
         while f.read(1 << 20):
             pass

@@ -88,7 +88,9 @@ def test_an_opened_checkpoint_is_pushed_into_the_page_cache(seaweed: object, s3_
     it through that fd afterwards never reaches the daemon. (`pushed_bytes` alone only counts what the
     daemon handed to notify_store.) An open alone fetches nothing: the kernel may hold the file. Push is off by
     default: this mount turns it on."""
-    m = mounter(s3_checkpoint, env=seaweed.env(), args=["-o", "prefetch.page_cache_push=true"])  # type: ignore[attr-defined]
+    # (pushes are for opens served through the daemon: the open does not wait to be passthrough)
+    m = mounter(s3_checkpoint, env=seaweed.env(),  # type: ignore[attr-defined]
+                args=["-o", "prefetch.page_cache_push=true", "-o", "mount.passthrough_wait=0"])
     shard = sorted(f for f in checkpoint.files() if f.startswith(checkpoint.hf_dir) and f.endswith(".safetensors"))[0]
     size = checkpoint.files()[shard]
     fd = os.open(m.path / shard, os.O_RDONLY)
@@ -141,19 +143,26 @@ def idle(m: Mount) -> bool:
     return st["fetches_in_flight"] == 0 and st["prefetch_queue"] == 0
 
 
-def test_a_loader_reading_with_o_direct_gets_every_byte_and_nothing_is_pushed(seaweed: object, s3_checkpoint: str,
+@pytest.mark.parametrize("cold", ["passthrough", "daemon"])
+def test_a_loader_reading_with_o_direct_gets_every_byte_and_nothing_is_pushed(cold: str, seaweed: object,
+                                                                              s3_checkpoint: str,
                                                                               checkpoint: Checkpoint, tmp_path: Path,
                                                                               mounter: Callable[..., Mount]) -> None:
     """Loaders that bypass the page cache (Run:ai Model Streamer's io_uring_direct, fastsafetensors) read with
-    O_DIRECT in large aligned pieces: cold (through the daemon while the file fills) and again from a new
-    daemon (the file complete: the kernel reads the cache file, O_DIRECT too), every byte is the source's, and
-    the daemon hands nothing to a page cache they never read."""
+    O_DIRECT in large aligned pieces: cold (by passthrough once the open has waited for the file's last byte,
+    or through the daemon while the file fills, `mount.passthrough_wait=0`) and again from a new daemon (the
+    file complete: the kernel reads the cache file, O_DIRECT too), every byte is the source's, and the daemon
+    hands nothing to a page cache they never read."""
     shard = sorted(f for f in checkpoint.files() if f.startswith(checkpoint.hf_dir) and f.endswith(".safetensors"))[0]
     want = (checkpoint.root / shard).read_bytes()
-    m = mounter(s3_checkpoint, env=seaweed.env())  # type: ignore[attr-defined]
+    args = ["-o", "mount.passthrough_wait=0"] if cold == "daemon" else []
+    m = mounter(s3_checkpoint, env=seaweed.env(), args=args)  # type: ignore[attr-defined]
     assert read_direct(m.path / shard, tmp_path / "cold.bin") == want
     st = m.stats()
-    assert st["pushed_bytes"] == 0 and st["bytes_served"] > 0, st  # through the daemon, nothing pushed
+    if cold == "daemon":
+        assert st["pushed_bytes"] == 0 and st["bytes_served"] > 0, st  # through the daemon, nothing pushed
+    else:
+        assert st["passthrough_opens"] == 1 and st["bytes_served"] == 0 and st["open_waits"] == 1, st
     assert eventually(lambda: idle(m)), m.stats()
     hf_bytes = sum(s for f, s in checkpoint.files().items() if f.startswith(checkpoint.hf_dir))
     assert m.stats()["bytes_fetched"] <= hf_bytes * 1.02, m.stats()  # the shard and its set, each byte once

@@ -172,9 +172,10 @@ def test_a_cold_load_reads_each_shard_by_passthrough_once_it_has_arrived(checkpo
 
 def test_passthrough_wait_0_serves_a_cold_load_through_the_daemon(checkpoint: Checkpoint,
                                                                   mounter: Callable[..., Mount]) -> None:
+    """The first shard is read through the daemon while it arrives (the others may be complete by their opens)."""
     st = cold_load_shards(mounter(str(checkpoint.root), args=["-o", "mount.passthrough_wait=0"]), checkpoint)
-    shards = sorted((checkpoint.root / checkpoint.hf_dir).glob("*.safetensors"))
-    assert st["bytes_served"] >= sum(p.stat().st_size for p in shards) and st["open_waits"] == 0, st
+    first = sorted((checkpoint.root / checkpoint.hf_dir).glob("*.safetensors"))[0]
+    assert st["bytes_served"] >= first.stat().st_size and st["open_waits"] == 0, st
 
 
 def test_a_new_daemon_on_a_complete_cache_opens_every_file_by_passthrough(checkpoint: Checkpoint,
@@ -232,8 +233,9 @@ def test_a_new_version_upstream_while_a_passthrough_handle_is_open(tmp_path: Pat
     old = (src / name).read_bytes()
     m = mounter(str(src), args=["-o", "mount.metadata_ttl=1"])
     warm(m, src)
+    opens = m.stats()["passthrough_opens"]
     with open(m.path / name, "rb") as held:
-        assert m.stats()["passthrough_opens"] == 1
+        assert m.stats()["passthrough_opens"] == opens + 1
         new = bytes(b ^ 0xFF for b in old[:4096]) + old[4096:]
         tmp = src / "new.tmp"
         tmp.write_bytes(new)
@@ -259,8 +261,9 @@ def test_eviction_under_the_quota_with_a_passthrough_file_open(tmp_path: Path, c
                                             "-o", "prefetch.checkpoint_sets=false"])
     assert sha(m.path / big) == sha(checkpoint.root / big)
     assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
+    opens = m.stats()["passthrough_opens"]
     with open(m.path / big, "rb") as held:
-        assert m.stats()["passthrough_opens"] == 1
+        assert m.stats()["passthrough_opens"] == opens + 1
         for _ in range(2):
             for name in sizes:
                 if name != big:
