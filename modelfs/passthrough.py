@@ -3,8 +3,10 @@ for that very file, and the kernel serves it itself. Reads, mmap page faults and
 straight to the cache file inside the kernel: no READ reaches the daemon, so a load runs at local-disk speed.
 
 There is no copy to build: the cache file a cold load wrote (`cache.FileCache`) is the backing file. So the
-open after the one that completed a file is already a passthrough open, in the same daemon; and a daemon
-that starts on a cache where files are complete opens them by passthrough once it has checked them.
+open after the one that completed a file is already a passthrough open, in the same daemon; the first open
+of a checkpoint file waits for its last byte (`mount.passthrough_wait`, `Prefetcher.fill_for_open`) and is
+one too; and a daemon that starts on a cache where files are complete opens them by passthrough once it has
+checked them.
 
 Rules kept:
 - The kernel is handed only a file this daemon trusts whole: every extent written by it from bytes it

@@ -12,7 +12,10 @@ Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of 
 The first READ, not the open: a file the kernel page cache holds whole is opened and read without a
 READ reaching the daemon, and must cost no GET. (Prefetching on open refetched every evicted block of
 such a file; under a cache quota smaller than the working set that was many times the bytes served.)
-In a cold load the first READ follows the open at once, so nothing is lost there.
+In a cold load the first READ follows the open at once, so nothing is lost there. One exception, for
+passthrough (`fill_for_open`): the open of a checkpoint file this mount never answered a READ of (so the
+kernel holds none of its pages) starts the prefetch itself and waits for the file's last byte, so that the
+open is answered with the cache file as backing file and no byte of the load goes through a READ.
 
 Adjacent extents to fetch go in one ranged GET of up to `fetch.max_request` bytes (fewer requests: the
 client's cost per GET is as large as that of megabytes of body). Extents whose bytes the cache already
