@@ -93,6 +93,7 @@ class Job:
     completed: list[int] = field(default_factory=list)
     outstanding: int = 0
     fetched: int = 0
+    damaged: int = 0  # extents its file held that failed their check (dropped, fetched again)
     error: BaseException | None = None
     done: trio.Event = field(default_factory=trio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -213,8 +214,8 @@ class Prefetcher:
         of (the kernel may hold its pages, though its cache file was evicted: a READ-less reopen must cost
         no GET)."""
         if (not self._started or not self._whole(node) or node.inode not in self._armed
-                or node.inode in self._read or self.cache.complete(self.version_of(node).vid)):
-            return False  # (a complete file is checked by passthrough's own open, one sequential read)
+                or node.inode in self._read):
+            return False
         self._armed.discard(node.inode)  # the load starts here, not at the first READ
         try:
             job = await self._schedule_whole(node, True)
@@ -234,6 +235,10 @@ class Prefetcher:
             if not job.done.is_set():
                 self.stats.add(open_wait_expired=1)
                 return False
+        if job.damaged:  # found at the check before the kernel gets the file, as passthrough's own check counts
+            self.stats.add(files_corrupt=1)
+            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", node.key,
+                        job.damaged)
         return job.error is None
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
@@ -476,7 +481,7 @@ class Prefetcher:
         if not copy and all(self.extents.where(ver, s) is Where.CACHED for s in starts):
             runs: list[list[Extent]] = []  # all readable already: no thread hop
         else:
-            runs = await trio.to_thread.run_sync(self._uncached_runs, ver, starts, check, limiter=self.io_limiter)
+            runs = await trio.to_thread.run_sync(self._uncached_runs, job, starts, check, limiter=self.io_limiter)
         for run in runs:
             need = sum(length for _, length in run)
             await self._make_room(need)
@@ -492,15 +497,20 @@ class Prefetcher:
                 self.cache.make_room, nbytes, self._protect_since(), limiter=self.io_limiter):
             raise ModelfsError("the cache is full of blocks of this load: prefetch paused")
 
-    def _uncached_runs(self, ver: FileVersion, starts: list[int], check: bool) -> list[list[Extent]]:
+    def _uncached_runs(self, job: Job, starts: list[int], check: bool) -> list[list[Extent]]:
         """From a worker thread: the extents among `starts` the cache holds nowhere, grouped into adjacent runs.
-        With `check`, bytes held but not checked by this daemon are checked now (and copied in when wanted)."""
+        With `check`, bytes held but not checked by this daemon are checked now (and copied in when wanted);
+        those of its own file that fail are counted in `job.damaged`."""
+        ver = job.ver
         runs: list[list[Extent]] = []
         end = -1
         for start in starts:
             _, length = ver.extent_at(start)
+            present = check and self.cache.present(ver.vid, start)
             if self.extents.holds(ver, start, length, check):
                 continue
+            if present and not self.cache.present(ver.vid, start):
+                job.damaged += 1
             if start == end:
                 runs[-1].append((start, length))
             else:

@@ -212,16 +212,20 @@ def test_a_damaged_cache_file_is_found_before_it_is_served(checkpoint: Checkpoin
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([b[0] ^ 0x40]))
     m = m.remount()
-    for name in _files(checkpoint.root):  # the check fails: served through the daemon, right bytes
+    # The check fails: a checkpoint file's open waits for the damaged extent to be fetched again and is then
+    # served by passthrough (`mount.passthrough_wait`); any other file is served through the daemon meanwhile.
+    for name in _files(checkpoint.root):
         assert sha(m.path / name) == sha(checkpoint.root / name), name
     st = m.stats()
     assert st["files_corrupt"] == len(files) and st["corrupt_extents"] == len(files), st
-    assert st["passthrough_opens"] == 0 and st["gets"] >= len(files), st
+    weights = [n for n in _files(checkpoint.root) if n.endswith((".safetensors", ".pt"))]
+    assert st["passthrough_opens"] == len(weights) and st["gets"] >= len(files), st
     assert eventually(lambda: idle(m) and m.stats()["files_complete"] == len(files)), m.stats()
     drop_caches()
+    opens = m.stats()["passthrough_opens"]
     for name in _files(checkpoint.root):
         assert sha(m.path / name) == sha(checkpoint.root / name), name
-    assert m.stats()["passthrough_opens"] == len(files)
+    assert m.stats()["passthrough_opens"] == opens + len(files)
 
 
 def test_a_new_version_upstream_while_a_passthrough_handle_is_open(tmp_path: Path, checkpoint: Checkpoint,
