@@ -209,11 +209,13 @@ class Prefetcher:
         shards arrive, and no byte of it costs the daemon a READ (a copy and a reply each), where READs of a
         file still arriving would each wait for their bytes anyway. True if the file was filled.
 
+        Never with page-cache push on (`prefetch.page_cache_push`: its pushes are for opens served through the
+        daemon, and would go into a page cache a passthrough open never reads).
         No wait where it cannot end in a complete file: whole-file prefetch off or not a checkpoint file,
         extents read from another version's file (not copied in), or an inode this mount has answered READs
         of (the kernel may hold its pages, though its cache file was evicted: a READ-less reopen must cost
         no GET)."""
-        if (not self._started or not self._whole(node) or node.inode not in self._armed
+        if (not self._started or self.gate is not None or not self._whole(node) or node.inode not in self._armed
                 or node.inode in self._read):
             return False
         self._armed.discard(node.inode)  # the load starts here, not at the first READ

@@ -88,9 +88,8 @@ def test_an_opened_checkpoint_is_pushed_into_the_page_cache(seaweed: object, s3_
     it through that fd afterwards never reaches the daemon. (`pushed_bytes` alone only counts what the
     daemon handed to notify_store.) An open alone fetches nothing: the kernel may hold the file. Push is off by
     default: this mount turns it on."""
-    # (pushes are for opens served through the daemon: the open does not wait to be passthrough)
-    m = mounter(s3_checkpoint, env=seaweed.env(),  # type: ignore[attr-defined]
-                args=["-o", "prefetch.page_cache_push=true", "-o", "mount.passthrough_wait=0"])
+    # (pushes are for opens served through the daemon: with push on, an open does not wait to be passthrough)
+    m = mounter(s3_checkpoint, env=seaweed.env(), args=["-o", "prefetch.page_cache_push=true"])  # type: ignore[attr-defined]
     shard = sorted(f for f in checkpoint.files() if f.startswith(checkpoint.hf_dir) and f.endswith(".safetensors"))[0]
     size = checkpoint.files()[shard]
     fd = os.open(m.path / shard, os.O_RDONLY)
