@@ -72,6 +72,19 @@ async def lookup(core: ModelFS, path: str) -> int:
     return inode
 
 
+def run_and_close(core: ModelFS, close: Callable[[], None], body: Callable[[ModelFS], object]) -> None:
+    try:
+        run(core, body)
+    finally:
+        close()
+
+
+def source_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    return src
+
+
 async def settle(core: ModelFS) -> None:
     """Wait until no prefetch work is queued or running."""
     with trio.fail_after(30):
@@ -81,8 +94,7 @@ async def settle(core: ModelFS) -> None:
 def test_first_read_prefetches_whole_checkpoint_file_and_an_open_alone_fetches_nothing(tmp_path: Path) -> None:
     """An open the kernel answers from its page cache sends no READ and must cost no GET; the first READ
     of a checkpoint file schedules all of it."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "model.safetensors", {f"t{i}": 50_000 + i for i in range(20)})
     (src / "notes.txt").write_bytes(os.urandom(5 * EXTENT))
     core, close = make_core(src, tmp_path / "cache")
@@ -99,10 +111,7 @@ def test_first_read_prefetches_whole_checkpoint_file_and_an_open_alone_fetches_n
         assert bytes(await core.read(fh, 0, len(data))) == data
         assert core.stats.bytes_fetched == len(data) + EXTENT
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 class Registry:
@@ -125,8 +134,7 @@ def test_the_first_open_of_a_checkpoint_file_waits_for_its_last_byte_and_is_pass
     """A cold open: the whole-file prefetch starts at the open, which returns once the file is complete, with a
     backing id of the file's bytes: the loader's reads never reach the daemon, each byte fetched once. The
     shard's set is scheduled at that open too."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     shards = [write_safetensors(src / f"model-0000{k}-of-00003.safetensors", {f"t{i}": 90_001 for i in range(12)})
               for k in (1, 2, 3)]
     registry = Registry()
@@ -143,15 +151,11 @@ def test_the_first_open_of_a_checkpoint_file_waits_for_its_last_byte_and_is_pass
         assert registry.files[await core.backing_id(fh2)] == shards[1]
         assert core.stats.open_waits == 1 and core.stats.bytes_fetched == sum(map(len, shards))
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_an_open_waits_no_longer_than_the_bound_then_reads_come_to_the_daemon(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(40)})
     core, close = make_core(src, tmp_path / "cache", kernel=Registry().kernel(),
                             **{"mount.passthrough_wait": "0.000001"})
@@ -164,18 +168,14 @@ def test_an_open_waits_no_longer_than_the_bound_then_reads_come_to_the_daemon(tm
         await settle(core)
         assert core.stats.bytes_fetched == len(data)
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_a_reopen_of_a_file_the_kernel_may_hold_costs_no_get(tmp_path: Path) -> None:
     """A file read through READs has its pages in the kernel's page cache, which outlive its cache file (evicted
     under a quota): a later open that the kernel answers from those pages must not fetch the file again, so it
     does not wait for the file either."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(10)})
     core, close = make_core(src, tmp_path / "cache", kernel=Registry().kernel())
 
@@ -193,15 +193,11 @@ def test_a_reopen_of_a_file_the_kernel_may_hold_costs_no_get(tmp_path: Path) -> 
         await settle(core)
         assert core.stats.gets == gets and core.stats.open_waits == 0
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_demand_reads_during_prefetch_fetch_each_byte_once(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(40)})
     core, close = make_core(src, tmp_path / "cache")
 
@@ -214,10 +210,7 @@ def test_demand_reads_during_prefetch_fetch_each_byte_once(tmp_path: Path) -> No
         await settle(core)
         assert core.stats.bytes_fetched == len(data)
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_index_json_schedules_every_shard(tmp_path: Path) -> None:
@@ -240,15 +233,11 @@ def test_index_json_schedules_every_shard(tmp_path: Path) -> None:
             assert await core.cached_bytes(await lookup(core, f"llama/{name}")) == size
         assert core.stats.pushed_bytes == 0  # nothing is open: cache only
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     for k in range(1, 4):
         write_safetensors(src / f"w-{k:05d}-of-00003.safetensors", {"x": 300_000})
     write_safetensors(src / "other-00001-of-00002.safetensors", {"x": 300_000})
@@ -262,10 +251,7 @@ def test_first_shard_schedules_its_set_bounded_by_cache_space(tmp_path: Path) ->
             assert await core.cached_bytes(await lookup(core, f"w-{k:05d}-of-00003.safetensors")) > 0
         assert await core.cached_bytes(await lookup(core, "other-00001-of-00002.safetensors")) == 0
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
     core, close = make_core(src, tmp_path / "cache2", **{"cache.min_free": "100TiB"})
 
     async def no_space(core: ModelFS) -> None:
@@ -284,8 +270,7 @@ def test_a_set_that_does_not_fit_is_reported_once_not_at_every_open(tmp_path: Pa
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Loaders open shards over and over; a cache too small for the set is said once per directory (the
     soak found this line logged 90,000 times in four minutes)."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     for k in range(1, 4):
         write_safetensors(src / f"w-{k:05d}-of-00003.safetensors", {"x": 300_000})
     core, close = make_core(src, tmp_path / "cache", **{"cache.min_free": "100TiB"})
@@ -298,17 +283,13 @@ def test_a_set_that_does_not_fit_is_reported_once_not_at_every_open(tmp_path: Pa
             core.release(fh)
 
     caplog.set_level(logging.INFO, logger="modelfs.prefetch")
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
     said = [r for r in caplog.records if "not prefetching" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
 
 
 def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 99_999 for i in range(10)})
     pushed: dict[int, bytes] = {}
     core, close = make_core(src, tmp_path / "cache", push=lambda inode, off, buf: pushed.__setitem__(off, bytes(buf)),
@@ -326,17 +307,13 @@ def test_open_files_are_pushed_to_the_page_cache_once(tmp_path: Path) -> None:
         await settle(core)
         assert core.stats.pushed_bytes == len(data) - 1
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_bytes_a_read_answered_are_left_out_of_the_push(tmp_path: Path) -> None:
     """A cold loader often reads an extent as it lands, before its push: the pages the READs filled are
     not copied into the kernel a second time; the rest of the extent is."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = os.urandom(20 * EXTENT)
     (src / "blob.dat").write_bytes(data)  # not a checkpoint name: prefetched as a sequential stream
     pushed: dict[int, bytes] = {}
@@ -356,15 +333,11 @@ def test_bytes_a_read_answered_are_left_out_of_the_push(tmp_path: Path) -> None:
         assert got == data[first:first + len(got)] and len(got) >= 4 * EXTENT - first
         assert core.stats.pushed_bytes == len(got)
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_warm_fills_the_cache_and_reports(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     (src / "blob.gguf").write_bytes(os.urandom(7 * EXTENT + 5))
     core, close = make_core(src, tmp_path / "cache")
 
@@ -374,10 +347,7 @@ def test_warm_fills_the_cache_and_reports(tmp_path: Path) -> None:
         assert await core.cached_bytes(inode) == 7 * EXTENT + 5
         assert (await core.warm(inode))["fetched"] == 0
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_buffer_pool_serves_demand_first() -> None:
@@ -427,8 +397,7 @@ def test_cancelled_waiter_does_not_leak_a_buffer() -> None:
 def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
     """A cold load of a file far larger than the budget holds no more GET-buffer bytes than the budget: the
     bytes of every buffer the pool hands out (the real mappings, not a count of them) add up to at most it."""
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 5 * EXTENT + i for i in range(40)})
     # One extent per GET (each GET holds one buffer however long it is): many GETs, many buffers at once.
     core, close = make_core(src, tmp_path / "cache",
@@ -461,10 +430,7 @@ def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
         assert core.buffers.free == core.buffers.total  # every buffer came back
         assert {id(b) for b in core.buffers._free} == set(handed)  # ... and no other buffer was made
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
 
 
 def test_an_idle_daemon_gives_back_its_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -480,8 +446,7 @@ def test_an_idle_daemon_gives_back_its_buffers(tmp_path: Path, monkeypatch: pyte
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     page = mmap.PAGESIZE
-    src = tmp_path / "src"
-    src.mkdir()
+    src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 3 * EXTENT + i for i in range(8)})
     core, close = make_core(src, tmp_path / "cache")
 
@@ -502,7 +467,4 @@ def test_an_idle_daemon_gives_back_its_buffers(tmp_path: Path, monkeypatch: pyte
                 await trio.sleep(0.05)
         assert bytes(await core.read(fh, 1000, 5 * EXTENT)) == data[1000:1000 + 5 * EXTENT]
 
-    try:
-        run(core, body)
-    finally:
-        close()
+    run_and_close(core, close, body)
