@@ -193,7 +193,10 @@ def test_sigterm_in_the_middle_of_a_load_with_pushes_in_flight(
         env = {**seaweed.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url}
         m = mounter(s3_checkpoint, env=env, args=[*PUSH, "--extent-size", "1MiB"])
         files = [str(m.path / s) for s in shards(checkpoint)]
-        loader = subprocess.Popen([sys.executable, "-c", "import sys\nfor p in sys.argv[1:]:\n open(p,'rb').read()",
+        # The loader pauses after its first MiB, so the prefetched rest of that file is pushed before its READs
+        # could answer it (a reader keeping up with the fetch leaves nothing to push).
+        loader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfor i, p in enumerate(sys.argv[1:]):\n"
+                                   " f = open(p, 'rb')\n if i == 0:\n  f.read(1 << 20)\n  time.sleep(5)\n f.read()",
                                    *files], stderr=subprocess.PIPE, start_new_session=True)
         try:
             with no_long_d_state(lambda: [p for p in (m.pid, loader.pid) if alive(p)]):
