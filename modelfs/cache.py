@@ -134,10 +134,11 @@ def pages(start: int, length: int) -> int:
     return (-(-(start + length) // PAGE) - start // PAGE) * PAGE
 
 
-#: Bytes per pwrite. The page cache sizes a new folio by the write that creates it: one 8 MiB pwrite makes
-#: 2 MiB folios, taken from the high-order free lists, which a VM's free page reporting hands back to the host
-#: (each then faults in the hypervisor on first touch). Measured on this VM, 2 GiB into a new file, fresh
-#: pages: 8 MiB pwrites 0.6-2.2 ms of CPU per MiB, 1 MiB 0.65-0.9, 256 KiB 0.18-0.21, 64 KiB 0.23.
+#: Bytes per pwrite. The page cache sizes a new folio by the write that creates it, and on this VM large
+#: folios of pages the guest has not used lately cost far more to fill (our reading: they fault in the
+#: hypervisor on first touch). A bare single-threaded pwrite of 2 GiB into a new file here: 8 MiB pwrites
+#: 0.6-2.2 ms of CPU per MiB, 1 MiB 0.65-0.9, 256 KiB 0.18-0.21, 64 KiB 0.23 (not yet shown in the daemon's
+#: own CPU by an interleaved A/B).
 WRITE_SLICE = 256 << 10
 
 
@@ -183,8 +184,8 @@ class _File:
         self.pending = 0  # writes into the file in progress
         self.sealed = False  # complete at some point: it may be mapped through passthrough; never punched again
         # One writer at a time: concurrent pwrites into one file queue on its inode lock, which the kernel's
-        # waiters spin on while the owner copies (a fifth of the daemon's CPU in a cold load, measured);
-        # waiting here sleeps instead.
+        # waiters spin on while the owner copies (12-18 % of the daemon's CPU in some perf profiles of a cold
+        # fetch, none in others); waiting here sleeps instead.
         self.writer = threading.Lock()
 
     @property

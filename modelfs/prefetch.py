@@ -237,10 +237,10 @@ class Prefetcher:
             if not job.done.is_set():
                 self.stats.add(open_wait_expired=1)
                 return False
-        if job.damaged:  # found at the check before the kernel gets the file, as passthrough's own check counts
+        damaged, job.damaged = job.damaged, 0  # said once, though several opens waited for the job
+        if damaged:  # found at the check before the kernel gets the file, as passthrough's own check counts
             self.stats.add(files_corrupt=1)
-            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", node.key,
-                        job.damaged)
+            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", node.key, damaged)
         return job.error is None
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
