@@ -117,7 +117,7 @@ class ModelfsTree(Modelfs):
 
     def cli(self, *args: str, timeout: float = 180) -> str:
         env = {**os.environ, **self.store.env, "PYTHONPATH": str(self.tree)}
-        r = subprocess.run([sys.executable, "-m", "modelfs", *args], capture_output=True, text=True, env=env,
+        r = subprocess.run([sys.executable, "-P", "-m", "modelfs", *args], capture_output=True, text=True, env=env,
                            timeout=timeout, cwd=self.tree)
         if r.returncode != 0:
             raise RuntimeError(f"modelfs {args[0]} failed: {(r.stderr or r.stdout).strip()[-1500:]}")

@@ -212,7 +212,8 @@ class Modelfs:
         self.options = options  # extra `-o section.key=value` settings, for experiments
 
     def cli(self, *args: str, timeout: float = 180) -> str:
-        r = subprocess.run([sys.executable, "-m", "modelfs", *args], capture_output=True, text=True,
+        # -P: no working directory first on sys.path, so a PYTHONPATH tree (bench/ab.py NAME@TREE) is the one run
+        r = subprocess.run([sys.executable, "-P", "-m", "modelfs", *args], capture_output=True, text=True,
                            env={**os.environ, **self.store.env}, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"modelfs {args[0]} failed: {(r.stderr or r.stdout).strip()[-1500:]}")

@@ -97,8 +97,10 @@ def _spawn_daemon(cfg: Config, argv: list[str]) -> int:
         where = f"cache dir {cache_dir}" if not cfg.log.file else f"log file {log_path}"
         raise ModelfsError(f"{where} is not writable: {e.strerror}") from None
     r, w = os.pipe()
-    # The child parses the same command line (and environment) again, in the foreground.
-    child_argv = [sys.executable, "-m", "modelfs", *argv, "--foreground", "--ready-fd", str(w), "--log-file", log_path]
+    # The child parses the same command line (and environment) again, in the foreground, and imports the same
+    # modelfs (-P: its parent's working directory was not first on sys.path either).
+    child_argv = [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "modelfs", *argv,
+                  "--foreground", "--ready-fd", str(w), "--log-file", log_path]
     with log_file:
         child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                  pass_fds=(w,), start_new_session=True)

@@ -198,12 +198,15 @@ class ModelFS:
             await self.prefetcher.fill_for_open(node, self.cfg.mount.passthrough_wait)
         backing_id = await self.files.choose_mode(fh, self.passthrough.open)
         if backing_id:
-            self._check_siblings(self.files.handles[fh][0])
+            self._check_siblings(node)
         return backing_id
 
     def _check_siblings(self, node: Node) -> None:
         """The first passthrough open in a directory: the other files of the set (shards) will be opened
-        next, so their cache files are checked now, in name order, ahead of the loader."""
+        next, so their cache files are checked now, in name order, ahead of the loader. Not the checkpoint
+        files whose opens wait for their whole-file prefetch (`fill_for_open`): those jobs check them, a
+        shard's set ahead of its other opens, several extents at once (faster than one thread), and a
+        second check of the same bytes would only cost CPU."""
         if node.parent in self._ahead_dirs or self.passthrough is None:
             return
         self._ahead_dirs.add(node.parent)
@@ -211,8 +214,10 @@ class ModelFS:
             siblings = self.ns.get(node.parent).children
         except NotFound:
             return
+        filled = self.cfg.mount.passthrough_wait > 0 and self.passthrough.available
         self.passthrough.check_ahead([self.version(n) for name, n in sorted(siblings.items())
-                                  if not n.is_dir and n is not node])
+                                      if not n.is_dir and n is not node
+                                      and not (filled and self.prefetcher.fills_at_open(n))])
 
     def release(self, fh: int) -> None:
         closed = self.files.release(fh)

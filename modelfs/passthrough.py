@@ -10,8 +10,9 @@ checked them.
 
 Rules kept:
 - The kernel is handed only a file this daemon trusts whole: every extent written by it from bytes it
-  hashed, or read back and hashed before this open (`check`; single-flight; other shards of the same
-  directory are checked ahead of the loader, one at a time, `check_ahead`). A damaged extent is dropped
+  hashed, or read back and hashed before this open (`check`; single-flight; the other files of the same
+  directory are checked ahead of the loader, one at a time, `check_ahead`, but for the checkpoint files
+  whose opens wait for their whole-file prefetch: its jobs check them). A damaged extent is dropped
   and fetched again; the open meanwhile is served through the daemon.
 - A file is never evicted while a backing id of it is registered (`FileCache.hold`): the kernel may read
   any byte at any time. After that, a complete file is only ever deleted whole, never punched: a loader
@@ -168,8 +169,7 @@ class Passthrough:
             if self.cache.verify(ver.vid, start, length) is None:
                 bad += 1
         if bad:
-            self.stats.add(files_corrupt=1)
-            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", ver.info.key, bad)
+            self.stats.file_damaged(ver.info.key, bad)
         return self.cache.all_trusted(ver.vid)
 
     def check_ahead(self, versions: list[FileVersion]) -> None:

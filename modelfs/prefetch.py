@@ -83,11 +83,15 @@ class OpenFiles(Protocol):
 @dataclass(eq=False)
 class Job:
     """Prefetch of some extents of one file. `reading`: the file is open and read through the daemon (its
-    bytes are checked ahead of the reader, and pushed into the page cache when push is on)."""
+    bytes are checked ahead of the reader, and pushed into the page cache when push is on). `check`: a file
+    whose opens wait to be answered by passthrough (`fill_for_open`, and the shards of its set): bytes written
+    before this daemon started are checked too, before the kernel gets the file (damage found counts in
+    `files_corrupt`, once per job)."""
 
     node: Node
     ver: FileVersion
     reading: bool
+    check: bool = False
     pending: deque[int] = field(default_factory=deque)
     queued: set[int] = field(default_factory=set)
     completed: list[int] = field(default_factory=list)
@@ -220,13 +224,13 @@ class Prefetcher:
             return False
         self._armed.discard(node.inode)  # the load starts here, not at the first READ
         try:
-            job = await self._schedule_whole(node, True)
+            job = await self._schedule_whole(node, True, check=True)
         except (ModelfsError, OSError) as e:
             log.debug("%s: not filled before its open (%s)", node.key, e)
             return False
         finally:
-            if self._set(node):
-                self._spawn(self._schedule_set, node)
+            if self._set(node):  # the other shards checked ahead too: their opens come next
+                self._spawn(self._schedule_set, node, True)
         ver = job.ver
         if ver.elsewhere and not (ver.copy_shared or self.cache.reflinks):
             return False
@@ -237,10 +241,6 @@ class Prefetcher:
             if not job.done.is_set():
                 self.stats.add(open_wait_expired=1)
                 return False
-        damaged, job.damaged = job.damaged, 0  # said once, though several opens waited for the job
-        if damaged:  # found at the check before the kernel gets the file, as passthrough's own check counts
-            self.stats.add(files_corrupt=1)
-            log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", node.key, damaged)
         return job.error is None
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
@@ -276,7 +276,7 @@ class Prefetcher:
             tracker = self._trackers[node.inode] = StreamTracker(ver.info.size, self.policy)
         rng = tracker.on_read(offset, size)
         if rng is not None:
-            self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], reading=True)
+            self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], reading=True, check=False)
 
     def _note_served(self, inode: int, offset: int, size: int, start: int, length: int) -> None:
         """What a READ tells the pusher. The kernel asks for bytes we pushed: they were evicted (or raced
@@ -329,13 +329,14 @@ class Prefetcher:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    def _submit(self, node: Node, ver: FileVersion, starts: list[int], reading: bool) -> Job:
+    def _submit(self, node: Node, ver: FileVersion, starts: list[int], reading: bool, check: bool) -> Job:
         job = self._jobs.get(node.inode)
         if job is None or job.ver is not ver:
-            job = self._jobs[node.inode] = Job(node, ver, reading)
+            job = self._jobs[node.inode] = Job(node, ver, reading, check)
             self._queue.append(job)
-        elif reading and not job.reading:
-            job.reading = True  # the file was opened: what was only fetched is checked and pushed now too
+        elif (reading and not job.reading) or (check and not job.check):
+            # the file was opened, or will be by passthrough: what was only fetched is checked (and pushed) now
+            job.reading, job.check = job.reading or reading, job.check or check
             redo, job.completed = job.completed, []
             job.queued.difference_update(redo)
             job.add(redo)
@@ -345,7 +346,7 @@ class Prefetcher:
         self._wakeup.set()
         return job
 
-    async def _schedule_whole(self, node: Node, reading: bool) -> Job:
+    async def _schedule_whole(self, node: Node, reading: bool, check: bool = False) -> Job:
         """Every extent in file order: the order `load_file` reads a safetensors file (the header, then
         tensors by data offset) and `torch.load` a zip, and what a sequential reader needs next."""
         ver = self.version_of(node)
@@ -363,13 +364,19 @@ class Prefetcher:
         if self.shared is not None:  # cooperative fetch: each node of a fleet starts somewhere else
             k = self.shared.rotation(ver.vid.hex(), len(starts))
             starts = starts[k:] + starts[:k]
-        return self._submit(node, ver, starts, reading)
+        return self._submit(node, ver, starts, reading, check)
 
     def _pushing(self) -> bool:
         return self.gate is not None and self.gate.is_open
 
-    async def _schedule_set(self, node: Node) -> None:
-        """Schedule the other shards of node's checkpoint into the cache, as space allows."""
+    def fills_at_open(self, node: Node) -> bool:
+        """Whether `fill_for_open` takes charge of the file at its open (its whole-file job fetches and
+        checks it, and a shard's job schedules its set, checked too)."""
+        return self._started and self.gate is None and self._whole(node)
+
+    async def _schedule_set(self, node: Node, check: bool = False) -> None:
+        """Schedule the other shards of node's checkpoint into the cache, as space allows; with `check`, bytes
+        of theirs not checked by this daemon are checked too (their opens will be answered by passthrough)."""
         try:
             parent = self.ns.get(node.parent)
             siblings = await self.ns.children(parent)
@@ -405,7 +412,7 @@ class Prefetcher:
                              parent.key, budget)
                 continue
             budget -= shard.info.size
-            await self._schedule_whole(shard, False)
+            await self._schedule_whole(shard, False, check)
 
     def _protect_since(self) -> float:
         """Blocks used since the oldest active job began belong to the load being served: prefetch must
@@ -413,6 +420,9 @@ class Prefetcher:
         return min((j.started for j in self._jobs.values()), default=time.monotonic())
 
     def _finish(self, job: Job) -> None:
+        if job.check and job.damaged:  # found at the check before the kernel gets the file; said once
+            self.stats.file_damaged(job.node.key, job.damaged)
+            job.damaged = 0
         if self._jobs.get(job.node.inode) is job:
             del self._jobs[job.node.inode]
         if job in self._queue:
@@ -478,7 +488,7 @@ class Prefetcher:
         """Adjacent extents: those the cache holds are skipped (checked first, in a file being read), each run
         of the others is one ranged GET; then each is pushed if push is on."""
         ver = job.ver
-        check = job.reading and self.is_open(job.node.inode)
+        check = job.check or (job.reading and self.is_open(job.node.inode))
         copy = ver.elsewhere and (ver.copy_shared or self.cache.reflinks)
         if not copy and all(self.extents.where(ver, s) is Where.CACHED for s in starts):
             runs: list[list[Extent]] = []  # all readable already: no thread hop

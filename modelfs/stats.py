@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field, fields
+
+log = logging.getLogger("modelfs.cache")
 
 
 @dataclass
@@ -58,6 +61,11 @@ class Stats:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def file_damaged(self, key: str, extents: int) -> None:
+        """A cache file's check before the kernel gets it found damaged extents (dropped: fetched again)."""
+        self.add(files_corrupt=1)
+        log.warning("cache file of %s: %d damaged extents dropped; they are fetched again", key, extents)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

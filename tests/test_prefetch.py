@@ -154,6 +154,42 @@ def test_the_first_open_of_a_checkpoint_file_waits_for_its_last_byte_and_is_pass
     run_and_close(core, close, body)
 
 
+def test_a_new_daemon_checks_each_extent_of_a_set_once_before_its_opens(tmp_path: Path) -> None:
+    """A daemon that starts on a cache holding a whole set must read back and hash each extent before the
+    kernel gets its file, and only once: the index's open (a loader's first) checks no shard, the first
+    shard's open has the others checked ahead by the prefetcher, and the loader opening them next finds them
+    checked (or joins the check in progress)."""
+    src = source_dir(tmp_path)
+    names = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    shards = [write_safetensors(src / n, {f"t{i}": 90_001 for i in range(12)}) for n in names]
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"t0": names[0]}}))
+    names.insert(0, "model.safetensors.index.json")
+    shards.insert(0, (src / names[0]).read_bytes())
+
+    async def cold(core: ModelFS) -> None:
+        for name, data in zip(names, shards, strict=True):
+            fh = core.open(await lookup(core, name), os.O_RDONLY)
+            if not await core.backing_id(fh):  # the index: not a file an open waits for
+                assert bytes(await core.read(fh, 0, len(data))) == data
+        await settle(core)
+
+    run_and_close(*make_core(src, tmp_path / "cache", kernel=Registry().kernel()), cold)
+    registry = Registry()
+    core, close = make_core(src, tmp_path / "cache", kernel=registry.kernel())
+
+    async def warm(core: ModelFS) -> None:
+        inodes = [await lookup(core, name) for name in names]
+        for inode, data in zip(inodes, shards, strict=True):  # opened one after the other, as a loader does
+            backing_id = await core.backing_id(core.open(inode, os.O_RDONLY))
+            assert backing_id and registry.files[backing_id] == data
+        await settle(core)
+        extents = sum(len(core.version(core.node(inode)).extents()) for inode in inodes)
+        assert core.cache.reads_verified == extents
+        assert core.stats.gets == 0 and core.stats.bytes_served == 0
+
+    run_and_close(core, close, warm)
+
+
 def test_an_open_waits_no_longer_than_the_bound_then_reads_come_to_the_daemon(tmp_path: Path) -> None:
     src = source_dir(tmp_path)
     data = write_safetensors(src / "m.safetensors", {f"t{i}": 70_001 for i in range(40)})
