@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from modelfs import integrity
 from modelfs.cachedir import CacheDir
 from modelfs.index import ChunkIndex
 from modelfs.mapped import private
@@ -164,8 +165,8 @@ def read_all(fd: int, view: memoryview, offset: int) -> int:
 class _File:
     """One version's file and what this process knows of it."""
 
-    __slots__ = ("domain", "fd", "generation", "holds", "pending", "present", "present_bytes", "punching", "reading",
-                 "sealed", "size", "trusted", "vid", "writer")
+    __slots__ = ("domain", "durable", "fd", "generation", "holds", "pending", "present", "present_bytes", "punching",
+                 "reading", "sealed", "size", "trusted", "vid", "writer")
 
     def __init__(self, vid: bytes, size: int, domain: str) -> None:
         self.vid = vid
@@ -183,6 +184,7 @@ class _File:
         self.holds = 0  # passthrough registrations: the kernel may read any byte at any time
         self.pending = 0  # writes into the file in progress
         self.sealed = False  # complete at some point: it may be mapped through passthrough; never punched again
+        self.durable = False  # a seal of it as it is now is in the index (`seal`; `integrity`, invariants 1-3)
         # One writer at a time: concurrent pwrites into one file queue on its inode lock, which the kernel's
         # waiters spin on while the owner copies (12-18 % of the daemon's CPU in some perf profiles of a cold
         # fetch, none in others); waiting here sleeps instead.
@@ -268,6 +270,8 @@ class FileCache:
         self.bytes_stored = 0
         self.reads_verified = 0  # extents read back from disk and hashed (`verify`)
         self.reflinks = self._probe_reflink()
+        self.storage = integrity.probe(self.root)  # whether the kernel checks what it reads of these files
+        self.files_trusted_sealed = 0  # files trusted at start by their seal, on verifying storage: not read back
         self._scan()
 
     # -- layout ---------------------------------------------------------------------------------------------
@@ -338,6 +342,10 @@ class FileCache:
                 self.bytes_stored += length
                 self._charged += pages(start, length)
             f.sealed = f.complete
+            if f.complete and self.storage.verifies and self._seal_holds(f, rec.get("seal")):
+                f.trusted.update(f.present)  # the storage checks every block read (`integrity`)
+                f.durable = True
+                self.files_trusted_sealed += 1
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
             for start in sorted(self._files[vid].present):
@@ -840,6 +848,7 @@ class FileCache:
         digest, length = f.present.pop(start)
         f.present_bytes -= length
         f.trusted.discard(start)
+        f.durable = False
         self._unindex(f, start, digest)
         lo, hi = start, start + length
         if lo % PAGE and not f.in_use(lo - lo % PAGE, lo, self._writing):
@@ -898,9 +907,72 @@ class FileCache:
         except OSError:
             return False
 
+    # -- seals: trust that outlives the daemon, on storage that verifies (`integrity`) -----------------------------
+
+    def _seal_holds(self, f: _File, seal: object) -> bool:
+        """Whether the seal recorded for `f` still names its file as it is (at start, before anything opens it)."""
+        if not isinstance(seal, dict):
+            return False
+        try:
+            fd = os.open(self.path(f.vid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            return integrity.identity(os.fstat(fd)) == seal and not integrity.no_cow(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def unsealed(self) -> list[bytes]:
+        """Files to seal: complete, every extent checked by this process, no seal of them as they are now."""
+        with self._lock:
+            return [f.vid for f in self._files.values() if f.all_trusted and not f.durable and not f.pending]
+
+    def seal(self, vid: bytes) -> bool:
+        """Make a complete, checked file's data durable and record its identity, so that a later daemon on
+        verifying storage trusts it without reading it back (worker thread; `integrity`, invariant 1). False
+        if it changed meanwhile or the storage keeps no checksums of it."""
+        with self._lock:
+            f = self._files.get(vid)
+            if f is None or not f.all_trusted or f.durable or f.pending:
+                return False
+            try:
+                fd = os.dup(self._fd(f))
+            except OSError:
+                return False
+            f.pending += 1  # not deleted under the seal
+            writes = self._writes
+        try:
+            if integrity.no_cow(fd):
+                return False
+            os.fdatasync(fd)
+            ident = integrity.identity(os.fstat(fd))
+            with self._lock:
+                if not f.all_trusted or self._files.get(vid) is not f or any(
+                        f.generation.get(s, 0) > writes for s in f.present):
+                    return False  # an extent dropped or written again meanwhile: sealed another time
+            if not self.index.seal(vid, ident):
+                return False
+            with self._lock:
+                f.durable = f.all_trusted
+            return True
+        except OSError as e:
+            log.debug("cache file of version %s not sealed: %s", vid.hex(), e.strerror or e)
+            return False
+        finally:
+            os.close(fd)
+            with self._lock:
+                f.pending -= 1
+
     def close(self) -> None:
-        """Close the fds of files nothing uses now. A file a GET thread abandoned at shutdown still writes keeps
-        its fd (the process exit closes it): closed under it, the number could name another file by then."""
+        """Seal what is complete and checked (on storage that verifies: the next daemon, started at once, reads
+        nothing back), then close the fds of files nothing uses now. A file a GET thread abandoned at shutdown
+        still writes keeps its fd (the process exit closes it): closed under it, the number could name another
+        file by then."""
+        if self.storage.verifies:
+            for vid in self.unsealed():
+                self.seal(vid)
         with self._lock:
             for f in self._files.values():
                 if f.fd >= 0 and f.idle:

@@ -3,7 +3,8 @@
     <cache>/
       lock          flock held by the one process that may write here (a daemon, or `modelfs cache gc`);
                     it holds that process's pid, for the error the next one shows
-      index/        the LMDB chunk index (`index.ChunkIndex`): extent hashes, which extents are present
+      index/        the LMDB chunk index (`index.ChunkIndex`): extent hashes, which extents are present, and
+                    the seal of each complete file on storage that verifies what it reads (`integrity`)
       files/        one sparse file per file version, `files/<version id hex>`, its bytes at their own
                     offsets (`cache.FileCache`); a complete one is what FUSE passthrough serves
       pins.json     models never evicted (`admin`)

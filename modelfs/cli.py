@@ -479,6 +479,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               "cache writable": bool(health["cache_writable"])}
     for name, ok in checks.items():
         print(f"{name:16} {'ok' if ok else 'FAILED'}")
+    if health.get("cache_storage"):
+        print(f"cache storage    {health['cache_storage']}")
     if health.get("problem"):
         print(f"problem          {health['problem']}")
     return 0 if all(checks.values()) else 1

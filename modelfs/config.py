@@ -235,8 +235,9 @@ class Config:
         if self.s3.addressing_style not in ("auto", "path", "virtual"):
             raise ConfigError(f"config: s3.addressing_style must be auto, path or virtual, got "
                               f"{self.s3.addressing_style!r}")
-        if self.mount.passthrough not in ("auto", "on", "off"):
-            raise ConfigError(f"config: mount.passthrough must be auto, on or off, got {self.mount.passthrough!r}")
+        if self.mount.passthrough not in ("auto", "on", "off", "verified"):
+            raise ConfigError("config: mount.passthrough must be auto, on, off or verified, got "
+                              f"{self.mount.passthrough!r}")
         if self.mount.passthrough_wait < 0:
             raise ConfigError(f"config: mount.passthrough_wait must be >= 0 seconds, got {self.mount.passthrough_wait}")
         if self.shared.trust not in ("all", "manifest"):

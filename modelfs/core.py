@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds without READs or GETs after which the daemon gives back its buffers and mappings.
 IDLE_TRIM = 30.0
+#: Seconds between looks for complete files to seal, on storage that verifies (`integrity`).
+SEAL_EVERY = 1.0
 
 
 class ModelFS:
@@ -93,8 +95,14 @@ class ModelFS:
                                      max_request=int(cfg.fetch.max_request), push=push, shared=shared,
                                      faults=faults, supervisor=self.supervisor,
                                      copy_shared_after=cfg.cache.copy_shared_after)
-        # FUSE passthrough: the kernel serves an open of a complete file from its cache file (`passthrough`).
-        self.passthrough = Passthrough(cache, self.stats, kernel) if kernel is not None else None
+        # FUSE passthrough: the kernel serves an open of a complete file from its cache file (`passthrough`);
+        # with mount.passthrough = verified, only from storage that checks what the kernel reads.
+        storage = cache.storage
+        verified_only = cfg.mount.passthrough == "verified"
+        log.info("cache storage: %s%s", storage.why, "; passthrough off (mount.passthrough = verified)"
+                 if verified_only and not storage.verifies and kernel is not None else "")
+        self.passthrough = Passthrough(cache, self.stats, kernel) \
+            if kernel is not None and (storage.verifies or not verified_only) else None
         self._ahead_dirs: set[int] = set()  # directories whose files were checked ahead (`_check_siblings`)
 
     @asynccontextmanager
@@ -114,6 +122,17 @@ class ModelFS:
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
         if self.passthrough is not None:
             self.supervisor.spawn(self.passthrough.run_checks, name="passthrough checks", restart=True)
+        if self.cache.storage.verifies:
+            self.supervisor.spawn(self._seal_files, name="cache file seals", restart=True)
+
+    async def _seal_files(self) -> None:
+        """On storage that verifies what it reads: seal complete, checked files (`FileCache.seal`), one at a
+        time, so that the next daemon trusts them without reading them back."""
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            await trio.sleep(SEAL_EVERY)
+            for vid in self.cache.unsealed():
+                await trio.to_thread.run_sync(self.cache.seal, vid, limiter=limiter)
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
@@ -319,7 +338,7 @@ class ModelFS:
         if not writable:
             problem = problem or f"cannot write to the cache at {self.cache.root}"
         return {"store_reachable": reachable, "cache_writable": writable, "offline": self.health.offline,
-                "problem": problem}
+                "cache_storage": self.cache.storage.kind, "problem": problem}
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -332,6 +351,8 @@ class ModelFS:
         snap["bytes_in_cache"] = self.cache.bytes_stored
         snap["files_in_cache"] = self.cache.files
         snap["files_complete"] = self.cache.files_complete
+        snap["files_trusted_sealed"] = self.cache.files_trusted_sealed
+        snap["storage_verifies"] = int(self.cache.storage.verifies)
         snap["hedged_gets"] = self.store.hedged
         snap["unhedged_gets"] = self.store.unhedged
         snap["fetches_in_flight"] = self.fetcher.in_flight

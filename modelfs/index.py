@@ -4,7 +4,9 @@ those bytes the cache holds, in the version's own file (LMDB).
 Schema (one LMDB environment per process, in `<cache>/index/`; the daemon is its only writer):
 
     meta      b"schema"                         -> b"2"
-    versions  vid (16 B)                        -> JSON {source, domain, key, etag, size, last_used, loads}
+    versions  vid (16 B)                        -> JSON {source, domain, key, etag, size, last_used, loads,
+                                                   seal}: seal, the identity of the version's cache file when
+                                                   it was sealed (`integrity`: its invariants)
     extents   vid (16 B) + offset (8 B, BE)     -> hash (16 B, xxh3-128) + length (4 B, BE)
     present   vid (16 B) + offset (8 B, BE)     -> b"": the extent's bytes are in the version's file
                                                    (`cache.FileCache`, `<cache>/files/<vid hex>`)
@@ -192,6 +194,22 @@ class ChunkIndex:
                     continue  # cannot happen (written together); unknown content is not served
                 out.setdefault(bytes(k[:16]), {})[_OFF.unpack(k[16:])[0]] = _EXT.unpack(v)
         return out
+
+    def seal(self, vid: bytes, identity: dict[str, int]) -> bool:
+        """Record the identity of a version's cache file, sealed (`integrity`: made durable first); False if
+        the version has no record (or the write failed)."""
+        try:
+            with self.env.begin(write=True, db=self._versions) as txn:
+                v = txn.get(vid)
+                if v is None:
+                    return False
+                rec = json.loads(bytes(v))
+                rec["seal"] = identity
+                txn.put(vid, json.dumps(rec).encode())
+                return True
+        except lmdb.Error as e:
+            self._write_failed(e)
+            return False
 
     def version(self, vid: bytes) -> dict[str, object] | None:
         with self.env.begin(db=self._versions) as txn:

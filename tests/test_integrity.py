@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,8 +26,17 @@ from pathlib import Path
 
 import pytest
 
+from modelfs import integrity
 from modelfs.mount import abort_connection
-from modelfs.testing.diskfault import LoopFs, available, corrupt_under_fs, loop_ext4, truncate_in_place, write_in_place
+from modelfs.testing.diskfault import (
+    LoopFs,
+    available,
+    corrupt_under_fs,
+    loop_btrfs,
+    loop_ext4,
+    truncate_in_place,
+    write_in_place,
+)
 from tests.conftest import Mount, eventually, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount,
@@ -101,17 +112,25 @@ class Pass:
 
 
 def check_read(fd: int, ref: bytes, off: int, out: Pass) -> None:
-    """One READ-sized pread at `off`, compared with the source."""
-    try:
-        got = os.pread(fd, READ, off)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise AssertionError(f"the daemon is gone (ENOTCONN) at offset {off}: {out.describe()}") from e
-        if e.errno != errno.EIO:
-            raise
-        out.eio.append(off)
-        return
+    """One READ-sized read at `off`, compared with the source: preads until it is whole, as a reader loops on a
+    short read (the kernel returns what it read before a block that failed, then EIO at that block)."""
     want = ref[off:off + READ]
+    got = b""
+    while len(got) < len(want):
+        try:
+            part = os.pread(fd, len(want) - len(got), off + len(got))
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise AssertionError(f"the daemon is gone (ENOTCONN) at offset {off}: {out.describe()}") from e
+            if e.errno != errno.EIO:
+                raise
+            out.eio.append(off + len(got))
+            if got != want[:len(got)]:
+                break  # wrong bytes before the failure: reported below
+            return
+        if not part:
+            break
+        got += part
     if got != want:
         diffs = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
         first = diffs[0] if diffs else min(len(got), len(want))
@@ -314,3 +333,136 @@ def test_a_cache_file_changed_in_place_while_a_reader_streams_it(daemon: str, fa
     if fault == "write" or not trusted:
         # Each damaged extent found once: by the daemon that had not checked it, or by the next one.
         assert caught + m.stats()["corrupt_extents"] == len(damaged), (caught, m.stats(), sorted(damaged))
+
+
+# -- storage that verifies what the kernel reads: btrfs with data checksums --------------------------------------
+
+requires_btrfs = pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="needs mkfs.btrfs (btrfs-progs)")
+
+
+@pytest.fixture
+def btrfs_disk(tmp_path: Path) -> Iterator[LoopFs]:
+    """A btrfs of its own for the cache dir (data checksums on: its default)."""
+    with loop_btrfs(tmp_path, 512 * MiB, mountpoint=tmp_path / "btrfsdisk") as fs:
+        yield fs
+
+
+def cold_then_restart(m: Mount, rel: str, ref: bytes) -> Mount:
+    """A cold pass through `m`, its file complete; the daemon stopped and a new one started on the cache."""
+    first = read_pass(m, rel, ref)
+    assert not first.wrong and not first.eio, first.describe()
+    assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
+    m.umount()
+    return m.remount()
+
+
+@requires_btrfs
+def test_a_new_daemon_on_btrfs_trusts_a_sealed_cache_file_without_reading_it_back(
+        btrfs_disk: LoopFs, source: Path, mounter: Callable[..., Mount]) -> None:
+    """On btrfs with data checksums the kernel checks every block it reads from disk, so a complete file that
+    was sealed (made durable, its identity recorded) is trusted by the next daemon as it is: served at once,
+    by passthrough or READs, with no byte of it read back and hashed by the daemon."""
+    rel = shard(source)
+    ref = (source / rel).read_bytes()
+    m = mounter(str(source), args=CACHE_ARGS, cache_dir=btrfs_disk.mountpoint / "cache")
+    m = cold_then_restart(m, rel, ref)
+    st = m.stats()
+    assert st["storage_verifies"] == 1 and st["files_trusted_sealed"] == 1, st
+    again = read_pass(m, rel, ref)
+    assert not again.wrong and not again.eio, again.describe()
+    st = m.stats()
+    assert st["extents_verified"] == 0 and st["gets"] == 0, st
+    if not PASSTHROUGH_OFF:
+        assert st["passthrough_opens"] >= 1 and st["bytes_served"] == 0, st
+
+
+@requires_btrfs
+@pytest.mark.parametrize("path", ["read", "passthrough"])
+def test_rot_under_a_sealed_file_on_btrfs_is_never_served(path: str, btrfs_disk: LoopFs, source: Path,
+                                                          mounter: Callable[..., Mount]) -> None:
+    """A block of a sealed cache file changes under btrfs (no timestamp moves) and leaves memory: the new
+    daemon trusts the file without reading it back, so the storage's checksum is what stands between the rot
+    and the loader. Never a wrong byte: EIO through passthrough; through the daemon's READs the failed read
+    drops the extent, which is fetched again and served right."""
+    if path == "passthrough" and PASSTHROUGH_OFF:
+        pytest.skip("the suite runs with passthrough off")
+    rel = shard(source)
+    ref = (source / rel).read_bytes()
+    args = [*CACHE_ARGS, *(READ_PATH if path == "read" else [])]
+    m = mounter(str(source), args=args, cache_dir=btrfs_disk.mountpoint / "cache")
+    read_pass(m, rel, ref)
+    assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
+    m.umount()
+    victim = cache_file(btrfs_disk.mountpoint / "cache", len(ref))
+    offset = 2 * EXTENT + 12345
+    corrupt_under_fs(btrfs_disk, victim, offset)
+    drop_caches(3)
+    m = m.remount()
+    assert m.stats()["files_trusted_sealed"] == 1, m.stats()
+    fresh = read_pass(m, rel, ref)
+    assert not fresh.wrong, f"byte {offset} was changed under btrfs: {fresh.describe()}"
+    st = m.stats()
+    if path == "read":
+        assert not fresh.eio and st["corrupt_extents"] == 1 and st["bytes_fetched"] == EXTENT, st
+    else:
+        assert fresh.eio and all(offset - offset % 4096 - READ < o <= offset for o in fresh.eio), fresh.describe()
+
+
+@pytest.mark.parametrize("fs", ["ext4", pytest.param("btrfs", marks=requires_btrfs)])
+def test_passthrough_verified_serves_by_passthrough_only_from_storage_that_verifies(
+        fs: str, tmp_path: Path, source: Path, mounter: Callable[..., Mount]) -> None:
+    """mount.passthrough = verified: the kernel gets a cache file only where the storage checks what it reads;
+    elsewhere (ext4) every open is served through the daemon, which checks what it serves."""
+    if PASSTHROUGH_OFF:
+        pytest.skip("the suite runs with passthrough off")
+    rel = shard(source)
+    ref = (source / rel).read_bytes()
+    make = loop_btrfs if fs == "btrfs" else loop_ext4
+    with make(tmp_path, 512 * MiB, mountpoint=tmp_path / "disk") as disk:
+        m = mounter(str(source), args=[*CACHE_ARGS, "-o", "mount.passthrough=verified"],
+                    cache_dir=disk.mountpoint / "cache")
+        m = cold_then_restart(m, rel, ref)
+        again = read_pass(m, rel, ref)
+        assert not again.wrong and not again.eio, again.describe()
+        st = m.stats()
+        assert st["storage_verifies"] == (fs == "btrfs"), st
+        assert (st["passthrough_opens"] > 0) == (fs == "btrfs"), st
+        assert (st["bytes_served"] == 0) == (fs == "btrfs"), st
+        m.umount()
+
+
+@pytest.mark.parametrize("disk", ["ext4", pytest.param("btrfs", marks=requires_btrfs),
+                                  pytest.param("btrfs nodatasum", marks=requires_btrfs),
+                                  pytest.param("btrfs No_COW dir", marks=requires_btrfs)])
+def test_the_storage_kind_is_what_the_filesystem_checks(disk: str, tmp_path: Path) -> None:
+    """Only btrfs with data checksums counts as verifying: not ext4, not btrfs mounted nodatasum, not a
+    directory marked No_COW (its files get no checksums)."""
+    make = loop_ext4 if disk == "ext4" else loop_btrfs
+    with make(tmp_path, 512 * MiB, options="nodatasum" if "nodatasum" in disk else "") as fs:
+        d = fs.mountpoint / "cache"
+        d.mkdir()
+        if "No_COW" in disk:
+            subprocess.run(["chattr", "+C", str(d)], check=True)
+        storage = integrity.probe(str(d))
+        assert storage.verifies == (disk == "btrfs"), storage
+
+
+@requires_btrfs
+def test_a_sealed_file_written_through_the_filesystem_is_read_back_again(btrfs_disk: LoopFs, source: Path,
+                                                                         mounter: Callable[..., Mount]) -> None:
+    """btrfs checksums a stray write as it writes it: the seal, not the storage, must catch it. The write moves
+    the file's mtime and ctime, so the next daemon does not trust the seal, reads the file back, finds the
+    changed extent and fetches it again."""
+    rel = shard(source)
+    ref = (source / rel).read_bytes()
+    m = mounter(str(source), args=CACHE_ARGS, cache_dir=btrfs_disk.mountpoint / "cache")
+    read_pass(m, rel, ref)
+    assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
+    m.umount()
+    write_in_place(cache_file(btrfs_disk.mountpoint / "cache", len(ref)), 3 * EXTENT + 777, b"stray")
+    m = m.remount()
+    assert m.stats()["files_trusted_sealed"] == 0, m.stats()
+    fresh = read_pass(m, rel, ref)
+    assert not fresh.wrong and not fresh.eio, fresh.describe()
+    st = m.stats()
+    assert st["corrupt_extents"] == 1 and st["bytes_fetched"] == EXTENT, st

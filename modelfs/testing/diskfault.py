@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
@@ -72,6 +73,7 @@ class LoopFs:
     mountpoint: Path
     image: Path
     device: str
+    fstype: str = "ext4"
 
     @property
     def block_size(self) -> int:
@@ -130,7 +132,7 @@ def _loop_fs(dir: Path | str, size_bytes: int, mountpoint: Path | str | None, op
         undo.callback(lambda: subprocess.run(["losetup", "-d", device], capture_output=True, check=False))
         _run("mount", "-t", fstype, *(["-o", options] if options else []), device, str(mnt))
         undo.callback(lambda: subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False))
-        yield LoopFs(mnt, image, device)
+        yield LoopFs(mnt, image, device, fstype)
 
 
 def physical_offset(path: Path | str, offset: int) -> int:
@@ -271,11 +273,21 @@ def _device_rw(device: str, at: int, size: int, data: bytes | None = None) -> by
         buf.close()
 
 
+def _btrfs_device_offset(device: str, logical: int) -> int:
+    """Where btrfs's logical address `logical` (what FIEMAP reports on btrfs) is on its one device (first copy)."""
+    out = _run("btrfs-map-logical", "-l", str(logical), "-b", "4096", device)
+    for line in out.splitlines():
+        words = line.split()
+        if "physical" in words and "mirror" in words and words[words.index("mirror") + 1] == "1":
+            return int(words[words.index("physical") + 1])
+    raise RuntimeError(f"btrfs-map-logical gave no first copy of logical {logical}: {out.strip()[-300:]}")
+
+
 def corrupt_under_fs(fs: LoopFs, path: Path | str, offset: int, xor: int = 0xFF) -> tuple[int, int]:
     """Flip one byte of `path` (a file on `fs`) at `offset` on the device, past the filesystem: no
     timestamp moves. Then evict the file's pages (mapped ones too) and check that a plain read returns
-    the new byte. Returns (old byte, new byte). Raises if the file's block could not be found or the old
-    bytes stayed in the page cache."""
+    the new byte (on btrfs: fails with EIO, its data checksum). Returns (old byte, new byte). Raises if the
+    file's block could not be found or the old bytes stayed in the page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)  # held throughout: the blocks cannot be freed and reused
     try:
         st = os.fstat(fd)
@@ -285,6 +297,8 @@ def corrupt_under_fs(fs: LoopFs, path: Path | str, offset: int, xor: int = 0xFF)
             raise ValueError(f"offset {offset} outside {path} ({st.st_size} bytes)")
         bs = fs.block_size
         phys = _physical_offset(fd, offset, str(path))
+        if fs.fstype == "btrfs":
+            phys = _btrfs_device_offset(fs.device, phys - phys % bs) + phys % bs
         block_at, within = phys - phys % bs, phys % bs
         on_disk = _device_rw(fs.device, block_at, bs)
         file_block = os.pread(fd, bs, offset - within)
@@ -296,8 +310,13 @@ def corrupt_under_fs(fs: LoopFs, path: Path | str, offset: int, xor: int = 0xFF)
         _device_rw(fs.device, block_at, bs, on_disk[:within] + bytes([new]) + on_disk[within + 1:])
         for system_wide in (False, True):
             _evict(fd, system_wide)
-            if os.pread(fd, 1, offset)[0] == new:
-                break
+            try:
+                if os.pread(fd, 1, offset)[0] == new:
+                    break
+            except OSError as e:
+                if e.errno == errno.EIO and fs.fstype == "btrfs":
+                    break  # read from disk, where it fails its checksum
+                raise
         else:
             raise RuntimeError(f"{path}: the page cache still holds the old byte at {offset} after eviction")
         after = os.fstat(fd)

@@ -1,0 +1,139 @@
+"""What the cache's storage verifies, and the seal that lets a later daemon trust a cache file without reading
+it back.
+
+A cache file is handed to the kernel for FUSE passthrough, after which the kernel reads it with nothing of
+modelfs in between. Whether a block that rots on the disk under it reaches a loader depends on the storage:
+
+- btrfs with data checksums (its default): every data block read from disk is checked against its checksum,
+  and a block that fails gives EIO (SIGBUS to an mmap), never the wrong bytes, through passthrough too. Not
+  where checksums are off: the `nodatasum`/`nodatacow` mount options, or a directory marked No_COW (`chattr
+  +C`), whose new files inherit the mark.
+- anything else (ext4 without fs-verity, XFS, tmpfs): nothing checks the bytes the disk returns. A daemon
+  reads back and hashes every cache file it did not write before the kernel gets it (`cache.FileCache.verify`);
+  rot after that check is served until the next daemon's.
+
+On verifying storage a complete, checked file is sealed (`FileCache.seal`): its data is made durable
+(fdatasync), then its identity recorded with its version in the index. A later daemon trusts a sealed file
+whose identity still matches without reading it back: the storage checks each block the kernel reads.
+
+Seal invariants, and what a crash at each step leaves:
+1. The seal is recorded only AFTER the file is complete, every extent of it checked by this daemon, and its
+   data durable. Crash before the record: no seal, the next daemon reads the file back as before. A seal
+   never vouches for data an OS crash could lose (unwritten pages of a file read back as holes, which no
+   checksum covers).
+2. The identity is (inode, size, mtime, ctime) at sealing. Any change through the filesystem (a write, a
+   truncate, a punch, the file deleted and made again) moves mtime/ctime or the inode, so the seal no longer
+   matches and the file is read back and hashed again. Changes under the filesystem are the storage's to
+   catch (EIO). A seal left in the index after its file is gone names nothing: it is never matched.
+3. The file itself must still have checksums (no No_COW flag), checked at sealing and at trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+FS_IOC_GETFLAGS = 0x80086601
+FS_NOCOW_FL = 0x00800000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _StatFs(ctypes.Structure):
+    # struct statfs of 64-bit Linux (x86-64, arm64): f_type first, all fields word-sized
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_rest", ctypes.c_long * 14)]
+
+
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
+_libc.statfs.restype = ctypes.c_int
+
+#: What `Storage.kind` may be.
+CHECKSUMS = "btrfs checksums"
+NONE = "unverified"
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What the cache filesystem verifies: `kind` (CHECKSUMS or NONE) and why, in words for the log and
+    `modelfs status`."""
+
+    kind: str
+    why: str
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the kernel checks every block it reads from disk (rot gives EIO, never wrong bytes)."""
+        return self.kind != NONE
+
+
+def fs_type(path: str) -> int:
+    """The filesystem magic of `path` (statfs f_type)."""
+    buf = _StatFs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def _mount_options(path: str) -> set[str]:
+    """Mount and superblock options of the mount that holds `path` (the longest mount point above it)."""
+    real = os.path.realpath(path)
+    best, options = "", set()
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10 or "-" not in fields:
+                continue
+            point = fields[4].replace("\\040", " ")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                sep = fields.index("-")
+                best, options = point, set(fields[5].split(",")) | set(fields[sep + 3].split(","))
+    return options
+
+
+def no_cow(fd: int) -> bool:
+    """Whether the file (or directory) is marked No_COW: btrfs keeps no checksums of its data."""
+    buf = bytearray(struct.pack("l", 0))
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    return bool(struct.unpack("l", buf)[0] & FS_NOCOW_FL)
+
+
+def probe(path: str) -> Storage:
+    """What the filesystem of directory `path` (the cache's files) verifies."""
+    try:
+        magic = fs_type(path)
+    except OSError as e:
+        return Storage(NONE, f"the cache filesystem cannot be told ({e.strerror})")
+    if magic != BTRFS_SUPER_MAGIC:
+        return Storage(NONE, f"filesystem {magic:#x} checks no data it reads (a cache file is read back and "
+                             f"hashed by each daemon before passthrough)")
+    off = _mount_options(path) & {"nodatasum", "nodatacow"}
+    if off:
+        return Storage(NONE, f"btrfs mounted {','.join(sorted(off))}: no data checksums")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if no_cow(fd):
+            return Storage(NONE, "btrfs, but the cache directory is No_COW (chattr +C): no data checksums")
+    finally:
+        os.close(fd)
+    return Storage(CHECKSUMS, "btrfs with data checksums: rot under a cache file gives EIO, never wrong bytes")
+
+
+def identity(st: os.stat_result) -> dict[str, int]:
+    """What a seal records of a file, and compares with it (invariant 2)."""
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
