@@ -907,6 +907,106 @@ class FileCache:
         except OSError:
             return False
 
+    # -- the scrub: extents read back from disk, and healed in place (`scrub`) -------------------------------------
+
+    def scrub_order(self) -> list[bytes]:
+        """Files of this store's domain with extents present, least recently used first."""
+        with self._lock:
+            seen: dict[bytes, None] = {}
+            for vid, _ in self._lru:
+                f = self._files.get(vid)
+                if f is not None and f.domain == self.domain:
+                    seen.setdefault(vid, None)
+            return list(seen)
+
+    def extents_of(self, vid: bytes) -> list[tuple[int, int]]:
+        """(start, length) of the file's present extents, in file order."""
+        with self._lock:
+            f = self._files.get(vid)
+            return sorted((s, n) for s, (_, n) in f.present.items()) if f is not None else []
+
+    def scrub_read(self, vid: bytes, start: int, length: int) -> bool | None:
+        """Read a present extent back from the disk itself (O_DIRECT where the filesystem has it: the page cache
+        would answer with the bytes it holds, not those on disk) and hash it (worker thread). True if right,
+        False if wrong or unreadable (nothing is dropped: `rewrite` heals it), None if it is not present."""
+        with self._reading(vid, start, trusted=False) as got:
+            if got is None:
+                return None
+            _, digest, known, _ = got
+            if known != length:
+                return None
+            lo = start - start % PAGE
+            view = self._scratch(-(-(start + length - lo) // PAGE) * PAGE)
+            path = self.path(vid)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                direct = True
+            except OSError:  # tmpfs and some others have no O_DIRECT: read, then let the pages go
+                fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+            try:
+                n = read_all(fd, view, lo)
+            except OSError as e:
+                log.warning("cache file of version %s: extent at %d unreadable (%s)", vid.hex(), start,
+                            e.strerror or e)
+                return False
+            finally:
+                if not direct:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, lo, len(view), os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            end = start - lo + length
+            return n >= end and content_hash(view[start - lo:end]) == digest
+
+    def heal_range(self, vid: bytes, starts: list[int]) -> tuple[int, int, list[tuple[int, int, bytes]]] | None:
+        """The range to write anew for damaged extents `starts`: out to page edges, and out to whole extents
+        again until both hold, so the write reads nothing from disk (a partial page would be read first, and a
+        rotten one fails) and every byte written belongs to an extent whose hash is checked. Returns (lo, hi,
+        [(start, length, hash)] of the extents in it), or None if the file is gone."""
+        with self._lock:
+            f = self._files.get(vid)
+            starts = [s for s in starts if f is not None and s in f.present]
+            if f is None or not starts:
+                return None
+            lo, hi = min(starts), max(s + f.present[s][1] for s in starts)
+            while True:
+                plo, phi = lo - lo % PAGE, min(f.size, -(-hi // PAGE) * PAGE)
+                inside = [(s, n, d) for s, (d, n) in f.present.items() if s < phi and plo < s + n]
+                nlo, nhi = min([lo, *(s for s, _, _ in inside)]), max([hi, *(s + n for s, n, _ in inside)])
+                if (nlo, nhi) == (lo, hi) and plo >= lo and phi <= hi:
+                    return lo, hi, sorted(inside)
+                if (nlo, nhi) == (lo, hi):  # page edges reach past every extent: bytes no extent holds
+                    return None
+                lo, hi = nlo, nhi
+
+    def rewrite(self, vid: bytes, lo: int, data: memoryview, starts: list[int]) -> bool:
+        """Write right bytes (checked by the caller against each extent's hash) over [lo, lo+len(data)) of the
+        file, in whole pages, where a scrub found damage: the file is healed in place, its bytes going from
+        wrong or unreadable back to the version's (worker thread). False if the file is gone."""
+        with self._lock:
+            f = self._files.get(vid)
+            if f is None or any(s not in f.present for s in starts):
+                return False
+            try:
+                fd = os.dup(self._fd(f))
+            except OSError:
+                return False
+            f.pending += 1
+        try:
+            with f.writer:
+                write_all(fd, data, lo)
+            with self._lock:
+                for s in starts:
+                    if s in f.present:
+                        f.trusted.add(s)
+                        self._writes += 1
+                        f.generation[s] = self._writes
+                f.durable = False  # sealed again once it is checked whole (a write moved its mtime anyway)
+            return True
+        finally:
+            os.close(fd)
+            with self._lock:
+                f.pending -= 1
+
     # -- seals: trust that outlives the daemon, on storage that verifies (`integrity`) -----------------------------
 
     def _seal_holds(self, f: _File, seal: object) -> bool:

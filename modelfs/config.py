@@ -91,6 +91,8 @@ class CacheConfig:
     index_map_size: Size = Size(64 * GiB)
     preallocate: bool = True
     copy_shared_after: int = 2
+    scrub_rate: Size = Size(32 * MiB)
+    scrub_after: float = 60.0
 
 
 @dataclass
@@ -197,6 +199,8 @@ class Config:
         for key, val in positive:
             if val < 1:
                 raise ConfigError(f"config: {key} must be at least 1, got {val}")
+        if self.cache.scrub_after < 0:
+            raise ConfigError(f"config: cache.scrub_after must be >= 0 seconds, got {self.cache.scrub_after}")
         if self.cache.copy_shared_after < 0:
             raise ConfigError(f"config: cache.copy_shared_after must be 0 (never) or more, got "
                               f"{self.cache.copy_shared_after}")

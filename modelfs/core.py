@@ -34,6 +34,7 @@ from modelfs.passthrough import Kernel, Passthrough
 from modelfs.prefetch import Prefetcher
 from modelfs.push import PushFn
 from modelfs.remote import Store
+from modelfs.scrub import Scrub
 from modelfs.shared import SharedTier
 from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
@@ -124,6 +125,14 @@ class ModelFS:
             self.supervisor.spawn(self.passthrough.run_checks, name="passthrough checks", restart=True)
         if self.cache.storage.verifies:
             self.supervisor.spawn(self._seal_files, name="cache file seals", restart=True)
+        if self.cfg.cache.scrub_rate:
+            scrub = Scrub(self.cache, self.index, self.store, self.stats, int(self.cfg.cache.scrub_rate),
+                          self.cfg.cache.scrub_after, self._activity)
+            self.supervisor.spawn(scrub.run, name="cache scrub", restart=True)
+
+    def _activity(self) -> int:
+        """A number that moves with every READ, GET and passthrough open (a passthrough load sends no READ)."""
+        return self.stats.bytes_served + self.stats.bytes_fetched + self.stats.passthrough_opens
 
     async def _seal_files(self) -> None:
         """On storage that verifies what it reads: seal complete, checked files (`FileCache.seal`), one at a

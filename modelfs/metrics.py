@@ -46,13 +46,15 @@ COUNTERS = {
     "shared_bytes_written": "bytes written back to the shared cache tier",
     "shared_writeback_dropped": "write-backs dropped because their queue was full",
     "shared_waits": "extents waited for in the shared tier while another node fetched them",
+    "scrub_bytes": "bytes of cache files the scrub read back from disk and hashed",
+    "scrub_healed": "extents the scrub wrote anew in their cache file, from the store's bytes",
     "shared_polls": "listings of the claims this node waited on (one per claimed directory and poll)",
     "shared_wait_expired": "extents another node claimed that did not land in the shared tier in time (the origin "
                            "served them)",
 }
 #: `modelfs_errors_total{kind=...}`: kind -> Stats field. "internal" counts bugs the supervisor caught.
 ERRORS = {k: k for k in ("store_errors", "read_timeouts", "version_changes", "corrupt_extents", "files_corrupt",
-                         "cache_write_errors", "push_errors")} | {
+                         "cache_write_errors", "push_errors", "scrub_damaged")} | {
     "internal": "internal_errors", "shared": "shared_errors", "shared_write": "shared_write_errors",
     "shared_corrupt": "shared_corrupt"}
 #: Point-in-time values exported as gauges.

@@ -44,6 +44,9 @@ class Stats:
     open_waits: int = 0
     open_wait_expired: int = 0
     files_corrupt: int = 0
+    scrub_bytes: int = 0  # bytes the scrub read back from disk and hashed
+    scrub_damaged: int = 0  # extents the scrub found wrong or unreadable on disk
+    scrub_healed: int = 0  # extents the scrub wrote anew from the store's bytes
     shared_hits: int = 0
     shared_misses: int = 0
     shared_bytes_read: int = 0

@@ -466,3 +466,39 @@ def test_a_sealed_file_written_through_the_filesystem_is_read_back_again(btrfs_d
     assert not fresh.wrong and not fresh.eio, fresh.describe()
     st = m.stats()
     assert st["corrupt_extents"] == 1 and st["bytes_fetched"] == EXTENT, st
+
+
+# -- the scrub: rot under a checked file found and healed in place while the daemon runs -------------------------
+
+#: A scrub that starts at once and reads fast (the default waits for 60 s of idleness and reads 32 MiB/s).
+SCRUB_NOW = ["-o", "cache.scrub_after=0", "-o", "cache.scrub_rate=1GiB"]
+
+
+@pytest.mark.parametrize("fs", ["ext4", pytest.param("btrfs", marks=requires_btrfs)])
+def test_the_scrub_heals_rot_under_a_file_the_daemon_already_checked(fs: str, tmp_path: Path, source: Path,
+                                                                     mounter: Callable[..., Mount]) -> None:
+    """A block of a complete cache file rots under the daemon that wrote it (so trusts it, and the kernel
+    serves it by passthrough): on ext4 a reader would get the wrong bytes, on btrfs EIO. The scrub reads the
+    file back from disk, finds the damaged extent, fetches it again and writes it over the bad block in place:
+    after that a reader (its next attempt) gets the right bytes, from the same file."""
+    rel = shard(source)
+    ref = (source / rel).read_bytes()
+    make = loop_btrfs if fs == "btrfs" else loop_ext4
+    with make(tmp_path, 512 * MiB, mountpoint=tmp_path / "disk") as disk:
+        m = mounter(str(source), args=[*CACHE_ARGS, *SCRUB_NOW], cache_dir=disk.mountpoint / "cache")
+        first = read_pass(m, rel, ref)
+        assert not first.wrong and not first.eio, first.describe()
+        assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
+        assert eventually(lambda: m.stats()["scrub_bytes"] >= len(ref)), m.stats()  # a pass over good bytes
+        assert m.stats()["scrub_damaged"] == 0, m.stats()
+        victim = cache_file(disk.mountpoint / "cache", len(ref))
+        offset = 4 * EXTENT + 999
+        corrupt_under_fs(disk, victim, offset)
+        assert eventually(lambda: m.stats()["scrub_healed"] >= 1), m.stats()
+        st = m.stats()
+        assert st["scrub_damaged"] == 1 and st["bytes_fetched"] == len(ref) + EXTENT, st
+        drop_caches(3)
+        again = read_pass(m, rel, ref)
+        assert not again.wrong and not again.eio, again.describe()
+        assert m.stats()["files_complete"] == 1, m.stats()
+        m.umount()
