@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench bench-knobs bench-dedup bench-fleet soak system venv clean install uninstall
+.PHONY: demo test test-fast lint bench bench-knobs bench-dedup bench-integrity bench-fleet soak system venv clean install uninstall
 
 system:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null || \
@@ -49,6 +49,11 @@ bench-knobs: venv
 
 bench-dedup: venv
 	$(PY) bench/dedup.py
+
+# Warm loads and the scrub with the cache on btrfs (data checksums) and on ext4, each on a loop device.
+bench-integrity: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/integrity.py $(BENCH_ARGS)
 
 # 1, 3 and 6 nodes rolling out one checkpoint from a capped, distant origin, with and without the shared tier.
 bench-fleet: venv

@@ -587,7 +587,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
+def raise_exit(signum: int, _frame: object) -> None:
     """SIGTERM/SIGHUP unwind through every finally, so mounts and servers are cleaned up."""
     raise SystemExit(128 + signum)
 
@@ -600,7 +600,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench: needs root (FUSE mounts and dropping the page cache)")
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
+        signal.signal(sig, raise_exit)
     args.out.mkdir(parents=True, exist_ok=True)
     facts = machine_facts()
     if facts["loadavg_start"][0] > 0.5:

@@ -73,7 +73,7 @@ from typing import Any
 
 from peers import Modelfs, Store, alive, force_unmount, is_mounted
 
-from bench import RESULTS, say
+from bench import RESULTS, raise_exit, say
 from modelfs.config import load_config
 from modelfs.mount import mount_minor
 from modelfs.testing.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
@@ -1469,6 +1469,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (sources, cache, logs)")
     ap.add_argument("--modelfs-option", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through every finally: mounts and servers cleaned up
+        signal.signal(sig, raise_exit)
     work = Path(tempfile.mkdtemp(prefix="modelfs-soak-"))
     quota = int(QUOTA * args.scale)
     server: SeaweedServer | None = None
