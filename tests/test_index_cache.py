@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import json
 import mmap
 import os
@@ -482,3 +483,35 @@ def test_held_copies_bound_bytes_and_count(tmp_path: Path) -> None:
     del kept
     maps.clear()
     small.clear()
+
+
+# -- the scrub's reads and in-place heal -----------------------------------------------------------------------
+
+def test_the_scrub_finds_a_damaged_extent_and_a_page_aligned_rewrite_heals_it(tmp_path: Path) -> None:
+    """Extents at offsets no page edge matches (a manifest's tensor boundaries): the bytes to write anew for a
+    damaged one cover whole pages and whole extents (its neighbours on shared pages too), so the write reads
+    nothing from disk, and every byte written belongs to an extent whose hash is checked."""
+    bounds = [0, 8192, 13000, 13500, 20480, 40000, 70001]
+    data = os.urandom(bounds[-1])
+    extents = [(a, b - a, content_hash(data[a:b])) for a, b in itertools.pairwise(bounds)]
+    ver = FileVersion.of("src", ObjectInfo("m/x.safetensors", len(data), '"e"', 0.0), EXT, extents)
+    index = new_index(tmp_path)
+    cache = FileCache(str(tmp_path / "c"), index, "src", "src")
+    for start, length, digest in extents:
+        assert cache.write(ver, start, data[start:start + length], digest)
+    assert all(cache.scrub_read(ver.vid, s, n) for s, n, _ in extents)
+    with open(cache.path(ver.vid), "r+b") as f:  # a byte of the extent [13000, 13500) changed on disk
+        f.seek(13100)
+        f.write(bytes([data[13100] ^ 1]))
+    assert [cache.scrub_read(ver.vid, s, n) for s, n, _ in extents] == [True, True, False, True, True, True]
+    span = cache.heal_range(ver.vid, [13000])
+    assert span is not None
+    lo, hi, covered = span
+    # pages [12288, 16384) hold it; they reach into [8192, 13000) and [13500, 20480), whose edges are pages'
+    assert (lo, hi) == (8192, 20480) and [s for s, _, _ in covered] == [8192, 13000, 13500]
+    assert cache.rewrite(ver.vid, lo, memoryview(data[lo:hi]), [s for s, _, _ in covered])
+    assert all(cache.scrub_read(ver.vid, s, n) for s, n, _ in extents)
+    with open(cache.path(ver.vid), "rb") as f:
+        assert f.read() == data
+    cache.close()
+    index.close()
