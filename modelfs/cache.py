@@ -165,8 +165,8 @@ def read_all(fd: int, view: memoryview, offset: int) -> int:
 class _File:
     """One version's file and what this process knows of it."""
 
-    __slots__ = ("domain", "durable", "fd", "generation", "holds", "pending", "present", "present_bytes", "punching",
-                 "reading", "sealed", "size", "trusted", "vid", "writer")
+    __slots__ = ("domain", "durable", "fd", "generation", "holds", "immutable", "orphan", "pending", "present",
+                 "present_bytes", "punching", "reading", "sealed", "size", "trusted", "vid", "writer")
 
     def __init__(self, vid: bytes, size: int, domain: str) -> None:
         self.vid = vid
@@ -185,6 +185,8 @@ class _File:
         self.pending = 0  # writes into the file in progress
         self.sealed = False  # complete at some point: it may be mapped through passthrough; never punched again
         self.durable = False  # a seal of it as it is now is in the index (`seal`; `integrity`, invariants 1-3)
+        self.immutable = False  # an fs-verity file: opened read-only; damage means deleting it whole
+        self.orphan = False  # deleted while reads of it were in progress: the last one closes its fd
         # One writer at a time: concurrent pwrites into one file queue on its inode lock, which the kernel's
         # waiters spin on while the owner copies (12-18 % of the daemon's CPU in some perf profiles of a cold
         # fetch, none in others); waiting here sleeps instead.
@@ -345,6 +347,7 @@ class FileCache:
             if f.complete and self.storage.verifies and self._seal_holds(f, rec.get("seal")):
                 f.trusted.update(f.present)  # the storage checks every block read (`integrity`)
                 f.durable = True
+                f.immutable = self.storage.kind == integrity.VERITY
                 self.files_trusted_sealed += 1
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
@@ -357,7 +360,7 @@ class FileCache:
         """The file's fd (opened, and made at its full size, on first use); call with the lock held."""
         if f.fd < 0:
             path = self.path(f.vid)
-            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            flags = (os.O_RDONLY if f.immutable else os.O_RDWR) | os.O_CLOEXEC | (os.O_CREAT if create else 0)
             fd = os.open(path, flags, 0o600)
             try:
                 if create and os.fstat(fd).st_size != f.size:
@@ -413,6 +416,7 @@ class FileCache:
                     f.reading[start] = n
                 elif f.punching:
                     self._changed.notify_all()
+                self._close_orphan(f)
 
     def _lost(self, f: _File, e: OSError) -> None:
         """The file cannot be opened (lock held): forget it and every extent of it; they are fetched again."""
@@ -508,7 +512,19 @@ class FileCache:
             if f is None or start not in f.present or (generation is not None and
                                                          f.generation.get(start, 0) != generation):
                 return  # dropped already by another reader (and maybe written again since)
-            victim = self._unpresent(f, start)
+            if f.immutable:  # an fs-verity file cannot be punched or written: deleted whole, fetched anew
+                gone = [(vid, s) for s in f.present]
+                self._discard(f)
+            else:
+                gone = []
+                victim = self._unpresent(f, start)
+        if gone:
+            log.warning("fs-verity cache file of version %s: extent at %d is %s: the file is deleted, will refetch",
+                        vid.hex(), start, why)
+            self.index.unmark(gone)
+            if self._on_corrupt:
+                self._on_corrupt(1)
+            return
         log.warning("cache file of version %s: extent at %d is %s: dropped, will refetch", vid.hex(), start, why)
         self._punch([victim])
         if self._on_corrupt:
@@ -533,6 +549,11 @@ class FileCache:
         """Complete, and every extent trusted by this process: the kernel may serve the file as it is."""
         f = self._files.get(vid)
         return f is not None and f.all_trusted
+
+    def immutable(self, vid: bytes) -> bool:
+        """Whether the file is an fs-verity file (read-only: healed by deleting it, not by writing it)."""
+        f = self._files.get(vid)
+        return f is not None and f.immutable
 
     def untrusted(self, vid: bytes) -> list[tuple[int, int]]:
         """(start, length) of the present extents this process has not checked yet, in file order."""
@@ -718,8 +739,8 @@ class FileCache:
         """Add `n` (negative: remove) passthrough registrations of the file: one held is never punched."""
         with self._lock:
             f = self._files.get(vid)
-            if f is not None:
-                f.holds += n
+            if f is not None:  # (an fs-verity file dropped whole while held: its registration's release
+                f.holds = max(0, f.holds + n)  # finds the new file, whose count it must not drive below 0)
 
     def _fs_free(self, fresh: bool = False) -> int:
         """Free bytes on the cache filesystem; re-measured at most every 0.5 s, and when `fresh` is asked."""
@@ -819,6 +840,32 @@ class FileCache:
         if count and self._on_evict:
             self._on_evict(count, sum(v.length for v in victims) + sum(n for _, _, n in deleted))
         return freed >= need
+
+    def _discard(self, f: _File) -> None:
+        """Delete a damaged fs-verity file whole (lock held), even while reads of it are in progress (they end
+        on the deleted file; the last closes its fd) or the kernel holds it for passthrough (it keeps the inode:
+        a read of the rotten block fails there, never returns wrong bytes). The next load fetches it anew."""
+        for start, (digest, length) in f.present.items():
+            self._unindex(f, start, digest)
+            self.bytes_stored -= length
+            self._charged -= pages(start, length)
+        f.present.clear()
+        f.trusted.clear()
+        f.present_bytes = 0
+        del self._files[f.vid]
+        self._fds.pop(f.vid, None)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path(f.vid))
+        f.orphan = True
+        self._close_orphan(f)
+
+    @staticmethod
+    def _close_orphan(f: _File) -> None:
+        """A deleted file's fd, closed once no read or write uses it (lock held; a passthrough hold has an fd
+        of its own)."""
+        if f.orphan and f.fd >= 0 and not (f.reading or f.pending or f.punching):
+            os.close(f.fd)
+            f.fd = -1
 
     def _forget(self, f: _File) -> None:
         """Evict a sealed file whole (lock held): every extent absent, the file deleted. (Its index entries
@@ -984,7 +1031,7 @@ class FileCache:
         wrong or unreadable back to the version's (worker thread). False if the file is gone."""
         with self._lock:
             f = self._files.get(vid)
-            if f is None or any(s not in f.present for s in starts):
+            if f is None or f.immutable or any(s not in f.present for s in starts):
                 return False
             try:
                 fd = os.dup(self._fd(f))
@@ -1018,7 +1065,11 @@ class FileCache:
         except OSError:
             return False
         try:
-            return integrity.identity(os.fstat(fd)) == seal and not integrity.no_cow(fd)
+            ident = integrity.identity(os.fstat(fd))
+            if self.storage.kind == integrity.VERITY:  # read-only: its digest (O(1)) says what it holds
+                return (ident["ino"], ident["size"]) == (seal.get("ino"), seal.get("size")) and \
+                    integrity.measure_verity(fd).hex() == seal.get("verity")
+            return ident == seal and not integrity.no_cow(fd)
         except OSError:
             return False
         finally:
@@ -1033,21 +1084,35 @@ class FileCache:
         """Make a complete, checked file's data durable and record its identity, so that a later daemon on
         verifying storage trusts it without reading it back (worker thread; `integrity`, invariant 1). False
         if it changed meanwhile or the storage keeps no checksums of it."""
+        verity = self.storage.kind == integrity.VERITY
         with self._lock:
             f = self._files.get(vid)
-            if f is None or not f.all_trusted or f.durable or f.pending:
+            if f is None or not f.all_trusted or f.durable or f.pending or (verity and f.reading):
                 return False
             try:
-                fd = os.dup(self._fd(f))
+                if verity:  # no writable fd may be open for verity to go on: the cache's own is closed first
+                    if f.fd >= 0:
+                        os.close(f.fd)
+                        f.fd = -1
+                        self._fds.pop(vid, None)
+                    f.immutable = True  # from now on it is opened read-only
+                    fd = os.open(self.path(vid), os.O_RDONLY | os.O_CLOEXEC)
+                else:
+                    fd = os.dup(self._fd(f))
             except OSError:
+                f.immutable = False
                 return False
             f.pending += 1  # not deleted under the seal
             writes = self._writes
         try:
-            if integrity.no_cow(fd):
+            if not verity and integrity.no_cow(fd):
                 return False
             os.fdatasync(fd)
-            ident = integrity.identity(os.fstat(fd))
+            if verity:
+                integrity.enable_verity(fd)  # reads and hashes the whole file once more (SHA-256)
+            ident: dict[str, int | str] = dict(integrity.identity(os.fstat(fd)))
+            if verity:
+                ident["verity"] = integrity.measure_verity(fd).hex()
             with self._lock:
                 if not f.all_trusted or self._files.get(vid) is not f or any(
                         f.generation.get(s, 0) > writes for s in f.present):
@@ -1059,6 +1124,9 @@ class FileCache:
             return True
         except OSError as e:
             log.debug("cache file of version %s not sealed: %s", vid.hex(), e.strerror or e)
+            if verity:
+                with self._lock:
+                    f.immutable = False  # verity did not go on: writable again
             return False
         finally:
             os.close(fd)

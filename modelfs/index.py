@@ -195,7 +195,7 @@ class ChunkIndex:
                 out.setdefault(bytes(k[:16]), {})[_OFF.unpack(k[16:])[0]] = _EXT.unpack(v)
         return out
 
-    def seal(self, vid: bytes, identity: dict[str, int]) -> bool:
+    def seal(self, vid: bytes, identity: dict[str, int | str]) -> bool:
         """Record the identity of a version's cache file, sealed (`integrity`: made durable first); False if
         the version has no record (or the write failed)."""
         try:

@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,14 @@ class _StatFs(ctypes.Structure):
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
 _libc.statfs.restype = ctypes.c_int
 
+FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
+FS_IOC_MEASURE_VERITY = 0xC0046686  # _IOWR('f', 134, struct fsverity_digest)
+FS_VERITY_HASH_ALG_SHA256 = 1
+_ENABLE_ARG = struct.Struct("=IIIIQIIQ88x")  # version, hash, block size, salt size, salt, sig size, rsvd, sig
+
 #: What `Storage.kind` may be.
 CHECKSUMS = "btrfs checksums"
+VERITY = "fs-verity"
 NONE = "unverified"
 
 
@@ -113,6 +120,52 @@ def no_cow(fd: int) -> bool:
     return bool(struct.unpack("l", buf)[0] & FS_NOCOW_FL)
 
 
+def enable_verity(fd: int) -> None:
+    """Turn fs-verity on for the file of read-only `fd` (it reads and hashes the whole file: SHA-256, 4 KiB
+    blocks). ETXTBSY while any writable fd of the file is open anywhere: retried a few times."""
+    arg = bytearray(_ENABLE_ARG.pack(1, FS_VERITY_HASH_ALG_SHA256, 4096, 0, 0, 0, 0, 0))
+    for attempt in range(20):
+        try:
+            fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
+            return
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return  # on already
+            if e.errno != errno.ETXTBSY or attempt == 19:
+                raise
+            time.sleep(0.05)
+
+
+def measure_verity(fd: int) -> bytes:
+    """The file's fs-verity digest (the kernel keeps it: O(1)); OSError ENODATA if verity is off for it."""
+    buf = bytearray(struct.pack("=HH", 0, 64) + bytes(64))
+    fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
+    _, size = struct.unpack_from("=HH", buf)
+    return bytes(buf[4:4 + size])
+
+
+def _verity_works(path: str) -> bool:
+    """Whether files in directory `path` can be made fs-verity files (a 4 KiB scratch file, removed)."""
+    name = os.path.join(path, f"verity.tmp.{os.getpid()}")
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, bytes(4096))
+        finally:
+            os.close(fd)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            enable_verity(fd)
+            return len(measure_verity(fd)) == 32
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
 def probe(path: str) -> Storage:
     """What the filesystem of directory `path` (the cache's files) verifies."""
     try:
@@ -120,6 +173,9 @@ def probe(path: str) -> Storage:
     except OSError as e:
         return Storage(NONE, f"the cache filesystem cannot be told ({e.strerror})")
     if magic != BTRFS_SUPER_MAGIC:
+        if _verity_works(path):
+            return Storage(VERITY, "fs-verity: a sealed cache file is read-only, and the kernel checks every "
+                                   "block it reads against the file's Merkle tree (rot gives EIO)")
         return Storage(NONE, f"filesystem {magic:#x} checks no data it reads (a cache file is read back and "
                              f"hashed by each daemon before passthrough)")
     off = _mount_options(path) & {"nodatasum", "nodatacow"}

@@ -9,7 +9,8 @@ until something rewrites the bytes. The scrub bounds how long: one pass over the
 seconds (a load in progress keeps the disk to itself). Each extent is read with O_DIRECT (the page cache would
 answer with the bytes it holds), hashed and compared with its hash in the index.
 
-Healing: a damaged extent's right bytes are fetched from the store (a ranged GET of the version, If-Match:
+Healing (an fs-verity file is read-only: it is deleted whole instead, and the next load fetches it anew): a
+damaged extent's right bytes are fetched from the store (a ranged GET of the version, If-Match:
 never another version's bytes) and checked against the hashes of every extent they cover, then written over
 the damaged range in whole pages (`FileCache.heal_range`, `rewrite`): a partial page would be read from disk
 first, and a rotten one fails. The file is never punched or replaced: a loader that has it mapped, or a
@@ -87,6 +88,10 @@ class Scrub:
     async def _heal(self, vid: bytes, start: int) -> None:
         """Fetch the right bytes of a damaged extent (and of the extents sharing its edge pages) and write
         them over it."""
+        if self.cache.immutable(vid):  # fs-verity: read-only; deleted whole, and the next load fetches it anew
+            await trio.to_thread.run_sync(self.cache.drop, vid, start, "damaged on disk (scrub)",
+                                          limiter=self._limiter)
+            return
         rec = await trio.to_thread.run_sync(self.index.version, vid)
         span = await trio.to_thread.run_sync(self.cache.heal_range, vid, [start])
         if rec is None or span is None:

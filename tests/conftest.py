@@ -42,6 +42,22 @@ S3_FIXTURES = {"seaweed", "s3_checkpoint", "proxy"}
 MOUNT_FIXTURES = {"mounter", "tmpfs"}
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The fs-verity VM takes minutes: started in the background when its test is selected, so the suite runs
+    beside it (`tests/test_verity.py`)."""
+    if any(item.nodeid.startswith("tests/test_verity.py") for item in session.items) and _fuse_available():
+        from tests.test_verity import VM
+
+        VM.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Never leave the VM running (an interrupted run)."""
+    module = sys.modules.get("tests.test_verity")
+    if module is not None:
+        module.VM.stop()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))

@@ -286,7 +286,7 @@ def _btrfs_device_offset(device: str, logical: int) -> int:
 def corrupt_under_fs(fs: LoopFs, path: Path | str, offset: int, xor: int = 0xFF) -> tuple[int, int]:
     """Flip one byte of `path` (a file on `fs`) at `offset` on the device, past the filesystem: no
     timestamp moves. Then evict the file's pages (mapped ones too) and check that a plain read returns
-    the new byte (on btrfs: fails with EIO, its data checksum). Returns (old byte, new byte). Raises if the
+    the new byte (on btrfs or an fs-verity file: fails with EIO). Returns (old byte, new byte). Raises if the
     file's block could not be found or the old bytes stayed in the page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)  # held throughout: the blocks cannot be freed and reused
     try:
@@ -314,8 +314,8 @@ def corrupt_under_fs(fs: LoopFs, path: Path | str, offset: int, xor: int = 0xFF)
                 if os.pread(fd, 1, offset)[0] == new:
                     break
             except OSError as e:
-                if e.errno == errno.EIO and fs.fstype == "btrfs":
-                    break  # read from disk, where it fails its checksum
+                if e.errno == errno.EIO:
+                    break  # read from disk, where it fails its check (btrfs checksums, fs-verity)
                 raise
         else:
             raise RuntimeError(f"{path}: the page cache still holds the old byte at {offset} after eviction")
