@@ -7,25 +7,36 @@ modelfs in between. Whether a block that rots on the disk under it reaches a loa
 - btrfs with data checksums (its default): every data block read from disk is checked against its checksum,
   and a block that fails gives EIO (SIGBUS to an mmap), never the wrong bytes, through passthrough too. Not
   where checksums are off: the `nodatasum`/`nodatacow` mount options, or a directory marked No_COW (`chattr
-  +C`), whose new files inherit the mark.
+  +C`), whose new files inherit the mark. (btrfs can do fs-verity too; its checksums are used: no second pass
+  over the file to enable, and damage is healed by writing the right bytes in place.)
+- fs-verity (ext4 made with `-O verity`, f2fs; the kernel's CONFIG_FS_VERITY): a file with verity on is
+  read-only, even to root, and every block read from disk is checked against its Merkle tree (EIO, SIGBUS).
+  Found by turning it on for a scratch file at start (EOPNOTSUPP where the kernel or filesystem lacks it).
 - anything else (ext4 without fs-verity, XFS, tmpfs): nothing checks the bytes the disk returns. A daemon
   reads back and hashes every cache file it did not write before the kernel gets it (`cache.FileCache.verify`);
   rot after that check is served until the next daemon's.
 
 On verifying storage a complete, checked file is sealed (`FileCache.seal`): its data is made durable
-(fdatasync), then its identity recorded with its version in the index. A later daemon trusts a sealed file
-whose identity still matches without reading it back: the storage checks each block the kernel reads.
+(fdatasync), on fs-verity storage verity is turned on (no writable fd of it may be open: the cache closes its
+own first and opens the file read-only from then on; the kernel reads and hashes the file once, SHA-256, in
+the background), then its identity recorded with its version in the index. A later daemon trusts a sealed
+file whose identity still matches without reading it back: the storage checks each block the kernel reads.
 
 Seal invariants, and what a crash at each step leaves:
 1. The seal is recorded only AFTER the file is complete, every extent of it checked by this daemon, and its
    data durable. Crash before the record: no seal, the next daemon reads the file back as before. A seal
    never vouches for data an OS crash could lose (unwritten pages of a file read back as holes, which no
    checksum covers).
-2. The identity is (inode, size, mtime, ctime) at sealing. Any change through the filesystem (a write, a
-   truncate, a punch, the file deleted and made again) moves mtime/ctime or the inode, so the seal no longer
-   matches and the file is read back and hashed again. Changes under the filesystem are the storage's to
-   catch (EIO). A seal left in the index after its file is gone names nothing: it is never matched.
-3. The file itself must still have checksums (no No_COW flag), checked at sealing and at trust.
+2. The identity is (inode, size, mtime, ctime) at sealing; on fs-verity (inode, size, verity digest): the
+   file cannot change, and FS_IOC_MEASURE_VERITY (O(1)) says what it holds. Any change through the
+   filesystem (a write, a truncate, a punch, the file deleted and made again) moves mtime/ctime or the
+   inode, so the seal no longer matches and the file is read back and hashed again. Changes under the
+   filesystem are the storage's to catch (EIO). A seal left in the index after its file is gone names
+   nothing: it is never matched.
+3. On btrfs the file itself must still have checksums (no No_COW flag), checked at sealing and at trust.
+4. A crash while verity is being turned on leaves the file without it, or with it and no seal recorded:
+   either way the next daemon reads it back and hashes it (and an fs-verity file it cannot write is only
+   ever read, or deleted whole).
 """
 
 from __future__ import annotations
