@@ -349,6 +349,8 @@ class FileCache:
                 f.durable = True
                 f.immutable = self.storage.kind == integrity.VERITY
                 self.files_trusted_sealed += 1
+            elif f.complete and self.storage.kind == integrity.VERITY:
+                f.immutable = self._verity_on(f)  # on, but not sealed (a crash between): read-only all the same
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
             for start in sorted(self._files[vid].present):
@@ -1070,6 +1072,20 @@ class FileCache:
                 return (ident["ino"], ident["size"]) == (seal.get("ino"), seal.get("size")) and \
                     integrity.measure_verity(fd).hex() == seal.get("verity")
             return ident == seal and not integrity.no_cow(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _verity_on(self, f: _File) -> bool:
+        """Whether fs-verity is on for the file (then it can only be read, or deleted whole)."""
+        try:
+            fd = os.open(self.path(f.vid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            integrity.measure_verity(fd)
+            return True
         except OSError:
             return False
         finally:
