@@ -847,13 +847,7 @@ class FileCache:
         """Delete a damaged fs-verity file whole (lock held), even while reads of it are in progress (they end
         on the deleted file; the last closes its fd) or the kernel holds it for passthrough (it keeps the inode:
         a read of the rotten block fails there, never returns wrong bytes). The next load fetches it anew."""
-        for start, (digest, length) in f.present.items():
-            self._unindex(f, start, digest)
-            self.bytes_stored -= length
-            self._charged -= pages(start, length)
-        f.present.clear()
-        f.trusted.clear()
-        f.present_bytes = 0
+        self._empty(f)
         del self._files[f.vid]
         self._fds.pop(f.vid, None)
         with contextlib.suppress(OSError):
@@ -872,6 +866,12 @@ class FileCache:
     def _forget(self, f: _File) -> None:
         """Evict a sealed file whole (lock held): every extent absent, the file deleted. (Its index entries
         go right after; a crash between leaves entries for a file that is gone, dropped at the next start.)"""
+        self._empty(f)
+        self._delete(f)
+
+    def _empty(self, f: _File) -> None:
+        """Every extent of `f` absent, uncounted and out of the eviction order (lock held), before it is
+        deleted whole."""
         for start, (digest, length) in f.present.items():
             self._unindex(f, start, digest)
             self.bytes_stored -= length
@@ -879,7 +879,6 @@ class FileCache:
         f.present.clear()
         f.trusted.clear()
         f.present_bytes = 0
-        self._delete(f)
 
     def _unindex(self, f: _File, start: int, digest: bytes) -> None:
         """Take an extent out of the eviction order and the by-hash map (lock held)."""
