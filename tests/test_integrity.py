@@ -475,30 +475,36 @@ SCRUB_NOW = ["-o", "cache.scrub_after=0", "-o", "cache.scrub_rate=1GiB"]
 
 
 @pytest.mark.parametrize("fs", ["ext4", pytest.param("btrfs", marks=requires_btrfs)])
-def test_the_scrub_heals_rot_under_a_file_the_daemon_already_checked(fs: str, tmp_path: Path, source: Path,
-                                                                     mounter: Callable[..., Mount]) -> None:
-    """A block of a complete cache file rots under the daemon that wrote it (so trusts it, and the kernel
-    serves it by passthrough): on ext4 a reader would get the wrong bytes, on btrfs EIO. The scrub reads the
-    file back from disk, finds the damaged extent, fetches it again and writes it over the bad block in place:
-    after that a reader (its next attempt) gets the right bytes, from the same file."""
+def test_the_scrub_heals_rot_under_a_checked_file_before_any_reader_meets_it(
+        fs: str, tmp_path: Path, source: Path, mounter: Callable[..., Mount]) -> None:
+    """A block of a complete cache file rots under the filesystem (no timestamp moves). A daemon that trusts
+    the file (on btrfs: by its seal, reading nothing back; a daemon that wrote it would too) would serve it
+    by passthrough: the wrong bytes on ext4, EIO on btrfs. Its scrub reads the file back from disk, finds the
+    damaged extent, fetches it again and writes it over the bad block in place, before any read: the next
+    reader gets the right bytes, from the same file, and nothing else was fetched. (The rot is put in while no
+    daemon runs: a scrub running at full speed would otherwise heal it under the helper that checks it took.)"""
     rel = shard(source)
     ref = (source / rel).read_bytes()
     make = loop_btrfs if fs == "btrfs" else loop_ext4
     with make(tmp_path, 512 * MiB, mountpoint=tmp_path / "disk") as disk:
-        m = mounter(str(source), args=[*CACHE_ARGS, *SCRUB_NOW], cache_dir=disk.mountpoint / "cache")
+        cache_dir = disk.mountpoint / "cache"
+        m = mounter(str(source), args=[*CACHE_ARGS, "-o", "cache.scrub_rate=0"], cache_dir=cache_dir)
         first = read_pass(m, rel, ref)
         assert not first.wrong and not first.eio, first.describe()
         assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
-        assert eventually(lambda: m.stats()["scrub_bytes"] >= len(ref)), m.stats()  # a pass over good bytes
-        assert m.stats()["scrub_damaged"] == 0, m.stats()
-        victim = cache_file(disk.mountpoint / "cache", len(ref))
+        m.umount()
+        victim = cache_file(cache_dir, len(ref))
         offset = 4 * EXTENT + 999
         corrupt_under_fs(disk, victim, offset)
+        drop_caches(3)
+        m = mounter(str(source), args=[*CACHE_ARGS, *SCRUB_NOW], cache_dir=cache_dir)
         assert eventually(lambda: m.stats()["scrub_healed"] >= 1), m.stats()
         st = m.stats()
-        assert st["scrub_damaged"] == 1 and st["bytes_fetched"] == len(ref) + EXTENT, st
+        assert st["scrub_damaged"] == 1 and st["gets"] == 1 and st["bytes_fetched"] == EXTENT, st
+        assert st["files_trusted_sealed"] == (fs == "btrfs"), st
         drop_caches(3)
         again = read_pass(m, rel, ref)
         assert not again.wrong and not again.eio, again.describe()
-        assert m.stats()["files_complete"] == 1, m.stats()
+        st = m.stats()
+        assert st["files_complete"] == 1 and st["bytes_fetched"] == EXTENT, st
         m.umount()
