@@ -344,13 +344,8 @@ class FileCache:
                 self.bytes_stored += length
                 self._charged += pages(start, length)
             f.sealed = f.complete
-            if f.complete and self.storage.verifies and self._seal_holds(f, rec.get("seal")):
-                f.trusted.update(f.present)  # the storage checks every block read (`integrity`)
-                f.durable = True
-                f.immutable = self.storage.kind == integrity.VERITY
-                self.files_trusted_sealed += 1
-            elif f.complete and self.storage.kind == integrity.VERITY:
-                f.immutable = self._verity_on(f)  # on, but not sealed (a crash between): read-only all the same
+            if f.complete and self.storage.verifies:
+                self._trust_sealed(f, rec.get("seal"))
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
             for start in sorted(self._files[vid].present):
@@ -1057,38 +1052,35 @@ class FileCache:
 
     # -- seals: trust that outlives the daemon, on storage that verifies (`integrity`) -----------------------------
 
-    def _seal_holds(self, f: _File, seal: object) -> bool:
-        """Whether the seal recorded for `f` still names its file as it is (at start, before anything opens it)."""
-        if not isinstance(seal, dict):
-            return False
+    def _trust_sealed(self, f: _File, seal: object) -> None:
+        """At start, a complete file on verifying storage: trusted whole if the seal recorded for it still
+        names it as it is (`integrity`, invariants 2-3; one open, one fstat, on fs-verity one MEASURE). An
+        fs-verity file is read-only whether or not its seal holds (a crash between turning verity on and
+        recording the seal leaves one without)."""
         try:
             fd = os.open(self.path(f.vid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
-            return False
+            return
         try:
             ident = integrity.identity(os.fstat(fd))
-            if self.storage.kind == integrity.VERITY:  # read-only: its digest (O(1)) says what it holds
-                return (ident["ino"], ident["size"]) == (seal.get("ino"), seal.get("size")) and \
-                    integrity.measure_verity(fd).hex() == seal.get("verity")
-            return ident == seal and not integrity.no_cow(fd)
+            if self.storage.kind == integrity.VERITY:
+                try:
+                    digest = integrity.measure_verity(fd).hex()
+                except OSError:
+                    return  # verity not on: checked like on any other storage
+                f.immutable = True
+                holds = isinstance(seal, dict) and digest == seal.get("verity") and \
+                    (ident["ino"], ident["size"]) == (seal.get("ino"), seal.get("size"))
+            else:
+                holds = ident == seal and not integrity.no_cow(fd)
         except OSError:
-            return False
+            return
         finally:
             os.close(fd)
-
-    def _verity_on(self, f: _File) -> bool:
-        """Whether fs-verity is on for the file (then it can only be read, or deleted whole)."""
-        try:
-            fd = os.open(self.path(f.vid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            return False
-        try:
-            integrity.measure_verity(fd)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        if holds:
+            f.trusted.update(f.present)  # the storage checks every block read (`integrity`)
+            f.durable = True
+            self.files_trusted_sealed += 1
 
     def unsealed(self) -> list[bytes]:
         """Files to seal: complete, every extent checked by this process, no seal of them as they are now."""

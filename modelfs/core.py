@@ -221,8 +221,7 @@ class ModelFS:
         if self.passthrough is None:
             return 0
         node, _ = self.files.handles[fh]
-        if self.cfg.mount.passthrough_wait > 0 and self.passthrough.available and \
-                not self.files.in_cached_mode(node.inode):
+        if self._opens_wait() and not self.files.in_cached_mode(node.inode):
             await self.prefetcher.fill_for_open(node, self.cfg.mount.passthrough_wait)
         backing_id = await self.files.choose_mode(fh, self.passthrough.open)
         if backing_id:
@@ -242,10 +241,15 @@ class ModelFS:
             siblings = self.ns.get(node.parent).children
         except NotFound:
             return
-        filled = self.cfg.mount.passthrough_wait > 0 and self.passthrough.available
+        filled = self._opens_wait()
         self.passthrough.check_ahead([self.version(n) for name, n in sorted(siblings.items())
                                       if not n.is_dir and n is not node
                                       and not (filled and self.prefetcher.fills_at_open(n))])
+
+    def _opens_wait(self) -> bool:
+        """Whether a checkpoint file's first open waits for its file to be filled and checked
+        (`mount.passthrough_wait`), to be answered by passthrough."""
+        return self.cfg.mount.passthrough_wait > 0 and self.passthrough is not None and self.passthrough.available
 
     def release(self, fh: int) -> None:
         closed = self.files.release(fh)

@@ -219,8 +219,7 @@ class Prefetcher:
         extents read from another version's file (not copied in), or an inode this mount has answered READs
         of (the kernel may hold its pages, though its cache file was evicted: a READ-less reopen must cost
         no GET)."""
-        if (not self._started or self.gate is not None or not self._whole(node) or node.inode not in self._armed
-                or node.inode in self._read):
+        if not self.fills_at_open(node) or node.inode not in self._armed or node.inode in self._read:
             return False
         self._armed.discard(node.inode)  # the load starts here, not at the first READ
         try:
