@@ -35,12 +35,17 @@ What runs (all on this machine):
   the planned remedy for damage under a running daemon. 0 wrong bytes served stays a bound.
 - Watched every 10 s: the daemon's RSS, open fds, threads (and what each fd and thread is: readlink of
   /proc/PID/fd/N, thread names), LMDB file size, cache bytes on disk (the real allocation, st_blocks x 512,
-  of the sparse files under `files/`) against the quota,
+  of the sparse files under `files/`) against the quota, the GET buffers the daemon made (`get_buffer_bytes`),
   requests waiting in the kernel (fusectl), its Prometheus metrics (how long demand READs waited:
   `modelfs_read_wait_seconds`); every second: each thread of the daemon and of the loaders in D state,
   and for how long, told apart by whether the stretch fell in a cut or a restart (or GRACE after one).
   The bound applies to one uninterruptible sleep (no timeslice run between samples: schedstat); runs
   of consecutive samples in D, which join waits for one read after another, are reported beside it.
+- Leaks: RSS, fds and threads of the first and the last 10 minutes (after 5 of warm-up; a sixth and a
+  third of a shorter run) must match within 10 %, each with its demand-sized pool set aside and held to
+  that pool's cap instead: GET buffers (fetch.memory_budget), connections to the store
+  (s3.max_pool_connections), trio's worker threads (the daemon's CapacityLimiters). A restart's daemon
+  that meets a busier minute than the first one fills more of each pool, which is no leak.
 
 Writes bench/results/soak.{md,json,png}: the table of loads, failures and resource drift, and a chart
 of RSS, cache bytes and loads per minute. Exit status 1 if a criterion failed.
@@ -74,7 +79,7 @@ from typing import Any
 from peers import Modelfs, Store, alive, force_unmount, is_mounted
 
 from bench import RESULTS, raise_exit, say
-from modelfs.config import load_config
+from modelfs.config import Config, load_config
 from modelfs.mount import mount_minor
 from modelfs.testing.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
 from modelfs.testing.diskfault import LoopFs, corrupt_under_fs, loop_ext4, truncate_in_place
@@ -1019,8 +1024,6 @@ class Soak:
     def sample(self, t0: float) -> None:
         st = self.daemon.stats() if self.daemon.pid else None
         ps = proc_status(self.daemon.pid) if self.daemon.pid else {"rss": 0, "fds": 0, "threads": 0}
-        if self.daemon.pid:
-            self.last_scrape = scrape_read_waits(self.metrics_url) or self.last_scrape
         lmdb = self.cache / "index" / "data.mdb"
         with self.lock:
             done = sum(1 for ld in self.loads if not ld.error)
@@ -1028,6 +1031,7 @@ class Soak:
              "lmdb": lmdb.stat().st_size if lmdb.exists() else 0,
              "cache_disk": cache_bytes(self.cache),
              "cache_stats": (st or {}).get("bytes_in_cache", -1),
+             "get_buffers": (st or {}).get("get_buffer_bytes", 0),
              "waiting": fusectl_waiting(self.daemon.minor) if self.daemon.pid else -1,
              "d_daemon": self.d_longest["daemon"], "d_loader": self.d_longest["loader"],
              "loads_ok": done, "stats_answered": st is not None,
@@ -1038,6 +1042,8 @@ class Soak:
              "fd_kinds": fd_kinds(self.daemon.pid, self.cache, self.store_port, self.metrics_port)
              if self.daemon.pid else {}}
         self.samples.append(s)
+        if self.daemon.pid:  # after the threads and fds are counted: a scrape runs in a thread of its own
+            self.last_scrape = scrape_read_waits(self.metrics_url) or self.last_scrape
         if len(self.samples) % 6 == 0:
             say(f"t={s['t'] / 60:5.1f} min  rss {s['rss'] / MiB:.0f} MiB  fds {s['fds']}  threads {s['threads']}  "
                 f"cache {s['cache_disk'] / MiB:.0f}/{self.quota / MiB:.0f} MiB  lmdb {s['lmdb'] / MiB:.1f} MiB  "
@@ -1216,15 +1222,26 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         b = max((s[key] for s in last), default=0)
         return a, b, (b / a if a else float("inf"))
 
-    # Connections to the store are a pool that grows on demand up to its cap (s3.max_pool_connections): a
-    # daemon that meets a busier minute opens more and keeps them, which is no leak. So fds are compared with
-    # the pooled connections set aside, and those are held to the pool's cap instead.
+    # Three pools grow on demand up to a cap and are no leak when a daemon that meets a busier minute (or a
+    # restart's new daemon that meets one) holds more: connections to the store (s3.max_pool_connections),
+    # GET buffers (made on first use, kept: fetch.memory_budget) and trio's worker threads (one per blocking
+    # call in flight, each under a CapacityLimiter; idle ones leave trio's cache after 10 s). So fds, RSS and
+    # threads are compared with their pool set aside, and each pool is held to its cap instead.
+    cfg = load_config(None, dict(o.split("=", 1) for o in args.modelfs_option or []))
+    pool_cap = cfg.s3.max_pool_connections
+    buffers_cap = worker_cap(cfg)[0] * int(cfg.cache.extent_size)
+    workers_cap = worker_cap(cfg)[1]
     for s in samples:
         s["store_conns"] = s.get("fd_kinds", {}).get("TCP to the store", 0)
         s["fds_unpooled"] = s["fds"] - s["store_conns"]
-    rss, fds, thr, lmdb = drift("rss"), drift("fds_unpooled"), drift("threads"), drift("lmdb")
+        s["rss_unpooled"] = s["rss"] - s.get("get_buffers", 0)
+        kinds = s.get("thread_kinds", {})
+        s["workers"] = sum(v for k, v in kinds.items() if k.startswith("trio worker"))
+        s["threads_unpooled"] = sum(kinds.values()) - s["workers"]
+    rss, fds, thr, lmdb = drift("rss_unpooled"), drift("fds_unpooled"), drift("threads_unpooled"), drift("lmdb")
     conns = max((s["store_conns"] for s in samples), default=0)
-    pool_cap = load_config(None, dict(o.split("=", 1) for o in args.modelfs_option or [])).s3.max_pool_connections
+    bufs = max((s.get("get_buffers", 0) for s in samples), default=0)
+    workers = max((s["workers"] for s in samples), default=0)
     cache_max = max((s["cache_disk"] for s in samples), default=0)
     stats_max = max((s["cache_stats"] for s in samples), default=0)
     at_max = next((s for s in samples if s["cache_disk"] == cache_max), None)
@@ -1254,9 +1271,11 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         "hung loads": not hung,
         "failures outside a cut or restart": not failed_out,
         "RSS flat": rss[2] <= 1.10,
+        "GET buffers within fetch.memory_budget": bufs <= buffers_cap,
         "fds flat": fds[2] <= 1.10,
         "store connections within the pool": conns <= pool_cap,
         "threads flat": thr[2] <= 1.10,
+        "worker threads within their limiters": workers <= workers_cap,
         "cache within quota": cache_max <= quota,
         "no D state over 5 s outside a cut or restart": max(c_out.values()) <= D_BOUND,
         "cache faults as planned": all(injected[k] >= soak.planned[k] for k in CACHE_FAULTS),
@@ -1312,14 +1331,21 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         f"{'yes' if checks['failures outside a cut or restart'] else 'NO'} |",
         f"| loads hung past fetch.deadline + 10 s ({HANG:.0f} s without progress) | {len(hung)} (longest unit "
         f"{longest_unit:.1f} s) | 0 | {'yes' if checks['hung loads'] else 'NO'} |",
-        f"| daemon RSS, max of first / last 10 min | {rss[0] / MiB:.0f} / {rss[1] / MiB:.0f} MiB ({rss[2]:.2f}x) "
+        f"| daemon RSS but its GET buffers, max of first / last 10 min | {rss[0] / MiB:.0f} / {rss[1] / MiB:.0f} "
+        f"MiB ({rss[2]:.2f}x; RSS in all, max {max((s['rss'] for s in samples), default=0) / MiB:.0f} MiB) "
         f"| <= 1.10x | {'yes' if checks['RSS flat'] else 'NO'} |",
+        f"| GET buffers made (get_buffer_bytes), max of any sample | {bufs / MiB:.0f} MiB | <= "
+        f"{buffers_cap / MiB:.0f} MiB (fetch.memory_budget in whole extents) | "
+        f"{'yes' if checks['GET buffers within fetch.memory_budget'] else 'NO'} |",
         f"| open fds but the pooled connections to the store, same | {fds[0]:.0f} / {fds[1]:.0f} ({fds[2]:.2f}x) | "
         f"<= 1.10x | {'yes' if checks['fds flat'] else 'NO'} |",
         f"| connections to the store, max of any sample | {conns} | <= s3.max_pool_connections ({pool_cap}) | "
         f"{'yes' if checks['store connections within the pool'] else 'NO'} |",
-        f"| threads, same | {thr[0]:.0f} / {thr[1]:.0f} ({thr[2]:.2f}x) | <= 1.10x | "
+        f"| threads but trio's worker threads, same | {thr[0]:.0f} / {thr[1]:.0f} ({thr[2]:.2f}x) | <= 1.10x | "
         f"{'yes' if checks['threads flat'] else 'NO'} |",
+        f"| trio worker threads (busy or idle in trio's cache), max of any sample | {workers} | <= {workers_cap} "
+        f"(the daemon's CapacityLimiters and trio's default one) | "
+        f"{'yes' if checks['worker threads within their limiters'] else 'NO'} |",
         f"| LMDB file, same | {lmdb[0] / MiB:.1f} / {lmdb[1] / MiB:.1f} MiB | | |",
         f"| cache bytes on disk (allocated: st_blocks x 512 of files/), max (the daemon's count then: "
         f"{(at_max or {}).get('cache_stats', 0) / MiB:.1f} MiB; its max: {stats_max / MiB:.1f} MiB) | "
@@ -1383,6 +1409,18 @@ def allocation_line(al: dict[str, int], samples: list[dict[str, Any]]) -> str:
 
 def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2] if xs else 0.0
+
+
+def worker_cap(cfg: Config) -> tuple[int, int]:
+    """The daemon's GET buffers, and the most worker threads its limiters let run at once (core, extents,
+    fetch and the small limiters of modelfs/*.py; trio's default limiter, 40, takes every other blocking call):
+    a daemon above it has threads no limiter accounts for."""
+    es = int(cfg.cache.extent_size)
+    buffers = max(1, min(cfg.fetch.concurrency + cfg.fetch.demand_reserve, int(cfg.fetch.memory_budget) // es))
+    io = cfg.fetch.io_threads
+    # fetch: 2 per buffer; extents: 2 x (READ + prefetch disk tokens); core's own io/meta calls; shared,
+    # passthrough, scrub, push and core's one-at-a-time limiters; trio's default.
+    return buffers, 2 * buffers + 2 * (io + io) + io + 4 + 4 + 1 + 1 + 2 + 1 + 40
 
 
 def composition(window: list[dict[str, Any]], key: str) -> str:

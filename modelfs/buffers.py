@@ -77,6 +77,12 @@ class BufferPool:
         return self.total - self._held_demand - len(self._prefetch_bufs)
 
     @property
+    def made_bytes(self) -> int:
+        """Memory of the buffers made so far: the pool's share of the daemon's RSS, at most `total` x `size`
+        (less after `trim`, until they are used again)."""
+        return self._made * self.size
+
+    @property
     def waiting(self) -> int:
         return len(self._demand) + len(self._prefetch)
 

@@ -63,6 +63,7 @@ GAUGES = {
     "files_in_cache": "file versions with at least one extent in the cache",
     "files_complete": "file versions whose every byte is in their cache file (served by passthrough)",
     "fetches_in_flight": "GETs in flight",
+    "get_buffer_bytes": "memory of the GET buffers made so far (at most fetch.memory_budget)",
     "prefetch_queue": "extents waiting for a prefetch worker",
     "files_trusted_sealed": "cache files this daemon trusted at start by their seal, on storage that verifies reads",
     "storage_verifies": "1 where the cache's storage checks every block the kernel reads (btrfs checksums), else 0",

@@ -465,6 +465,7 @@ def test_memory_budget_bounds_get_buffers(tmp_path: Path, budget: str) -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert core.buffers.free == core.buffers.total  # every buffer came back
         assert {id(b) for b in core.buffers._free} == set(handed)  # ... and no other buffer was made
+        assert core.counters()["get_buffer_bytes"] == held  # what `modelfs stats` and the soak see
 
     run_and_close(core, close, body)
 
