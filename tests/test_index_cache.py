@@ -14,12 +14,16 @@ from pathlib import Path
 
 import lmdb
 import pytest
+import trio
 
 from modelfs import cache as cache_mod
 from modelfs.cache import FileCache, content_hash
 from modelfs.index import ChunkIndex, version_id
 from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.remote import ObjectInfo
+from modelfs.remote.local import LocalStore
+from modelfs.scrub import IOPRIO_CLASS_IDLE, IOPRIO_CLASS_SHIFT, Scrub, io_priority
+from modelfs.stats import Stats
 from modelfs.version import FileVersion
 
 INFO = ObjectInfo("m/model.safetensors", 100, '"etag-1"', 0.0)
@@ -513,5 +517,47 @@ def test_the_scrub_finds_a_damaged_extent_and_a_page_aligned_rewrite_heals_it(tm
     assert all(cache.scrub_read(ver.vid, s, n) for s, n, _ in extents)
     with open(cache.path(ver.vid), "rb") as f:
         assert f.read() == data
+    cache.close()
+    index.close()
+
+
+def test_the_scrub_reads_in_the_idle_io_class_and_gives_the_thread_back_as_it_was(tmp_path: Path) -> None:
+    """Each scrub read runs with its worker thread in the idle I/O class (a loader's reads of the same disk go
+    first), and the thread's priority is put back after it: trio gives the same thread other jobs later."""
+    data = os.urandom(3 * EXT + 100)
+    extents = [(s, min(EXT, len(data) - s), content_hash(data[s:s + EXT])) for s in range(0, len(data), EXT)]
+    ver = FileVersion.of("src", ObjectInfo("m/x.safetensors", len(data), '"e"', 0.0), EXT, extents)
+    index = new_index(tmp_path)
+    seen: list[tuple[int, int]] = []  # (the priority during a read, the thread's id)
+
+    class Watched(FileCache):
+        def scrub_read(self, vid: bytes, start: int, length: int) -> bool | None:
+            seen.append((io_priority(), threading.get_ident()))
+            return super().scrub_read(vid, start, length)
+
+    cache = Watched(str(tmp_path / "c"), index, "src", "src")
+    for start, length, digest in extents:
+        assert cache.write(ver, start, data[start:start + length], digest)
+    stats = Stats()
+    (tmp_path / "src").mkdir()  # the store is not asked: nothing to heal
+    scrub = Scrub(cache, index, LocalStore(str(tmp_path / "src")), stats, 1 << 40, 0.0, lambda: 0)
+    threads: set[int] = set()
+
+    async def main() -> None:
+        with trio.move_on_after(60):  # a bound that only detects a hang
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(scrub.run)
+                while stats.scrub_bytes < len(data):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        # the threads that did the reads, asked again from trio's cache: their priority is what it was
+        for _ in range(4):
+            threads.add(await trio.to_thread.run_sync(lambda: (io_priority(), threading.get_ident())))
+
+    trio.run(main)
+    assert stats.scrub_bytes >= len(data) and stats.scrub_damaged == 0, stats  # a pass or more
+    assert seen and all(prio >> IOPRIO_CLASS_SHIFT == IOPRIO_CLASS_IDLE for prio, _ in seen), seen
+    assert {tid for _, tid in seen} & {tid for _, tid in threads}  # the same thread, asked again
+    assert all(prio >> IOPRIO_CLASS_SHIFT != IOPRIO_CLASS_IDLE for prio, _ in threads), threads
     cache.close()
     index.close()
