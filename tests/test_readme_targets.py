@@ -1,5 +1,5 @@
-"""Every `make X` the README tells a reader to run exists in the Makefile: a documented entry point that
-make answers with "No rule to make target" is the first thing a new user meets."""
+"""Every `make X` the README and the docs (docs/*.md) tell a reader to run exists in the Makefile: a documented
+entry point that make answers with "No rule to make target" is the first thing a new user meets."""
 
 from __future__ import annotations
 
@@ -17,8 +17,18 @@ PROSE = frozenset({"a", "an", "the", "it", "them", "this", "that", "sure", "ever
 
 
 def readme_targets(text: str) -> set[str]:
-    """Target names the README names after `make` (in code blocks, inline code and prose alike)."""
+    """Target names a document names after `make` (in code blocks, inline code and prose alike)."""
     return {m.group(1) for m in MAKE_RE.finditer(text)} - PROSE
+
+
+def documents() -> list[Path]:
+    """The README and every page under docs/: each is read the same way."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def named_targets() -> dict[str, set[str]]:
+    """Per document (its path in the repository), the make targets it names."""
+    return {str(path.relative_to(REPO)): readme_targets(path.read_text()) for path in documents()}
 
 
 def makefile_targets(text: str) -> set[str]:
@@ -42,17 +52,19 @@ def test_parsers_see_what_they_should() -> None:
     assert makefile_targets(mk) == {".PHONY", "a", "bench", "b", "c"}
 
 
-def test_every_make_target_the_readme_names_exists() -> None:
-    named = readme_targets((REPO / "README.md").read_text())
+def test_every_make_target_the_docs_name_exists() -> None:
+    per_doc = named_targets()
+    assert len(per_doc) > 1, per_doc  # README.md and at least one page under docs/
+    named = set().union(*per_doc.values())
     assert {"test", "demo", "soak"} <= named, named  # the parse found the documented entry points
     defined = makefile_targets((REPO / "Makefile").read_text())
-    missing = sorted(named - defined)
-    assert not missing, f"README.md names make targets the Makefile lacks: {missing}"
+    missing = {doc: sorted(targets - defined) for doc, targets in per_doc.items() if targets - defined}
+    assert not missing, f"documents name make targets the Makefile lacks: {missing}"
 
 
-def test_every_readme_target_is_phony() -> None:
+def test_every_documented_target_is_phony() -> None:
     """None of them makes a file of its name: without .PHONY a stray file called `soak` would skip it."""
     text = (REPO / "Makefile").read_text()
     phony = {n for line in text.splitlines() if line.startswith(".PHONY:") for n in line.split(":", 1)[1].split()}
-    named = readme_targets((REPO / "README.md").read_text())
-    assert not sorted(named - phony), sorted(named - phony)
+    not_phony = {doc: sorted(targets - phony) for doc, targets in named_targets().items() if targets - phony}
+    assert not not_phony, not_phony
