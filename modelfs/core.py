@@ -85,7 +85,7 @@ class ModelFS:
                                   cap=cfg.fetch.prefetch_during_demand)
         self.blocks = Blocks(index, cache, self.stats, int(cfg.cache.map_budget))
         self.fetcher = Fetcher(store, self.blocks, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health, observe, shared, faults, self.supervisor)
+                               self.health, observe, shared, faults, supervisor=self.supervisor)
         self.shared = shared
         self.extents = Extents(self.blocks, self.fetcher, self.stats, self.io_limiter, self.prefetch_limiter,
                                cfg.fetch.deadline)

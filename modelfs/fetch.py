@@ -97,8 +97,8 @@ class Fetcher:
 
     def __init__(self, store: Store, blocks: BlockStore, stats: Stats, pool: BufferPool, deadline: float = 30.0,
                  health: Health | None = None, observe: Callable[[float], None] | None = None,
-                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS,
-                 supervisor: Supervisor | None = None) -> None:
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS, *,
+                 supervisor: Supervisor) -> None:
         self.store = store
         self.faults = faults
         self.blocks = blocks
@@ -113,7 +113,7 @@ class Fetcher:
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         # Flights run supervised in the daemon's nursery, which owns them: cancelling it cancels every
         # wait, and no failure in one reaches the FUSE loop.
-        self._supervisor = supervisor or Supervisor(stats)
+        self._supervisor = supervisor
 
     @property
     def in_flight(self) -> int:

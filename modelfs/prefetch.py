@@ -119,8 +119,8 @@ class Prefetcher:
     def __init__(self, cfg: PrefetchConfig, extents: Extents, files: OpenFiles, cache: FileCache,
                  ns: Namespace, stats: Stats, io_limiter: trio.CapacityLimiter, workers: int,
                  max_request: int = 64 << 20, push: PushFn | None = None,
-                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS,
-                 supervisor: Supervisor | None = None, copy_shared_after: int = 0) -> None:
+                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS, *,
+                 supervisor: Supervisor, copy_shared_after: int = 0) -> None:
         self.cfg = cfg
         self.faults = faults
         self.extents = extents
@@ -152,7 +152,7 @@ class Prefetcher:
         # inode -> extent start -> [lo, hi): bytes READs of an open file were answered with (not to push)
         self._served: dict[int, dict[int, list[int]]] = {}
         # Workers and scheduling steps run supervised: a failure stops one job, never the mount.
-        self._supervisor = supervisor or Supervisor(stats)
+        self._supervisor = supervisor
         self._started = False
         self._scheduling = 0
         self._armed: set[int] = set()  # inodes opened whose first READ has not come: prefetch starts there

@@ -130,14 +130,14 @@ class SharedTier:
     def __init__(self, store: WritableStore, domain: str, stats: Stats, read_back: ReadBack, *, deadline: float,
                  probe_interval: float, write_back: bool = True, trust: str = "all", node: str = "",
                  flight_deadline: float = 30.0, writer: WritableStore | None = None,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor) -> None:
         self.store = store
         # Writes send a whole block before the answer comes: they get the origin's timeouts, not the
         # per-request deadline of reads (a write-back is never on a reader's path).
         self.writer = writer or store
         self.domain = domain
         self.stats = stats
-        self.supervisor = supervisor or Supervisor(stats)  # runs its writers, probe and claim watch
+        self.supervisor = supervisor  # runs its writers, probe and claim watch: the daemon's, as every part's
         self.read_back = read_back
         self.deadline = deadline
         self.writes = write_back
