@@ -1,58 +1,122 @@
-"""The package's import graph has no cycle (module-level or inside functions): each module can be read,
-changed and tested on its own, and `modelfs cache` commands never drag the FUSE side in."""
+"""The layer rules of the package, as a table: a module imports only modules of its own layer or of the
+layers below it, and a few pairs are ruled out inside a layer. The table says how the data path is built
+(stores at the bottom, the FUSE boundary and the daemon at the top); a new import against it fails here.
+
+Imports the rules forbid that the code still makes are listed in KNOWN, each with why it is wrong: the
+list may only shrink (an entry the code no longer needs fails too, so it is taken out when its import goes).
+"""
 
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
-import modelfs
+PACKAGE = Path(__file__).resolve().parent.parent / "modelfs"
 
-ROOT = Path(modelfs.__file__).parent
+#: Bottom to top. The fleet tier sits with the stores: it is one more source of an extent's bytes, behind
+#: the same small interface as the origin (`remote.Store`), and knows nothing of the cache that stores them.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundation: errors, settings, counters, supervision", {
+        "errors", "config", "stats", "logs", "faults", "mapped", "buffers", "readahead", "integrity", "xattrs",
+        "supervise", "health"}),
+    ("stores: the origin and the fleet tier", {
+        "remote", "remote.base", "remote.local", "remote.s3", "shared", "testing.memstore"}),
+    ("versions, manifests and the chunk index", {"version", "manifest", "index"}),
+    ("the cache on disk", {"cachedir", "cache"}),
+    ("fetch: GETs into the cache", {"fetch"}),
+    ("extents, passthrough, prefetch, the namespace and open files", {
+        "extents", "passthrough", "scrub", "push", "prefetch", "namespace", "listings", "openfiles"}),
+    ("the core", {"core"}),
+    ("the FUSE boundary", {"fs"}),
+    ("the daemon and the tools", {"mount", "metrics", "notify", "admin", "cli", "publish", "__main__"}),
+]
 
+#: Pairs ruled out even where the layers allow them: (importer, imported, why).
+FORBIDDEN = [
+    ("fetch", "shared", "the fetcher asks a Store for bytes; which store (the tier, the origin) is not its business"),
+    ("passthrough", "fetch", "passthrough serves complete files; it never fetches"),
+    ("scrub", "fetch", "the scrub heals through the store's interface, not the fetch path's single flights"),
+]
 
-def import_graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = defaultdict(set)
-    for path in ROOT.rglob("*.py"):
-        mod = ".".join(("modelfs", *path.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
-        for node in ast.walk(ast.parse(path.read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("modelfs"):
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.startswith("modelfs")]
-            for name in names:
-                if (ROOT.joinpath(*name.split(".")[1:]).with_suffix(".py").exists()
-                        or (ROOT.joinpath(*name.split(".")[1:]) / "__init__.py").exists()):
-                    graph[mod].add(name)
-    return graph
-
-
-def test_no_import_cycles() -> None:
-    graph = import_graph()
-    assert "modelfs.mount" in graph and "modelfs.core" in graph  # the walk found the package
-    cycles: set[str] = set()
-
-    def walk(node: str, path: list[str]) -> None:
-        for dep in graph.get(node, ()):
-            if dep in path:
-                cycles.add(" -> ".join([*path[path.index(dep):], dep]))
-            elif dep != node:
-                walk(dep, [*path, dep])
-
-    for node in list(graph):
-        walk(node, [node])
-    assert not cycles, sorted(cycles)
+#: Imports against the rules that the code still makes, with why each is wrong.
+KNOWN = {
+    ("shared", "cache"): "the tier reads write-backs from the cache itself; it should be handed the bytes",
+    ("shared", "version"): "the tier keys blocks by FileVersion; an extent's hash and length should do",
+    ("fetch", "shared"): "fetch hands callbacks to SharedTier.cooperate; the tier should wrap the origin",
+}
 
 
-def test_cache_admin_does_not_import_the_fuse_side() -> None:
-    graph = import_graph()
-    seen: set[str] = set()
-    todo = ["modelfs.admin"]
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo += graph.get(mod, ())
-    assert not seen & {"modelfs.mount", "modelfs.fs"}, sorted(seen)
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that `path` imports, anywhere in it (a function-level import counts too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.startswith("modelfs."):
+                short = name[len("modelfs."):]
+                if short in modules:
+                    found.add(short)
+            elif name == "modelfs" and isinstance(node, ast.ImportFrom):
+                found.update(a.name for a in node.names if a.name in modules)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    files.pop("", None)
+    modules = set(files)
+    return {m: imports(p, modules) - {m} for m, p in files.items()}
+
+
+def layer_of() -> dict[str, int]:
+    return {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
+
+
+def violations(g: dict[str, set[str]]) -> dict[tuple[str, str], str]:
+    where, out = layer_of(), {}
+    forbidden = {(a, b): why for a, b, why in FORBIDDEN}
+    for mod, deps in g.items():
+        if mod not in where:
+            continue
+        for dep in deps:
+            if dep in where and where[dep] > where[mod]:
+                out[(mod, dep)] = f"{mod} ({LAYERS[where[mod]][0]}) imports {dep}, a layer above it"
+            elif (mod, dep) in forbidden:
+                out[(mod, dep)] = forbidden[(mod, dep)]
+    return out
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module is placed in the table (test helpers of modelfs/testing but the in-memory store are not
+    part of the data path)."""
+    placed, g = layer_of(), graph()
+    missing = sorted(m for m in g if m not in placed and not m.startswith("testing"))
+    assert not missing, f"modules with no layer in tests/test_structure.py: {missing}"
+    gone = [m for _, mods in LAYERS for m in mods if m not in g]
+    assert not gone, f"the table names modules that are gone: {gone}"
+
+
+def test_imports_keep_the_layers() -> None:
+    found = violations(graph())
+    new = {k: v for k, v in found.items() if k not in KNOWN}
+    assert not new, "imports against the layer rules:\n" + "\n".join(f"  {a} -> {b}: {why}"
+                                                                        for (a, b), why in sorted(new.items()))
+    gone = sorted(k for k in KNOWN if k not in found)
+    assert not gone, f"KNOWN lists imports the code no longer makes (take them out): {gone}"
+
+
+def test_the_checker_sees_what_it_should() -> None:
+    """The rules bite: an import up the layers and a forbidden pair are both reported."""
+    g = {"errors": {"core"}, "fetch": {"shared", "cache"}, "core": {"fs"}}
+    found = violations(g)
+    assert ("errors", "core") in found and ("fetch", "shared") in found and ("core", "fs") in found
+    assert ("fetch", "cache") not in found
