@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import logging
 import mmap
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,8 +46,9 @@ from modelfs.buffers import Ask, BufferPool, Lease
 from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
-from modelfs.health import RETRY_PAUSE, RETRY_PAUSE_MAX, Health
+from modelfs.health import Health
 from modelfs.remote import Store
+from modelfs.retry import STORE_PAUSES, Resume
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
@@ -377,20 +377,11 @@ class Fetcher:
         botocore's own retries: an overloaded store, not an outage) is tried again, from the first view not
         yet in, until `until` (the flight's deadline) or offline mode."""
         began = time.monotonic()
-        done = 0  # views complete
-
-        def complete(k: int) -> None:
-            nonlocal done
-            done = first + k + 1
-            if filled is not None:
-                filled(first + k)
-
-        pause = RETRY_PAUSE
+        resume, pauses = Resume(start, views, filled), STORE_PAUSES.start()
         while True:
-            first = done
-            at = start + sum(len(v) for v in views[:first])
+            at, rest = resume.attempt()
             try:
-                self.store.read_into(ver.info, at, views[first:], complete)
+                self.store.read_into(ver.info, at, rest, resume.complete)
                 break
             except VersionChanged:
                 self.stats.add(version_changes=1)
@@ -400,14 +391,14 @@ class Fetcher:
                 if isinstance(e, StoreUnreachable) and self.health is not None:
                     self.health.mark_unreachable(e)
                 offline = self.health is not None and self.health.offline
-                if not e.transient or offline or time.monotonic() + pause >= until:
+                if not e.transient or offline or time.monotonic() + pauses.upcoming >= until:
                     if not isinstance(e, StoreUnreachable):
                         log.warning("%s", e)
                     raise
                 self.stats.add(store_retries=1)
+                pause = pauses.draw()
                 log.debug("GET %s at %d: %s; trying again in %.2f s", ver.info.key, at, e, pause)
-                time.sleep(random.uniform(pause / 2, pause))
-                pause = min(2 * pause, RETRY_PAUSE_MAX)
+                time.sleep(pause)
         if self.health is not None:
             self.health.answered()
         self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))

@@ -25,12 +25,6 @@ from modelfs.errors import StoreError, StoreUnreachable
 
 log = logging.getLogger(__name__)
 
-#: A request the store failed for now (refused, cut, 5xx: overloaded, not down) is tried again after this
-#: pause, doubling up to the max (jittered), until the request's deadline or offline mode.
-RETRY_PAUSE = 0.25
-RETRY_PAUSE_MAX = 2.0
-
-
 class Health:
     """Thread-safe offline flag, set from fetch threads, cleared by `probe_loop` in the daemon's nursery."""
 

@@ -9,17 +9,17 @@ content-defined extents from it (`manifest`), trusted per object version (ETag a
 from __future__ import annotations
 
 import logging
-import random
 
 import trio
 
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
-from modelfs.health import RETRY_PAUSE, RETRY_PAUSE_MAX, Health
+from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import DIR as MANIFEST_DIR
 from modelfs.manifest import NAME as MANIFEST_NAME
 from modelfs.manifest import FileEntry, Manifest, ManifestError
 from modelfs.remote import Listing, ObjectInfo, Store, read_bytes
+from modelfs.retry import STORE_PAUSES
 from modelfs.version import HashedExtent
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Listings:
         before is asked again, with pauses, until fetch.deadline or offline mode, so a load rides out an
         overloaded store rather than get EIO on a directory it has not reached yet."""
         until = trio.current_time() + self.deadline
-        pause = RETRY_PAUSE
+        pauses = STORE_PAUSES.start()
         while not self.health.offline and trio.current_time() < until:
             try:
                 with trio.fail_at(until):
@@ -71,11 +71,11 @@ class Listings:
                 if saved is not None:
                     log.info("listing of /%s failed (%s): the saved listing answers", prefix, e)
                     return saved
-                if trio.current_time() + pause >= until:
+                if trio.current_time() + pauses.upcoming >= until:
                     break
+                pause = pauses.draw()
                 log.debug("listing of /%s failed (%s): trying again in %.2f s", prefix, e, pause)
-                await trio.sleep(random.uniform(pause / 2, pause))
-                pause = min(2 * pause, RETRY_PAUSE_MAX)
+                await trio.sleep(pause)
             else:
                 self.health.answered()
                 await trio.to_thread.run_sync(self.index.save_listing, self.store.identity, prefix, listing,

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "modelfs"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: errors, settings, counters, supervision", {
         "errors", "config", "stats", "logs", "faults", "mapped", "buffers", "readahead", "integrity", "xattrs",
-        "supervise", "health"}),
+        "supervise", "health", "retry"}),
     ("stores: the origin and the fleet tier", {
         "remote", "remote.base", "remote.local", "remote.s3", "shared", "testing.memstore"}),
     ("versions, manifests and the chunk index", {"version", "manifest", "index"}),

@@ -28,7 +28,6 @@ import collections
 import email.utils
 import functools
 import logging
-import random
 import socket
 import threading
 import time
@@ -46,6 +45,7 @@ from botocore.config import Config as BotoConfig
 from modelfs.errors import ConfigError, NotFound, StoreError, StoreUnreachable, VersionChanged
 from modelfs.logs import register_secret
 from modelfs.remote.base import Listing, ObjectInfo
+from modelfs.retry import BODY_ATTEMPTS, BODY_PAUSES, Resume
 
 if TYPE_CHECKING:
     from modelfs.config import S3Config
@@ -58,7 +58,6 @@ R = TypeVar("R")  # what a request running in an _Attempt thread returns
 _BODY_ERRORS = (bexc.IncompleteReadError, bexc.ReadTimeoutError, bexc.ResponseStreamingError,
                 bexc.ConnectionClosedError, bexc.EndpointConnectionError, urllib3.exceptions.HTTPError,
                 ConnectionError, TimeoutError)
-_BODY_ATTEMPTS = 4
 #: A ranged GET is sent at most this many times at once: the first, its hedge, and one more for each
 #: further `hedge_after` that all are silent while the store answers a bucket check.
 _MAX_ATTEMPTS = 4
@@ -476,19 +475,11 @@ class S3Store:
                   filled: Callable[[int], None] | None = None) -> None:
         key = self.prefix + obj.key
         end = start + sum(len(v) for v in views)
-        done = 0  # views complete: a retry asks only for the rest
-
-        def complete(k: int) -> None:
-            nonlocal done
-            done = first + k + 1
-            if filled is not None:
-                filled(first + k)
-
-        for attempt in range(1, _BODY_ATTEMPTS + 1):
-            first = done
-            if first == len(views):  # all of it arrived; the attempt failed after the last byte
+        resume, pauses = Resume(start, views, filled), BODY_PAUSES.start()  # a retry asks only for the rest
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            begin, rest = resume.attempt()
+            if not rest:  # all of it arrived; the attempt failed after the last byte
                 return
-            begin = start + sum(len(v) for v in views[:first])
             length = end - begin
             rng = f"bytes={begin}-{end - 1}"
             try:  # botocore has retried the request itself (5xx, SlowDown, resets, timeouts) by now
@@ -505,7 +496,7 @@ class S3Store:
             body = resp["Body"]
             try:  # ... but not the body: a short, reset or stalled body is retried here (from the first
                 # view not complete: what arrived whole is kept)
-                got = _read_into(body, views[first:], filled=complete)
+                got = _read_into(body, rest, filled=resume.complete)
                 if got == length:
                     return
                 err: Exception = StoreError(f"short body: {got} of {length} bytes")
@@ -514,9 +505,9 @@ class S3Store:
             finally:
                 body.close()
             log.debug("GET %s %s attempt %d: %s", obj.key, rng, attempt, type(err).__name__)
-            if attempt < _BODY_ATTEMPTS:
-                time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter
-        raise StoreError(f"GET {obj.key} failed {_BODY_ATTEMPTS} times reading the body: "
+            if attempt < BODY_ATTEMPTS:
+                time.sleep(pauses.draw())
+        raise StoreError(f"GET {obj.key} failed {BODY_ATTEMPTS} times reading the body: "
                          f"{err if isinstance(err, StoreError) else type(err).__name__}", transient=True)
 
     def _hedged(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
