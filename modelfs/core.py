@@ -220,10 +220,10 @@ class ModelFS:
         opens of one inode share its version's backing id."""
         if self.passthrough is None:
             return 0
-        node, _ = self.files.handles[fh]
-        if self._opens_wait() and not self.files.in_cached_mode(node.inode):
+        node, ver = self.files.handles[fh]
+        if self._opens_wait() and not self.passthrough.in_cached_mode(node.inode):
             await self.prefetcher.fill_for_open(node, self.cfg.mount.passthrough_wait)
-        backing_id = await self.files.choose_mode(fh, self.passthrough.open)
+        backing_id = await self.passthrough.open_handle(fh, node.inode, ver)
         if backing_id:
             self._check_siblings(node)
         return backing_id
@@ -255,9 +255,8 @@ class ModelFS:
         closed = self.files.release(fh)
         if closed is None:
             return
-        if closed.passthrough:
-            assert self.passthrough is not None
-            self.passthrough.release(closed.ver)
+        if self.passthrough is not None:
+            self.passthrough.release_handle(fh, closed.node.inode, closed.ver)
         if closed.last:
             self.prefetcher.released(closed.node)
             self.ns.collect(closed.node.inode)

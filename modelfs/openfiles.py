@@ -4,18 +4,15 @@ A handle pins the version (`version.FileVersion`) its inode had when it was open
 the store under an open handle keeps serving the bytes it was opened with; a new lookup finds a new inode.
 Directory handles hold a snapshot of the entries taken at opendir.
 
-Passthrough (`backing`): the kernel serves an inode from a backing file only while no handle of it is
-open in cached mode (it refuses a mix), so each open's mode is decided under its inode's lock, and the
-handles of each mode are counted. Nothing here blocks or does I/O; trio-thread only.
+How each open is served (passthrough or cached mode) is `passthrough.Passthrough`'s to decide and count.
+Nothing here blocks or does I/O; trio-thread only.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import trio
 
 from modelfs.namespace import Node
 from modelfs.remote import ObjectInfo
@@ -24,12 +21,10 @@ from modelfs.version import FileVersion, HashedExtent
 
 @dataclass(frozen=True)
 class Closed:
-    """A handle let go: its node and version, whether it was served by passthrough, and whether it was the
-    inode's last open handle."""
+    """A handle let go: its node and version, and whether it was the inode's last open handle."""
 
     node: Node
     ver: FileVersion
-    passthrough: bool
     last: bool
 
 
@@ -47,9 +42,6 @@ class OpenFiles:
         self._open: dict[int, int] = {}  # inode -> open handles
         self._dirs: dict[int, list[Node]] = {}
         self._fh = itertools.count(1)
-        self._mode_locks: dict[int, trio.Lock] = {}
-        self._cached_open: dict[int, int] = {}  # inode -> handles answered in cached mode
-        self._passthrough: set[int] = set()  # handles answered with passthrough
 
     def __len__(self) -> int:
         """Versions held (`versions_held`)."""
@@ -76,50 +68,22 @@ class OpenFiles:
         """Handles of `inode` open now."""
         return self._open.get(inode, 0)
 
-    def in_cached_mode(self, inode: int) -> bool:
-        """Whether a handle of `inode` is open in cached mode (a new open cannot be passthrough then)."""
-        return self._cached_open.get(inode, 0) > 0
-
     def open(self, node: Node) -> int:
         fh = next(self._fh)
         self.handles[fh] = (node, self.version(node))
         self._open[node.inode] = self._open.get(node.inode, 0) + 1
         return fh
 
-    async def choose_mode(self, fh: int, backing_open: Callable[[FileVersion], Awaitable[int]]) -> int:
-        """For an open just made: its backing id from `backing_open` (passthrough) unless a handle of the
-        inode is open in cached mode, else 0 (cached mode). Decided under the inode's lock."""
-        node, ver = self.handles[fh]
-        lock = self._mode_locks.setdefault(node.inode, trio.Lock())
-        async with lock:
-            backing_id = 0
-            if not self._cached_open.get(node.inode):
-                backing_id = await backing_open(ver)
-            if backing_id:
-                self._passthrough.add(fh)
-            else:
-                self._cached_open[node.inode] = self._cached_open.get(node.inode, 0) + 1
-        if not lock.statistics().tasks_waiting and self._mode_locks.get(node.inode) is lock and not lock.locked():
-            del self._mode_locks[node.inode]
-        return backing_id
-
     def release(self, fh: int) -> Closed | None:
         entry = self.handles.pop(fh, None)
         if entry is None:
             return None
         node, ver = entry
-        passthrough = fh in self._passthrough
-        if passthrough:
-            self._passthrough.discard(fh)
-        elif node.inode in self._cached_open:
-            self._cached_open[node.inode] -= 1
-            if not self._cached_open[node.inode]:
-                del self._cached_open[node.inode]
         self._open[node.inode] -= 1
         last = not self._open[node.inode]
         if last:
             del self._open[node.inode]
-        return Closed(node, ver, passthrough, last)
+        return Closed(node, ver, last)
 
     # -- directories --------------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ Rules kept:
   that mapped it keeps its mapping after the fd and the backing id are gone. Eviction or a new ETag never
   changes bytes under an open or mapped file.
 - One backing id per version while any passthrough handle of it is open.
+- An inode with a handle open in cached mode (served through READs) gets no passthrough open until that
+  handle is released: the kernel refuses the mix. Each open's mode is decided under its inode's lock
+  (`open_handle`), and the handles of each mode are counted here.
 - A partial file is never handed to the kernel: it would read the holes as zeros, and no kernel
   mechanism makes such a read wait for the bytes. Until a file is complete its READs come to the daemon.
 """
@@ -71,6 +74,9 @@ class Passthrough:
         self._ahead_wake = trio.Event()
         self._check_limiter = trio.CapacityLimiter(1)  # one check at a time: one sequential read of the disk
         self._refused = False
+        self._mode_locks: dict[int, trio.Lock] = {}  # inode -> lock held while an open's mode is decided
+        self._cached: dict[int, int] = {}  # inode -> handles open in cached mode
+        self._handles: set[int] = set()  # file handles open by passthrough
 
     @property
     def available(self) -> bool:
@@ -78,6 +84,35 @@ class Passthrough:
         return not self._refused and self.kernel.negotiated()
 
     # -- opens (trio thread) -------------------------------------------------------------------------
+
+    def in_cached_mode(self, inode: int) -> bool:
+        """Whether a handle of `inode` is open in cached mode (a new open cannot be passthrough then)."""
+        return self._cached.get(inode, 0) > 0
+
+    async def open_handle(self, fh: int, inode: int, ver: FileVersion) -> int:
+        """The mode of an open just made: a backing id (passthrough) unless a handle of the inode is open in
+        cached mode or the file cannot be handed over (`open`), else 0 (cached mode). Decided under the
+        inode's lock, so two opens racing cannot end in both modes."""
+        lock = self._mode_locks.setdefault(inode, trio.Lock())
+        async with lock:
+            backing_id = 0 if self.in_cached_mode(inode) else await self.open(ver)
+            if backing_id:
+                self._handles.add(fh)
+            else:
+                self._cached[inode] = self._cached.get(inode, 0) + 1
+        if not lock.statistics().tasks_waiting and self._mode_locks.get(inode) is lock and not lock.locked():
+            del self._mode_locks[inode]
+        return backing_id
+
+    def release_handle(self, fh: int, inode: int, ver: FileVersion) -> None:
+        """A handle `open_handle` decided was released."""
+        if fh in self._handles:
+            self._handles.discard(fh)
+            self.release(ver)
+        elif inode in self._cached:
+            self._cached[inode] -= 1
+            if not self._cached[inode]:
+                del self._cached[inode]
 
     async def open(self, ver: FileVersion) -> int:
         """A backing id for a passthrough open of `ver`, or 0 (serve it through the daemon): the file is not

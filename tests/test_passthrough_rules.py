@@ -144,3 +144,31 @@ def test_a_refusal_latches_passthrough_off(tmp_path: Path) -> None:
     assert trio.run(pt.open, ver) == 0 and kernel.registered == 1
     assert pt.stats.passthrough_refused == 1 and pt.stats.passthrough_opens == 0
     close(cache)
+
+
+def test_an_inode_open_in_cached_mode_gets_no_passthrough_open_until_that_handle_is_released(
+        tmp_path: Path) -> None:
+    """The kernel refuses a mix of modes on one inode: an open made while the file was partial (cached mode,
+    served through READs) keeps later opens of that inode in cached mode, even once the file is complete;
+    after it is released the next open is passthrough, and the count of each mode goes back to nothing."""
+    data = os.urandom(3 * EXT)
+    ver, cache, kernel = version(data), new_cache(tmp_path), Registry()
+    fill(cache, ver, data, upto=2 * EXT)
+    pt = Passthrough(cache, Stats(), kernel.kernel())
+    inode = 7
+
+    async def main() -> None:
+        assert await pt.open_handle(1, inode, ver) == 0 and pt.in_cached_mode(inode)  # partial: cached mode
+        fill(cache, ver, data, since=2 * EXT)  # complete now
+        assert await pt.open_handle(2, inode, ver) == 0 and kernel.registered == 0  # still: handle 1 is open
+        pt.release_handle(1, inode, ver)
+        assert pt.in_cached_mode(inode)  # handle 2 too
+        pt.release_handle(2, inode, ver)
+        assert not pt.in_cached_mode(inode)
+        backing_id = await pt.open_handle(3, inode, ver)
+        assert backing_id and kernel.files[backing_id] == data and not pt.in_cached_mode(inode)
+        pt.release_handle(3, inode, ver)
+        assert not kernel.files
+
+    trio.run(main)
+    close(cache)
