@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, set[str]]] = [
         "errors", "config", "stats", "logs", "faults", "mapped", "buffers", "readahead", "integrity", "xattrs",
         "supervise", "health", "retry"}),
     ("stores: the origin and the fleet tier", {
-        "remote", "remote.base", "remote.local", "remote.s3", "shared", "testing.memstore"}),
+        "remote", "remote.base", "remote.local", "remote.s3", "remote.attempts", "remote.body", "shared",
+        "testing.memstore"}),
     ("versions, manifests and the chunk index", {"version", "manifest", "index"}),
     ("the cache on disk", {"cachedir", "cache"}),
     ("fetch: GETs into the cache", {"fetch"}),

@@ -15,8 +15,8 @@ stalled on their own (a slow node behind the endpoint): the GET is sent once mor
 further `hedge_after` of silence, up to _MAX_ATTEMPTS requests at once, so two stalls in a row cost a
 loader about 2 x `hedge_after`, not the read timeout.
 
-A request that lost the race (or that a GET gave up on) is abandoned at once, not left to its read
-timeout: its connection is shut down (SHUT_RDWR, which wakes the thread blocked on it), and botocore is
+A request that lost the race (or that a GET gave up on) is abandoned at once (`remote.attempts`), not left
+to its read timeout: its connection is shut down (SHUT_RDWR, which wakes the thread blocked on it), and botocore is
 stopped from retrying it; a late answer's body is closed unread. Request threads (a GET, its hedge, the
 bucket check) are at most `s3.max_request_threads` at once; a GET that finds no room for itself and its
 hedge is sent unhedged from its caller's thread, so a full set of threads never makes a GET wait.
@@ -28,36 +28,30 @@ import collections
 import email.utils
 import functools
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import boto3
-import botocore
 import botocore.exceptions as bexc
 import urllib3.exceptions
-from botocore.awsrequest import AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection, AWSHTTPSConnectionPool
 from botocore.config import Config as BotoConfig
 
 from modelfs.errors import ConfigError, NotFound, StoreError, StoreUnreachable, VersionChanged
 from modelfs.logs import register_secret
+from modelfs.remote.attempts import Attempt, RequestThreads, make_abandonable
 from modelfs.remote.base import Listing, ObjectInfo
+from modelfs.remote.body import BODY_ERRORS, close_body, read_body_into
 from modelfs.retry import BODY_ATTEMPTS, BODY_PAUSES, Resume
 
 if TYPE_CHECKING:
     from modelfs.config import S3Config
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")  # what a request running in an _Attempt thread returns
+R = TypeVar("R")  # what a request running in an Attempt thread returns
 
-#: Body-level failures botocore does not retry once the response headers have arrived (the body is
-#: read straight from urllib3, so its exceptions arrive unwrapped: IncompleteRead, ReadTimeout, reset).
-_BODY_ERRORS = (bexc.IncompleteReadError, bexc.ReadTimeoutError, bexc.ResponseStreamingError,
-                bexc.ConnectionClosedError, bexc.EndpointConnectionError, urllib3.exceptions.HTTPError,
-                ConnectionError, TimeoutError)
 #: A ranged GET is sent at most this many times at once: the first, its hedge, and one more for each
 #: further `hedge_after` that all are silent while the store answers a bucket check.
 _MAX_ATTEMPTS = 4
@@ -77,215 +71,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
-class _Abandoned(Exception):
-    """Raised inside an abandoned request's thread, so botocore neither retries it nor sends it again."""
-
-
-class _Attempt(Generic[R]):
-    """One request running in a thread of its own, that another thread can abandon: the connection it is
-    using (recorded by the connection pool below, in the request's thread) is shut down, so the thread
-    blocked on it wakes now instead of at the read timeout. A connection is recorded only while the request
-    holds it (from taking it out of the pool until it goes back, or the request returns its response), so
-    a connection in the pool or in another request's hands is never touched."""
-
-    def __init__(self) -> None:
-        self.future: Future[R] = Future()
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        self._abandoned = False
-        self._finished = False
-
-    @property
-    def abandoned(self) -> bool:
-        return self._abandoned
-
-    def abandon(self) -> None:
-        with self._lock:
-            if self._finished:
-                return
-            self._abandoned = True
-            if self._conn is not None:
-                _shut(self._conn)
-
-    def track(self, conn: Any) -> None:
-        """`conn` is this request's now (it may already be connected: a kept-alive one)."""
-        with self._lock:
-            self._conn = conn
-            if self._abandoned:
-                _shut(conn)
-
-    def connected(self, conn: Any) -> None:
-        """`conn` has just connected: abandoned while it was connecting, it is shut now."""
-        with self._lock:
-            if self._abandoned and self._conn is conn:
-                _shut(conn)
-
-    def untrack(self) -> None:
-        """The connection goes back to the pool (or was discarded): no longer this request's."""
-        with self._lock:
-            self._conn = None
-
-    def finish(self) -> None:
-        """The request returned: its connection (if it returned a response) now belongs to the caller."""
-        with self._lock:
-            self._finished = True
-            self._conn = None
-
-
-def _shut(conn: Any) -> None:
-    """Shut down `conn`'s socket (not close it: its owner thread closes it, so the fd is never reused under
-    it). On the plain socket even under TLS: ssl.SSLSocket.shutdown would drop the SSL object the blocked
-    thread is reading with."""
-    sock = getattr(conn, "sock", None)
-    if isinstance(sock, socket.socket):
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:  # already closed or reset
-            pass
-
-
-_current = threading.local()  # .attempt: the _Attempt whose thread this is (None in other threads)
-
-
-def _attempt() -> _Attempt[Any] | None:
-    return getattr(_current, "attempt", None)
-
-
-def _stop_abandoned(**_: Any) -> None:
-    """botocore event handler (before-send, needs-retry; registered first): an abandoned request is not
-    sent again, and its failure is not retried (nor charged to botocore's retry quota)."""
-    attempt = _attempt()
-    if attempt is not None and attempt.abandoned:
-        raise _Abandoned()
-
-
-class _TrackedConnection:
-    """Mixin for botocore's connections: report connecting to the request being abandoned."""
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]  # a mixin over botocore's untyped classes
-        attempt = _attempt()
-        if attempt is not None:
-            attempt.connected(self)
-
-
-class _TrackedPool:
-    """Mixin for botocore's connection pools: record which connection a request in an _Attempt thread holds.
-    Both calls run in the thread of the request (urllib3's urlopen), except putting back the connection of a
-    response whose body the caller read, which is no longer the attempt's (`finish`)."""
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        conn = super()._get_conn(timeout)  # type: ignore[misc]  # a mixin over botocore's untyped classes
-        attempt = _attempt()
-        if attempt is not None:
-            attempt.track(conn)
-        return conn
-
-    def _put_conn(self, conn: Any) -> None:
-        attempt = _attempt()
-        if attempt is not None:
-            attempt.untrack()
-        super()._put_conn(conn)  # type: ignore[misc]  # a mixin over botocore's untyped classes
-
-
-class _HTTPConnection(_TrackedConnection, AWSHTTPConnection):  # type: ignore[misc]  # botocore ships no types
-    pass
-
-
-class _HTTPSConnection(_TrackedConnection, AWSHTTPSConnection):  # type: ignore[misc]  # botocore ships no types
-    pass
-
-
-class _HTTPPool(_TrackedPool, AWSHTTPConnectionPool):  # type: ignore[misc]  # botocore ships no types
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(_TrackedPool, AWSHTTPSConnectionPool):  # type: ignore[misc]  # botocore ships no types
-    ConnectionCls = _HTTPSConnection
-
-
-def _make_abandonable(client: Any) -> bool:
-    """Give `client` connection pools that record each request's connection, and stop abandoned requests
-    in its event system. False (losers then end at their read timeout, as they did) where botocore's
-    session is not laid out as expected."""
-    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
-    classes = getattr(session, "_pool_classes_by_scheme", None)  # shared by its pool managers, per client
-    if not isinstance(classes, dict) or classes.get("http") is not AWSHTTPConnectionPool:
-        log.warning("botocore %s: hedged requests that lose cannot be cut short here; they end at "
-                    "s3.read_timeout", botocore.__version__)
-        return False
-    classes["http"], classes["https"] = _HTTPPool, _HTTPSPool
-    for event in ("before-send.s3", "needs-retry.s3"):
-        client.meta.events.register_first(event, _stop_abandoned, unique_id=f"modelfs-abandon-{event}")
-    return True
-
-
-class _RequestThreads:
-    """At most `limit` request threads at once (s3.max_request_threads), counted in slots taken before a
-    thread starts. Nothing ever waits for a slot: a caller that finds none does without (no hedge, no
-    bucket check). A thread gives its slot back as its last act and may still be finishing then, so a new
-    thread starts only once every such thread is gone: threading.enumerate() never shows more than `limit`.
-    Threads are daemons: a request still ending (in a retry's backoff) never holds the process at exit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._taken = 0
-        self._ending: list[threading.Thread] = []  # gave their slot back, maybe not yet gone
-
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if self._taken + n > self.limit:
-                return False
-            self._taken += n
-            return True
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self._taken -= n
-
-    def start(self, fn: Callable[[], R]) -> _Attempt[R]:
-        """Run `fn` in a new thread, on a slot already taken (given back if no thread starts); its result or
-        exception in `.future`."""
-        with self._lock:
-            ending = list(self._ending)
-        for t in ending:
-            t.join()  # past its last statement: returns at once
-        with self._lock:
-            self._ending = [t for t in self._ending if t not in ending]
-        attempt: _Attempt[R] = _Attempt()
-        try:
-            threading.Thread(target=self._run, args=(fn, attempt), name="s3-request", daemon=True).start()
-        except BaseException:  # RuntimeError: can't start new thread
-            self.give(1)
-            raise
-        return attempt
-
-    def _run(self, fn: Callable[[], R], attempt: _Attempt[R]) -> None:
-        _current.attempt = attempt
-        try:
-            if attempt.abandoned:
-                raise _Abandoned()
-            result = fn()
-        except BaseException as e:  # handed to whoever waits on the future
-            attempt.finish()
-            attempt.future.set_exception(e)
-        else:
-            attempt.finish()
-            attempt.future.set_result(result)
-        finally:
-            _current.attempt = None
-            with self._lock:
-                self._taken -= 1
-                self._ending.append(threading.current_thread())
-
-
-def _close_body(f: Future[dict[str, Any]]) -> None:
-    """A hedged GET's late answer: close its body unread (the connection is dropped, not reused)."""
-    if f.exception() is None:
-        f.result()["Body"].close()
-
-
 def _payload(signed: bool) -> dict[str, bool]:
     return {} if signed else {"payload_signing_enabled": False}
 
@@ -296,70 +81,6 @@ def _code(e: bexc.ClientError) -> str:
 
 def _status(e: bexc.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-
-def _read_into(body: Any, views: Sequence[memoryview], deadline: float | None = None,
-               filled: Callable[[int], None] | None = None) -> int:
-    """Read a response body straight into `views`, in order: the socket's bytes land in the pooled
-    buffers with no intermediate chunk (one copy, the kernel's). Returns the bytes read.
-
-    urllib3's own readinto reads a chunk into a new bytes object and copies it; under it (botocore's
-    StreamingBody wraps urllib3's response as `_raw_stream`, which holds http.client's as `_fp`),
-    http.client reads into the caller's buffer directly. Once the body is read to its end (checked with
-    one more read), the connection goes back to urllib3's pool (keep-alive). Other bodies fall back to
-    chunked reads. Past `deadline` (time.monotonic), TimeoutError, however the bytes trickle in.
-    `filled(k)` once view k is complete.
-    """
-    want = sum(len(v) for v in views)
-    got = 0
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
-    reader: Callable[[memoryview], int] | None = None
-    rest: Callable[[int], bytes] = bytes
-    done: Callable[[], None] | None = None
-    if hasattr(fp, "readinto") and hasattr(raw, "release_conn"):
-        assert fp is not None and raw is not None
-        reader, rest, done = fp.readinto, fp.read, raw.release_conn
-    elif hasattr(raw, "readinto"):
-        assert raw is not None
-        reader, rest = raw.readinto, raw.read
-    if reader is not None:
-        for k, view in enumerate(views):
-            have = 0
-            while have < len(view):
-                n = reader(view[have:])
-                if not n:
-                    return got + have
-                have += n
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError("the body did not arrive within the deadline")
-            got += have
-            if filled is not None:
-                filled(k)
-        if rest(1):
-            raise StoreError(f"long body: more than {want} bytes for a ranged GET")
-        if done is not None:
-            done()  # the body is read to its end: the connection goes back to urllib3's pool
-        return got
-    pending = iter(views)
-    k, dest = 0, next(pending, None)
-    have = 0
-    for chunk in body.iter_chunks(1 << 20):
-        pos = 0
-        while pos < len(chunk):
-            if dest is None:
-                raise StoreError(f"long body: more than {want} bytes for a ranged GET")
-            n = min(len(chunk) - pos, len(dest) - have)
-            dest[have:have + n] = chunk[pos:pos + n]
-            have += n
-            pos += n
-            got += n
-            if have == len(dest):
-                if filled is not None:
-                    filled(k)
-                k, dest = k + 1, next(pending, None)
-                have = 0
-    return got
 
 
 class S3Store:
@@ -400,8 +121,8 @@ class S3Store:
         self.hedge_after = cfg.hedge_after
         self._answers: collections.deque[float] = collections.deque(maxlen=_ANSWER_WINDOW)  # seconds to answer
         self._answers_lock = threading.Lock()
-        self._threads = _RequestThreads(cfg.max_request_threads)
-        self._abandonable = _make_abandonable(self.client)
+        self._threads = RequestThreads(cfg.max_request_threads)
+        self._abandonable = make_abandonable(self.client)
         self._silence_lock = threading.Lock()
         self._silence_check: Future[bool] | None = None  # the bucket check in progress, shared
         self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
@@ -496,11 +217,11 @@ class S3Store:
             body = resp["Body"]
             try:  # ... but not the body: a short, reset or stalled body is retried here (from the first
                 # view not complete: what arrived whole is kept)
-                got = _read_into(body, rest, filled=resume.complete)
+                got = read_body_into(body, rest, filled=resume.complete)
                 if got == length:
                     return
                 err: Exception = StoreError(f"short body: {got} of {length} bytes")
-            except _BODY_ERRORS as e:
+            except BODY_ERRORS as e:
                 err = e
             finally:
                 body.close()
@@ -529,7 +250,7 @@ class S3Store:
             raise
         began = time.monotonic()
         attempts = [first]
-        winner: _Attempt[dict[str, Any]] | None = None
+        winner: Attempt[dict[str, Any]] | None = None
         try:
             done, _ = wait([first.future], timeout=after)
             if done:
@@ -567,7 +288,7 @@ class S3Store:
             for attempt in attempts:
                 if attempt is not winner:
                     attempt.abandon()
-                    attempt.future.add_done_callback(_close_body)
+                    attempt.future.add_done_callback(close_body)
 
     def _hedge_delay(self) -> float:
         """How long a GET may stay silent before it is hedged: `s3.hedge_after`, or the 95th percentile of
@@ -632,8 +353,8 @@ class S3Store:
             raise StoreError(f"GET {key}: {resp.get('ContentLength')} bytes, expected {length}")
         body = resp["Body"]
         try:
-            got = _read_into(body, views, deadline)
-        except _BODY_ERRORS as e:
+            got = read_body_into(body, views, deadline)
+        except BODY_ERRORS as e:
             raise self._fail(e, f"GET {key}", silence_is_unreachable=True) from None
         finally:
             body.close()
