@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "extents", "passthrough", "scrub", "push", "prefetch", "namespace", "listings", "openfiles"}),
     ("the core", {"core"}),
     ("the FUSE boundary", {"fs"}),
-    ("the daemon and the tools", {"mount", "metrics", "notify", "admin", "cli", "publish", "__main__"}),
+    ("the daemon and the tools", {"mount", "metrics", "notify", "admin", "cli", "launch", "publish", "__main__"}),
 ]
 
 #: Pairs ruled out even where the layers allow them: (importer, imported, why).
