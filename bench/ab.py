@@ -13,8 +13,7 @@ builds are compared in one interleaved run:
     python bench/ab.py --config old@/tmp/old-tree: --config new:   (root)
 
 (The tree's package comes first on the daemon's sys.path: `python -P`, no working directory in front. A tree
-whose `modelfs mount` starts its daemon without passing -P on runs the checkout's package in that daemon:
-copy this build's modelfs/cli.py into such a tree.)
+whose `modelfs mount` starts its daemon without passing -P on runs the checkout's package in that daemon.)
 """
 
 from __future__ import annotations
