@@ -43,7 +43,8 @@ What runs (all on this machine):
   of consecutive samples in D, which join waits for one read after another, are reported beside it.
 - Leaks: RSS, fds and threads of the first and the last 10 minutes (after 5 of warm-up; a sixth and a
   third of a shorter run) must match within 10 %, each with its demand-sized pool set aside and held to
-  that pool's cap instead: GET buffers (fetch.memory_budget), connections to the store
+  that pool's cap instead: GET buffers (fetch.memory_budget), extents held in memory when the cache has
+  no room (cache.map_budget), connections to the store
   (s3.max_pool_connections), trio's worker threads (the daemon's CapacityLimiters). A restart's daemon
   that meets a busier minute than the first one fills more of each pool, which is no leak.
 
@@ -1032,6 +1033,7 @@ class Soak:
              "cache_disk": cache_bytes(self.cache),
              "cache_stats": (st or {}).get("bytes_in_cache", -1),
              "get_buffers": (st or {}).get("get_buffer_bytes", 0),
+             "memory_extents": (st or {}).get("memory_extent_bytes", 0),
              "waiting": fusectl_waiting(self.daemon.minor) if self.daemon.pid else -1,
              "d_daemon": self.d_longest["daemon"], "d_loader": self.d_longest["loader"],
              "loads_ok": done, "stats_answered": st is not None,
@@ -1222,10 +1224,11 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         b = max((s[key] for s in last), default=0)
         return a, b, (b / a if a else float("inf"))
 
-    # Three pools grow on demand up to a cap and are no leak when a daemon that meets a busier minute (or a
+    # Pools grow on demand up to a cap and are no leak when a daemon that meets a busier minute (or a
     # restart's new daemon that meets one) holds more: connections to the store (s3.max_pool_connections),
-    # GET buffers (made on first use, kept: fetch.memory_budget) and trio's worker threads (one per blocking
-    # call in flight, each under a CapacityLimiter; idle ones leave trio's cache after 10 s). So fds, RSS and
+    # GET buffers (made on first use, kept: fetch.memory_budget), extents held in memory when the cache has no
+    # room (cache.map_budget) and trio's worker threads (one per blocking call in flight, each under a
+    # CapacityLimiter; idle ones leave trio's cache after 10 s). So fds, RSS and
     # threads are compared with their pool set aside, and each pool is held to its cap instead.
     cfg = load_config(None, dict(o.split("=", 1) for o in args.modelfs_option or []))
     pool_cap = cfg.s3.max_pool_connections
@@ -1234,13 +1237,14 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
     for s in samples:
         s["store_conns"] = s.get("fd_kinds", {}).get("TCP to the store", 0)
         s["fds_unpooled"] = s["fds"] - s["store_conns"]
-        s["rss_unpooled"] = s["rss"] - s.get("get_buffers", 0)
+        s["rss_unpooled"] = s["rss"] - s.get("get_buffers", 0) - s.get("memory_extents", 0)
         kinds = s.get("thread_kinds", {})
         s["workers"] = sum(v for k, v in kinds.items() if k.startswith("trio worker"))
         s["threads_unpooled"] = sum(kinds.values()) - s["workers"]
     rss, fds, thr, lmdb = drift("rss_unpooled"), drift("fds_unpooled"), drift("threads_unpooled"), drift("lmdb")
     conns = max((s["store_conns"] for s in samples), default=0)
     bufs = max((s.get("get_buffers", 0) for s in samples), default=0)
+    held = max((s.get("memory_extents", 0) for s in samples), default=0)
     workers = max((s["workers"] for s in samples), default=0)
     cache_max = max((s["cache_disk"] for s in samples), default=0)
     stats_max = max((s["cache_stats"] for s in samples), default=0)
@@ -1272,6 +1276,7 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         "failures outside a cut or restart": not failed_out,
         "RSS flat": rss[2] <= 1.10,
         "GET buffers within fetch.memory_budget": bufs <= buffers_cap,
+        "extents in memory within cache.map_budget": held <= int(cfg.cache.map_budget),
         "fds flat": fds[2] <= 1.10,
         "store connections within the pool": conns <= pool_cap,
         "threads flat": thr[2] <= 1.10,
@@ -1331,12 +1336,16 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
         f"{'yes' if checks['failures outside a cut or restart'] else 'NO'} |",
         f"| loads hung past fetch.deadline + 10 s ({HANG:.0f} s without progress) | {len(hung)} (longest unit "
         f"{longest_unit:.1f} s) | 0 | {'yes' if checks['hung loads'] else 'NO'} |",
-        f"| daemon RSS but its GET buffers, max of first / last 10 min | {rss[0] / MiB:.0f} / {rss[1] / MiB:.0f} "
+        f"| daemon RSS but its GET buffers and the extents it holds in memory, max of first / last 10 min | "
+        f"{rss[0] / MiB:.0f} / {rss[1] / MiB:.0f} "
         f"MiB ({rss[2]:.2f}x; RSS in all, max {max((s['rss'] for s in samples), default=0) / MiB:.0f} MiB) "
         f"| <= 1.10x | {'yes' if checks['RSS flat'] else 'NO'} |",
         f"| GET buffers made (get_buffer_bytes), max of any sample | {bufs / MiB:.0f} MiB | <= "
         f"{buffers_cap / MiB:.0f} MiB (fetch.memory_budget in whole extents) | "
         f"{'yes' if checks['GET buffers within fetch.memory_budget'] else 'NO'} |",
+        f"| extents held in memory, the cache having no room (memory_extent_bytes), max of any sample | "
+        f"{held / MiB:.0f} MiB | <= {int(cfg.cache.map_budget) / MiB:.0f} MiB (cache.map_budget) | "
+        f"{'yes' if checks['extents in memory within cache.map_budget'] else 'NO'} |",
         f"| open fds but the pooled connections to the store, same | {fds[0]:.0f} / {fds[1]:.0f} ({fds[2]:.2f}x) | "
         f"<= 1.10x | {'yes' if checks['fds flat'] else 'NO'} |",
         f"| connections to the store, max of any sample | {conns} | <= s3.max_pool_connections ({pool_cap}) | "

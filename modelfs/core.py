@@ -369,6 +369,7 @@ class ModelFS:
         snap["unhedged_gets"] = self.store.unhedged
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["get_buffer_bytes"] = self.buffers.made_bytes
+        snap["memory_extent_bytes"] = self.blocks.maps.bytes
         snap["prefetch_queue"] = self.prefetcher.queued
         snap.update(self.read_wait.counters())
         return snap

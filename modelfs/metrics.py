@@ -64,6 +64,7 @@ GAUGES = {
     "files_complete": "file versions whose every byte is in their cache file (served by passthrough)",
     "fetches_in_flight": "GETs in flight",
     "get_buffer_bytes": "memory of the GET buffers made so far (at most fetch.memory_budget)",
+    "memory_extent_bytes": "bytes of extents held in memory because the cache had no room (at most cache.map_budget)",
     "prefetch_queue": "extents waiting for a prefetch worker",
     "files_trusted_sealed": "cache files this daemon trusted at start by their seal, on storage that verifies reads",
     "storage_verifies": "1 where the cache's storage checks every block the kernel reads (btrfs checksums), else 0",
