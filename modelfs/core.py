@@ -367,6 +367,7 @@ class ModelFS:
         snap["storage_verifies"] = int(self.cache.storage.verifies)
         snap["hedged_gets"] = self.store.hedged
         snap["unhedged_gets"] = self.store.unhedged
+        snap["body_retries"] = self.store.body_retries
         snap["fetches_in_flight"] = self.fetcher.in_flight
         snap["get_buffer_bytes"] = self.buffers.made_bytes
         snap["memory_extent_bytes"] = self.blocks.maps.bytes

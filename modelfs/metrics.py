@@ -28,6 +28,7 @@ COUNTERS = {
     "gets": "ranged GETs completed",
     "hedged_gets": "extra requests sent for ranged GETs whose requests were all silent (s3.hedge_after)",
     "unhedged_gets": "ranged GETs sent with no room for a hedge (s3.max_request_threads)",
+    "body_retries": "GET bodies cut, short or stalled after their headers, asked for again from where they stopped",
     "cache_hits": "READ pieces served from the cache",
     "cache_misses": "READ pieces that waited for a GET",
     "dedup_bytes_saved": "bytes not fetched or not written because the cache held the same content",

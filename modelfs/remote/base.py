@@ -40,6 +40,8 @@ class Store(Protocol):
     hedged: int
     #: Ranged GETs sent with no room for a hedge (`s3.max_request_threads`); 0 where none are.
     unhedged: int
+    #: GET bodies cut, short or stalled after their headers, asked for again from where they stopped.
+    body_retries: int
 
     def describe(self) -> str:
         """A human-readable name for logs and errors; never contains credentials."""

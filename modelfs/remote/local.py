@@ -50,6 +50,7 @@ class LocalStore:
         self.domain = self.identity
         self.hedged = 0  # one local read never stalls the way a request can
         self.unhedged = 0
+        self.body_retries = 0
 
     def describe(self) -> str:
         return self.root

@@ -128,6 +128,8 @@ class S3Store:
         self._silence_verdict = (0.0, False)  # (when, unreachable) of the last one, reused for a second
         self.hedged = 0  # extra requests sent for silent GETs, hedges and re-hedges (read by the stats)
         self.unhedged = 0  # GETs sent from their caller's thread: no room for a hedge (s3.max_request_threads)
+        self.body_retries = 0  # GET bodies asked for again (cut, short or stalled after the headers)
+        self._count_lock = threading.Lock()
         self.identity = f"s3:{self.endpoint}/{bucket}/{prefix}"
         self.domain = f"s3:{self.endpoint}/{bucket}"
 
@@ -227,6 +229,8 @@ class S3Store:
                 body.close()
             log.debug("GET %s %s attempt %d: %s", obj.key, rng, attempt, type(err).__name__)
             if attempt < BODY_ATTEMPTS:
+                with self._count_lock:
+                    self.body_retries += 1
                 time.sleep(pauses.draw())
         raise StoreError(f"GET {obj.key} failed {BODY_ATTEMPTS} times reading the body: "
                          f"{err if isinstance(err, StoreError) else type(err).__name__}", transient=True)

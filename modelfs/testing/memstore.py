@@ -33,6 +33,7 @@ class MemoryStore:
         self.domain = self.identity
         self.hedged = 0
         self.unhedged = 0
+        self.body_retries = 0
         self.unreachable = False
         self._objects: dict[str, tuple[ObjectInfo, bytes]] = {}
         self._meta: dict[str, dict[str, str]] = {}
