@@ -9,19 +9,14 @@ import importlib
 import inspect
 import pkgutil
 import re
-from pathlib import Path
 
 import modelfs
 from modelfs.config import Config
+from tests.test_readme_targets import documents
 
-REPO = Path(__file__).resolve().parent.parent
 QUOTED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)`")
 #: Names quoted that belong to other projects or files, not to the package (`torch.equal`, `cache.py`).
 SUFFIXES = (".py", ".yaml", ".toml", ".json", ".sh", ".md", ".service", ".mount")
-
-
-def documents() -> dict[str, str]:
-    return {p.name: p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
 
 
 def modules() -> dict[str, object]:
@@ -88,7 +83,8 @@ def test_every_name_the_documentation_quotes_exists() -> None:
     types = classes(mods)
     wrong: list[str] = []
     checked = 0
-    for doc, text in documents().items():
+    for path in documents():
+        doc, text = path.name, path.read_text()
         for name in sorted(set(QUOTED.findall(text))):
             ok = resolves(name, mods, keys, types)
             checked += ok is not None
