@@ -25,6 +25,7 @@ from modelfs.errors import StoreError, StoreUnreachable
 
 log = logging.getLogger(__name__)
 
+
 class Health:
     """Thread-safe offline flag, set from fetch threads, cleared by `probe_loop` in the daemon's nursery."""
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
 import botocore.exceptions as bexc
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from modelfs.config import S3Config
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")  # what a request running in an Attempt thread returns
 
 #: A ranged GET is sent at most this many times at once: the first, its hedge, and one more for each
 #: further `hedge_after` that all are silent while the store answers a bucket check.
