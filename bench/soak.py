@@ -1232,8 +1232,8 @@ def report(soak: Soak, args: argparse.Namespace, quota: int, distinct: int) -> t
     # threads are compared with their pool set aside, and each pool is held to its cap instead.
     cfg = load_config(None, dict(o.split("=", 1) for o in args.modelfs_option or []))
     pool_cap = cfg.s3.max_pool_connections
-    buffers_cap = worker_cap(cfg)[0] * int(cfg.cache.extent_size)
-    workers_cap = worker_cap(cfg)[1]
+    buffers_cap = cfg.get_buffers * int(cfg.cache.extent_size)
+    workers_cap = worker_cap(cfg)
     for s in samples:
         s["store_conns"] = s.get("fd_kinds", {}).get("TCP to the store", 0)
         s["fds_unpooled"] = s["fds"] - s["store_conns"]
@@ -1420,16 +1420,14 @@ def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2] if xs else 0.0
 
 
-def worker_cap(cfg: Config) -> tuple[int, int]:
-    """The daemon's GET buffers, and the most worker threads its limiters let run at once (core, extents,
-    fetch and the small limiters of modelfs/*.py; trio's default limiter, 40, takes every other blocking call):
-    a daemon above it has threads no limiter accounts for."""
-    es = int(cfg.cache.extent_size)
-    buffers = max(1, min(cfg.fetch.concurrency + cfg.fetch.demand_reserve, int(cfg.fetch.memory_budget) // es))
+def worker_cap(cfg: Config) -> int:
+    """The most worker threads the daemon's limiters let run at once (core, extents, fetch and the small
+    limiters of modelfs/*.py; trio's default limiter, 40, takes every other blocking call): a daemon above it
+    has threads no limiter accounts for."""
     io = cfg.fetch.io_threads
-    # fetch: 2 per buffer; extents: 2 x (READ + prefetch disk tokens); core's own io/meta calls; shared,
+    # fetch: 2 per GET buffer; extents: 2 x (READ + prefetch disk tokens); core's own io/meta calls; shared,
     # passthrough, scrub, push and core's one-at-a-time limiters; trio's default.
-    return buffers, 2 * buffers + 2 * (io + io) + io + 4 + 4 + 1 + 1 + 2 + 1 + 40
+    return 2 * cfg.get_buffers + 2 * (io + io) + io + 4 + 4 + 1 + 1 + 2 + 1 + 40
 
 
 def composition(window: list[dict[str, Any]], key: str) -> str:

@@ -188,6 +188,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def get_buffers(self) -> int:
+        """GET buffers of one extent each: fetch.concurrency for prefetch plus fetch.demand_reserve that only
+        demand GETs take, within fetch.memory_budget (when it binds, the reserve comes out of prefetch's
+        share)."""
+        return max(1, min(self.fetch.concurrency + self.fetch.demand_reserve,
+                          int(self.fetch.memory_budget) // int(self.cache.extent_size)))
+
     def validate(self) -> None:
         """Reject values that would only fail later, deep inside a mount."""
         es = self.cache.extent_size

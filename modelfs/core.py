@@ -77,10 +77,7 @@ class ModelFS:
         self.files = OpenFiles(store.identity, self.extent_size, self.listings.layout)
         self.ns = Namespace(self.listings.list_dir, cfg.mount.metadata_ttl, in_use=self.files.is_open,
                             on_drop=self._dropped)
-        # GET buffers: fetch.concurrency for prefetch plus fetch.demand_reserve that only demand GETs take,
-        # within fetch.memory_budget (when it binds, the reserve comes out of prefetch's share).
-        count = max(1, min(cfg.fetch.concurrency + cfg.fetch.demand_reserve,
-                           int(cfg.fetch.memory_budget) // self.extent_size))
+        count = cfg.get_buffers
         self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
                                   cap=cfg.fetch.prefetch_during_demand)
         self.blocks = Blocks(index, cache, self.stats, int(cfg.cache.map_budget))
