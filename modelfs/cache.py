@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -58,6 +57,7 @@ import xxhash
 from modelfs import integrity
 from modelfs.cachedir import CacheDir
 from modelfs.index import ChunkIndex
+from modelfs.libc import LIBC
 from modelfs.mapped import private
 from modelfs.version import FileVersion
 
@@ -80,9 +80,8 @@ def content_hash(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-_libc.fallocate.restype = ctypes.c_int
+LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+LIBC.fallocate.restype = ctypes.c_int
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 #: _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset, src_length, dest_offset})
@@ -91,7 +90,7 @@ _FICLONERANGE = 0x4020940D
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2); False where the filesystem cannot (then the caller does without); OSError otherwise."""
-    if _libc.fallocate(fd, mode, offset, length) == 0:
+    if LIBC.fallocate(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -52,13 +51,14 @@ import struct
 import time
 from dataclasses import dataclass
 
+from modelfs.libc import LIBC
+
 log = logging.getLogger(__name__)
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 FS_IOC_GETFLAGS = 0x80086601
 FS_NOCOW_FL = 0x00800000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class _StatFs(ctypes.Structure):
@@ -66,8 +66,8 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_rest", ctypes.c_long * 14)]
 
 
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
-_libc.statfs.restype = ctypes.c_int
+LIBC.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
+LIBC.statfs.restype = ctypes.c_int
 
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
 FS_IOC_MEASURE_VERITY = 0xC0046686  # _IOWR('f', 134, struct fsverity_digest)
@@ -97,7 +97,7 @@ class Storage:
 def fs_type(path: str) -> int:
     """The filesystem magic of `path` (statfs f_type)."""
     buf = _StatFs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    if LIBC.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return int(buf.f_type) & 0xFFFFFFFF

@@ -27,8 +27,6 @@ left at the daemon's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -38,6 +36,7 @@ import trio
 from modelfs.cache import FileCache, content_hash
 from modelfs.errors import ModelfsError
 from modelfs.index import ChunkIndex
+from modelfs.libc import LIBC
 from modelfs.remote import ObjectInfo, Store
 from modelfs.stats import Stats
 
@@ -52,29 +51,29 @@ _IOPRIO_CALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "riscv64": (30, 31),
 IOPRIO_WHO_PROCESS = 1  # with 0: the calling thread
 IOPRIO_CLASS_IDLE = 3
 IOPRIO_CLASS_SHIFT = 13
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+_CALLS = _IOPRIO_CALLS.get(os.uname().machine)  # this machine's (set, get), or None
 
 
 def io_priority() -> int:
     """The calling thread's I/O priority (class << 13 | level), or -1 where it cannot be read."""
-    calls = _IOPRIO_CALLS.get(os.uname().machine)
-    return -1 if calls is None else int(_libc.syscall(calls[1], IOPRIO_WHO_PROCESS, 0))
+    return -1 if _CALLS is None else int(LIBC.syscall(_CALLS[1], IOPRIO_WHO_PROCESS, 0))
 
 
 @contextlib.contextmanager
 def idle_io() -> Iterator[None]:
     """Run the body with the calling thread in the idle I/O class, then put its priority back (a worker
     thread runs other jobs later). Where the machine's calls are unknown or refused, the body runs as is."""
-    calls = _IOPRIO_CALLS.get(os.uname().machine)
     before = io_priority()
-    if calls is None or before < 0 or _libc.syscall(calls[0], IOPRIO_WHO_PROCESS, 0,
-                                                      IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) != 0:
+    if _CALLS is None or before < 0 or LIBC.syscall(_CALLS[0], IOPRIO_WHO_PROCESS, 0,
+                                                     IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) != 0:
         yield
         return
     try:
         yield
     finally:
-        _libc.syscall(calls[0], IOPRIO_WHO_PROCESS, 0, before)
+        LIBC.syscall(_CALLS[0], IOPRIO_WHO_PROCESS, 0, before)
 
 
 class Scrub:

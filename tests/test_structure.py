@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "modelfs"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: errors, settings, counters, supervision", {
         "errors", "config", "stats", "logs", "faults", "mapped", "buffers", "readahead", "integrity", "xattrs",
-        "supervise", "health", "retry"}),
+        "supervise", "health", "retry", "libc"}),
     ("stores: the origin and the fleet tier", {
         "remote", "remote.base", "remote.local", "remote.s3", "remote.attempts", "remote.body", "shared",
         "testing.memstore"}),
