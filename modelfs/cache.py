@@ -1095,6 +1095,7 @@ class FileCache:
             f = self._files.get(vid)
             if f is None or not f.all_trusted or f.durable or f.pending or (verity and f.reading):
                 return False
+            was_immutable = f.immutable  # an fs-verity file already (its seal did not hold at start): stays so
             try:
                 if verity:  # no writable fd may be open for verity to go on: the cache's own is closed first
                     if f.fd >= 0:
@@ -1106,7 +1107,7 @@ class FileCache:
                 else:
                     fd = os.dup(self._fd(f))
             except OSError:
-                f.immutable = False
+                f.immutable = was_immutable
                 return False
             f.pending += 1  # not deleted under the seal
             writes = self._writes
@@ -1132,7 +1133,7 @@ class FileCache:
             log.debug("cache file of version %s not sealed: %s", vid.hex(), e.strerror or e)
             if verity:
                 with self._lock:
-                    f.immutable = False  # verity did not go on: writable again
+                    f.immutable = was_immutable  # verity did not go on: writable again, unless it was on before
             return False
         finally:
             os.close(fd)
