@@ -236,7 +236,8 @@ class FileCache:
     def __init__(self, root: str, index: ChunkIndex, domain: str, identity: str = "", *, max_size: int = 0,
                  min_free: int = 0,
                  on_evict: Callable[[int, int], None] | None = None,
-                 on_corrupt: Callable[[int], None] | None = None, preallocate: bool = True) -> None:
+                 on_corrupt: Callable[[int], None] | None = None, preallocate: bool = True,
+                 trust_restarts: bool = False) -> None:
         self.dir = CacheDir(root)
         self.root = self.dir.files
         self.dir.remove_old_layout()
@@ -272,7 +273,11 @@ class FileCache:
         self.reads_verified = 0  # extents read back from disk and hashed (`verify`)
         self.reflinks = self._probe_reflink()
         self.storage = integrity.probe(self.root)  # whether the kernel checks what it reads of these files
-        self.files_trusted_sealed = 0  # files trusted at start by their seal, on verifying storage: not read back
+        # Whether complete, checked files are sealed for the next daemon: always on verifying storage; elsewhere
+        # with `cache.trust_restarts`, for the next daemon of this boot only (`integrity`, invariant 5).
+        self._boot = "" if self.storage.verifies else integrity.boot_id()
+        self.seals = self.storage.verifies or (trust_restarts and bool(self._boot))
+        self.files_trusted_sealed = 0  # files trusted at start by their seal: not read back
         self._scan()
 
     # -- layout ---------------------------------------------------------------------------------------------
@@ -343,7 +348,7 @@ class FileCache:
                 self.bytes_stored += length
                 self._charged += pages(start, length)
             f.sealed = f.complete
-            if f.complete and self.storage.verifies:
+            if f.complete and self.seals:
                 self._trust_sealed(f, rec.get("seal"))
             order.append((float(str(rec.get("last_used", 0))), vid))
         for _, vid in sorted(order):
@@ -1049,13 +1054,13 @@ class FileCache:
             with self._lock:
                 f.pending -= 1
 
-    # -- seals: trust that outlives the daemon, on storage that verifies (`integrity`) -----------------------------
+    # -- seals: trust that outlives the daemon (`integrity`) ------------------------------------------------------
 
     def _trust_sealed(self, f: _File, seal: object) -> None:
-        """At start, a complete file on verifying storage: trusted whole if the seal recorded for it still
-        names it as it is (`integrity`, invariants 2-3; one open, one fstat, on fs-verity one MEASURE). An
-        fs-verity file is read-only whether or not its seal holds (a crash between turning verity on and
-        recording the seal leaves one without)."""
+        """At start, a complete file: trusted whole if the seal recorded for it still names it as it is
+        (`integrity`, invariants 2-3 and 5; one open, one fstat, on fs-verity one MEASURE). An fs-verity file is
+        read-only whether or not its seal holds (a crash between turning verity on and recording the seal
+        leaves one without)."""
         try:
             fd = os.open(self.path(f.vid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
@@ -1070,14 +1075,16 @@ class FileCache:
                 f.immutable = True
                 holds = isinstance(seal, dict) and digest == seal.get("verity") and \
                     (ident["ino"], ident["size"]) == (seal.get("ino"), seal.get("size"))
-            else:
+            elif self.storage.verifies:
                 holds = ident == seal and not integrity.no_cow(fd)
+            else:
+                holds = {**ident, "boot": self._boot} == seal
         except OSError:
             return
         finally:
             os.close(fd)
         if holds:
-            f.trusted.update(f.present)  # the storage checks every block read (`integrity`)
+            f.trusted.update(f.present)  # the storage checks every block read, or a daemon of this boot did
             f.durable = True
             self.files_trusted_sealed += 1
 
@@ -1087,9 +1094,9 @@ class FileCache:
             return [f.vid for f in self._files.values() if f.all_trusted and not f.durable and not f.pending]
 
     def seal(self, vid: bytes) -> bool:
-        """Make a complete, checked file's data durable and record its identity, so that a later daemon on
-        verifying storage trusts it without reading it back (worker thread; `integrity`, invariant 1). False
-        if it changed meanwhile or the storage keeps no checksums of it."""
+        """Record a complete, checked file's identity, its data made durable first on verifying storage, so
+        that a later daemon trusts it without reading it back (worker thread; `integrity`, invariants 1 and 5).
+        False if it changed meanwhile or the storage keeps no checksums of it."""
         verity = self.storage.kind == integrity.VERITY
         with self._lock:
             f = self._files.get(vid)
@@ -1112,14 +1119,17 @@ class FileCache:
             f.pending += 1  # not deleted under the seal
             writes = self._writes
         try:
-            if not verity and integrity.no_cow(fd):
-                return False
-            os.fdatasync(fd)
+            if self.storage.verifies:  # else the seal names this boot: an OS crash, which could lose data, ends it
+                if not verity and integrity.no_cow(fd):
+                    return False
+                os.fdatasync(fd)
             if verity:
                 integrity.enable_verity(fd)  # reads and hashes the whole file once more (SHA-256)
             ident: dict[str, int | str] = dict(integrity.identity(os.fstat(fd)))
             if verity:
                 ident["verity"] = integrity.measure_verity(fd).hex()
+            elif not self.storage.verifies:
+                ident["boot"] = self._boot
             with self._lock:
                 if not f.all_trusted or self._files.get(vid) is not f or any(
                         f.generation.get(s, 0) > writes for s in f.present):
@@ -1141,11 +1151,11 @@ class FileCache:
                 f.pending -= 1
 
     def close(self) -> None:
-        """Seal what is complete and checked (on storage that verifies: the next daemon, started at once, reads
-        nothing back), then close the fds of files nothing uses now. A file a GET thread abandoned at shutdown
-        still writes keeps its fd (the process exit closes it): closed under it, the number could name another
-        file by then."""
-        if self.storage.verifies:
+        """Seal what is complete and checked (`seals`: the next daemon, started at once, reads nothing back),
+        then close the fds of files nothing uses now. A file a GET thread abandoned at shutdown still writes
+        keeps its fd (the process exit closes it): closed under it, the number could name another file by
+        then."""
+        if self.seals:
             for vid in self.unsealed():
                 self.seal(vid)
         with self._lock:

@@ -93,6 +93,7 @@ class CacheConfig:
     copy_shared_after: int = 2
     scrub_rate: Size = Size(32 * MiB)
     scrub_after: float = 60.0
+    trust_restarts: bool = False
 
 
 @dataclass

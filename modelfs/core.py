@@ -120,7 +120,7 @@ class ModelFS:
         self.supervisor.spawn(self._trim_when_idle, name="idle trim", restart=True)
         if self.passthrough is not None:
             self.supervisor.spawn(self.passthrough.run_checks, name="passthrough checks", restart=True)
-        if self.cache.storage.verifies:
+        if self.cache.seals:
             self.supervisor.spawn(self._seal_files, name="cache file seals", restart=True)
         if self.cfg.cache.scrub_rate:
             scrub = Scrub(self.cache, self.index, self.store, self.stats, int(self.cfg.cache.scrub_rate),
@@ -132,8 +132,8 @@ class ModelFS:
         return self.stats.bytes_served + self.stats.bytes_fetched + self.stats.passthrough_opens
 
     async def _seal_files(self) -> None:
-        """On storage that verifies what it reads: seal complete, checked files (`FileCache.seal`), one at a
-        time, so that the next daemon trusts them without reading them back."""
+        """Seal complete, checked files (`FileCache.seal`), one at a time, so that the next daemon trusts them
+        without reading them back: on storage that verifies what it reads, or with `cache.trust_restarts`."""
         limiter = trio.CapacityLimiter(1)
         while True:
             await trio.sleep(SEAL_EVERY)

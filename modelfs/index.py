@@ -196,7 +196,7 @@ class ChunkIndex:
         return out
 
     def seal(self, vid: bytes, identity: dict[str, int | str]) -> bool:
-        """Record the identity of a version's cache file, sealed (`integrity`: made durable first); False if
+        """Record the identity of a version's cache file, sealed (`integrity`, invariants 1 and 5); False if
         the version has no record (or the write failed)."""
         try:
             with self.env.begin(write=True, db=self._versions) as txn:

@@ -14,13 +14,16 @@ modelfs in between. Whether a block that rots on the disk under it reaches a loa
   Found by turning it on for a scratch file at start (EOPNOTSUPP where the kernel or filesystem lacks it).
 - anything else (ext4 without fs-verity, XFS, tmpfs): nothing checks the bytes the disk returns. A daemon
   reads back and hashes every cache file it did not write before the kernel gets it (`cache.FileCache.verify`);
-  rot after that check is served until the next daemon's.
+  rot after that check is served until the next daemon's, or the scrub's. With `cache.trust_restarts`, a
+  daemon trusts the files an earlier daemon of the same boot checked (invariant 5), so a restart costs no
+  read-back: rot after the check is then served until the scrub finds it.
 
 On verifying storage a complete, checked file is sealed (`FileCache.seal`): its data is made durable
 (fdatasync), on fs-verity storage verity is turned on (no writable fd of it may be open: the cache closes its
 own first and opens the file read-only from then on; the kernel reads and hashes the file once, SHA-256, in
 the background), then its identity recorded with its version in the index. A later daemon trusts a sealed
 file whose identity still matches without reading it back: the storage checks each block the kernel reads.
+With `cache.trust_restarts`, files on other storage are sealed too, for later daemons of the same boot.
 
 Seal invariants, and what a crash at each step leaves:
 1. The seal is recorded only AFTER the file is complete, every extent of it checked by this daemon, and its
@@ -37,6 +40,12 @@ Seal invariants, and what a crash at each step leaves:
 4. A crash while verity is being turned on leaves the file without it, or with it and no seal recorded:
    either way the next daemon reads it back and hashes it (and an fs-verity file it cannot write is only
    ever read, or deleted whole).
+5. On storage that verifies nothing (`cache.trust_restarts`), the seal also names the boot (the kernel's
+   boot_id), and its data is not made durable: what a daemon of this boot wrote and checked is what the page
+   cache and the disk hold for every later daemon of the same boot, unless something wrote the file (mtime,
+   ctime move) or the disk changed under it, which a running daemon would not notice either (the scrub does).
+   An OS crash, which could lose unwritten pages, starts a new boot: every seal of the old one names
+   nothing, and the next daemon reads each file back.
 """
 
 from __future__ import annotations
@@ -199,6 +208,16 @@ def probe(path: str) -> Storage:
     finally:
         os.close(fd)
     return Storage(CHECKSUMS, "btrfs with data checksums: rot under a cache file gives EIO, never wrong bytes")
+
+
+def boot_id() -> str:
+    """This boot's id (the kernel makes a new one at each boot): what a seal on storage that checks nothing
+    names (invariant 5); empty where the kernel does not say (then nothing is sealed on such storage)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def identity(st: os.stat_result) -> dict[str, int]:

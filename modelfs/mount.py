@@ -241,7 +241,8 @@ class Daemon:
             cache = FileCache(cache_dir.path, index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
                               min_free=int(cfg.cache.min_free),
                               on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n),
-                              on_corrupt=lambda k: stats.add(corrupt_extents=k), preallocate=cfg.cache.preallocate)
+                              on_corrupt=lambda k: stats.add(corrupt_extents=k), preallocate=cfg.cache.preallocate,
+                              trust_restarts=cfg.cache.trust_restarts)
             self._resources.append(cache.close)
             cache.keep(pinned_hashes(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from modelfs import cache as cache_mod
+from modelfs import integrity
 from modelfs.cache import FileCache, content_hash
 from modelfs.index import ChunkIndex, version_id
 from modelfs.mapped import MappedBlocks, private_copy
@@ -374,6 +375,46 @@ def test_a_new_process_trusts_nothing_until_it_verified(tmp_path: Path) -> None:
     assert fresh.verify(ver.vid, EXT, EXT) is not None
     assert fresh.all_trusted(ver.vid) and fresh.untrusted(ver.vid) == []
     fresh.close()
+    idx.close()
+
+
+def test_with_trust_restarts_a_daemon_of_the_same_boot_trusts_a_sealed_file_while_it_is_unchanged(
+        tmp_path: Path) -> None:
+    """On storage that checks nothing (ext4 here), `cache.trust_restarts`: a complete, checked file is sealed
+    with the boot's id, and the next process trusts it whole without reading anything back. A write through
+    the filesystem (ctime moves), a seal of another boot, or the setting off: it is read back as before."""
+    idx = new_index(tmp_path)
+    ver, other = make_version("m/t.bin", 2 * EXT), make_version("m/u.bin", EXT)
+    first = FileCache(str(tmp_path), idx, "d", "src", min_free=0, trust_restarts=True)
+    assert first.storage.kind == "unverified" and first.seals
+    fill(first, ver)
+    fill(first, other)
+    assert sorted(first.unsealed()) == sorted([ver.vid, other.vid])
+    assert first.seal(ver.vid) and first.unsealed() == [other.vid]
+    first.close()  # seals the other at shutdown
+    seal = idx.version(ver.vid)["seal"]  # type: ignore[index]
+    assert seal["boot"] == integrity.boot_id() and seal["ino"] == os.stat(first.path(ver.vid)).st_ino
+
+    fresh = FileCache(str(tmp_path), idx, "d", "src", min_free=0, trust_restarts=True)
+    assert fresh.all_trusted(ver.vid) and fresh.all_trusted(other.vid) and fresh.files_trusted_sealed == 2
+    assert fresh.reads_verified == 0 and fresh.unsealed() == []
+    fresh.close()
+
+    off = FileCache(str(tmp_path), idx, "d", "src", min_free=0)  # the setting off: nothing trusted unread
+    assert not off.seals and not off.all_trusted(ver.vid) and off.files_trusted_sealed == 0
+    off.close()
+
+    idx.seal(other.vid, {**idx.version(other.vid)["seal"], "boot": "another boot"})  # type: ignore[dict-item]
+    with open(first.path(ver.vid), "r+b") as f:  # the same byte written back: only the timestamps move
+        f.seek(5)
+        byte = f.read(1)
+        f.seek(5)
+        f.write(byte)
+    again = FileCache(str(tmp_path), idx, "d", "src", min_free=0, trust_restarts=True)
+    assert again.files_trusted_sealed == 0
+    assert not again.all_trusted(ver.vid) and not again.all_trusted(other.vid)
+    assert again.untrusted(ver.vid) == [(0, EXT), (EXT, EXT)]
+    again.close()
     idx.close()
 
 

@@ -356,24 +356,30 @@ def cold_then_restart(m: Mount, rel: str, ref: bytes) -> Mount:
     return m.remount()
 
 
-@requires_btrfs
-def test_a_new_daemon_on_btrfs_trusts_a_sealed_cache_file_without_reading_it_back(
-        btrfs_disk: LoopFs, source: Path, mounter: Callable[..., Mount]) -> None:
+@pytest.mark.parametrize("fs", [pytest.param("btrfs", marks=requires_btrfs), "ext4 trust_restarts"])
+def test_a_new_daemon_trusts_a_sealed_cache_file_without_reading_it_back(
+        fs: str, tmp_path: Path, source: Path, mounter: Callable[..., Mount]) -> None:
     """On btrfs with data checksums the kernel checks every block it reads from disk, so a complete file that
     was sealed (made durable, its identity recorded) is trusted by the next daemon as it is: served at once,
-    by passthrough or READs, with no byte of it read back and hashed by the daemon."""
+    by passthrough or READs, with no byte of it read back and hashed by the daemon. On ext4, which checks
+    nothing, only with `cache.trust_restarts` (the seal names the boot), and the storage says it verifies
+    nothing."""
     rel = shard(source)
     ref = (source / rel).read_bytes()
-    m = mounter(str(source), args=CACHE_ARGS, cache_dir=btrfs_disk.mountpoint / "cache")
-    m = cold_then_restart(m, rel, ref)
-    st = m.stats()
-    assert st["storage_verifies"] == 1 and st["files_trusted_sealed"] == 1, st
-    again = read_pass(m, rel, ref)
-    assert not again.wrong and not again.eio, again.describe()
-    st = m.stats()
-    assert st["extents_verified"] == 0 and st["gets"] == 0, st
-    if not PASSTHROUGH_OFF:
-        assert st["passthrough_opens"] >= 1 and st["bytes_served"] == 0, st
+    make, args = (loop_btrfs, CACHE_ARGS) if fs == "btrfs" else \
+        (loop_ext4, [*CACHE_ARGS, "-o", "cache.trust_restarts=true"])
+    with make(tmp_path, 512 * MiB, mountpoint=tmp_path / "disk") as disk:
+        m = mounter(str(source), args=args, cache_dir=disk.mountpoint / "cache")
+        m = cold_then_restart(m, rel, ref)
+        st = m.stats()
+        assert st["storage_verifies"] == (fs == "btrfs") and st["files_trusted_sealed"] == 1, st
+        again = read_pass(m, rel, ref)
+        assert not again.wrong and not again.eio, again.describe()
+        st = m.stats()
+        assert st["extents_verified"] == 0 and st["gets"] == 0, st
+        if not PASSTHROUGH_OFF:
+            assert st["passthrough_opens"] >= 1 and st["bytes_served"] == 0, st
+        m.umount()
 
 
 @requires_btrfs
@@ -474,11 +480,12 @@ def test_a_sealed_file_written_through_the_filesystem_is_read_back_again(btrfs_d
 SCRUB_NOW = ["-o", "cache.scrub_after=0", "-o", "cache.scrub_rate=1GiB"]
 
 
-@pytest.mark.parametrize("fs", ["ext4", pytest.param("btrfs", marks=requires_btrfs)])
+@pytest.mark.parametrize("fs", ["ext4", "ext4 trust_restarts", pytest.param("btrfs", marks=requires_btrfs)])
 def test_the_scrub_heals_rot_under_a_checked_file_before_any_reader_meets_it(
         fs: str, tmp_path: Path, source: Path, mounter: Callable[..., Mount]) -> None:
     """A block of a complete cache file rots under the filesystem (no timestamp moves). A daemon that trusts
-    the file (on btrfs: by its seal, reading nothing back; a daemon that wrote it would too) would serve it
+    the file (on btrfs, and on ext4 with `cache.trust_restarts`: by its seal, reading nothing back; a daemon
+    that wrote it would too) would serve it
     by passthrough: the wrong bytes on ext4, EIO on btrfs. Its scrub reads the file back from disk, finds the
     damaged extent, fetches it again and writes it over the bad block in place, before any read: the next
     reader gets the right bytes, from the same file, and nothing else was fetched. (The rot is put in while no
@@ -486,9 +493,10 @@ def test_the_scrub_heals_rot_under_a_checked_file_before_any_reader_meets_it(
     rel = shard(source)
     ref = (source / rel).read_bytes()
     make = loop_btrfs if fs == "btrfs" else loop_ext4
+    trust = ["-o", "cache.trust_restarts=true"] if fs == "ext4 trust_restarts" else []
     with make(tmp_path, 512 * MiB, mountpoint=tmp_path / "disk") as disk:
         cache_dir = disk.mountpoint / "cache"
-        m = mounter(str(source), args=[*CACHE_ARGS, "-o", "cache.scrub_rate=0"], cache_dir=cache_dir)
+        m = mounter(str(source), args=[*CACHE_ARGS, *trust, "-o", "cache.scrub_rate=0"], cache_dir=cache_dir)
         first = read_pass(m, rel, ref)
         assert not first.wrong and not first.eio, first.describe()
         assert eventually(lambda: idle(m) and m.stats()["files_complete"] == 1), m.stats()
@@ -497,11 +505,11 @@ def test_the_scrub_heals_rot_under_a_checked_file_before_any_reader_meets_it(
         offset = 4 * EXTENT + 999
         corrupt_under_fs(disk, victim, offset)
         drop_caches(3)
-        m = mounter(str(source), args=[*CACHE_ARGS, *SCRUB_NOW], cache_dir=cache_dir)
+        m = mounter(str(source), args=[*CACHE_ARGS, *trust, *SCRUB_NOW], cache_dir=cache_dir)
         assert eventually(lambda: m.stats()["scrub_healed"] >= 1), m.stats()
         st = m.stats()
         assert st["scrub_damaged"] == 1 and st["gets"] == 1 and st["bytes_fetched"] == EXTENT, st
-        assert st["files_trusted_sealed"] == (fs == "btrfs"), st
+        assert st["files_trusted_sealed"] == (fs != "ext4"), st
         drop_caches(3)
         again = read_pass(m, rel, ref)
         assert not again.wrong and not again.eio, again.describe()
