@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 #: Open files kept at most for reading and writing (those in use stay open; idle ones are closed first).
 MAX_FDS = 256
 PAGE = 4096
+#: What a check reads at a time into its thread's buffer (`FileCache._digest_of`): the hash is streamed.
+CHECK_CHUNK = 1 << 20
 
 
 class CacheFull(OSError):
@@ -252,7 +254,7 @@ class FileCache:
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a read ended, or a punch is done
-        self._local = threading.local()  # each worker thread's read buffer for checks (`_scratch`)
+        self._local = threading.local()  # each worker thread's read buffer for checks (`_digest_of`)
         self._writes = 0  # writes stored so far: each present extent's generation
         self._files: dict[bytes, _File] = {}
         # Present extents, least recently used first: (vid, start) -> time.monotonic() of last use (-1: before
@@ -459,38 +461,62 @@ class FileCache:
         self.drop(vid, start, why, generation)
         return -1
 
-    def verify(self, vid: bytes, start: int, length: int, keep: bool = False) -> memoryview | None:
-        """Read a present extent back and hash it (worker thread): trusted from now on, and its bytes returned,
-        if it matches; else dropped (punched out, unrecorded, counted) and None. The bytes are in a buffer the
-        thread reuses (valid until its next `verify`), or, with `keep`, in memory of their own."""
+    def verify(self, vid: bytes, start: int, length: int) -> bool:
+        """Read a present extent back and hash it (worker thread), CHECK_CHUNK at a time through the thread's
+        small buffer: trusted from now on if it matches; else dropped (punched out, unrecorded, counted).
+        False then, or if it is not present."""
+        return self._verify(vid, start, length, None)
+
+    def read_verified(self, vid: bytes, start: int, length: int) -> memoryview | None:
+        """As `verify`, with the extent's bytes read into memory of their own and returned if they match."""
+        view = memoryview(private(length))[:length]
+        return view if self._verify(vid, start, length, view) else None
+
+    def _verify(self, vid: bytes, start: int, length: int, into: memoryview | None) -> bool:
         with self._reading(vid, start, trusted=False) as got:
             if got is None:
-                return None
+                return False
             fd, digest, known, generation = got
             f = self._files[vid]
-            view = memoryview(private(length))[:length] if keep else self._scratch(length)
             why = "damaged"
             try:
-                n = read_all(fd, view, start) if known == length else -1
+                if known != length:
+                    ok = False
+                elif into is not None:
+                    ok = read_all(fd, into, start) == length and content_hash(into) == digest
+                else:
+                    ok = self._digest_of(fd, start, start, length) == digest
             except OSError as e:  # the disk failed to read it (EIO): as bad as a wrong byte
-                n, why = -1, f"unreadable ({e.strerror or e})"
-            ok = n == length and content_hash(view) == digest
+                ok, why = False, f"unreadable ({e.strerror or e})"
             with self._lock:
                 self.reads_verified += 1
                 if ok and start in f.present:
                     f.trusted.add(start)
         if ok:
-            return view
+            return True
         self.drop(vid, start, why, generation)
-        return None
+        return False
 
-    def _scratch(self, length: int) -> memoryview:
-        """This thread's reusable read buffer, at least `length` bytes (a check of a whole file reads every
-        extent into it: no new mapping, and no page faults, per extent)."""
+    def _digest_of(self, fd: int, lo: int, start: int, length: int) -> bytes | None:
+        """xxh3-128 of bytes [start, start+length) of `fd`, read from `lo` (<= start; page-aligned for an
+        O_DIRECT fd) in whole pages, CHECK_CHUNK at a time, through this thread's buffer; None if the file
+        ends first. A check of a whole file so holds one small buffer per thread, not an extent's worth."""
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < length:
-            buf = self._local.buf = private(length)
-        return memoryview(buf)[:length]
+        if buf is None:
+            buf = self._local.buf = private(CHECK_CHUNK)  # page-aligned, as O_DIRECT needs
+        scratch = memoryview(buf)
+        h = xxhash.xxh3_128()
+        end, pos = start + length, lo
+        while pos < end:
+            view = scratch[:min(CHECK_CHUNK, -(-(end - pos) // PAGE) * PAGE)]
+            n = read_all(fd, view, pos)
+            a, b = max(start, pos) - pos, min(end, pos + n) - pos
+            if b > a:
+                h.update(view[a:b])
+            if n < len(view) and pos + n < end:
+                return None
+            pos += n
+        return h.digest()
 
     def read_back(self, vid: bytes, start: int, length: int, digest: bytes) -> memoryview | None:
         """An extent's bytes read from its file, or from any file holding the same content, and hashed (what
@@ -500,7 +526,7 @@ class FileCache:
             where = (vid, start) if self.present(vid, start) else self.locate(digest, length)
             if where is None:
                 return None
-            view = self.verify(*where, length, keep=True)
+            view = self.read_verified(*where, length)
             if view is not None:
                 return view if content_hash(view) == digest else None
 
@@ -983,7 +1009,6 @@ class FileCache:
             if known != length:
                 return None
             lo = start - start % PAGE
-            view = self._scratch(-(-(start + length - lo) // PAGE) * PAGE)
             path = self.path(vid)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -991,7 +1016,7 @@ class FileCache:
             except OSError:  # tmpfs and some others have no O_DIRECT: read, then let the pages go
                 fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
             try:
-                n = read_all(fd, view, lo)
+                return self._digest_of(fd, lo, start, length) == digest
             except OSError as e:
                 log.warning("cache file of version %s: extent at %d unreadable (%s)", vid.hex(), start,
                             e.strerror or e)
@@ -999,10 +1024,8 @@ class FileCache:
             finally:
                 if not direct:
                     with contextlib.suppress(OSError):
-                        os.posix_fadvise(fd, lo, len(view), os.POSIX_FADV_DONTNEED)
+                        os.posix_fadvise(fd, lo, start + length - lo, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
-            end = start - lo + length
-            return n >= end and content_hash(view[start - lo:end]) == digest
 
     def heal_range(self, vid: bytes, starts: list[int]) -> tuple[int, int, list[tuple[int, int, bytes]]] | None:
         """The range to write anew for damaged extents `starts`: out to page edges, and out to whole extents

@@ -151,13 +151,13 @@ class Blocks:
         into this version's own. Returns where they are now."""
         digest, where = self.state(ver, start, length)
         if where is Where.CACHED:
-            if self.cache.trusted(ver.vid, start) or self.cache.verify(ver.vid, start, length) is not None:
+            if self.cache.trusted(ver.vid, start) or self.cache.verify(ver.vid, start, length):
                 return Where.CACHED
             return Where.MISSING
         if where is Where.ELSEWHERE:
             assert digest is not None
             src = ver.elsewhere[start]
-            if not self.cache.trusted(*src) and self.cache.verify(*src, length) is None:
+            if not self.cache.trusted(*src) and not self.cache.verify(*src, length):
                 ver.elsewhere.pop(start, None)
                 return self.check(ver, start, length, copy)  # another copy, if any
             if copy or self.cache.reflinks:

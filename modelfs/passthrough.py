@@ -201,7 +201,7 @@ class Passthrough:
         bad = 0
         self.cache.read_ahead(ver.vid)
         for start, length in self.cache.untrusted(ver.vid):
-            if self.cache.verify(ver.vid, start, length) is None:
+            if not self.cache.verify(ver.vid, start, length):
                 bad += 1
         if bad:
             self.stats.file_damaged(ver.info.key, bad)

@@ -315,7 +315,7 @@ def test_a_full_filesystem_evicts_and_never_leaves_partial_extents(small_fs: Pat
     assert fresh.bytes_stored == cache.bytes_stored
     for (vid, start), data in written.items():
         if fresh.present(vid, start):
-            got = fresh.verify(vid, start, size)
+            got = fresh.read_verified(vid, start, size)
             assert got is not None and bytes(got) == data
     fresh.close()
     idx.close()
@@ -482,7 +482,7 @@ def test_many_threads_writing_reading_dropping_and_evicting_never_see_wrong_byte
                             bytes(buf) != want[off:off + len(buf)]:
                         wrong.append((i, s))
                 elif op < 0.92:
-                    got = cache.verify(vers[i].vid, s, n)
+                    got = cache.read_verified(vers[i].vid, s, n)
                     if got is not None and bytes(got) != want:
                         wrong.append((i, s))
                 elif op < 0.97:

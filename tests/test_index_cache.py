@@ -286,7 +286,7 @@ def test_damaged_extent_is_found_by_a_new_process_dropped_and_written_again(tmp_
     dropped: list[int] = []
     fresh = FileCache(str(tmp_path), idx, "d", "src", min_free=0, on_corrupt=dropped.append)  # a new process
     for start, length in ver.extents():
-        got = fresh.verify(ver.vid, start, length)
+        got = fresh.read_verified(ver.vid, start, length)
         if start == victim or damage in ("shorter", "longer"):
             assert got is None, start
         else:
@@ -298,7 +298,7 @@ def test_damaged_extent_is_found_by_a_new_process_dropped_and_written_again(tmp_
     if damage in ("flip", "zeroed"):  # the other extents are fine, and trusted now
         assert fresh.bytes_stored == size - len(data[victim])
         assert read(fresh, ver.vid, 0, 0, 100) == data[0][:100]
-    assert fresh.verify(ver.vid, victim, len(data[victim])) is None  # dropped once, not twice
+    assert not fresh.verify(ver.vid, victim, len(data[victim]))  # dropped once, not twice
 
     assert fresh.write(ver, victim, data[victim], content_hash(data[victim]))  # refetched, stored again
     assert read(fresh, ver.vid, victim, 0, len(data[victim])) == data[victim]
@@ -306,7 +306,7 @@ def test_damaged_extent_is_found_by_a_new_process_dropped_and_written_again(tmp_
     assert os.stat(path).st_size == size
     fresh.close()
     again = FileCache(str(tmp_path), idx, "d", "src", min_free=0)  # and it survives the next restart
-    got = again.verify(ver.vid, victim, len(data[victim]))
+    got = again.read_verified(ver.vid, victim, len(data[victim]))
     assert got is not None and bytes(got) == data[victim]
     again.close()
     # Damage is counted (on_corrupt: stats.corrupt_extents) whichever way it was found, as the block cache
@@ -342,7 +342,7 @@ def test_scan_at_start_reconciles_files_and_index(tmp_path: Path) -> None:
     assert not fresh.present(gone.vid, 0) and not fresh.present(unnamed.vid, 0)
     assert idx.extents(gone.vid)  # what the content is stays known
     assert fresh.complete(kept.vid) and not fresh.all_trusted(kept.vid)
-    got = fresh.verify(kept.vid, EXT, EXT)
+    got = fresh.read_verified(kept.vid, EXT, EXT)
     assert got is not None and bytes(got) == data[EXT]
     again = os.urandom(EXT)
     assert fresh.write(gone, 0, again, content_hash(again)) is True  # not believed present: stored anew
@@ -367,12 +367,11 @@ def test_a_new_process_trusts_nothing_until_it_verified(tmp_path: Path) -> None:
     assert not fresh.trusted(ver.vid, 0) and not fresh.all_trusted(ver.vid)
     assert fresh.untrusted(ver.vid) == [(0, EXT), (EXT, EXT)]
     assert read(fresh, ver.vid, 0, 0, 10) == -1 and read(fresh, ver.vid, 0, 0, 10, nowait=True) == -1
-    got = fresh.verify(ver.vid, 0, EXT)
-    assert got is not None and bytes(got) == data[0] and fresh.reads_verified == 1
+    assert fresh.verify(ver.vid, 0, EXT) and fresh.reads_verified == 1
     assert fresh.trusted(ver.vid, 0) and read(fresh, ver.vid, 0, 0, 10) == data[0][:10]
     assert not fresh.all_trusted(ver.vid) and fresh.untrusted(ver.vid) == [(EXT, EXT)]
     assert read(fresh, ver.vid, EXT, 0, 10) == -1
-    assert fresh.verify(ver.vid, EXT, EXT) is not None
+    assert fresh.verify(ver.vid, EXT, EXT)
     assert fresh.all_trusted(ver.vid) and fresh.untrusted(ver.vid) == []
     fresh.close()
     idx.close()
@@ -528,6 +527,39 @@ def test_held_copies_bound_bytes_and_count(tmp_path: Path) -> None:
     del kept
     maps.clear()
     small.clear()
+
+
+def test_a_check_streams_extents_larger_than_its_buffer_and_finds_a_byte_changed_in_any_chunk(
+        tmp_path: Path) -> None:
+    """Extents of 2.5 chunks at offsets no page edge matches, the last one cut short by the file's end: the
+    check (a new process's read-back, and the scrub's O_DIRECT read) hashes them CHECK_CHUNK at a time
+    through one buffer of that size per thread, and a byte changed in the first, a middle or the last chunk
+    of an extent is found."""
+    chunk = cache_mod.CHECK_CHUNK
+    bounds = [0, 5 * chunk // 2 + 100, 5 * chunk + 3, 6 * chunk + 77]
+    data = bytearray(os.urandom(bounds[-1]))
+    extents = [(a, b - a, content_hash(data[a:b])) for a, b in itertools.pairwise(bounds)]
+    ver = FileVersion.of("src", ObjectInfo("m/big.safetensors", len(data), '"e"', 0.0), 4 * chunk, extents)
+    index = new_index(tmp_path)
+    root = str(tmp_path / "c")
+    cache = FileCache(root, index, "src", "src", min_free=0)
+    for start, length, digest in extents:
+        assert cache.write(ver, start, bytes(data[start:start + length]), digest)
+    cache.close()
+    hits: list[list[bool | None]] = []
+    for victim in (bounds[1] + 5, bounds[1] + chunk + 7, bounds[2] - 1):  # extent 1: first, middle, last chunk
+        with open(os.path.join(root, "files", ver.vid.hex()), "r+b") as f:
+            f.seek(victim)
+            f.write(bytes([data[victim] ^ 0x10]))
+        cache = FileCache(root, index, "src", "src", min_free=0)
+        hits.append([cache.scrub_read(ver.vid, s, n) for s, n, _ in extents])
+        got = [cache.verify(ver.vid, s, n) for s, n, _ in extents]
+        assert got == [True, False, True], (victim, got)
+        assert len(cache._local.buf) == chunk  # one chunk's buffer, not an extent's
+        assert cache.write(ver, bounds[1], bytes(data[bounds[1]:bounds[2]]), extents[1][2])  # fetched again
+        cache.close()
+    assert hits == [[True, False, True]] * 3
+    index.close()
 
 
 # -- the scrub's reads and in-place heal -----------------------------------------------------------------------
