@@ -39,6 +39,8 @@ from modelfs.core import ModelFS
 from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
+from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 from modelfs.testing.seaweed import REGION, SeaweedServer
 
 BUCKET = "clients-bench"
@@ -83,7 +85,8 @@ def warm_once(store: S3Store, work: Path) -> float:
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.min_free": "0"})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 30)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity)
-    core = ModelFS(cfg, store, index, cache)
+    stats = Stats()
+    core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
     spent: list[float] = []
 
     async def main() -> None:

@@ -51,18 +51,17 @@ SEAL_EVERY = 1.0
 class ModelFS:
     """Read-only view of a store; serves while `serving()` is entered."""
 
-    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: FileCache,
-                 stats: Stats | None = None, push: PushFn | None = None,
+    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: FileCache, stats: Stats,
+                 supervisor: Supervisor, *, push: PushFn | None = None,
                  observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
-                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS,
-                 supervisor: Supervisor | None = None) -> None:
+                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
         self.cache = cache
-        self.stats = stats or Stats()
+        self.stats = stats
         # Owns every background task of the mount (`serving`), the shared tier's too (made with it).
-        self.supervisor = supervisor or (shared.supervisor if shared is not None else Supervisor(self.stats))
+        self.supervisor = supervisor
         if shared is not None and shared.supervisor is not self.supervisor:
             raise ValueError("the shared tier was made with another supervisor than the core's")
         self.extent_size = int(cfg.cache.extent_size)

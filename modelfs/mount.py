@@ -251,11 +251,10 @@ class Daemon:
             if shared is not None:
                 self._resources.append(shared.close)
             push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer
-            self.core = ModelFS(cfg, store, index, cache, stats, push=push,
+            self.core = ModelFS(cfg, store, index, cache, stats, supervisor, push=push,
                                 observe=metrics.fetch_seconds.observe if metrics else None, shared=shared,
                                 kernel=passthrough_kernel(cfg),
-                                faults=faults.from_environment(),  # test-only: MODELFS_TEST_FAULTS
-                                supervisor=supervisor)
+                                faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:

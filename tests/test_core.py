@@ -17,6 +17,8 @@ from modelfs.core import ModelFS
 from modelfs.errors import ReadOnly, VersionChanged
 from modelfs.index import ChunkIndex
 from modelfs.remote.local import LocalStore
+from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 
 EXTENT = 64 * 1024
 
@@ -46,7 +48,8 @@ def run_core(source: Path, tmp_path: Path) -> Iterator[Runner]:
         store = LocalStore(str(source))
         index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
         cache = FileCache(str(cache_dir), index, store.domain, store.identity)
-        core = ModelFS(cfg, store, index, cache)
+        stats = Stats()
+        core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
 
         async def main() -> None:
             async with core.serving() as nursery:

@@ -28,6 +28,8 @@ from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import KEY as MANIFEST_KEY
 from modelfs.manifest import FileEntry, Manifest, file_extents
+from modelfs.stats import Stats
+from modelfs.supervise import Supervisor
 from modelfs.testing.memstore import MemoryStore
 
 EXTENT = 64 * 1024
@@ -42,7 +44,8 @@ def run(store: MemoryStore, cache_dir: Path, body: Callable[[ModelFS], Awaitable
                              "fetch.deadline": "30", "fetch.probe_interval": "5", **QUIET, **overrides})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=max_size)
-    core = ModelFS(cfg, store, index, cache)
+    stats = Stats()
+    core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
 
     async def main() -> None:
         async with core.serving() as nursery:
