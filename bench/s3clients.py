@@ -35,12 +35,11 @@ import trio
 
 from modelfs.cache import FileCache
 from modelfs.config import load_config
-from modelfs.core import ModelFS
+from modelfs.core import assemble
 from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
 from modelfs.stats import Stats
-from modelfs.supervise import Supervisor
 from modelfs.testing.seaweed import REGION, SeaweedServer
 
 BUCKET = "clients-bench"
@@ -85,8 +84,7 @@ def warm_once(store: S3Store, work: Path) -> float:
     cfg = load_config(None, {"cache.dir": str(cache_dir), "cache.min_free": "0"})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 30)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity)
-    stats = Stats()
-    core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
+    core = assemble(cfg, store, index, cache, Stats())
     spent: list[float] = []
 
     async def main() -> None:

@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
 from modelfs.cachedir import CacheDir
+from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
 from modelfs.index import ChunkIndex
 

@@ -56,6 +56,7 @@ import xxhash
 
 from modelfs import integrity
 from modelfs.cachedir import CacheDir
+from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.libc import LIBC
 from modelfs.mapped import private
@@ -75,11 +76,6 @@ class CacheFull(OSError):
 
     def __init__(self, why: str) -> None:
         super().__init__(errno.ENOSPC, why)
-
-
-def content_hash(data: bytes | memoryview) -> bytes:
-    """The 16-byte content hash of an extent's bytes (xxh3-128)."""
-    return xxhash.xxh3_128_digest(data)
 
 
 LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]

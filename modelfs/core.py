@@ -36,6 +36,7 @@ from modelfs.push import PushFn
 from modelfs.remote import Store
 from modelfs.scrub import Scrub
 from modelfs.shared import SharedTier
+from modelfs.sources import Origin, Source
 from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import FileVersion
@@ -48,13 +49,28 @@ IDLE_TRIM = 30.0
 SEAL_EVERY = 1.0
 
 
+def assemble(cfg: Config, store: Store, index: ChunkIndex, cache: FileCache, stats: Stats, *,
+             push: PushFn | None = None, observe: Callable[[float], None] | None = None,
+             kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> ModelFS:
+    """The core and the parts it serves with, built from the config: the composition root of a mount (and of
+    tests that drive the core without one). The fetch path's source is the origin, or the fleet tier
+    (`shared.url`) wrapping it; every part gets the one supervisor. `observe` hears each GET's latency."""
+    supervisor = Supervisor(stats)
+    health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline,
+                    offline_after=cfg.fetch.offline_after)
+    origin = Origin(store, stats, health, observe)
+    shared = SharedTier.open(cfg, store.domain, stats, cache.read_back, origin, supervisor) \
+        if cfg.shared.url else None
+    return ModelFS(cfg, store, index, cache, stats, supervisor, health, shared or origin, push=push,
+                   shared=shared, kernel=kernel, faults=faults)
+
+
 class ModelFS:
     """Read-only view of a store; serves while `serving()` is entered."""
 
     def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: FileCache, stats: Stats,
-                 supervisor: Supervisor, *, push: PushFn | None = None,
-                 observe: Callable[[float], None] | None = None, shared: SharedTier | None = None,
-                 kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
+                 supervisor: Supervisor, health: Health, source: Source, *, push: PushFn | None = None,
+                 shared: SharedTier | None = None, kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index
@@ -70,8 +86,7 @@ class ModelFS:
         self.prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
         self.meta_limiter = trio.CapacityLimiter(4)
         self.deadline = cfg.fetch.deadline
-        self.health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline,
-                             offline_after=cfg.fetch.offline_after)
+        self.health = health  # the origin's
         self.listings = Listings(store, index, self.health, cfg.fetch.deadline, self.meta_limiter, self.io_limiter)
         self.files = OpenFiles(store.identity, self.extent_size, self.listings.layout)
         self.ns = Namespace(self.listings.list_dir, cfg.mount.metadata_ttl, in_use=self.files.is_open,
@@ -80,8 +95,8 @@ class ModelFS:
         self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
                                   cap=cfg.fetch.prefetch_during_demand)
         self.blocks = Blocks(index, cache, self.stats, int(cfg.cache.map_budget))
-        self.fetcher = Fetcher(store, self.blocks, self.stats, self.buffers, cfg.fetch.deadline,
-                               self.health, observe, shared, faults, supervisor=self.supervisor)
+        self.fetcher = Fetcher(source, self.blocks, self.stats, self.buffers, cfg.fetch.deadline, self.health,
+                               faults, supervisor=self.supervisor)
         self.shared = shared
         self.extents = Extents(self.blocks, self.fetcher, self.stats, self.io_limiter, self.prefetch_limiter,
                                cfg.fetch.deadline)
@@ -303,7 +318,8 @@ class ModelFS:
         job = await self.prefetcher.warm(node)
         ver = self.version(node)
         if self.shared is not None:
-            await self.shared.fill(ver, ver.extents())
+            await self.shared.warm([(block, ver.known[block.start][0]) for block in ver.blocks(ver.extents())
+                                    if block.start in ver.known])
         return {"size": ver.info.size, "fetched": job.fetched}
 
     async def cached_bytes(self, inode: int) -> int:

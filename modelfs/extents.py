@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from modelfs.cache import CacheFull, FileCache, content_hash
+from modelfs.cache import CacheFull, FileCache
+from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
 from modelfs.fetch import Fetcher
 from modelfs.index import ChunkIndex

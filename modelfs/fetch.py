@@ -1,10 +1,9 @@
-"""The fetcher: single-flight ranged GETs into pooled buffers, from the shared tier or the origin.
+"""The fetcher: single-flight fetches of extents into pooled buffers, from a source (`sources.Source`: the
+origin, or the fleet tier in front of it; which one is the composition's business, not the fetcher's).
 
-What a GET brings is handed to the block store (`BlockStore`, implemented by `extents.Blocks`) in one
+What a source brings is handed to the block store (`BlockStore`, implemented by `extents.Blocks`) in one
 call per extent, which writes it into the version's file; the fetcher knows nothing of the cache, the chunk
-index or the memory pool. With a
-shared tier, which extents come from the tier, which from the origin and which to wait for is the tier's
-choice (`shared.SharedTier.cooperate`); the fetcher makes the GETs it is asked for.
+index or the memory pool.
 
 An extent is fetched at most once at a time however many readers want it: the first asks, the rest wait
 on the same flight. Flights run in the daemon's nursery, not in the reader's task, so a reader that goes
@@ -32,7 +31,6 @@ abandoned GETs can never pile up beyond the thread limit.
 
 from __future__ import annotations
 
-import functools
 import logging
 import mmap
 import time
@@ -43,13 +41,11 @@ from typing import Protocol
 import trio
 
 from modelfs.buffers import Ask, BufferPool, Lease
-from modelfs.errors import StoreError, StoreUnreachable, VersionChanged
+from modelfs.errors import StoreError
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
 from modelfs.health import Health
-from modelfs.remote import Store
-from modelfs.retry import STORE_PAUSES, Resume
-from modelfs.shared import SharedTier
+from modelfs.sources import Source
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.version import Extent, FileVersion, Stored
@@ -84,30 +80,18 @@ class _Flight:
     ask: Ask | None = None  # its GET's request for a buffer, while a coalesced prefetch GET waits for it
 
 
-def _offset_call(fn: Callable[[int], object], first: int, k: int) -> None:
-    fn(first + k)
-
-
-def _with_no_hash(arrived: Callable[[int, bytes | None], object], i: int) -> None:
-    arrived(i, None)
-
-
 class Fetcher:
     """Turns cache misses into ranged GETs."""
 
-    def __init__(self, store: Store, blocks: BlockStore, stats: Stats, pool: BufferPool, deadline: float = 30.0,
-                 health: Health | None = None, observe: Callable[[float], None] | None = None,
-                 shared: SharedTier | None = None, faults: Faults = NO_FAULTS, *,
-                 supervisor: Supervisor) -> None:
-        self.store = store
+    def __init__(self, source: Source, blocks: BlockStore, stats: Stats, pool: BufferPool, deadline: float,
+                 health: Health, faults: Faults = NO_FAULTS, *, supervisor: Supervisor) -> None:
+        self.source = source
         self.faults = faults
         self.blocks = blocks
         self.stats = stats
         self.pool = pool
         self.deadline = deadline
-        self.health = health
-        self.observe = observe  # fetch latency in seconds (metrics), from worker threads
-        self.shared = shared  # asked before the origin; what the origin gives is written back to it
+        self.health = health  # the origin's: while it is offline, a miss fails at once
         # Twice the buffers: abandoned GETs (past their deadline) hold a thread until botocore gives up.
         self.threads = trio.CapacityLimiter(2 * pool.total)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
@@ -153,7 +137,7 @@ class Fetcher:
 
     def _refuse_if_offline(self, ver: FileVersion, start: int, demand: bool = False) -> None:
         """While the store is unreachable, uncached bytes fail at once instead of waiting out retries."""
-        if self.health is not None and self.health.offline:
+        if self.health.offline:
             if demand:
                 self.stats.add(offline_misses=1)
             raise self.health.unreachable_error(f"{ver.info.key} at {start}")
@@ -331,10 +315,9 @@ class Fetcher:
 
     def _gather(self, ver: FileVersion, run: list[Extent], views: list[memoryview], flights: list[_Flight],
                 token: trio.lowlevel.TrioToken, until: float) -> list[tuple[bytes, memoryview | None]]:
-        """Fill every extent of `run`, from the origin (one GET per stretch of adjacent extents) or, with a
-        shared tier, as the tier decides (`shared.SharedTier.cooperate`); store each as it arrives and, in a
-        run of several, answer its flight at once (a demand read that joined a long prefetch GET waits for
-        its extent, not for the whole GET)."""
+        """Have the source fill every extent of `run`; store each as it arrives and, in a run of several,
+        answer its flight at once (a demand read that joined a long prefetch GET waits for its extent, not
+        for the whole GET)."""
         out: list[tuple[bytes, memoryview | None] | None] = [None] * len(run)
 
         def arrived(i: int, digest: bytes | None) -> Stored:
@@ -351,56 +334,8 @@ class Fetcher:
                     pass
             return stored
 
-        def from_origin(todo: list[int], each: Callable[[int], object]) -> None:
-            k = 0
-            while k < len(todo):
-                j = k + 1
-                while j < len(todo) and todo[j] == todo[j - 1] + 1:
-                    j += 1
-                first = todo[k]
-                self._get(ver, run[first][0], views[first:first + j - k], until,
-                          functools.partial(_offset_call, each, first))
-                k = j
-
-        if self.shared is None:
-            from_origin(list(range(len(run))), functools.partial(_with_no_hash, arrived))
-        else:
-            self.shared.cooperate(ver, run, views, from_origin, arrived, until)
+        self.source.fill(ver.info, ver.blocks(run), views, arrived, until)
         got = [o for o in out if o is not None]
         if len(got) != len(run):
             raise StoreError(f"{ver.info.key}: the store answered {len(got)} of {len(run)} extents")
         return got
-
-    def _get(self, ver: FileVersion, start: int, views: list[memoryview], until: float,
-             filled: Callable[[int], None] | None = None) -> None:
-        """GET `views` from `start`. A transient failure (the store refused, stalled or 5xx'd past
-        botocore's own retries: an overloaded store, not an outage) is tried again, from the first view not
-        yet in, until `until` (the flight's deadline) or offline mode."""
-        began = time.monotonic()
-        resume, pauses = Resume(start, views, filled), STORE_PAUSES.start()
-        while True:
-            at, rest = resume.attempt()
-            try:
-                self.store.read_into(ver.info, at, rest, resume.complete)
-                break
-            except VersionChanged:
-                self.stats.add(version_changes=1)
-                raise
-            except StoreError as e:
-                self.stats.add(store_errors=1)
-                if isinstance(e, StoreUnreachable) and self.health is not None:
-                    self.health.mark_unreachable(e)
-                offline = self.health is not None and self.health.offline
-                if not e.transient or offline or time.monotonic() + pauses.upcoming >= until:
-                    if not isinstance(e, StoreUnreachable):
-                        log.warning("%s", e)
-                    raise
-                self.stats.add(store_retries=1)
-                pause = pauses.draw()
-                log.debug("GET %s at %d: %s; trying again in %.2f s", ver.info.key, at, e, pause)
-                time.sleep(pause)
-        if self.health is not None:
-            self.health.answered()
-        self.stats.add(gets=1, bytes_fetched=sum(len(v) for v in views))
-        if self.observe is not None:
-            self.observe(time.monotonic() - began)

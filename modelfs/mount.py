@@ -23,7 +23,7 @@ from modelfs.admin import pinned_hashes
 from modelfs.cache import FileCache
 from modelfs.cachedir import CacheDir
 from modelfs.config import Config
-from modelfs.core import ModelFS
+from modelfs.core import assemble
 from modelfs.errors import ConfigError, ModelfsError, StoreUnreachable
 from modelfs.fs import Operations
 from modelfs.health import check_within
@@ -35,7 +35,6 @@ from modelfs.push import PushFn
 from modelfs.remote import open_store
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
-from modelfs.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -246,15 +245,13 @@ class Daemon:
             self._resources.append(cache.close)
             cache.keep(pinned_hashes(cache_dir.path, index))  # `modelfs cache pin`: never evicted
             metrics = Metrics() if cfg.metrics.address else None
-            supervisor = Supervisor(stats)
-            shared = SharedTier.open(cfg, store.domain, stats, cache.read_back, supervisor) if cfg.shared.url else None
-            if shared is not None:
-                self._resources.append(shared.close)
             push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer
-            self.core = ModelFS(cfg, store, index, cache, stats, supervisor, push=push,
-                                observe=metrics.fetch_seconds.observe if metrics else None, shared=shared,
-                                kernel=passthrough_kernel(cfg),
-                                faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
+            self.core = assemble(cfg, store, index, cache, stats, push=push,
+                                 observe=metrics.fetch_seconds.observe if metrics else None,
+                                 kernel=passthrough_kernel(cfg),
+                                 faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
+            if self.core.shared is not None:
+                self._resources.append(self.core.shared.close)
             if unreachable is not None:
                 self.core.health.mark_unreachable(unreachable, confirmed=True)  # the mount's check
             if metrics is not None:

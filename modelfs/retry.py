@@ -4,7 +4,7 @@ Three loops retry what botocore cannot see or gave up on, each with this module'
 - a ranged GET's body cut, reset, stalled or short after its headers came (`remote.s3.S3Store.read_into`:
   `BODY_PAUSES`, a few quick attempts);
 - a GET the store refused, stalled or 5xx'd past botocore's retries (an overloaded store, not an outage:
-  `fetch.Fetcher._get`, `STORE_PAUSES` until the flight's deadline or offline mode);
+  `sources.Origin`, `STORE_PAUSES` until the flight's deadline or offline mode);
 - a directory listing that failed the same way and was never saved (`listings.Listings.list_dir`, the same).
 
 Every pause is jittered (a fleet that failed together does not retry together) and grows exponentially up to

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
+from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
 from modelfs.index import ChunkIndex
 from modelfs.libc import LIBC

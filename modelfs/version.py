@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from modelfs.index import ChunkIndex, version_id
 from modelfs.remote import ObjectInfo
+from modelfs.sources import Block
 
 #: (start, length): the one name for an extent of a file version, wherever it is passed around. A plain
 #: tuple, because one is made for every READ.
@@ -80,6 +81,13 @@ class FileVersion:
     def extents(self) -> list[Extent]:
         """Every (start, length) of the file, in file order."""
         return self.starts_in(0, self.info.size)
+
+    def blocks(self, run: list[Extent]) -> list[Block]:
+        """The extents of `run` as a source is asked for them, each with its hash where the version's manifest
+        gives it (then the fleet tier keys it by content: `sources.Block`)."""
+        by_content = self.layout is not None
+        return [Block(self.vid, start, length, self.known[start][0] if by_content else None)
+                for start, length in run]
 
     def starts_in(self, lo: int, hi: int) -> list[Extent]:
         """(start, length) of every extent overlapping [lo, hi), in file order."""

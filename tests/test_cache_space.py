@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from modelfs import cache as cache_mod
-from modelfs.cache import CacheFull, FileCache, content_hash
+from modelfs.cache import CacheFull, FileCache
+from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.remote import Listing, ObjectInfo
 from modelfs.version import FileVersion

@@ -13,12 +13,11 @@ import trio
 
 from modelfs.cache import FileCache
 from modelfs.config import load_config
-from modelfs.core import ModelFS
+from modelfs.core import ModelFS, assemble
 from modelfs.errors import ReadOnly, VersionChanged
 from modelfs.index import ChunkIndex
 from modelfs.remote.local import LocalStore
 from modelfs.stats import Stats
-from modelfs.supervise import Supervisor
 
 EXTENT = 64 * 1024
 
@@ -48,8 +47,7 @@ def run_core(source: Path, tmp_path: Path) -> Iterator[Runner]:
         store = LocalStore(str(source))
         index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
         cache = FileCache(str(cache_dir), index, store.domain, store.identity)
-        stats = Stats()
-        core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
+        core = assemble(cfg, store, index, cache, Stats())
 
         async def main() -> None:
             async with core.serving() as nursery:

@@ -22,14 +22,13 @@ import trio.testing
 
 from modelfs.cache import FileCache
 from modelfs.config import load_config
-from modelfs.core import ModelFS
+from modelfs.core import ModelFS, assemble
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
 from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.manifest import KEY as MANIFEST_KEY
 from modelfs.manifest import FileEntry, Manifest, file_extents
 from modelfs.stats import Stats
-from modelfs.supervise import Supervisor
 from modelfs.testing.memstore import MemoryStore
 
 EXTENT = 64 * 1024
@@ -44,8 +43,7 @@ def run(store: MemoryStore, cache_dir: Path, body: Callable[[ModelFS], Awaitable
                              "fetch.deadline": "30", "fetch.probe_interval": "5", **QUIET, **overrides})
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=max_size)
-    stats = Stats()
-    core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats))
+    core = assemble(cfg, store, index, cache, Stats())
 
     async def main() -> None:
         async with core.serving() as nursery:

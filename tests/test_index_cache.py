@@ -18,7 +18,8 @@ import trio
 
 from modelfs import cache as cache_mod
 from modelfs import integrity
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
+from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex, version_id
 from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.remote import ObjectInfo

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
+from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.passthrough import Kernel, Passthrough
 from modelfs.remote import ObjectInfo

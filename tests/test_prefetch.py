@@ -17,12 +17,11 @@ import trio.testing
 from modelfs.buffers import BufferPool
 from modelfs.cache import FileCache
 from modelfs.config import load_config
-from modelfs.core import ModelFS
+from modelfs.core import ModelFS, assemble
 from modelfs.index import ChunkIndex
 from modelfs.passthrough import Kernel
 from modelfs.remote.local import LocalStore
 from modelfs.stats import Stats
-from modelfs.supervise import Supervisor
 
 EXTENT = 64 * 1024
 
@@ -49,8 +48,7 @@ def make_core(src: Path, cache_dir: Path, push: Callable[[int, int, memoryview],
     index = ChunkIndex(str(cache_dir / "index"), 1 << 28)
     cache = FileCache(str(cache_dir), index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
                       min_free=int(cfg.cache.min_free))
-    stats = Stats()
-    core = ModelFS(cfg, store, index, cache, stats, Supervisor(stats), push=push, kernel=kernel)
+    core = assemble(cfg, store, index, cache, Stats(), push=push, kernel=kernel)
 
     def close() -> None:
         cache.close()

@@ -10,15 +10,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
 from modelfs.config import Config
+from modelfs.digest import content_hash
+from modelfs.health import Health
 from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
 from modelfs.shared import SharedTier, claim_key
+from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.testing.faultproxy import FaultProxy
+from modelfs.testing.memstore import MemoryStore
 from modelfs.testing.seaweed import SeaweedServer
 from modelfs.version import FileVersion
 
@@ -32,8 +36,14 @@ def tier(endpoint: str, prefix: str, root: Path, node: str, sup: Supervisor) -> 
     s3 = dataclasses.replace(Config().s3, endpoint_url=endpoint, max_attempts=1)
     cache = FileCache(str(root), ChunkIndex(str(root / "index"), 1 << 24), "test-domain", "s3:test/bucket/",
                       preallocate=False)
-    return SharedTier(S3Store(BUCKET, prefix, s3), "test-domain", Stats(), cache.read_back, deadline=5.0,
+    origin = MemoryStore("origin")  # never asked here: every extent is the tier's or another node's
+    behind = Origin(origin, Stats(), Health(origin.check, "origin", 60.0, 5.0))
+    return SharedTier(S3Store(BUCKET, prefix, s3), "test-domain", Stats(), cache.read_back, behind, deadline=5.0,
                       probe_interval=1.0, node=node, supervisor=sup), cache
+
+
+def blk(ver: FileVersion, start: int) -> Block:
+    return ver.blocks([ver.extent_at(start)])[0]
 
 
 def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_write(
@@ -52,7 +62,7 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
         sup = Supervisor(Stats())
         a, a_cache = tier(seaweed.endpoint_url, prefix, tmp_path / "a", "node-a", sup)
         b, _ = tier(proxy.endpoint_url, prefix, tmp_path / "b", "node-b", sup)
-        key = a.key(ver, 0)
+        key = a.key(blk(ver, 0))
         assert key is not None
         view = memoryview(bytearray(EXTENT))
         digest = content_hash(data)
@@ -71,18 +81,18 @@ def test_a_node_waiting_on_a_claim_is_answered_by_the_first_listing_after_the_wr
             async with sup.running() as nursery:
                 a.start()
                 b.start()
-                assert await trio.to_thread.run_sync(a.claim, ver, 0) is True
-                assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
+                assert await trio.to_thread.run_sync(a.claim, blk(ver, 0)) is True
+                assert await trio.to_thread.run_sync(b.claim, blk(ver, 0)) is False
 
                 async def wait() -> None:
-                    got.append(await trio.to_thread.run_sync(b.wait_for, ver, 0, view))
+                    got.append(await trio.to_thread.run_sync(b.wait_for, blk(ver, 0), view))
                 nursery.start_soon(wait)
                 with trio.fail_after(60):  # detects a hang only
                     while len(lists()) < 3:  # B is polling; the claim stands, so it waits
                         await trio.sleep(0.01)
                     assert not got
                     await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
-                    a.share_soon(ver, 0, digest, EXTENT)  # written, then the claim dropped
+                    a.share_soon(blk(ver, 0), digest)  # written, then the claim dropped
                     while await trio.to_thread.run_sync(claimed):
                         await trio.sleep(0.01)
                     listed_before = len(lists())

@@ -12,11 +12,14 @@ from typing import BinaryIO
 import pytest
 import trio
 
-from modelfs.cache import FileCache, content_hash
+from modelfs.cache import FileCache
+from modelfs.digest import content_hash
+from modelfs.health import Health
 from modelfs.index import ChunkIndex
-from modelfs.remote import ObjectInfo, WritableStore
+from modelfs.remote import ObjectInfo, Store, WritableStore
 from modelfs.remote.local import LocalStore
 from modelfs.shared import SharedTier, claim_key
+from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 from modelfs.testing.memstore import MemoryStore
@@ -44,15 +47,26 @@ def local_cache(root: Path) -> FileCache:
                      preallocate=False)
 
 
-def tier(store: WritableStore, root: Path, node: str, sup: Supervisor,
-         deadline: float = 5.0) -> tuple[SharedTier, FileCache]:
+def origin(store: Store | None = None) -> Origin:
+    """The origin a tier wraps: the real one, over an in-memory store (empty unless given)."""
+    store = store or MemoryStore("origin")
+    return Origin(store, Stats(), Health(store.check, "origin", 60.0, 5.0))
+
+
+def tier(store: WritableStore, root: Path, node: str, sup: Supervisor, deadline: float = 5.0,
+         behind: Origin | None = None) -> tuple[SharedTier, FileCache]:
     cache = local_cache(root / node)
-    return SharedTier(store, "test-domain", Stats(), cache.read_back, deadline=deadline, probe_interval=1.0, node=node,
-                      supervisor=sup), cache
+    return SharedTier(store, "test-domain", Stats(), cache.read_back, behind or origin(), deadline=deadline,
+                      probe_interval=1.0, node=node, supervisor=sup), cache
 
 
 def version(size: int = EXTENT) -> FileVersion:
     return FileVersion.of("mem:origin", ObjectInfo("m.safetensors", size, '"etag-1"', 0.0), EXTENT)
+
+
+def blk(ver: FileVersion, start: int) -> Block:
+    """The extent of `ver` at `start`, as the fetcher asks a source for it."""
+    return ver.blocks([ver.extent_at(start)])[0]
 
 
 def run(sup: Supervisor, tiers: list[SharedTier], body: Callable[[], Awaitable[None]]) -> None:
@@ -81,11 +95,11 @@ def test_a_block_written_back_by_one_node_is_read_verified_by_another(make: Make
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
-        assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) is None  # nothing there yet
+        assert await trio.to_thread.run_sync(b.fetch, blk(ver, 0), view) is None  # nothing there yet
         await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
-        await trio.to_thread.run_sync(a.write_back, ver, 0, digest, EXTENT)
+        await trio.to_thread.run_sync(a.write_back, blk(ver, 0), digest)
         await written(a)
-        assert await trio.to_thread.run_sync(b.fetch, ver, 0, view) == digest
+        assert await trio.to_thread.run_sync(b.fetch, blk(ver, 0), view) == digest
 
     run(sup, [a, b], body)
     assert bytes(view) == data
@@ -97,13 +111,13 @@ def test_damaged_bytes_in_the_tier_are_never_served(make: MakeStore, tmp_path: P
     store, sup, data = make(tmp_path), Supervisor(Stats()), os.urandom(EXTENT)
     a, _ = tier(store, tmp_path, "a", sup)
     ver = version()
-    key = a.key(ver, 0)
+    key = a.key(blk(ver, 0))
     assert key is not None
     store.put(key, b"x" * EXTENT, {"xxh3": content_hash(data).hex()})  # the hash of other bytes
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
-        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, 0), view) is None
 
     run(sup, [a], body)
     assert a.stats.shared_corrupt == 1 and a.stats.shared_hits == 0
@@ -119,15 +133,15 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
     ver, digest = version(), content_hash(data)
     view = memoryview(bytearray(EXTENT))
     got: list[bytes | None] = []
-    key = a.key(ver, 0)
+    key = a.key(blk(ver, 0))
     assert key is not None
 
     async def body() -> None:
-        assert await trio.to_thread.run_sync(a.claim, ver, 0) is True
-        assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
+        assert await trio.to_thread.run_sync(a.claim, blk(ver, 0)) is True
+        assert await trio.to_thread.run_sync(b.claim, blk(ver, 0)) is False
 
         async def wait() -> None:
-            got.append(await trio.to_thread.run_sync(b.wait_for, ver, 0, view))
+            got.append(await trio.to_thread.run_sync(b.wait_for, blk(ver, 0), view))
 
         async with trio.open_nursery() as waiting:
             waiting.start_soon(wait)
@@ -135,7 +149,7 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
                 await trio.sleep(0.01)
             assert not got and store.exists(claim_key(key))
             await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
-            a.share_soon(ver, 0, digest, EXTENT)  # written, then the claim dropped
+            a.share_soon(blk(ver, 0), digest)  # written, then the claim dropped
         assert not store.exists(claim_key(key))
 
     run(sup, [a, b], body)
@@ -149,19 +163,19 @@ def test_an_unreachable_tier_is_suspect_then_skipped(tmp_path: Path) -> None:
     nothing for two deadlines is skipped (offline), so the next extents do not ask it again."""
     store, sup = MemoryStore("tier"), Supervisor(Stats())
     store.unreachable = True
-    a = SharedTier(store, "test-domain", Stats(), local_cache(tmp_path / "a").read_back, deadline=0.05,
+    a = SharedTier(store, "test-domain", Stats(), local_cache(tmp_path / "a").read_back, origin(), deadline=0.05,
                    probe_interval=60, node="a", supervisor=sup)
     ver = version(4 * EXTENT)
     view = memoryview(bytearray(EXTENT))
 
     async def body() -> None:
-        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
-        assert await trio.to_thread.run_sync(a.claim, ver, EXTENT) is None
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, 0), view) is None
+        assert await trio.to_thread.run_sync(a.claim, blk(ver, EXTENT)) is None
         assert a.health.suspect and not a.health.offline and a.stats.shared_errors == 2
         await trio.sleep(2 * a.deadline)
-        assert await trio.to_thread.run_sync(a.fetch, ver, 2 * EXTENT, view) is None
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, 2 * EXTENT), view) is None
         assert a.health.offline and a.stats.shared_errors == 3
-        assert await trio.to_thread.run_sync(a.fetch, ver, 3 * EXTENT, view) is None  # not asked
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, 3 * EXTENT), view) is None  # not asked
         assert a.stats.shared_errors == 3
 
     run(sup, [a], body)
@@ -176,10 +190,10 @@ def test_a_busy_tier_that_answers_again_is_not_skipped(tmp_path: Path) -> None:
 
     async def body() -> None:
         store.unreachable = True
-        assert await trio.to_thread.run_sync(a.fetch, ver, 0, view) is None
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, 0), view) is None
         assert a.health.suspect
         store.unreachable = False
-        assert await trio.to_thread.run_sync(a.fetch, ver, EXTENT, view) is None  # a miss: an answer
+        assert await trio.to_thread.run_sync(a.fetch, blk(ver, EXTENT), view) is None  # a miss: an answer
         assert not a.health.suspect and not a.health.offline
         assert a.stats.shared_errors == 1 and a.stats.shared_misses == 1
 
@@ -203,28 +217,25 @@ class _WrittenBeforeClaim(MemoryStore):
 
 def test_a_block_shared_between_a_miss_and_the_claim_is_read_from_the_tier_not_the_origin(tmp_path: Path) -> None:
     store, sup, data = _WrittenBeforeClaim("tier"), Supervisor(Stats()), os.urandom(EXTENT)
-    b, _ = tier(store, tmp_path, "b", sup)
+    behind = origin()
+    b, _ = tier(store, tmp_path, "b", sup, behind=behind)
     ver, digest = version(), content_hash(data)
-    key = b.key(ver, 0)
+    key = b.key(blk(ver, 0))
     assert key is not None
     store.before_claim = lambda: store.put(key, data, {"xxh3": digest.hex()})  # node A's write-back
     view = memoryview(bytearray(EXTENT))
-    from_origin: list[list[int]] = []
     arrived: list[tuple[int, bytes | None]] = []
-
-    def origin(indexes: list[int], each: Callable[[int], object]) -> None:
-        from_origin.append(indexes)
 
     def got(i: int, d: bytes | None) -> Stored:
         arrived.append((i, d))
-        return Stored(d or b"", True, False)
+        return Stored(d or b"", True, None)
 
     async def body() -> None:
-        await trio.to_thread.run_sync(b.cooperate, ver, [(0, EXTENT)], [view], origin, got)
+        await trio.to_thread.run_sync(b.fill, ver.info, ver.blocks([(0, EXTENT)]), [view], got, float("inf"))
 
     run(sup, [b], body)
     assert arrived == [(0, digest)] and bytes(view) == data
-    assert from_origin in ([], [[]]), from_origin  # nothing asked of the origin
+    assert behind.stats.gets == 0 and behind.stats.store_errors == 0  # nothing asked of the origin
     assert not store.exists(claim_key(key))  # the claim it won was dropped at once
     assert b.stats.shared_misses == 1 and b.stats.shared_hits == 1 and b.pending == 0
 
@@ -242,11 +253,11 @@ def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bo
 
     async def body() -> None:
         for k in range(8):
-            assert await trio.to_thread.run_sync(a.claim, ver, k * EXTENT) is True
-        assert await trio.to_thread.run_sync(b.claim, ver, 0) is False
+            assert await trio.to_thread.run_sync(a.claim, blk(ver, k * EXTENT)) is True
+        assert await trio.to_thread.run_sync(b.claim, blk(ver, 0)) is False
 
         async def wait() -> None:
-            got.append(await trio.to_thread.run_sync(b.wait_for, ver, 0, view))
+            got.append(await trio.to_thread.run_sync(b.wait_for, blk(ver, 0), view))
 
         async with trio.open_nursery() as waiting:
             waiting.start_soon(wait)
@@ -254,10 +265,10 @@ def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bo
                 return  # the nursery waits for B to give up
             for k in range(1, 8):  # 3.5 s of claims landing, one per 0.5 s: past B's wait of 2 s
                 await trio.sleep(0.5)
-                await trio.to_thread.run_sync(a.release, ver, k * EXTENT)
+                await trio.to_thread.run_sync(a.release, blk(ver, k * EXTENT))
             assert not got, "gave up while claims kept landing"
             await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
-            a.share_soon(ver, 0, digest, EXTENT)
+            a.share_soon(blk(ver, 0), digest)
 
     run(sup, [a, b], body)
     if others_land:
