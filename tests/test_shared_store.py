@@ -5,6 +5,7 @@ store, as two daemons share one bucket."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -155,6 +156,31 @@ def test_of_two_nodes_one_claims_and_the_other_is_woken_when_the_block_lands(mak
     run(sup, [a, b], body)
     assert got == [digest] and bytes(view) == data
     assert b.stats.shared_waits == 1 and b.stats.shared_hits == 1 and b.stats.shared_misses == 0
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_claim_older_than_a_flight_can_last_is_taken_over_at_once(make: MakeStore, tmp_path: Path) -> None:
+    """A node claimed an extent and died; its claim stands. Another node that misses the extent waits on a
+    claim younger than a flight can last (`stale_after`, by the store's clock: the claim's age), and takes
+    over an older one at once: the claim is its own from then on."""
+    store, sup = make(tmp_path), Supervisor(Stats())
+    b, _ = tier(store, tmp_path, "b", sup)
+    block = blk(version(), 0)
+    key = b.key(block)
+    assert key is not None
+    ckey = claim_key(key)
+    store.put(ckey, b"a node that died", {})
+    assert b.claim(block) is False
+    old = b.claims.stale_after + 5
+    if isinstance(store, MemoryStore):
+        store.backdate(ckey, old)
+    else:
+        then = time.time() - old
+        os.utime(tmp_path / "tier" / ckey, (then, then))
+    assert store.age(ckey) > b.claims.stale_after  # type: ignore[operator]
+    assert b.claim(block) is True
+    age = store.age(ckey)
+    assert age is not None and age < b.claims.stale_after  # written again: this node's claim now
 
 
 def test_an_unreachable_tier_is_suspect_then_skipped(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ Thread-safe: the core calls it from worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -61,6 +62,12 @@ class MemoryStore:
         self._objects[key] = (info, bytes(data))
         self._meta[key] = dict(metadata)
         return info
+
+    def backdate(self, key: str, seconds: float) -> None:
+        """Make `key` as old as if it had been written `seconds` earlier (`age`)."""
+        with self._lock:
+            info, data = self._objects[key]
+            self._objects[key] = (dataclasses.replace(info, mtime=info.mtime - seconds), data)
 
     def fail_reads(self, n: int, error: BaseException) -> None:
         """The next `n` ranged reads raise `error`."""
