@@ -1,12 +1,11 @@
 """The prefetcher: decides what to fetch before the loader asks.
 
-Three triggers, all feeding one FIFO of per-file jobs served by a fixed pool of worker tasks:
+Three triggers, all feeding one FIFO of per-file jobs (`jobs.Job`) served by a fixed pool of worker tasks:
 - whole file: the first READ of an open checkpoint file (`prefetch.patterns`) schedules every extent
   in file order, which is the order `load_file` reads a safetensors file (the header, then tensors by
   data offset);
-- checkpoint sets: the first READ of `*.index.json` of a sharded checkpoint, or of one shard of a
-  `name-0000K-of-0000N.ext` set, schedules the other shards into the cache, within the free
-  space of the cache filesystem;
+- checkpoint sets (`shards`): the first READ of the index of a sharded checkpoint, or of one shard,
+  schedules the other shards into the cache, within the free space of the cache filesystem;
 - sequential streams (`readahead.StreamTracker`) for any other file read sequentially.
 
 The first READ, not the open: a file the kernel page cache holds whole is opened and read without a
@@ -24,38 +23,35 @@ are checked ahead of the loader (read back and hashed), so its READs find them t
 bytes another version's file holds (dedup) are cloned into this version's file where the filesystem shares
 extents, or copied once the version has been loaded `cache.copy_shared_after` times (else read from there).
 With page-cache push on (`prefetch.page_cache_push`, off by default: it cost more than it saved when
-measured), extents of a file that is open are also handed to the kernel page cache (`push.PushGate` over
-FUSE's notify_store, given by the mount; the core knows nothing of FUSE). Pushes run in threads of their
-own: a push can wait for a page lock held by a READ, and that READ must still be answerable.
+measured), extents of a file that is open are also handed to the kernel page cache (`push.Pusher`, through
+`push.PushGate` over FUSE's notify_store, given by the mount; the core knows nothing of FUSE).
 
-Workers take GET buffers at prefetch priority (`buffers.BufferPool`): never the buffers reserved for demand
-GETs, and while a demand GET waits or runs, a worker about to start a GET pauses there until prefetch holds
-fewer than `fetch.prefetch_during_demand` buffers (or none), so the loader's own GET shares the link with
-few others. They map blocks under a limiter of their own, so demand reads go first there too.
+Workers take GET buffers at prefetch priority (`buffers.BufferPool`): never those reserved for demand GETs,
+and while a demand GET waits or runs, a worker pauses before its GET until prefetch holds fewer than
+`fetch.prefetch_during_demand` buffers, so the loader's own GET shares the link with few others.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
+from modelfs import shards
 from modelfs.cache import FileCache
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
 from modelfs.extents import Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
+from modelfs.jobs import Job
 from modelfs.namespace import Namespace, Node
-from modelfs.push import PushFn, PushGate
+from modelfs.push import Pusher, PushFn, PushGate
 from modelfs.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
@@ -67,8 +63,8 @@ log = logging.getLogger(__name__)
 #: Seconds between a file's last close and its next open below which the open is part of the same load
 #: (`load_file` opens a shard more than once; a loader reading it again later is a new load).
 LOAD_GAP = 2.0
-_SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
-_INDEX_SUFFIX = ".index.json"
+
+
 class OpenFiles(Protocol):
     """What the prefetcher needs of the open-file table (`openfiles`): a node's version, and whether it is
     open (pushes and checks ahead are for open files only)."""
@@ -78,39 +74,6 @@ class OpenFiles(Protocol):
     def is_open(self, inode: int) -> bool: ...
 
     def handles_of(self, inode: int) -> int: ...
-
-
-@dataclass(eq=False)
-class Job:
-    """Prefetch of some extents of one file. `reading`: the file is open and read through the daemon (its
-    bytes are checked ahead of the reader, and pushed into the page cache when push is on). `check`: a file
-    whose opens wait to be answered by passthrough (`fill_for_open`, and the shards of its set): bytes written
-    before this daemon started are checked too, before the kernel gets the file (damage found counts in
-    `files_corrupt`, once per job)."""
-
-    node: Node
-    ver: FileVersion
-    reading: bool
-    check: bool = False
-    pending: deque[int] = field(default_factory=deque)
-    queued: set[int] = field(default_factory=set)
-    completed: list[int] = field(default_factory=list)
-    outstanding: int = 0
-    fetched: int = 0
-    damaged: int = 0  # extents its file held that failed their check (dropped, fetched again)
-    error: BaseException | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    started: float = field(default_factory=time.monotonic)
-
-    def add(self, starts: list[int]) -> None:
-        for s in starts:
-            if s not in self.queued:
-                self.queued.add(s)
-                self.pending.append(s)
-
-    @property
-    def finished(self) -> bool:
-        return not self.pending and self.outstanding == 0
 
 
 class Prefetcher:
@@ -135,11 +98,10 @@ class Prefetcher:
         self.max_request = max_request
         self.copy_shared_after = copy_shared_after  # loads of a version after which shared extents are copied in
         # page-cache push, behind its gate: None when off
-        self.gate = PushGate(push, stats, int(cfg.push_min_available)) \
+        self.pusher = Pusher(PushGate(push, stats, int(cfg.push_min_available)), extents.whole, files.is_open) \
             if push is not None and cfg.page_cache_push else None
+        self.gate = self.pusher.gate if self.pusher is not None else None
         self.shared = shared  # with a shared tier, nodes start prefetching a file at different points
-        # Pushes have threads of their own: one waiting in the kernel must never hold a demand read's.
-        self.push_limiter = trio.CapacityLimiter(2)
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
         # reordering never splits a stream.
         self.policy = ReadaheadPolicy(initial_window=int(cfg.initial_window), max_window=int(cfg.max_window),
@@ -148,9 +110,6 @@ class Prefetcher:
         self._queue: deque[Job] = deque()
         self._wakeup = trio.Event()
         self._trackers: dict[int, StreamTracker] = {}
-        self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
-        # inode -> extent start -> [lo, hi): bytes READs of an open file were answered with (not to push)
-        self._served: dict[int, dict[int, list[int]]] = {}
         # Workers and scheduling steps run supervised: a failure stops one job, never the mount.
         self._supervisor = supervisor
         self._started = False
@@ -196,7 +155,7 @@ class Prefetcher:
         return self.cfg.whole_file and self.is_checkpoint(node.name)
 
     def _set(self, node: Node) -> bool:
-        return self.cfg.checkpoint_sets and bool(node.name.endswith(_INDEX_SUFFIX) or _SHARD.match(node.name))
+        return self.cfg.checkpoint_sets and shards.in_a_set(node.name)
 
     def _first_read(self, node: Node) -> None:
         """The kernel asked for bytes of an opened file: whole-file and checkpoint-set prefetch as configured."""
@@ -265,8 +224,8 @@ class Prefetcher:
         if node.inode in self._armed:
             self._first_read(node)
         self._read.add(node.inode)
-        if self.gate is not None:
-            self._note_served(node.inode, offset, size, start, length)
+        if self.pusher is not None:
+            self.pusher.served(node.inode, offset, size, start, length)
         job = self._jobs.get(node.inode)
         if not self.cfg.sequential or (job is not None and job.reading):
             return  # already being prefetched into the page cache
@@ -277,33 +236,13 @@ class Prefetcher:
         if rng is not None:
             self._submit(node, ver, [start for start, _ in ver.starts_in(rng[0], rng[1])], reading=True, check=False)
 
-    def _note_served(self, inode: int, offset: int, size: int, start: int, length: int) -> None:
-        """What a READ tells the pusher. The kernel asks for bytes we pushed: they were evicted (or raced
-        our push), so forget them and a later job pushes them again. And the bytes this READ is answered
-        with are in the page cache now: a push of its extent leaves them out (in a cold load the loader
-        often reads an extent as it lands, before its push, which would copy it into the kernel twice).
-        One [lo, hi) range per extent, grown by the contiguous READs of a sequential reader."""
-        pushed = self._pushed.get(inode)
-        if pushed:
-            pushed.discard(start)
-        end = min(offset + size, start + length)
-        served = self._served.get(inode)
-        if served is None:
-            served = self._served[inode] = {}
-        got = served.get(start)
-        if got is not None and got[0] <= end and offset <= got[1]:
-            got[0] = min(got[0], offset)
-            got[1] = max(got[1], end)
-        elif got is None or end - offset > got[1] - got[0]:
-            served[start] = [offset, end]
-
     def forget(self, inode: int) -> None:
         """The namespace dropped `inode`: nothing of it is kept here either (a job still running ends)."""
         self._armed.discard(inode)
         self._read.discard(inode)
         self._trackers.pop(inode, None)
-        self._pushed.pop(inode, None)
-        self._served.pop(inode, None)
+        if self.pusher is not None:
+            self.pusher.forget(inode)
 
     def released(self, node: Node) -> None:
         """The last handle of `node` closed: keep filling the cache, stop checking ahead and pushing."""
@@ -316,7 +255,8 @@ class Prefetcher:
         if job is not None:
             job.reading = False
         self._trackers.pop(node.inode, None)
-        self._served.pop(node.inode, None)
+        if self.pusher is not None:
+            self.pusher.closed(node.inode)
 
     async def warm(self, node: Node) -> Job:
         """Fetch the whole file into the cache (for `modelfs prefetch`); returns the finished job."""
@@ -366,7 +306,7 @@ class Prefetcher:
         return self._submit(node, ver, starts, reading, check)
 
     def _pushing(self) -> bool:
-        return self.gate is not None and self.gate.is_open
+        return self.pusher is not None and self.pusher.on
 
     def fills_at_open(self, node: Node) -> bool:
         """Whether `fill_for_open` takes charge of the file at its open (its whole-file job fetches and
@@ -380,17 +320,13 @@ class Prefetcher:
             parent = self.ns.get(node.parent)
             siblings = await self.ns.children(parent)
             names: list[str] = []
-            if node.name.endswith(_INDEX_SUFFIX):
+            if shards.is_index(node.name):
                 ver = self.version_of(node)
-                if ver.info.size > 64 << 20:
+                if ver.info.size > shards.MAX_INDEX:
                     return
-                index = json.loads(bytes(await self.extents.copy(ver, 0, ver.info.size, demand=False)))
-                names = sorted(set(index.get("weight_map", {}).values()))
+                names = shards.named_by_index(bytes(await self.extents.copy(ver, 0, ver.info.size, demand=False)))
             else:
-                m = _SHARD.match(node.name)
-                assert m is not None
-                names = sorted(n for n in siblings if (s := _SHARD.match(n)) and s["stem"] == m["stem"]
-                               and s["n"] == m["n"] and s["ext"] == m["ext"] and n != node.name)
+                names = shards.others_of(node.name, siblings)
         except (ModelfsError, OSError, ValueError, AttributeError) as e:
             log.debug("%s: no checkpoint set to prefetch (%s)", node.key, e)
             return
@@ -443,7 +379,7 @@ class Prefetcher:
     async def _worker(self) -> None:
         while True:
             job, start = await self._next()
-            starts = [start, *self._take_adjacent(job, start)]
+            starts = [start, *job.take_adjacent(start, self.max_request)]
             try:
                 if job.error is None:
                     self.faults.check("prefetch", job.node.key)
@@ -466,23 +402,6 @@ class Prefetcher:
             job.pending.clear()
             log.debug("prefetch of %s stopped: %s", job.node.key, e)
 
-    def _take_adjacent(self, job: Job, start: int) -> list[int]:
-        """Queued extents that directly follow `start`, to fetch with it in one GET of at most `max_request`
-        bytes (fewer GETs: each costs the client as much CPU as megabytes of body); each extent is still
-        checked, and pushed, on its own."""
-        ver = job.ver
-        _, length = ver.extent_at(start)
-        end, total = start + length, length
-        taken: list[int] = []
-        while job.pending and job.pending[0] == end:
-            _, length = ver.extent_at(end)
-            if total + length > self.max_request:
-                break
-            taken.append(job.pending.popleft())
-            job.outstanding += 1
-            end, total = end + length, total + length
-        return taken
-
     async def _many(self, job: Job, starts: list[int]) -> None:
         """Adjacent extents: those the cache holds are skipped (checked first, in a file being read), each run
         of the others is one ranged GET; then each is pushed if push is on."""
@@ -499,8 +418,9 @@ class Prefetcher:
             got = await self.extents.fetch_run(ver, run)
             job.fetched += got
             self.stats.add(prefetch_bytes=got)
-        for start in starts:
-            await self._push(job, start)
+        if job.reading and self.pusher is not None:
+            for start in starts:
+                await self.pusher.push(job.node.inode, ver, start)
 
     async def _make_room(self, nbytes: int) -> None:
         """Room for `nbytes` of prefetch, evicting only blocks older than the load being served."""
@@ -528,24 +448,3 @@ class Prefetcher:
                 runs.append([(start, length)])
             end = start + length
         return runs
-
-    async def _push(self, job: Job, start: int) -> None:
-        """Hand a prefetched extent of an open file to the page cache (through the gate), once."""
-        inode = job.node.inode
-        if job.reading and self._pushing() and start not in self._pushed.get(inode, ()) and self.is_open(inode):
-            _, length = job.ver.extent_at(start)
-            lo, hi = self._served.get(inode, {}).get(start, (start, start))
-            gaps = [(a, b) for a, b in ((start, lo), (hi, start + length)) if b > a]
-            pushed = True
-            if gaps:
-                view = await self.extents.whole(job.ver, start, length)
-                assert self.gate is not None
-                pushed = view is not None and await trio.to_thread.run_sync(
-                    self._push_gaps, inode, start, view, gaps, limiter=self.push_limiter)
-            if pushed:
-                self._pushed.setdefault(inode, set()).add(start)
-
-    def _push_gaps(self, inode: int, start: int, view: memoryview, gaps: list[tuple[int, int]]) -> bool:
-        """From a push thread: the parts of an extent no READ has answered yet, into the page cache."""
-        assert self.gate is not None
-        return all(self.gate.push(inode, a, view[a - start:b - start], self.is_open) for a, b in gaps)

@@ -11,7 +11,8 @@ a chunk is still stuck after that, a READ was lost for good: the last resort, in
 connection through fusectl so that nothing stays in D state.
 
 `push` runs in worker threads (under their own limiter, apart from demand reads); the gate's state is
-shared with the trio thread under a lock.
+shared with the trio thread under a lock. What to push is `Pusher`'s: each extent of an open file once, less
+the bytes READs already put in the page cache.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from modelfs.stats import Stats
+from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +100,72 @@ class PushGate:
         while self.in_kernel and time.monotonic() < deadline:
             await trio.sleep(0.02)
         return not self.in_kernel
+
+
+class Pusher:
+    """Which bytes of the extents a prefetch job fetched for an open file go into the page cache: each extent
+    once per open file (as far as READs tell: a READ of a pushed extent means the kernel lost it), less the
+    bytes READs were answered with (in a cold load a loader often reads an extent as it lands, before its
+    push, which would copy it into the kernel twice). Trio thread; pushes in threads of their own (one
+    waiting in the kernel must never hold a demand read's thread)."""
+
+    def __init__(self, gate: PushGate, whole: Callable[[FileVersion, int, int], Awaitable[memoryview | None]],
+                 is_open: Callable[[int], bool]) -> None:
+        self.gate = gate
+        self._whole = whole  # an extent's bytes in memory (`extents.Extents.whole`)
+        self._is_open = is_open
+        self._limiter = trio.CapacityLimiter(2)
+        self._pushed: dict[int, set[int]] = {}  # inode -> extent starts in the page cache (as far as we know)
+        # inode -> extent start -> [lo, hi): bytes READs of an open file were answered with (not to push)
+        self._served: dict[int, dict[int, list[int]]] = {}
+
+    @property
+    def on(self) -> bool:
+        return self.gate.is_open
+
+    def served(self, inode: int, offset: int, size: int, start: int, length: int) -> None:
+        """What a READ (at `offset`, `size` bytes, in the extent at `start`) tells the pusher. The kernel asks
+        for bytes we pushed: they were evicted (or raced our push), so forget them and a later job pushes
+        them again. And the bytes this READ is answered with are in the page cache now: a push of its
+        extent leaves them out. One [lo, hi) range per extent, grown by the contiguous READs of a
+        sequential reader."""
+        pushed = self._pushed.get(inode)
+        if pushed:
+            pushed.discard(start)
+        end = min(offset + size, start + length)
+        served = self._served.get(inode)
+        if served is None:
+            served = self._served[inode] = {}
+        got = served.get(start)
+        if got is not None and got[0] <= end and offset <= got[1]:
+            got[0] = min(got[0], offset)
+            got[1] = max(got[1], end)
+        elif got is None or end - offset > got[1] - got[0]:
+            served[start] = [offset, end]
+
+    def closed(self, inode: int) -> None:
+        """The file's last handle closed: what READs answered no longer matters."""
+        self._served.pop(inode, None)
+
+    def forget(self, inode: int) -> None:
+        self._pushed.pop(inode, None)
+        self._served.pop(inode, None)
+
+    async def push(self, inode: int, ver: FileVersion, start: int) -> None:
+        """Hand a prefetched extent of open file `inode` to the page cache (through the gate), once."""
+        if not self.gate.is_open or start in self._pushed.get(inode, ()) or not self._is_open(inode):
+            return
+        _, length = ver.extent_at(start)
+        lo, hi = self._served.get(inode, {}).get(start, (start, start))
+        gaps = [(a, b) for a, b in ((start, lo), (hi, start + length)) if b > a]
+        pushed = True
+        if gaps:
+            view = await self._whole(ver, start, length)
+            pushed = view is not None and await trio.to_thread.run_sync(
+                self._push_gaps, inode, start, view, gaps, limiter=self._limiter)
+        if pushed:
+            self._pushed.setdefault(inode, set()).add(start)
+
+    def _push_gaps(self, inode: int, start: int, view: memoryview, gaps: list[tuple[int, int]]) -> bool:
+        """From a push thread: the parts of an extent no READ has answered yet, into the page cache."""
+        return all(self.gate.push(inode, a, view[a - start:b - start], self._is_open) for a, b in gaps)

@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the cache on disk", {"cachedir", "cache"}),
     ("fetch: GETs into the cache", {"fetch"}),
     ("extents, passthrough, prefetch, the namespace and open files", {
-        "extents", "passthrough", "scrub", "push", "prefetch", "namespace", "listings", "openfiles"}),
+        "extents", "passthrough", "scrub", "push", "prefetch", "jobs", "shards", "namespace", "listings",
+        "openfiles"}),
     ("the core", {"core"}),
     ("the FUSE boundary", {"fs"}),
     ("the daemon and the tools", {"mount", "metrics", "notify", "admin", "cli", "launch", "publish", "__main__"}),
