@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from modelfs import cache as cache_mod
 from modelfs.cache import CacheFull, FileCache
+from modelfs.cache import space as cache_space
 from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.remote import Listing, ObjectInfo
@@ -110,7 +110,7 @@ def test_room_an_eviction_frees_is_not_given_out_before_the_punch_is_done(tmp_pa
     put(cache, held, 2 * EXT, EXT)  # keeps the file alive: the big extent is punched, not unlinked
     assert close_to(on_disk(tmp_path), 3 * EXT)
     punching, go_on = threading.Event(), threading.Event()
-    real_punch = cache_mod.punch
+    real_punch = cache_space.punch
 
     def slow_punch(fd: int, offset: int, length: int) -> None:
         if length == 2 * EXT:  # the big extent's punch is held, as on a busy disk
@@ -118,7 +118,7 @@ def test_room_an_eviction_frees_is_not_given_out_before_the_punch_is_done(tmp_pa
             assert go_on.wait(30)
         real_punch(fd, offset, length)
 
-    monkeypatch.setattr(cache_mod, "punch", slow_punch)
+    monkeypatch.setattr(cache_space, "punch", slow_punch)
     a, b = make_version("m/a.bin", EXT), make_version("m/b.bin", EXT)
     a_data, b_data = os.urandom(EXT), os.urandom(EXT)
     results: list[object] = []
@@ -443,7 +443,7 @@ def test_punching_frees_the_pages_an_extent_leaves_alone_and_the_quota_counts_pa
     for k in range(0, 40, 4):
         cache.drop(ver2.vid, k * 10_007, "evicted (test)")
     left = os.stat(cache.path(ver2.vid)).st_blocks * 512
-    from modelfs.cache import pages
+    from modelfs.cache.diskio import pages
     assert left <= sum(pages(k * 10_007, 10_007) for k in range(2, 40, 4)), left
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from modelfs.cache import punch
+from modelfs.cache.diskio import punch
 from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.mount import alive, is_mounted, is_stale

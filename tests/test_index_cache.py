@@ -19,6 +19,7 @@ import trio
 from modelfs import cache as cache_mod
 from modelfs import integrity
 from modelfs.cache import FileCache
+from modelfs.cache import base as cache_base
 from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex, version_id
 from modelfs.mapped import MappedBlocks, private_copy
@@ -473,7 +474,7 @@ def test_pread_nowait_reads_only_what_the_page_cache_holds(tmp_path: Path) -> No
 def test_open_fds_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache of many versions must not run out of descriptors: idle files are closed past MAX_FDS, and
     reopened when read again."""
-    monkeypatch.setattr(cache_mod, "MAX_FDS", 4)
+    monkeypatch.setattr(cache_base, "MAX_FDS", 4)
     idx = new_index(tmp_path)
     cache = FileCache(str(tmp_path), idx, "d", "src", min_free=0)
     files = os.path.realpath(tmp_path / "files")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.cache import punch
+from modelfs.cache.diskio import punch
 from tests.conftest import Checkpoint, Mount, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount]

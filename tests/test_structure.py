@@ -26,7 +26,9 @@ LAYERS: list[tuple[str, set[str]]] = [
         "remote", "remote.base", "remote.local", "remote.s3", "remote.attempts", "remote.body", "sources",
         "shared", "shared.layout", "shared.claims", "shared.writeback", "shared.tier", "testing.memstore"}),
     ("versions, manifests and the chunk index", {"version", "manifest", "index"}),
-    ("the cache on disk", {"cachedir", "cache"}),
+    ("the cache on disk", {
+        "cachedir", "cache", "cache.diskio", "cache.files", "cache.base", "cache.space", "cache.checks", "cache.seals",
+        "cache.filecache"}),
     ("fetch: GETs into the cache", {"fetch"}),
     ("extents, passthrough, prefetch, the namespace and open files", {
         "extents", "passthrough", "scrub", "push", "prefetch", "jobs", "shards", "namespace", "listings",
