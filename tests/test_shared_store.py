@@ -55,10 +55,20 @@ def origin(store: Store | None = None) -> Origin:
 
 
 def tier(store: WritableStore, root: Path, node: str, sup: Supervisor, deadline: float = 5.0,
-         behind: Origin | None = None) -> tuple[SharedTier, FileCache]:
+         behind: Origin | None = None, clock: Callable[[], float] = time.monotonic) -> tuple[SharedTier, FileCache]:
     cache = local_cache(root / node)
     return SharedTier(store, "test-domain", Stats(), cache.read_back, behind or origin(), deadline=deadline,
-                      probe_interval=1.0, node=node, supervisor=sup), cache
+                      probe_interval=1.0, node=node, supervisor=sup, clock=clock), cache
+
+
+class Clock:
+    """A clock the test moves by hand (`SharedTier(clock=...)`): claim waits are timed by it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def version(size: int = EXTENT) -> FileVersion:
@@ -269,13 +279,16 @@ def test_a_block_shared_between_a_miss_and_the_claim_is_read_from_the_tier_not_t
 @pytest.mark.parametrize("others_land", [True, False], ids=["claims-landing", "no-claim-landing"])
 def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bool, tmp_path: Path) -> None:
     """B waits for an extent A claimed. While A's other claims keep landing (A is alive, its writes only
-    behind), B waits past `wait` and gets the block from the tier; when no claim lands for `wait` (a
-    claimer that died), B gives up after `wait` and the origin serves it (`shared_wait_expired`)."""
-    store, sup, data = MemoryStore("tier"), Supervisor(Stats()), os.urandom(EXTENT)
-    (a, a_cache), (b, _) = tier(store, tmp_path, "a", sup, deadline=0.5), tier(store, tmp_path, "b", sup, deadline=0.5)
+    behind), B waits past `wait_least` and gets the block from the tier; when no claim lands for `wait_least`
+    (a claimer that died), B gives up and the origin serves it (`shared_wait_expired`). Timed by a clock the
+    test moves: each landing is seen by B's claim watch before the clock moves on."""
+    store, sup, data, clock = MemoryStore("tier"), Supervisor(Stats()), os.urandom(EXTENT), Clock()
+    (a, a_cache), (b, _) = tier(store, tmp_path, "a", sup), tier(store, tmp_path, "b", sup, 0.5, clock=clock)
     ver, digest = version(8 * EXTENT), content_hash(data)
     view = memoryview(bytearray(EXTENT))
     got: list[bytes | None] = []
+    step = b.claims.wait_least / 4  # each landing a quarter of the wait after the last: 7 of them outlast it
+    assert 7 * step < b.claims.wait_most  # (and stay within the longest wait)
 
     async def body() -> None:
         for k in range(8):
@@ -287,12 +300,17 @@ def test_a_waiter_waits_on_while_the_fleet_s_claims_keep_landing(others_land: bo
 
         async with trio.open_nursery() as waiting:
             waiting.start_soon(wait)
+            while b.stats.shared_polls < 2:  # B's watch lists the claims
+                await trio.sleep(0.01)
             if not others_land:
-                return  # the nursery waits for B to give up
-            for k in range(1, 8):  # 3.5 s of claims landing, one per 0.5 s: past B's wait of 2 s
-                await trio.sleep(0.5)
+                clock.now += b.claims.wait_least + step  # nothing lands: the nursery waits for B to give up
+                return
+            for k in range(1, 8):
+                clock.now += step
                 await trio.to_thread.run_sync(a.release, blk(ver, k * EXTENT))
-            assert not got, "gave up while claims kept landing"
+                while b.claims._progress != clock.now:  # B's watch saw it land
+                    await trio.sleep(0.01)
+            assert clock.now - 1000.0 > b.claims.wait_least and not got, "gave up while claims kept landing"
             await trio.to_thread.run_sync(a_cache.write, ver, 0, memoryview(data), digest)
             a.share_soon(blk(ver, 0), digest)
 

@@ -26,6 +26,8 @@ from modelfs.stats import Stats
 
 #: How often a node waiting for extents other nodes claimed lists their claims (one LIST per directory).
 CLAIM_POLL = 0.05
+#: The longest a waiter sleeps before it reads the clock again.
+WAIT_TICK = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ class Claims:
     fetch worker threads; `watch` is a supervised task on the trio thread."""
 
     def __init__(self, store: WritableStore, stats: Stats, node: str, *, deadline: float, flight_deadline: float,
-                 answered: Callable[[], None], unanswered: Callable[[BaseException], None]) -> None:
+                 answered: Callable[[], None], unanswered: Callable[[BaseException], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.stats = stats
         self.node = node
@@ -48,7 +51,10 @@ class Claims:
         self.wait_least = 4 * deadline
         self.wait_most = max(self.wait_least, flight_deadline)
         self.stale_after = flight_deadline + self.wait_least
-        self._progress = 0.0  # time.monotonic() when a claim last vanished from a listing (trio thread writes)
+        # What the waits are timed by (time.monotonic; a test's clock that it moves by hand): a waiter looks at
+        # it again at least every WAIT_TICK, so a clock moved ahead is seen at once.
+        self.clock = clock
+        self._progress = 0.0  # `clock()` when a claim last vanished from a listing (trio thread writes)
         # Fetch threads waiting for extents other nodes claimed: claim key -> one event per waiter.
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
@@ -119,13 +125,13 @@ class Claims:
                         del self._waiters[ckey]
 
     def _until_gone(self, gone: threading.Event, most: float) -> bool:
-        began = time.monotonic()
+        began = self.clock()
         while True:
             until = min(most, began + self.wait_most, max(began, self._progress) + self.wait_least)
-            left = until - time.monotonic()
+            left = until - self.clock()
             if left <= 0:
                 return gone.is_set()
-            if gone.wait(left):
+            if gone.wait(min(left, WAIT_TICK)):
                 return True
 
     async def watch(self) -> None:
@@ -159,7 +165,7 @@ class Claims:
                 present = {n for n, _ in listing.objects}
                 gone += [parent + n for n in names if n not in present]
                 if listed.get(parent, set()) - present:
-                    self._progress = time.monotonic()
+                    self._progress = self.clock()
                 listed[parent] = present
             self.stats.add(shared_polls=1)
             with self._waiters_lock:

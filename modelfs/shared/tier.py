@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import trio
@@ -57,7 +57,7 @@ class SharedTier:
     def __init__(self, store: WritableStore, domain: str, stats: Stats, read_back: ReadBack, origin: Source, *,
                  deadline: float, probe_interval: float, write_back: bool = True, trust: str = "all",
                  node: str = "", flight_deadline: float = 30.0, writer: WritableStore | None = None,
-                 supervisor: Supervisor) -> None:
+                 supervisor: Supervisor, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.origin = origin
         self.domain = domain
@@ -74,7 +74,7 @@ class SharedTier:
         self.health = Health(store.check, f"shared cache tier {store.describe()}", probe_interval, deadline,
                              mode="skipped, loads go to the origin", offline_after=OFFLINE_AFTER * deadline)
         self.claims = Claims(store, stats, node, deadline=deadline, flight_deadline=flight_deadline,
-                             answered=self.health.answered, unanswered=self._unanswered)
+                             answered=self.health.answered, unanswered=self._unanswered, clock=clock)
         # Writes send a whole block before the answer comes: they get the origin's timeouts, not the
         # per-request deadline of reads (a write-back is never on a reader's path).
         self.writebacks = WriteBacks(writer or store, stats, self.health, read_back, deadline=deadline,
