@@ -24,11 +24,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 from peers import Modelfs, Store
 
 from bench import BUCKET, PREFIX, Bench
-from modelfs.testing.checkpoints import make_demo_checkpoint
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.checkpoints import make_demo_checkpoint
+from tests.support.seaweed import SeaweedServer
 
 COUNTERS = ("bytes_served", "pushed_bytes", "bytes_fetched", "extents_verified", "passthrough_opens")
 

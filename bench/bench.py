@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 from ceiling import cpu_seconds
 from ceiling import markdown as ceiling_markdown
 from ceiling import measure as measure_ceiling
@@ -60,8 +61,8 @@ from report import (
     markdown,
 )
 
-from modelfs.testing.checkpoints import INDEX_NAME, make_demo_checkpoint
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.checkpoints import INDEX_NAME, make_demo_checkpoint
+from tests.support.seaweed import SeaweedServer
 
 BUCKET = "bench-models"
 PREFIX = "ckpt/"

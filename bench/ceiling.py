@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 from peers import Modelfs, Store, force_unmount, wait_serving
 
 HERE = Path(__file__).resolve().parent
@@ -194,8 +195,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from modelfs.testing.checkpoints import make_demo_checkpoint
-    from modelfs.testing.seaweed import SeaweedServer
+    from tests.support.checkpoints import make_demo_checkpoint
+    from tests.support.seaweed import SeaweedServer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0)

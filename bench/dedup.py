@@ -1,6 +1,6 @@
 """`make bench-dedup`: how much of a set of checkpoint versions must be fetched and stored.
 
-The variant set of the dedup tests (`modelfs.testing.checkpoints.make_variant_set`: base, a fine-tune
+The variant set of the dedup tests (`tests.support.checkpoints.make_variant_set`: base, a fine-tune
 changing 25 % of tensors, the base with a longer header, the base again) is chunked three ways, and
 the unique bytes of each are compared with the logical bytes:
 - fixed 8 MiB extents (what a mount without manifests stores),
@@ -17,10 +17,11 @@ import struct
 import tempfile
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import xxhash
 
 from modelfs.manifest import file_extents, iter_files
-from modelfs.testing.checkpoints import make_variant_set
+from tests.support.checkpoints import make_variant_set
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20

@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import torch
 
-from modelfs.testing.checkpoints import load_all_safetensors, make_demo_checkpoint
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.checkpoints import load_all_safetensors, make_demo_checkpoint
+from tests.support.seaweed import SeaweedServer
 
 BUCKET = "demo-models"
 PREFIX = "llama-demo/"

@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 from peers import Modelfs, Store
 
 from bench import BUCKET, PREFIX, RESULTS, drop_caches, loaders, say
-from modelfs.testing.checkpoints import make_demo_checkpoint
-from modelfs.testing.faultproxy import FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.checkpoints import make_demo_checkpoint
+from tests.support.faultproxy import FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 SHARED_BUCKET = "fleet-cache"
 

@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
+
 from bench import BYPASS
 from modelfs.config import load_config
-from modelfs.testing.checkpoints import make_demo_checkpoint
-from modelfs.testing.diskfault import loop_btrfs, loop_ext4
+from tests.support.checkpoints import make_demo_checkpoint
+from tests.support.diskfault import loop_btrfs, loop_ext4
 
 HERE = Path(__file__).resolve().parent
 MiB, GiB = 1 << 20, 1 << 30

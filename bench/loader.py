@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import safetensors.torch  # noqa: F401 - imported before "ready" so the import is not timed
 import torch
 
-from modelfs.testing.checkpoints import load_all_safetensors
+from tests.support.checkpoints import load_all_safetensors
 
 
 def verify(got: dict[str, torch.Tensor], source: Path) -> int:

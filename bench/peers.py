@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
+
 from modelfs.mount import alive
-from modelfs.testing.seaweed import ACCESS_KEY, REGION, SECRET_KEY
+from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY
 
 BIN = Path(sys.executable).parent
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import trio
 
 from modelfs.cache import FileCache
@@ -40,7 +41,7 @@ from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
 from modelfs.stats import Stats
-from modelfs.testing.seaweed import REGION, SeaweedServer
+from tests.support.seaweed import REGION, SeaweedServer
 
 BUCKET = "clients-bench"
 KEY = "blob.bin"

@@ -77,15 +77,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 from peers import Modelfs, Store, alive, force_unmount, is_mounted
 
 from bench import RESULTS, raise_exit, say
 from modelfs.config import Config, load_config
 from modelfs.mount import mount_minor
-from modelfs.testing.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
-from modelfs.testing.diskfault import LoopFs, corrupt_under_fs, loop_ext4, truncate_in_place
-from modelfs.testing.faultproxy import Fault, FaultProxy, Rule
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
+from tests.support.diskfault import LoopFs, corrupt_under_fs, loop_ext4, truncate_in_place
+from tests.support.faultproxy import Fault, FaultProxy, Rule
+from tests.support.seaweed import SeaweedServer
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "soak_worker.py"

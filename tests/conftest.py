@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from modelfs.mount import abort_connection, alive, is_mounted, mount_minor
-from modelfs.testing.faultproxy import FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
+from tests.support.faultproxy import FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 BUCKET = "models"
 S3_PREFIX = "ckpts/"
@@ -85,7 +85,7 @@ class Checkpoint:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    from modelfs.testing.checkpoints import make_safetensors_checkpoint, make_torch_checkpoint
+    from tests.support.checkpoints import make_safetensors_checkpoint, make_torch_checkpoint
 
     root = tmp_path_factory.mktemp("source")
     tensors = make_safetensors_checkpoint(root / "llama-test", total_bytes=CKPT_BYTES, shards=3, seed=0)

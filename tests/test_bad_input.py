@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from modelfs.mount import is_mounted
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -322,7 +322,7 @@ def test_missing_bucket(env: dict[str, str], cache: Path, mnt: Path, bad_mount: 
 @pytest.mark.parametrize("var", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
 def test_wrong_credentials(var: str, s3_checkpoint: str, env: dict[str, str], cache: Path, mnt: Path,
                            bad_mount: Callable[..., str]) -> None:
-    """SeaweedFS runs with an identity config (modelfs.testing.seaweed), so it checks signatures."""
+    """SeaweedFS runs with an identity config (tests.support.seaweed), so it checks signatures."""
     wrong = {**env, var: "not-the-" + env[var]}
     err = bad_mount(s3_checkpoint, str(mnt), "--cache-dir", str(cache), mountpoint=mnt, cache_dir=cache,
                     env=wrong, needles=("access denied", "credentials", BUCKET))

@@ -1,5 +1,5 @@
 """The core's failure behaviour without a mount: an in-memory store that misbehaves on request
-(`modelfs.testing.memstore`), the core under trio's MockClock where time matters.
+(`tests.support.memstore`), the core under trio's MockClock where time matters.
 
 Covered here: the fetch deadline, offline refusal, the offline probe, the listing saved for offline use,
 serving from memory when the cache has no room, coalesced GETs up to fetch.max_request. The same cases
@@ -29,7 +29,7 @@ from modelfs.index import ChunkIndex
 from modelfs.manifest import KEY as MANIFEST_KEY
 from modelfs.manifest import FileEntry, Manifest, file_extents
 from modelfs.stats import Stats
-from modelfs.testing.memstore import MemoryStore
+from tests.support.memstore import MemoryStore
 
 EXTENT = 64 * 1024
 QUIET = {"prefetch.whole_file": "false", "prefetch.sequential": "false", "prefetch.checkpoint_sets": "false"}

@@ -20,11 +20,11 @@ import pytest
 
 from modelfs.config import MiB
 from modelfs.prefetch import LOAD_GAP
-from modelfs.testing.checkpoints import make_variant_set, write_raw_safetensors
-from modelfs.testing.diskfault import available, loop_btrfs
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import BUCKET, Mount, cli, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
+from tests.support.checkpoints import make_variant_set, write_raw_safetensors
+from tests.support.diskfault import available, loop_btrfs
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 

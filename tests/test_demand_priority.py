@@ -33,10 +33,10 @@ from modelfs.manifest import FileEntry, Manifest, file_extents
 from modelfs.metrics import _StatsCollector
 from modelfs.remote.base import ObjectInfo
 from modelfs.stats import ReadWaits
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.memstore import MemoryStore
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import Checkpoint, Mount, cli, requires_fuse
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.memstore import MemoryStore
+from tests.support.seaweed import SeaweedServer
 from tests.test_core_faults import EXTENT, open_file, run, write_safetensors
 
 KiB = 1 << 10

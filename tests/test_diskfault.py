@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.diskfault import (
+from tests.conftest import eventually
+from tests.support.diskfault import (
     LoopFs,
     available,
     corrupt_under_fs,
@@ -24,7 +25,6 @@ from modelfs.testing.diskfault import (
     truncate_in_place,
     write_in_place,
 )
-from tests.conftest import eventually
 
 pytestmark = [pytest.mark.mount,  # loop filesystems
               pytest.mark.skipif(available() is not None, reason=f"loop filesystems: {available()}")]

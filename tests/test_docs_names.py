@@ -22,8 +22,8 @@ SUFFIXES = (".py", ".yaml", ".toml", ".json", ".sh", ".md", ".service", ".mount"
 def modules() -> dict[str, object]:
     out: dict[str, object] = {}
     for info in pkgutil.walk_packages(modelfs.__path__, "modelfs."):
-        if info.name == "modelfs.__main__" or (info.name.startswith("modelfs.testing")
-                                                 and info.name != "modelfs.testing.memstore"):
+        if info.name == "modelfs.__main__" or (info.name.startswith("tests.support")
+                                                 and info.name != "tests.support.memstore"):
             continue
         out[info.name[len("modelfs."):]] = importlib.import_module(info.name)
     return out

@@ -25,10 +25,10 @@ from modelfs.cache.diskio import punch
 from modelfs.digest import content_hash
 from modelfs.index import ChunkIndex
 from modelfs.mount import alive, is_mounted, is_stale
-from modelfs.testing.faultproxy import FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
+from tests.support.faultproxy import FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 

@@ -1,4 +1,4 @@
-"""Tests of modelfs.testing.faultproxy: the S3 fault tests trust this proxy to forward faithfully and to fail
+"""Tests of tests.support.faultproxy: the S3 fault tests trust this proxy to forward faithfully and to fail
 exactly as programmed, so check both against the real SeaweedFS server and boto3."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from modelfs.testing.faultproxy import Fault, FaultKind, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer, find_weed
+from tests.support.faultproxy import Fault, FaultKind, FaultProxy
+from tests.support.seaweed import SeaweedServer, find_weed
 
 BUCKET = "faultproxy-test"
 BLOB = "blob.bin"

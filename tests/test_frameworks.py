@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import BUCKET, Checkpoint, Mount, requires_fuse
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

@@ -19,9 +19,9 @@ from modelfs.config import S3Config
 from modelfs.errors import StoreUnreachable
 from modelfs.remote.base import ObjectInfo
 from modelfs.remote.s3 import S3Store
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import eventually
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [pytest.mark.s3]
 

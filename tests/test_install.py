@@ -47,7 +47,7 @@ def test_install_into_a_root_verify_run_reinstall_uninstall(tmp_path: Path) -> N
         assert (root / path.lstrip("/")).exists(), path
     assert (root / "usr/local/bin/modelfs").is_symlink()
     shipped = {p.as_posix() for p in (root / "opt/modelfs").rglob("*.py") if "/site-packages/modelfs/" in p.as_posix()}
-    assert shipped and not any("/modelfs/testing/" in p for p in shipped), shipped  # helpers stay in the tree
+    assert shipped and not any("/tests/support/" in p for p in shipped), shipped  # helpers stay in the tree
     assert not Path((root / "usr/local/bin/modelfs").readlink()).is_absolute()  # runs where the tree lies
 
     # The unit exactly as shipped, resolved inside the root (ExecStart=/usr/local/bin/modelfs must exist there).

@@ -28,7 +28,8 @@ import pytest
 
 from modelfs import integrity
 from modelfs.mount import abort_connection
-from modelfs.testing.diskfault import (
+from tests.conftest import Mount, eventually, requires_fuse
+from tests.support.diskfault import (
     LoopFs,
     available,
     corrupt_under_fs,
@@ -37,7 +38,6 @@ from modelfs.testing.diskfault import (
     truncate_in_place,
     write_in_place,
 )
-from tests.conftest import Mount, eventually, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount,
               pytest.mark.skipif(available() is not None, reason=f"loop filesystems: {available()}")]
@@ -73,7 +73,7 @@ def cache_disk(tmp_path: Path) -> Iterator[LoopFs]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local source tree with one safetensors shard of 72 MiB: nine 8 MiB extents of random-looking bytes."""
-    from modelfs.testing.checkpoints import make_safetensors_checkpoint
+    from tests.support.checkpoints import make_safetensors_checkpoint
 
     root = tmp_path_factory.mktemp("integrity-src")
     make_safetensors_checkpoint(root / "ckpt", total_bytes=72 * MiB, shards=1, seed=11)

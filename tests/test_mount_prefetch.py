@@ -18,7 +18,7 @@ pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 
 LOAD_SCRIPT = """
 import sys, torch
-from modelfs.testing.checkpoints import load_all_safetensors
+from tests.support.checkpoints import load_all_safetensors
 tensors = load_all_safetensors(__import__("pathlib").Path(sys.argv[1]))
 ref = torch.load(sys.argv[2], weights_only=True)
 assert tensors.keys() == ref.keys()

@@ -1,6 +1,6 @@
 """Remote faults through real mounts: a fault-injecting proxy between the daemon and SeaweedFS.
 
-Each test gets its own proxy (`modelfs.testing.faultproxy`) and programs the faults it needs: S3 error
+Each test gets its own proxy (`tests.support.faultproxy`) and programs the faults it needs: S3 error
 statuses, resets, truncated bodies, stalls, a silent (blackholed) store. Deadlines and timeouts are set
 low so the suite stays fast; no assertion is about time.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import BUCKET, Checkpoint, Mount, cli, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 

@@ -21,10 +21,10 @@ from modelfs import mount
 from modelfs.index import ChunkIndex
 from modelfs.mount import is_mounted
 from modelfs.stats import human
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import Checkpoint, Mount, cli, requires_fuse
 from tests.conftest import sha256_file as sha
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

@@ -21,10 +21,10 @@ from modelfs.shared import SharedTier, claim_key
 from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.testing.faultproxy import FaultProxy
-from modelfs.testing.memstore import MemoryStore
-from modelfs.testing.seaweed import SeaweedServer
 from modelfs.version import FileVersion
+from tests.support.faultproxy import FaultProxy
+from tests.support.memstore import MemoryStore
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.s3
 

@@ -23,8 +23,8 @@ from modelfs.shared import SharedTier, claim_key
 from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.testing.memstore import MemoryStore
 from modelfs.version import FileVersion, Stored
+from tests.support.memstore import MemoryStore
 
 EXTENT = 1 << 20
 

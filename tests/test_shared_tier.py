@@ -16,11 +16,11 @@ import pytest
 from modelfs.index import version_id
 from modelfs.remote import ObjectInfo
 from modelfs.shared import claim_key, version_key
-from modelfs.testing.checkpoints import make_variant_set
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
 from tests.conftest import sha256_file as sha
+from tests.support.checkpoints import make_variant_set
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount, pytest.mark.s3]
 

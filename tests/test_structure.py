@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "supervise", "health", "retry", "libc", "digest"}),
     ("stores: the origin and the fleet tier", {
         "remote", "remote.base", "remote.local", "remote.s3", "remote.attempts", "remote.body", "sources",
-        "shared", "shared.layout", "shared.claims", "shared.writeback", "shared.tier", "testing.memstore"}),
+        "shared", "shared.layout", "shared.claims", "shared.writeback", "shared.tier"}),
     ("versions, manifests and the chunk index", {"version", "manifest", "index"}),
     ("the cache on disk", {
         "cachedir", "cache", "cache.diskio", "cache.files", "cache.base", "cache.space", "cache.checks", "cache.seals",
@@ -105,10 +105,9 @@ def within(module: str, name: str) -> bool:
 
 
 def test_every_module_has_a_layer() -> None:
-    """A new module is placed in the table (test helpers of modelfs/testing but the in-memory store are not
-    part of the data path)."""
+    """A new module is placed in the table (the test helpers are outside the package, in tests/support)."""
     placed, g = layer_of(), graph()
-    missing = sorted(m for m in g if m not in placed and not m.startswith("testing"))
+    missing = sorted(m for m in g if m not in placed)
     assert not missing, f"modules with no layer in tests/test_structure.py: {missing}"
     gone = [m for _, mods in LAYERS for m in mods if m not in g]
     assert not gone, f"the table names modules that are gone: {gone}"

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from modelfs.mount import alive, is_mounted
-from modelfs.testing.faultproxy import Fault, FaultProxy
-from modelfs.testing.seaweed import SeaweedServer
 from tests.conftest import Checkpoint, Mount, requires_fuse
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.seaweed import SeaweedServer
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

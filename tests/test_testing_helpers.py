@@ -1,4 +1,4 @@
-"""Tests of modelfs.testing: the other suites trust this S3 server and these checkpoints, so check them."""
+"""Tests of tests.support: the other suites trust this S3 server and these checkpoints, so check them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.testing.checkpoints import (
+from tests.support.checkpoints import (
     INDEX_NAME,
     load_all_safetensors,
     make_safetensors_checkpoint,
     make_torch_checkpoint,
 )
-from modelfs.testing.seaweed import SeaweedServer, find_weed
+from tests.support.seaweed import SeaweedServer, find_weed
 
 BUCKET = "modelfs-helpers"
 

@@ -73,7 +73,7 @@ class VerityVM:
         # which race faults against loads; it uses what they leave (the test waits for it at the end).
         self.proc = subprocess.Popen(
             ["nice", "-n", "19", "ionice", "-c", "3", "sh", str(script), "-d", str(disk), "--", sys.executable,
-             "tests/verity_guest.py"],
+             "-m", "tests.verity_guest"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         threading.Thread(target=self._collect, daemon=True).start()
 

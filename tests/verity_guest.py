@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from modelfs import integrity
-from modelfs.testing.diskfault import LoopFs, corrupt_under_fs
+from tests.support.diskfault import LoopFs, corrupt_under_fs
 
 MiB = 1 << 20
 DISK = "/dev/vda"

@@ -47,7 +47,7 @@ Each client connection gets its own upstream connection, opened lazily and reope
 Threads are named ``faultproxy-<port>-...`` so tests can check that :meth:`FaultProxy.stop` left none behind.
 """
 
-from modelfs.testing.faultproxy.proxy import FaultProxy
-from modelfs.testing.faultproxy.rules import Fault, FaultKind, RequestRecord, Rule
+from tests.support.faultproxy.proxy import FaultProxy
+from tests.support.faultproxy.rules import Fault, FaultKind, RequestRecord, Rule
 
 __all__ = ["Fault", "FaultKind", "FaultProxy", "RequestRecord", "Rule"]

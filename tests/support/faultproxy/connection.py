@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from modelfs.testing.faultproxy.rules import Fault, FaultKind, RequestRecord
-from modelfs.testing.faultproxy.wire import (
+from tests.support.faultproxy.rules import Fault, FaultKind, RequestRecord
+from tests.support.faultproxy.wire import (
     _CHUNK,
     _DRAIN_SECONDS,
     _EXPECT_WAIT,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from modelfs.testing.faultproxy.connection import _Connection
-from modelfs.testing.faultproxy.rules import Fault, FaultKind, RequestRecord, Rule
-from modelfs.testing.faultproxy.wire import _ACCEPT_POLL, _RANGE, _BadMessage, _Closed
+from tests.support.faultproxy.connection import _Connection
+from tests.support.faultproxy.rules import Fault, FaultKind, RequestRecord, Rule
+from tests.support.faultproxy.wire import _ACCEPT_POLL, _RANGE, _BadMessage, _Closed
 
 
 class FaultProxy:
