@@ -271,13 +271,17 @@ class _Connection:
         if head.chunked:
             self._copy_chunked(reader, out)
             return
-        remaining = head.content_length or 0
-        while remaining > 0:
-            piece = reader.read_some(min(remaining, _CHUNK))
+        _Connection._copy_exact(reader, head.content_length or 0, out, "a request body")
+
+    @staticmethod
+    def _copy_exact(reader: _Reader, n: int, out: Callable[[bytes], None], what: str) -> None:
+        """Copy exactly `n` bytes from `reader` to `out`, in pieces; _BadMessage on EOF inside `what`."""
+        while n > 0:
+            piece = reader.read_some(min(n, _CHUNK))
             if not piece:
-                raise _BadMessage("EOF inside a request body")
+                raise _BadMessage(f"EOF inside {what}")
             out(piece)
-            remaining -= len(piece)
+            n -= len(piece)
 
     @staticmethod
     def _copy_chunked(reader: _Reader, out: Callable[[bytes], None]) -> None:
@@ -295,13 +299,7 @@ class _Connection:
                     out(trailer)
                     if trailer in (b"\r\n", b"\n"):
                         return
-            remaining = size + 2  # data and its CRLF
-            while remaining > 0:
-                piece = reader.read_some(min(remaining, _CHUNK))
-                if not piece:
-                    raise _BadMessage("EOF inside a chunk")
-                out(piece)
-                remaining -= len(piece)
+            _Connection._copy_exact(reader, size + 2, out, "a chunk")  # data and its CRLF
 
     # -- response relay with mid-body faults ---------------------------------------------------------
 
