@@ -354,8 +354,9 @@ class Daemon:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 notify("STOPPING=1\nSTATUS=stopping: unmounting")
                 self._arm_watchdog()
-                gate = self.core.prefetcher.gate
-                if gate is not None:  # no push may be in the kernel once requests stop being answered
+                pusher = self.core.prefetcher.pusher
+                if pusher is not None:  # no push may be in the kernel once requests stop being answered
+                    gate = pusher.gate
                     gate.close()
                     if not await gate.drained(PUSH_DRAIN):
                         log.warning("page-cache pushes still in the kernel %g s after %s", PUSH_DRAIN,

@@ -100,7 +100,6 @@ class Prefetcher:
         # page-cache push, behind its gate: None when off
         self.pusher = Pusher(PushGate(push, stats, int(cfg.push_min_available)), extents.whole, files.is_open) \
             if push is not None and cfg.page_cache_push else None
-        self.gate = self.pusher.gate if self.pusher is not None else None
         self.shared = shared  # with a shared tier, nodes start prefetching a file at different points
         # Tolerance above the kernel's own readahead in flight (2 x read_ahead_kb=4096) so its
         # reordering never splits a stream.
@@ -311,7 +310,7 @@ class Prefetcher:
     def fills_at_open(self, node: Node) -> bool:
         """Whether `fill_for_open` takes charge of the file at its open (its whole-file job fetches and
         checks it, and a shard's job schedules its set, checked too)."""
-        return self._started and self.gate is None and self._whole(node)
+        return self._started and self.pusher is None and self._whole(node)
 
     async def _schedule_set(self, node: Node, check: bool = False) -> None:
         """Schedule the other shards of node's checkpoint into the cache, as space allows; with `check`, bytes

@@ -198,11 +198,11 @@ class SharedTier:
                 answer, digest = self._read(block, view)
                 key = self.key(block)
                 if key is not None and (answer == "miss" or answer == "damaged"):
-                    mine = self.claim(block)
+                    mine = self._claim(key)
                     # Shared between this node's miss and its claim (a busy tier takes seconds to claim):
                     # read it, instead of a GET from the origin and a PUT.
                     if mine and answer == "miss" and self.claims.landed(key):
-                        self.release(block)
+                        self.claims.drop(key)
                         answer, digest = self._read(block, view)
                     elif mine is False:
                         waiting.append(i)
@@ -229,7 +229,10 @@ class SharedTier:
         (`share_soon`); False if another node is fetching it now (`wait_for` it); None if the tier cannot
         say (fetch it, and share it in the background as usual)."""
         key = self.key(block)
-        if key is None or not self.writes or self.health.offline:
+        return None if key is None else self._claim(key)
+
+    def _claim(self, key: str) -> bool | None:
+        if not self.writes or self.health.offline:
             return None
         try:
             return self.claims.claim(key)
