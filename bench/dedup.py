@@ -20,7 +20,7 @@ from pathlib import Path
 import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import xxhash
 
-from modelfs.manifest import file_extents, iter_files
+from modelfs.catalog.manifest import file_extents, iter_files
 from tests.support.checkpoints import make_variant_set
 
 HERE = Path(__file__).resolve().parent

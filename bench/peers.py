@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 
-from modelfs.mount import alive
+from modelfs.service.mount import alive
 from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY
 
 BIN = Path(sys.executable).parent

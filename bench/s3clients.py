@@ -35,9 +35,9 @@ import _root  # noqa: F401  (the repository root on sys.path: tests.support)
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
 from modelfs.config import load_config
 from modelfs.core import assemble
-from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
 from modelfs.stats import Stats

@@ -82,7 +82,7 @@ from peers import Modelfs, Store, alive, force_unmount, is_mounted
 
 from bench import RESULTS, raise_exit, say
 from modelfs.config import Config, load_config
-from modelfs.mount import mount_minor
+from modelfs.service.mount import mount_minor
 from tests.support.checkpoints import make_fine_tune, make_safetensors_checkpoint, make_torch_checkpoint
 from tests.support.diskfault import LoopFs, corrupt_under_fs, loop_ext4, truncate_in_place
 from tests.support.faultproxy import Fault, FaultProxy, Rule
@@ -493,7 +493,7 @@ def thread_kinds(pid: int) -> dict[str, int]:
 
 # -- damage to the cache while no daemon runs ------------------------------------------------------
 
-#: The index's keys and values (modelfs/index.py): offset in a key, (hash, length) in an extents value.
+#: The index's keys and values (modelfs/catalog/index.py): offset in a key, (hash, length) in an extents value.
 _OFF = struct.Struct(">Q")
 _EXT = struct.Struct(">16sI")
 

@@ -53,7 +53,7 @@ install_all() {
     "$OPT/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location --upgrade "$SRC"
     sh "$SRC/daemon/fuse3/build.sh" "$OPT"  # libfuse 3.17 + pyfuse3 with FUSE passthrough, inside $OPT
     launcher modelfs -m modelfs
-    launcher mount.modelfs -c "'import sys; from modelfs.cli import mount_helper; sys.argv[0] = \"mount.modelfs\"; raise SystemExit(mount_helper())'"
+    launcher mount.modelfs -c "'import sys; from modelfs.service.cli import mount_helper; sys.argv[0] = \"mount.modelfs\"; raise SystemExit(mount_helper())'"
     link ../../../opt/modelfs/libexec/modelfs "$ROOT/usr/local/bin/modelfs"
     link ../opt/modelfs/libexec/mount.modelfs "$ROOT/sbin/mount.modelfs"
     put 0644 "$SRC/systemd/modelfs@.service" "$ROOT/etc/systemd/system/modelfs@.service"

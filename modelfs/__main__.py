@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from modelfs.cli import main
+from modelfs.service.cli import main
 
 raise SystemExit(main())

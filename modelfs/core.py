@@ -17,29 +17,30 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from modelfs.buffers import BufferPool
 from modelfs.cache import FileCache
+from modelfs.cache.scrub import Scrub
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion
 from modelfs.config import Config
 from modelfs.errors import ModelfsError, NotFound, ReadOnly
-from modelfs.extents import Blocks, Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
-from modelfs.fetch import Buffer, Fetcher
+from modelfs.fetch.buffers import BufferPool
+from modelfs.fetch.fetcher import Buffer, Fetcher
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
-from modelfs.listings import Listings
-from modelfs.namespace import Namespace, Node
-from modelfs.openfiles import OpenFiles
-from modelfs.passthrough import Kernel, Passthrough
-from modelfs.prefetch import Prefetcher
-from modelfs.push import PushFn
+from modelfs.passthrough.kernel import Kernel
+from modelfs.passthrough.opens import Passthrough
+from modelfs.reads.extents import Blocks, Extents, Where
+from modelfs.reads.prefetch import Prefetcher
+from modelfs.reads.push import PushFn
 from modelfs.remote import Store
-from modelfs.scrub import Scrub
+from modelfs.remote.sources import Origin, Source
 from modelfs.shared import SharedTier
-from modelfs.sources import Origin, Source
 from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion
+from modelfs.tree.listings import Listings
+from modelfs.tree.namespace import Namespace, Node
+from modelfs.tree.openfiles import OpenFiles
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from modelfs.mount import abort_connection, alive, is_mounted, mount_minor
+from modelfs.service.mount import abort_connection, alive, is_mounted, mount_minor
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweed import SeaweedServer
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.mount import is_mounted
+from modelfs.service.mount import is_mounted
 from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse
 from tests.support.seaweed import SeaweedServer
 

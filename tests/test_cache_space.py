@@ -17,10 +17,10 @@ import pytest
 
 from modelfs.cache import CacheFull, FileCache
 from modelfs.cache import space as cache_space
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion
 from modelfs.digest import content_hash
-from modelfs.index import ChunkIndex
 from modelfs.remote import Listing, ObjectInfo
-from modelfs.version import FileVersion
 
 EXT = 64 * 1024  # a multiple of the page size: punching an extent frees exactly its pages
 

@@ -12,10 +12,10 @@ import pytest
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
 from modelfs.config import load_config
 from modelfs.core import ModelFS, assemble
 from modelfs.errors import ReadOnly, VersionChanged
-from modelfs.index import ChunkIndex
 from modelfs.remote.local import LocalStore
 from modelfs.stats import Stats
 

@@ -21,13 +21,13 @@ import trio
 import trio.testing
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.manifest import KEY as MANIFEST_KEY
+from modelfs.catalog.manifest import FileEntry, Manifest, file_extents
 from modelfs.config import load_config
 from modelfs.core import ModelFS, assemble
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
-from modelfs.manifest import KEY as MANIFEST_KEY
-from modelfs.manifest import FileEntry, Manifest, file_extents
 from modelfs.stats import Stats
 from tests.support.memstore import MemoryStore
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from modelfs.config import MiB
-from modelfs.prefetch import LOAD_GAP
+from modelfs.reads.prefetch import LOAD_GAP
 from tests.conftest import BUCKET, Mount, cli, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
 from tests.support.checkpoints import make_variant_set, write_raw_safetensors

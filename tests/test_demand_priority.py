@@ -26,12 +26,12 @@ import trio.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
 import modelfs.core
-from modelfs.buffers import Ask, BufferPool
+from modelfs.catalog.manifest import KEY as MANIFEST_KEY
+from modelfs.catalog.manifest import FileEntry, Manifest, file_extents
 from modelfs.core import ModelFS
-from modelfs.manifest import KEY as MANIFEST_KEY
-from modelfs.manifest import FileEntry, Manifest, file_extents
-from modelfs.metrics import _StatsCollector
+from modelfs.fetch.buffers import Ask, BufferPool
 from modelfs.remote.base import ObjectInfo
+from modelfs.service.metrics import _StatsCollector
 from modelfs.stats import ReadWaits
 from tests.conftest import Checkpoint, Mount, cli, requires_fuse
 from tests.support.faultproxy import Fault, FaultProxy

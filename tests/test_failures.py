@@ -22,9 +22,9 @@ import botocore.exceptions
 import pytest
 
 from modelfs.cache.diskio import punch
+from modelfs.catalog.index import ChunkIndex
 from modelfs.digest import content_hash
-from modelfs.index import ChunkIndex
-from modelfs.mount import alive, is_mounted, is_stale
+from modelfs.service.mount import alive, is_mounted, is_stale
 from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
 from tests.support.faultproxy import FaultProxy

@@ -17,17 +17,16 @@ import pytest
 import trio
 
 from modelfs import cache as cache_mod
-from modelfs import integrity
-from modelfs.cache import FileCache
+from modelfs.cache import FileCache, integrity
 from modelfs.cache import base as cache_base
+from modelfs.cache.scrub import IOPRIO_CLASS_IDLE, IOPRIO_CLASS_SHIFT, Scrub, io_priority
+from modelfs.catalog.index import ChunkIndex, version_id
+from modelfs.catalog.version import FileVersion
 from modelfs.digest import content_hash
-from modelfs.index import ChunkIndex, version_id
 from modelfs.mapped import MappedBlocks, private_copy
 from modelfs.remote import ObjectInfo
 from modelfs.remote.local import LocalStore
-from modelfs.scrub import IOPRIO_CLASS_IDLE, IOPRIO_CLASS_SHIFT, Scrub, io_priority
 from modelfs.stats import Stats
-from modelfs.version import FileVersion
 
 INFO = ObjectInfo("m/model.safetensors", 100, '"etag-1"', 0.0)
 EXT = 64 * 1024  # extent size of the versions below (a multiple of the page size)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from modelfs import integrity
-from modelfs.mount import abort_connection
+from modelfs.cache import integrity
+from modelfs.service.mount import abort_connection
 from tests.conftest import Mount, eventually, requires_fuse
 from tests.support.diskfault import (
     LoopFs,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from modelfs.fetch import FileVersion
-from modelfs.manifest import FileEntry, Manifest, ManifestError, file_extents, iter_files
+from modelfs.catalog.manifest import FileEntry, Manifest, ManifestError, file_extents, iter_files
+from modelfs.fetch.fetcher import FileVersion
 from modelfs.remote import ObjectInfo
 from tests.test_prefetch import write_safetensors
 

@@ -8,8 +8,8 @@ import pytest
 import trio
 
 from modelfs.errors import NotFound, StoreError
-from modelfs.namespace import Namespace, unsafe_reason
 from modelfs.remote import Listing, ObjectInfo
+from modelfs.tree.namespace import Namespace, unsafe_reason
 
 
 def obj(key: str, etag: str = '"e1"', size: int = 10) -> tuple[str, ObjectInfo]:

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from modelfs.mount import alive
+from modelfs.service.mount import alive
 from tests.conftest import Checkpoint, Mount, eventually, requires_fuse
 from tests.conftest import sha256_file as sha
 

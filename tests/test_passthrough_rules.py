@@ -14,12 +14,13 @@ import pytest
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion
 from modelfs.digest import content_hash
-from modelfs.index import ChunkIndex
-from modelfs.passthrough import Kernel, Passthrough
+from modelfs.passthrough.kernel import Kernel
+from modelfs.passthrough.opens import Passthrough
 from modelfs.remote import ObjectInfo
 from modelfs.stats import Stats
-from modelfs.version import FileVersion
 
 EXT = 64 << 10
 

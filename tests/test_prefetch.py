@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from modelfs.buffers import BufferPool
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
 from modelfs.config import load_config
 from modelfs.core import ModelFS, assemble
-from modelfs.index import ChunkIndex
-from modelfs.passthrough import Kernel
+from modelfs.fetch.buffers import BufferPool
+from modelfs.passthrough.kernel import Kernel
 from modelfs.remote.local import LocalStore
 from modelfs.stats import Stats
 
@@ -319,7 +319,7 @@ def test_a_set_that_does_not_fit_is_reported_once_not_at_every_open(tmp_path: Pa
             await settle(core)
             core.release(fh)
 
-    caplog.set_level(logging.INFO, logger="modelfs.prefetch")
+    caplog.set_level(logging.INFO, logger="modelfs.reads.prefetch")
     run_and_close(core, close, body)
     said = [r for r in caplog.records if "not prefetching" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]

@@ -1,4 +1,4 @@
-"""Stream detection and read-ahead windows (`modelfs.readahead`): examples and property tests (pure logic)."""
+"""Stream detection and read-ahead windows (`modelfs.reads.readahead`): examples and property tests (pure logic)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelfs.readahead import ReadaheadPolicy, StreamTracker
+from modelfs.reads.readahead import ReadaheadPolicy, StreamTracker
 
 KiB = 1 << 10
 MiB = 1 << 20

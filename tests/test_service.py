@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from modelfs import mount
-from modelfs.index import ChunkIndex
-from modelfs.mount import is_mounted
+from modelfs.catalog.index import ChunkIndex
+from modelfs.service import mount
+from modelfs.service.mount import is_mounted
 from modelfs.stats import human
 from tests.conftest import Checkpoint, Mount, cli, requires_fuse
 from tests.conftest import sha256_file as sha
@@ -134,7 +134,7 @@ def _wait_mounted(mnt: Path, limit: float = 120) -> bool:
 def test_mount_helper_and_umount(checkpoint: Checkpoint, tmp_path: Path) -> None:
     helper = BIN / "mount.modelfs"
     cmd = [str(helper)] if helper.exists() else [sys.executable, "-c",
-                                                  "import sys; from modelfs.cli import mount_helper; "
+                                                  "import sys; from modelfs.service.cli import mount_helper; "
                                                   "sys.exit(mount_helper())"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()

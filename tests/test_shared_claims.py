@@ -11,17 +11,17 @@ import pytest
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion
 from modelfs.config import Config
 from modelfs.digest import content_hash
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo
 from modelfs.remote.s3 import S3Store
+from modelfs.remote.sources import Block, Origin
 from modelfs.shared import SharedTier, claim_key
-from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion
 from tests.support.faultproxy import FaultProxy
 from tests.support.memstore import MemoryStore
 from tests.support.seaweed import SeaweedServer

@@ -14,16 +14,16 @@ import pytest
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion, Stored
 from modelfs.digest import content_hash
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
 from modelfs.remote import ObjectInfo, Store, WritableStore
 from modelfs.remote.local import LocalStore
+from modelfs.remote.sources import Block, Origin
 from modelfs.shared import SharedTier, claim_key
-from modelfs.sources import Block, Origin
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import FileVersion, Stored
 from tests.support.memstore import MemoryStore
 
 EXTENT = 1 << 20

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.index import version_id
+from modelfs.catalog.index import version_id
 from modelfs.remote import ObjectInfo
 from modelfs.shared import claim_key, version_key
 from tests.conftest import BUCKET, Checkpoint, Mount, cli, requires_fuse

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.mount import alive, is_mounted
+from modelfs.service.mount import alive, is_mounted
 from tests.conftest import Checkpoint, Mount, requires_fuse
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.seaweed import SeaweedServer

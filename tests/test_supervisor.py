@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from modelfs.faults import Faults, InjectedFault
-from modelfs.push import CHUNK, PushGate
+from modelfs.reads.push import CHUNK, PushGate
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 
@@ -133,7 +133,7 @@ def test_a_cancelled_handler_still_answers_eio() -> None:
 
     import pyfuse3
 
-    from modelfs.fs import _errors
+    from modelfs.fuse.fs import _errors
 
     entered = []
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.mount import alive
+from modelfs.service.mount import alive
 from tests.conftest import requires_fuse
 
 REPO = Path(__file__).resolve().parent.parent

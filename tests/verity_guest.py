@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from modelfs import integrity
+from modelfs.cache import integrity
 from tests.support.diskfault import LoopFs, corrupt_under_fs
 
 MiB = 1 << 20

@@ -12,11 +12,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from modelfs import integrity
+from modelfs.cache import integrity
+from modelfs.cache.cachedir import CacheDir
 from modelfs.cache.diskio import PAGE, clone_range, pages
 from modelfs.cache.files import File, Victim
-from modelfs.cachedir import CacheDir
-from modelfs.index import ChunkIndex
+from modelfs.catalog.index import ChunkIndex
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from modelfs.cache.checks import Checks
 from modelfs.cache.diskio import PAGE, clone_range, copy_range, pages, preallocate, punch, write_all
 from modelfs.cache.files import CacheFull, File
 from modelfs.cache.seals import Seals
-from modelfs.version import FileVersion
+from modelfs.catalog.version import FileVersion
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from modelfs import integrity
+from modelfs.cache import integrity
 from modelfs.cache.base import CacheBase
 from modelfs.cache.files import File
 

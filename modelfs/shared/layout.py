@@ -27,7 +27,7 @@ import socket
 import xxhash
 
 from modelfs.config import Config
-from modelfs.sources import Block
+from modelfs.remote.sources import Block
 
 LAYOUT = "v1"
 

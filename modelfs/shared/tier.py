@@ -34,10 +34,10 @@ from modelfs.health import Health
 from modelfs.remote import ObjectInfo, WritableStore
 from modelfs.remote.local import LocalStore
 from modelfs.remote.s3 import S3Store, parse_s3_url
+from modelfs.remote.sources import Arrived, Block, Landed, Source
 from modelfs.shared.claims import Claims
 from modelfs.shared.layout import block_key, node_id
 from modelfs.shared.writeback import WRITERS, ReadBack, WriteBack, WriteBacks
-from modelfs.sources import Arrived, Block, Landed, Source
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
 

@@ -18,21 +18,22 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from modelfs import faults, xattrs
-from modelfs.admin import pinned_hashes
+from modelfs import faults
 from modelfs.cache import FileCache
-from modelfs.cachedir import CacheDir
+from modelfs.cache.cachedir import CacheDir
+from modelfs.catalog.index import ChunkIndex
 from modelfs.config import Config
 from modelfs.core import assemble
 from modelfs.errors import ConfigError, ModelfsError, StoreUnreachable
-from modelfs.fs import Operations
+from modelfs.fuse import xattrs
+from modelfs.fuse.fs import Operations
 from modelfs.health import check_within
-from modelfs.index import ChunkIndex
-from modelfs.metrics import Metrics
-from modelfs.notify import notify, status_line
-from modelfs.passthrough import Kernel
-from modelfs.push import PushFn
+from modelfs.passthrough import kernel as passthrough_kernel
+from modelfs.reads.push import PushFn
 from modelfs.remote import open_store
+from modelfs.service.admin import pinned_hashes
+from modelfs.service.metrics import Metrics
+from modelfs.service.notify import notify, status_line
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 
@@ -248,7 +249,7 @@ class Daemon:
             push: PushFn = pyfuse3.notify_store  # type: ignore[assignment]  # pyfuse3's stub says bytes; any buffer
             self.core = assemble(cfg, store, index, cache, stats, push=push,
                                  observe=metrics.fetch_seconds.observe if metrics else None,
-                                 kernel=passthrough_kernel(cfg),
+                                 kernel=passthrough_kernel.live(cfg),
                                  faults=faults.from_environment())  # test-only: MODELFS_TEST_FAULTS
             if self.core.shared is not None:
                 self._resources.append(self.core.shared.close)
@@ -364,20 +365,6 @@ class Daemon:
                 pyfuse3.terminate()
                 hand_on = self.cfg.shared.flush_on_exit if self.core.shared is not None else 0.0
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE + hand_on
-
-
-def passthrough_kernel(cfg: Config) -> Kernel | None:
-    """pyfuse3's FUSE passthrough calls, unless mount.passthrough is off; `on` with a pyfuse3 built
-    without them refuses to start (daemon/fuse3/build.sh builds it)."""
-    if cfg.mount.passthrough == "off":
-        return None
-    if not hasattr(pyfuse3, "passthrough_open"):
-        if cfg.mount.passthrough == "on":
-            raise ConfigError("mount.passthrough = on, but pyfuse3 was built without FUSE passthrough "
-                              "(build it with daemon/fuse3/build.sh)")
-        log.warning("FUSE passthrough unavailable: pyfuse3 was built without it (daemon/fuse3/build.sh)")
-        return None
-    return Kernel(pyfuse3.passthrough_enabled, pyfuse3.passthrough_open, pyfuse3.passthrough_close)
 
 
 def task_tree() -> str:

@@ -31,13 +31,13 @@ from typing import Any, TypeVar
 import trio
 
 from modelfs.cache import CacheFull, FileCache
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.version import FileVersion, Stored
 from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Fetcher
-from modelfs.index import ChunkIndex
+from modelfs.fetch.fetcher import Fetcher
 from modelfs.mapped import MappedBlocks, private, private_copy
 from modelfs.stats import Stats
-from modelfs.version import FileVersion, Stored
 
 _T = TypeVar("_T")
 

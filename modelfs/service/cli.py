@@ -13,10 +13,11 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from modelfs import __version__, xattrs
+from modelfs import __version__
 from modelfs.config import Config, load_config
 from modelfs.errors import ModelfsError
-from modelfs.launch import run_foreground, spawn_daemon
+from modelfs.fuse import xattrs
+from modelfs.service.launch import run_foreground, spawn_daemon
 from modelfs.stats import human
 
 log = logging.getLogger("modelfs")
@@ -53,7 +54,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from modelfs.mount import unmount
+    from modelfs.service.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     return 0
@@ -158,7 +159,7 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_du(args: argparse.Namespace) -> int:
     """Logical, unique, cached and still-to-fetch bytes per file and in total (dedup across files)."""
-    from modelfs.extents import usage
+    from modelfs.reads.extents import usage
 
     maps: list[tuple[str, dict[str, object]]] = []
     for path, _ in _files_under(args.paths):
@@ -181,8 +182,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Upload LOCAL_DIR to s3://BUCKET/PREFIX with a manifest; --verify checks every extent afterwards."""
     from tqdm import tqdm
 
-    from modelfs import publish as pub
     from modelfs.config import S3Config, parse_size
+    from modelfs.service import publish as pub
 
     if len(args.paths) == 2:
         local_dir, url = args.paths
@@ -294,8 +295,8 @@ _MOUNT_FLAGS = {"config": "--config", "cache_dir": "--cache-dir", "endpoint_url"
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Cache administration: ls, verify, gc, pin, unpin (on a cache dir, running daemon or not)."""
-    from modelfs import admin
     from modelfs.config import Config, parse_size
+    from modelfs.service import admin
 
     cache_dir = os.path.abspath(args.cache_dir or Config().cache.dir)
     if not os.path.isdir(cache_dir):

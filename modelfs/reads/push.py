@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from modelfs.catalog.version import FileVersion
 from modelfs.stats import Stats
-from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ import logging
 
 import trio
 
+from modelfs.catalog.index import ChunkIndex
+from modelfs.catalog.manifest import DIR as MANIFEST_DIR
+from modelfs.catalog.manifest import NAME as MANIFEST_NAME
+from modelfs.catalog.manifest import FileEntry, Manifest, ManifestError
+from modelfs.catalog.version import HashedExtent
 from modelfs.errors import ModelfsError, StoreError, StoreUnreachable
 from modelfs.health import Health
-from modelfs.index import ChunkIndex
-from modelfs.manifest import DIR as MANIFEST_DIR
-from modelfs.manifest import NAME as MANIFEST_NAME
-from modelfs.manifest import FileEntry, Manifest, ManifestError
 from modelfs.remote import Listing, ObjectInfo, Store, read_bytes
 from modelfs.retry import STORE_PAUSES
-from modelfs.version import HashedExtent
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import bisect
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from modelfs.index import ChunkIndex, version_id
+from modelfs.catalog.index import ChunkIndex, version_id
 from modelfs.remote import ObjectInfo
-from modelfs.sources import Block
+from modelfs.remote.sources import Block
 
 #: (start, length): the one name for an extent of a file version, wherever it is passed around. A plain
 #: tuple, because one is made for every READ.

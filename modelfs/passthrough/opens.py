@@ -31,14 +31,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.version import FileVersion
+from modelfs.passthrough.kernel import Kernel
 from modelfs.stats import Stats
-from modelfs.version import FileVersion
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,6 @@ log = logging.getLogger(__name__)
 class _Open:
     backing_id: int
     handles: int
-
-
-class Kernel:
-    """What the kernel offers: whether passthrough was negotiated, and registering a backing file (FUSE
-    DEV_IOC_BACKING_OPEN / _CLOSE). The live one is pyfuse3's; tests may pass one that refuses."""
-
-    def __init__(self, negotiated: Callable[[], bool], register: Callable[[int], int],
-                 unregister: Callable[[int], None]) -> None:
-        self.negotiated = negotiated
-        self.register = register
-        self.unregister = unregister
 
 
 class Passthrough:

@@ -40,15 +40,15 @@ from typing import Protocol
 
 import trio
 
-from modelfs.buffers import Ask, BufferPool, Lease
+from modelfs.catalog.version import Extent, FileVersion, Stored
 from modelfs.errors import StoreError
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
+from modelfs.fetch.buffers import Ask, BufferPool, Lease
 from modelfs.health import Health
-from modelfs.sources import Source
+from modelfs.remote.sources import Source
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import Extent, FileVersion, Stored
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterator
 import trio
 
 from modelfs.cache import FileCache
+from modelfs.catalog.index import ChunkIndex
 from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
-from modelfs.index import ChunkIndex
 from modelfs.libc import LIBC
 from modelfs.remote import ObjectInfo, Store
 from modelfs.stats import Stats

@@ -33,8 +33,8 @@ from typing import BinaryIO
 
 import xxhash
 
+from modelfs.catalog.version import HashedExtent
 from modelfs.errors import ModelfsError
-from modelfs.version import HashedExtent
 
 FORMAT = "modelfs-manifest"
 VERSION = 1

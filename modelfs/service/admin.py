@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfs.cache import FileCache
-from modelfs.cachedir import CacheDir
+from modelfs.cache.cachedir import CacheDir
+from modelfs.catalog.index import ChunkIndex
 from modelfs.digest import content_hash
 from modelfs.errors import ModelfsError
-from modelfs.index import ChunkIndex
 
 
 @dataclass

@@ -14,9 +14,9 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelfs.namespace import Node
+from modelfs.catalog.version import FileVersion, HashedExtent
 from modelfs.remote import ObjectInfo
-from modelfs.version import FileVersion, HashedExtent
+from modelfs.tree.namespace import Node
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from modelfs import xattrs
 from modelfs.core import ModelFS
 from modelfs.errors import ModelfsError
-from modelfs.fetch import Buffer
-from modelfs.namespace import Node
+from modelfs.fetch.fetcher import Buffer
+from modelfs.fuse import xattrs
+from modelfs.tree.namespace import Node
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import botocore.exceptions as bexc
 import xxhash
 from boto3.s3.transfer import TransferConfig
 
-from modelfs import manifest as mf
+from modelfs.catalog import manifest as mf
 from modelfs.config import MiB, S3Config
 from modelfs.errors import ModelfsError, NotFound, StoreError
 from modelfs.remote import ObjectInfo

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from modelfs.namespace import Node
-from modelfs.version import FileVersion
+from modelfs.catalog.version import FileVersion
+from modelfs.tree.namespace import Node
 
 
 @dataclass(eq=False)

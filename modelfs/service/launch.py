@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from modelfs.cachedir import CacheDir
+from modelfs.cache.cachedir import CacheDir
 from modelfs.config import Config
 from modelfs.errors import ModelfsError
 from modelfs.logs import setup_logging
@@ -23,7 +23,7 @@ READY_TIMEOUT = 120.0
 
 
 def run_foreground(cfg: Config, ready_fd: int | None) -> int:
-    from modelfs.mount import Daemon  # pyfuse3 is only needed where a mount runs
+    from modelfs.service.mount import Daemon  # pyfuse3 is only needed where a mount runs
 
     setup_logging(cfg.log.level, cfg.log.file or None)
 

@@ -42,21 +42,21 @@ from typing import Protocol
 
 import trio
 
-from modelfs import shards
 from modelfs.cache import FileCache
+from modelfs.catalog.version import Extent, FileVersion
 from modelfs.config import PrefetchConfig
 from modelfs.errors import ModelfsError
-from modelfs.extents import Extents, Where
 from modelfs.faults import NONE as NO_FAULTS
 from modelfs.faults import Faults
-from modelfs.jobs import Job
-from modelfs.namespace import Namespace, Node
-from modelfs.push import Pusher, PushFn, PushGate
-from modelfs.readahead import ReadaheadPolicy, StreamTracker
+from modelfs.reads import shards
+from modelfs.reads.extents import Extents, Where
+from modelfs.reads.jobs import Job
+from modelfs.reads.push import Pusher, PushFn, PushGate
+from modelfs.reads.readahead import ReadaheadPolicy, StreamTracker
 from modelfs.shared import SharedTier
 from modelfs.stats import Stats
 from modelfs.supervise import Supervisor
-from modelfs.version import Extent, FileVersion
+from modelfs.tree.namespace import Namespace, Node
 
 log = logging.getLogger(__name__)
 
