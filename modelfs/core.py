@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import trio
 
@@ -34,7 +35,7 @@ from modelfs.reads.extents import Blocks, Extents, Where
 from modelfs.reads.prefetch import Prefetcher
 from modelfs.reads.push import PushFn
 from modelfs.remote import Store
-from modelfs.remote.sources import Origin, Source
+from modelfs.remote.sources import Origin
 from modelfs.shared import SharedTier
 from modelfs.stats import ReadWaits, Stats
 from modelfs.supervise import Supervisor
@@ -53,69 +54,84 @@ SEAL_EVERY = 1.0
 def assemble(cfg: Config, store: Store, index: ChunkIndex, cache: FileCache, stats: Stats, *,
              push: PushFn | None = None, observe: Callable[[float], None] | None = None,
              kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> ModelFS:
-    """The core and the parts it serves with, built from the config: the composition root of a mount (and of
-    tests that drive the core without one). The fetch path's source is the origin, or the fleet tier
-    (`shared.url`) wrapping it; every part gets the one supervisor. `observe` hears each GET's latency."""
+    """The core and every part it serves with, built from the config: the one composition root of a mount
+    (and of tests that drive the core without one). Given are what holds the daemon's resources, which its
+    owner opens after checking them and closes (the store's connections, the index's LMDB, the cache's
+    files); everything else is made here, once, and handed down. The fetch path's source is the origin, or
+    the fleet tier (`shared.url`) wrapping it; every part gets the one supervisor. `observe` hears each
+    GET's latency."""
     supervisor = Supervisor(stats)
     health = Health(store.check, f"store {store.describe()}", cfg.fetch.probe_interval, cfg.fetch.deadline,
                     offline_after=cfg.fetch.offline_after)
     origin = Origin(store, stats, health, observe)
     shared = SharedTier.open(cfg, store.domain, stats, cache.read_back, origin, supervisor) \
         if cfg.shared.url else None
-    return ModelFS(cfg, store, index, cache, stats, supervisor, health, shared or origin, push=push,
-                   shared=shared, kernel=kernel, faults=faults)
+    extent_size = int(cfg.cache.extent_size)
+    # Cache-disk threads for demand reads, apart from the prefetcher's: prefetch never starves a READ.
+    io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
+    prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
+    listings = Listings(store, index, health, cfg.fetch.deadline, trio.CapacityLimiter(4), io_limiter)
+    files = OpenFiles(store.identity, extent_size, listings.layout)
+    ns = Namespace(listings.list_dir, cfg.mount.metadata_ttl, in_use=files.is_open)
+    count = cfg.get_buffers
+    buffers = BufferPool(count, extent_size, reserve=cfg.fetch.demand_reserve, cap=cfg.fetch.prefetch_during_demand)
+    blocks = Blocks(index, cache, stats, int(cfg.cache.map_budget))
+    fetcher = Fetcher(shared or origin, blocks, stats, buffers, cfg.fetch.deadline, health, faults,
+                      supervisor=supervisor)
+    extents = Extents(blocks, fetcher, stats, io_limiter, prefetch_limiter, cfg.fetch.deadline)
+    prefetcher = Prefetcher(cfg.prefetch, extents, files, cache, ns, stats, prefetch_limiter,
+                            workers=max(1, min(cfg.prefetch.concurrency, count)),
+                            max_request=int(cfg.fetch.max_request), push=push, shared=shared, faults=faults,
+                            supervisor=supervisor, copy_shared_after=cfg.cache.copy_shared_after)
+    # FUSE passthrough: the kernel serves an open of a complete file from its cache file (`passthrough`);
+    # with mount.passthrough = verified, only from storage that checks what the kernel reads.
+    storage = cache.storage
+    verified_only = cfg.mount.passthrough == "verified"
+    log.info("cache storage: %s%s", storage.why, "; passthrough off (mount.passthrough = verified)"
+             if verified_only and not storage.verifies and kernel is not None else "")
+    passthrough = Passthrough(cache, stats, kernel) \
+        if kernel is not None and (storage.verifies or not verified_only) else None
+    return ModelFS(cfg, Parts(store, index, cache, stats, supervisor, health, io_limiter, listings, files, ns,
+                              buffers, blocks, fetcher, extents, prefetcher, shared, passthrough))
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the core serves with, as `assemble` built it (the core builds none of it)."""
+
+    store: Store
+    index: ChunkIndex
+    cache: FileCache
+    stats: Stats
+    supervisor: Supervisor  # owns every background task of the mount (`serving`), the shared tier's too
+    health: Health  # the origin's
+    io_limiter: trio.CapacityLimiter  # cache-disk threads of demand reads
+    listings: Listings
+    files: OpenFiles
+    ns: Namespace
+    buffers: BufferPool
+    blocks: Blocks
+    fetcher: Fetcher
+    extents: Extents
+    prefetcher: Prefetcher
+    shared: SharedTier | None
+    passthrough: Passthrough | None
 
 
 class ModelFS:
     """Read-only view of a store; serves while `serving()` is entered."""
 
-    def __init__(self, cfg: Config, store: Store, index: ChunkIndex, cache: FileCache, stats: Stats,
-                 supervisor: Supervisor, health: Health, source: Source, *, push: PushFn | None = None,
-                 shared: SharedTier | None = None, kernel: Kernel | None = None, faults: Faults = NO_FAULTS) -> None:
+    def __init__(self, cfg: Config, parts: Parts) -> None:
         self.cfg = cfg
-        self.store = store
-        self.index = index
-        self.cache = cache
-        self.stats = stats
-        # Owns every background task of the mount (`serving`), the shared tier's too (made with it).
-        self.supervisor = supervisor
-        if shared is not None and shared.supervisor is not self.supervisor:
-            raise ValueError("the shared tier was made with another supervisor than the core's")
         self.extent_size = int(cfg.cache.extent_size)
-        # Cache-disk threads for demand reads, apart from the prefetcher's: prefetch never starves a READ.
-        self.io_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
-        self.prefetch_limiter = trio.CapacityLimiter(cfg.fetch.io_threads)
-        self.meta_limiter = trio.CapacityLimiter(4)
         self.deadline = cfg.fetch.deadline
-        self.health = health  # the origin's
-        self.listings = Listings(store, index, self.health, cfg.fetch.deadline, self.meta_limiter, self.io_limiter)
-        self.files = OpenFiles(store.identity, self.extent_size, self.listings.layout)
-        self.ns = Namespace(self.listings.list_dir, cfg.mount.metadata_ttl, in_use=self.files.is_open,
-                            on_drop=self._dropped)
-        count = cfg.get_buffers
-        self.buffers = BufferPool(count, self.extent_size, reserve=cfg.fetch.demand_reserve,
-                                  cap=cfg.fetch.prefetch_during_demand)
-        self.blocks = Blocks(index, cache, self.stats, int(cfg.cache.map_budget))
-        self.fetcher = Fetcher(source, self.blocks, self.stats, self.buffers, cfg.fetch.deadline, self.health,
-                               faults, supervisor=self.supervisor)
-        self.shared = shared
-        self.extents = Extents(self.blocks, self.fetcher, self.stats, self.io_limiter, self.prefetch_limiter,
-                               cfg.fetch.deadline)
+        self.store, self.index, self.cache, self.stats = parts.store, parts.index, parts.cache, parts.stats
+        self.supervisor, self.health, self.io_limiter = parts.supervisor, parts.health, parts.io_limiter
+        self.listings, self.files, self.ns = parts.listings, parts.files, parts.ns
+        self.buffers, self.blocks, self.fetcher = parts.buffers, parts.blocks, parts.fetcher
+        self.extents = parts.extents
+        self.prefetcher, self.shared, self.passthrough = parts.prefetcher, parts.shared, parts.passthrough
         self.read_wait = ReadWaits()  # how long demand READs waited (`read`; metrics, `modelfs stats`)
-        self.prefetcher = Prefetcher(cfg.prefetch, self.extents, self.files, cache, self.ns, self.stats,
-                                     self.prefetch_limiter,
-                                     workers=max(1, min(cfg.prefetch.concurrency, count)),
-                                     max_request=int(cfg.fetch.max_request), push=push, shared=shared,
-                                     faults=faults, supervisor=self.supervisor,
-                                     copy_shared_after=cfg.cache.copy_shared_after)
-        # FUSE passthrough: the kernel serves an open of a complete file from its cache file (`passthrough`);
-        # with mount.passthrough = verified, only from storage that checks what the kernel reads.
-        storage = cache.storage
-        verified_only = cfg.mount.passthrough == "verified"
-        log.info("cache storage: %s%s", storage.why, "; passthrough off (mount.passthrough = verified)"
-                 if verified_only and not storage.verifies and kernel is not None else "")
-        self.passthrough = Passthrough(cache, self.stats, kernel) \
-            if kernel is not None and (storage.verifies or not verified_only) else None
         self._ahead_dirs: set[int] = set()  # directories whose files were checked ahead (`_check_siblings`)
 
     @asynccontextmanager
@@ -181,7 +197,10 @@ class ModelFS:
         node = self.ns.get(parent)
         if not node.is_dir:
             raise NotFound(f"{node.key} is not a directory")
-        return await self.ns.lookup(node, name)
+        try:
+            return await self.ns.lookup(node, name)
+        finally:
+            self._let_go()
 
     def remember(self, node: Node) -> None:
         """The kernel was handed `node` (a LOOKUP reply, or a readdirplus entry)."""
@@ -190,18 +209,22 @@ class ModelFS:
     def forget(self, inode: int, nlookup: int) -> None:
         """The kernel let go of `nlookup` references to `inode` (FUSE FORGET)."""
         self.ns.forget(inode, nlookup)
+        self._let_go()
 
-    def _dropped(self, inode: int) -> None:
-        """The namespace let go of `inode` (gone from the store's listing, unknown to the kernel, closed):
-        so does everything keyed by it."""
-        self.files.forget(inode)
-        self.prefetcher.forget(inode)
+    def _let_go(self) -> None:
+        """The inodes the namespace dropped (gone from the store's listing, unknown to the kernel, closed),
+        also by a listing the prefetcher asked for: so is everything keyed by them."""
+        for inode in self.ns.dropped():
+            self.files.forget(inode)
+            self.prefetcher.forget(inode)
 
     async def opendir(self, inode: int) -> int:
         node = self.ns.get(inode)
         if not node.is_dir:
             raise NotADirectoryError(node.key)
-        return self.files.opendir(sorted((await self.ns.children(node)).values(), key=lambda n: n.name))
+        entries = await self.ns.children(node)
+        self._let_go()
+        return self.files.opendir(sorted(entries.values(), key=lambda n: n.name))
 
     def readdir(self, fh: int, start: int) -> list[Node]:
         """Entries of an open directory from index `start` on (a snapshot taken at opendir)."""
@@ -272,6 +295,7 @@ class ModelFS:
         if closed.last:
             self.prefetcher.released(closed.node)
             self.ns.collect(closed.node.inode)
+            self._let_go()
 
     @property
     def busy(self) -> bool:

@@ -21,6 +21,7 @@ from modelfs.catalog.index import ChunkIndex
 from modelfs.catalog.version import FileVersion
 from modelfs.digest import content_hash
 from modelfs.remote import Listing, ObjectInfo
+from modelfs.stats import Stats
 
 EXT = 64 * 1024  # a multiple of the page size: punching an extent frees exactly its pages
 
@@ -60,10 +61,9 @@ def close_to(allocated: int, stored: int) -> bool:
 def test_quota_evicts_least_recently_used_extents_first(tmp_path: Path) -> None:
     """Over the quota, the extents not used for longest are punched out of their files, files still filling
     (a read makes an extent most recent); the room they took on disk is really given back."""
-    evicted: list[tuple[int, int]] = []
+    stats = Stats()
     idx = new_index(tmp_path)
-    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=4 * EXT, min_free=0,
-                      on_evict=lambda k, n: evicted.append((k, n)))
+    cache = FileCache(str(tmp_path), idx, "d", "src", max_size=4 * EXT, min_free=0, stats=stats)
     # One more extent each than is ever written: the files stay incomplete (a complete file goes whole).
     one, two = make_version("m/one.bin", 5 * EXT), make_version("m/two.bin", 3 * EXT)
     keys = [(one, 0), (one, EXT), (two, 0), (one, 2 * EXT), (two, EXT), (one, 3 * EXT)]
@@ -72,7 +72,7 @@ def test_quota_evicts_least_recently_used_extents_first(tmp_path: Path) -> None:
     data += [put(cache, v, s, EXT) for v, s in keys[4:]]
     kept = {i for i, (v, s) in enumerate(keys) if cache.present(v.vid, s)}
     assert kept == {0, 3, 4, 5}
-    assert (sum(k for k, _ in evicted), sum(n for _, n in evicted)) == (2, 2 * EXT)
+    assert (stats.evictions, stats.evicted_bytes) == (2, 2 * EXT)
     assert cache.bytes_stored == 4 * EXT
     assert close_to(on_disk(tmp_path), cache.bytes_stored), (on_disk(tmp_path), cache.bytes_stored)
     for i in kept:

@@ -90,9 +90,11 @@ def test_ttl_relist_new_etag_is_new_inode_and_unchanged_keeps_inode() -> None:
         assert m2.inode != m1.inode and m2.info is not None and m2.info.etag == '"v2"'
         assert (await ns.lookup(ns.root, "n")) is n1
         assert ns.get(m1.inode) is m1  # the old version stays addressable while the kernel holds it
+        assert ns.dropped() == []
         ns.forget(m1.inode, 1)
         with pytest.raises(NotFound):
             ns.get(m1.inode)  # replaced, unreferenced, not open: let go
+        assert ns.dropped() == [m1.inode] and ns.dropped() == []  # handed to the core once
 
     trio.run(main)
 

@@ -10,13 +10,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from modelfs.cache import integrity
 from modelfs.cache.cachedir import CacheDir
 from modelfs.cache.diskio import PAGE, clone_range, pages
 from modelfs.cache.files import File, Victim
 from modelfs.catalog.index import ChunkIndex
+from modelfs.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,7 @@ class CacheBase:
     """The state of `FileCache` and its reads; the parts that evict, check, seal and write build on it."""
 
     def __init__(self, root: str, index: ChunkIndex, domain: str, identity: str = "", *, max_size: int = 0,
-                 min_free: int = 0,
-                 on_evict: Callable[[int, int], None] | None = None,
-                 on_corrupt: Callable[[int], None] | None = None, preallocate: bool = True,
+                 min_free: int = 0, stats: Stats | None = None, preallocate: bool = True,
                  trust_restarts: bool = False) -> None:
         self.dir = CacheDir(root)
         self.root = self.dir.files
@@ -41,8 +40,7 @@ class CacheBase:
         self.identity = identity  # the store's: index records name their source
         self.max_size = max_size
         self.min_free = min_free
-        self._on_evict = on_evict
-        self._on_corrupt = on_corrupt
+        self.stats = stats if stats is not None else Stats()  # the mount's (evictions, damage found); else its own
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a read ended, or a punch is done
@@ -120,8 +118,7 @@ class CacheBase:
                 if rec is not None and vid in present:  # truncated or extended under us: damaged
                     log.warning("cache file %s is %d bytes, not %s: dropped, its %d extents will be fetched again",
                                 name, size, rec["size"], len(present[vid]))
-                    if self._on_corrupt:
-                        self._on_corrupt(len(present[vid]))
+                    self.stats.add(corrupt_extents=len(present[vid]))
                 with contextlib.suppress(OSError):
                     os.unlink(p)
                 continue

@@ -140,13 +140,11 @@ class Checks(Space):
             log.warning("fs-verity cache file of version %s: extent at %d is %s: the file is deleted, will refetch",
                         vid.hex(), start, why)
             self.index.unmark(gone)
-            if self._on_corrupt:
-                self._on_corrupt(1)
+            self.stats.add(corrupt_extents=1)
             return
         log.warning("cache file of version %s: extent at %d is %s: dropped, will refetch", vid.hex(), start, why)
         self._punch([victim])
-        if self._on_corrupt:
-            self._on_corrupt(1)
+        self.stats.add(corrupt_extents=1)
 
     # -- the scrub: extents read back from disk, and healed in place (`scrub`) -------------------------------------
 

@@ -127,8 +127,9 @@ class Space(CacheBase):
             self.index.unmark([(vid, start) for vid, start, _ in deleted])
         self._punch(victims)
         count = len(victims) + len(deleted)
-        if count and self._on_evict:
-            self._on_evict(count, sum(v.length for v in victims) + sum(n for _, _, n in deleted))
+        if count:
+            freed_bytes = sum(v.length for v in victims) + sum(n for _, _, n in deleted)
+            self.stats.add(evictions=count, evicted_bytes=freed_bytes)
         return freed >= need
 
     def _discard(self, f: File) -> None:

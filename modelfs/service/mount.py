@@ -239,9 +239,7 @@ class Daemon:
                 raise StoreUnreachable(f"{unreachable}, and the cache holds no listing of it to serve offline")
             stats = Stats()
             cache = FileCache(cache_dir.path, index, store.domain, store.identity, max_size=int(cfg.cache.max_size),
-                              min_free=int(cfg.cache.min_free),
-                              on_evict=lambda k, n: stats.add(evictions=k, evicted_bytes=n),
-                              on_corrupt=lambda k: stats.add(corrupt_extents=k), preallocate=cfg.cache.preallocate,
+                              min_free=int(cfg.cache.min_free), stats=stats, preallocate=cfg.cache.preallocate,
                               trust_restarts=cfg.cache.trust_restarts)
             self._resources.append(cache.close)
             cache.keep(pinned_hashes(cache_dir.path, index))  # `modelfs cache pin`: never evicted

@@ -11,8 +11,9 @@ prefix (`a` and `a/b`) appears once, as the directory.
 
 Inode lifetime: a node is held while it is in its directory's latest listing, while the kernel holds a
 reference to it (one per LOOKUP reply or readdirplus entry, given back by FORGET: `remember` / `forget`),
-or while it is open (`in_use`). Once none of these holds, it is dropped and `on_drop` tells the core, so
-memory follows what the kernel and the store show, not every ETag ever seen.
+or while it is open (`in_use`). Once none of these holds, it is dropped, and `dropped` hands its inode to
+the core, which lets go of what it keyed by it: memory follows what the kernel and the store show, not every
+ETag ever seen. (Inode numbers are never reused, so a drop the core takes later is still the same file.)
 """
 
 from __future__ import annotations
@@ -75,13 +76,12 @@ class Namespace:
     """Inode table and directory cache. `list_dir` is the store's listing, awaited in a worker thread."""
 
     def __init__(self, list_dir: Callable[[str], Awaitable[Listing]], ttl: float,
-                 clock: Callable[[], float] = time.monotonic, in_use: Callable[[int], bool] = lambda _: False,
-                 on_drop: Callable[[int], None] = lambda _: None) -> None:
+                 clock: Callable[[], float] = time.monotonic, in_use: Callable[[int], bool] = lambda _: False) -> None:
         self._list_dir = list_dir
         self.ttl = ttl
         self._clock = clock
         self._in_use = in_use
-        self._on_drop = on_drop
+        self._dropped: list[int] = []  # inodes dropped since the core last took them (`dropped`)
         self._lookups: dict[int, int] = {}  # inode -> references the kernel holds
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, ROOT_INODE, "", "")}
         self._next_inode = ROOT_INODE + 1
@@ -122,9 +122,15 @@ class Namespace:
         if node is None or inode == ROOT_INODE or inode in self._lookups or self._in_use(inode) or self._listed(node):
             return
         del self._nodes[inode]
-        self._on_drop(inode)
+        self._dropped.append(inode)
         for child in list(node.children.values()):  # a dropped directory's entries are unreachable too
             self.collect(child.inode)
+
+    def dropped(self) -> list[int]:
+        """The inodes dropped since the last call (the core forgets what it keyed by them)."""
+        out, self._dropped = self._dropped, []
+        return out
+
     def get(self, inode: int) -> Node:
         try:
             return self._nodes[inode]
