@@ -94,6 +94,7 @@ class CacheConfig:
     scrub_rate: Size = Size(32 * MiB)
     scrub_after: float = 60.0
     trust_restarts: bool = False
+    check_at_start: Size = Size(64 * GiB)
 
 
 @dataclass

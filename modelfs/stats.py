@@ -44,6 +44,7 @@ class Stats:
     open_waits: int = 0
     open_wait_expired: int = 0
     files_corrupt: int = 0
+    files_checked_at_start: int = 0  # complete cache files read back and checked before any open
     scrub_bytes: int = 0  # bytes the scrub read back from disk and hashed
     scrub_damaged: int = 0  # extents the scrub found wrong or unreadable on disk
     scrub_healed: int = 0  # extents the scrub wrote anew from the store's bytes

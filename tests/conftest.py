@@ -138,9 +138,11 @@ class Mount:
         assert r.returncode == 0, r.stderr
         assert not is_mounted(str(self.path))
 
-    def remount(self) -> Mount:
-        """Mount the same source again, at the same path, with the same cache dir."""
-        return self.factory(self.source, env=self.env, args=self.args, cache_dir=self.cache_dir, path=self.path)
+    def remount(self, args: list[str] | None = None) -> Mount:
+        """Mount the same source again, at the same path, with the same cache dir (and the same options, or
+        `args`)."""
+        return self.factory(self.source, env=self.env, args=self.args if args is None else args,
+                            cache_dir=self.cache_dir, path=self.path)
 
     factory: Callable[..., Mount] = field(default=lambda *a, **k: None, repr=False)  # type: ignore[assignment]
 

@@ -58,6 +58,32 @@ class Checks(Space):
         False then, or if it is not present."""
         return self._verify(vid, start, length, None)
 
+    def to_check_at_start(self, budget: int) -> list[tuple[bytes, str]]:
+        """(vid, key) of the complete files of this source that are not trusted yet, the ones loaded most
+        recently first, up to `budget` bytes: directory by directory (newest first), the files of one in name
+        order (a checkpoint's shards in the order a loader opens them). Worker thread (reads the index)."""
+        records = self.index.versions()
+        with self._lock:
+            files = [(f.vid, f.size) for f in self._files.values() if f.complete and len(f.trusted) < len(f.present)]
+        dirs: dict[str, list[tuple[str, bytes, int]]] = {}
+        newest: dict[str, float] = {}
+        for vid, size in files:
+            rec = records.get(vid, {})
+            if self.identity and rec.get("source", self.identity) != self.identity:
+                continue
+            key = str(rec.get("key", ""))
+            parent = key.rpartition("/")[0]
+            dirs.setdefault(parent, []).append((key, vid, size))
+            newest[parent] = max(newest.get(parent, 0.0), float(str(rec.get("last_used", 0))))
+        out: list[tuple[bytes, str]] = []
+        for parent in sorted(dirs, key=lambda d: -newest[d]):
+            for key, vid, size in sorted(dirs[parent]):
+                if size > budget:
+                    return out
+                budget -= size
+                out.append((vid, key))
+        return out
+
     def read_verified(self, vid: bytes, start: int, length: int) -> memoryview | None:
         """As `verify`, with the extent's bytes read into memory of their own and returned if they match."""
         view = memoryview(private(length))[:length]

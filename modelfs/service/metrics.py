@@ -39,6 +39,8 @@ COUNTERS = {
     "cache_full_skips": "extents served from memory because the cache had no room",
     "offline_misses": "uncached reads refused while the store was unreachable",
     "passthrough_opens": "opens answered with FUSE passthrough: the kernel reads the cache file itself",
+    "files_checked_at_start": "complete cache files read back and checked from the daemon's start, before any open "
+                              "(cache.check_at_start)",
     "passthrough_refused": "times the kernel did not take FUSE passthrough (at mount, or a cache file)",
     "store_retries": "GETs tried again after the store failed them for now (refused, stalled, 5xx)",
     "shared_hits": "extents read from the shared cache tier instead of the origin",
