@@ -133,7 +133,6 @@ class ModelFS:
         self.prefetcher, self.shared, self.passthrough = parts.prefetcher, parts.shared, parts.passthrough
         self.read_wait = ReadWaits()  # how long demand READs waited (`read`; metrics, `modelfs stats`)
         self._ahead_dirs: set[int] = set()  # directories whose files were checked ahead (`_check_siblings`)
-        self._opened = False  # a file was opened: checks at start give way to those of the opens
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[trio.Nursery]:
@@ -153,7 +152,8 @@ class ModelFS:
         if self.passthrough is not None:
             self.supervisor.spawn(self.passthrough.run_checks, name="passthrough checks", restart=True)
             if self.cfg.cache.check_at_start:
-                self.supervisor.spawn(self._check_at_start, name="cache file checks at start")
+                self.supervisor.spawn(self.passthrough.check_at_start, int(self.cfg.cache.check_at_start),
+                                      name="cache file checks at start")
         if self.cache.seals:
             self.supervisor.spawn(self._seal_files, name="cache file seals", restart=True)
         if self.cfg.cache.scrub_rate:
@@ -173,36 +173,6 @@ class ModelFS:
             await trio.sleep(SEAL_EVERY)
             for vid in self.cache.unsealed():
                 await trio.to_thread.run_sync(self.cache.seal, vid, limiter=limiter)
-
-    async def _check_at_start(self) -> None:
-        """Until the first open: read back and check the complete cache files loaded most recently (up to
-        cache.check_at_start bytes, in the order a loader opens them), so that a loader that comes later opens
-        them by passthrough with no wait. Nothing to do where files are trusted at start (sealed on storage
-        that verifies, or `cache.trust_restarts`). One extent per worker-thread call: an open, or the end of
-        the mount, stops it within one extent."""
-        files = await trio.to_thread.run_sync(self.cache.to_check_at_start, int(self.cfg.cache.check_at_start),
-                                              limiter=self.io_limiter)
-        began, done, nbytes = time.monotonic(), 0, 0
-        for vid, key in files:
-            if self._opened:
-                break
-            await trio.to_thread.run_sync(self.cache.read_ahead, vid, limiter=self.io_limiter)
-            bad = 0
-            for start, length in self.cache.untrusted(vid):
-                if self._opened:
-                    break
-                if not await trio.to_thread.run_sync(self.cache.verify, vid, start, length, limiter=self.io_limiter):
-                    bad += 1
-                nbytes += length
-            if bad:
-                self.stats.file_damaged(key, bad)
-            if self.cache.all_trusted(vid):
-                done += 1
-                self.stats.add(files_checked_at_start=1)
-        if files:
-            log.info("checked %d of %d recently loaded cache files (%.1f MiB) from start in %.1f s%s", done,
-                     len(files), nbytes / 2**20, time.monotonic() - began, "; a file was opened: the rest are "
-                     "checked at their opens" if done < len(files) else "")
 
     async def _trim_when_idle(self) -> None:
         """An inference node's daemon sits idle between loads: after IDLE_TRIM seconds with no READ and no
@@ -278,7 +248,6 @@ class ModelFS:
         if node.is_dir:
             raise IsADirectoryError(node.key)
         fh = self.files.open(node)
-        self._opened = True
         self.prefetcher.opened(node)
         return fh
 
@@ -290,6 +259,7 @@ class ModelFS:
         if self.passthrough is None:
             return 0
         node, ver = self.files.handles[fh]
+        self.passthrough.opening(ver)
         if self._opens_wait() and not self.passthrough.in_cached_mode(node.inode):
             await self.prefetcher.fill_for_open(node, self.cfg.mount.passthrough_wait)
         backing_id = await self.passthrough.open_handle(fh, node.inode, ver)

@@ -529,6 +529,42 @@ def test_held_copies_bound_bytes_and_count(tmp_path: Path) -> None:
     small.clear()
 
 
+def test_the_files_to_check_at_start_are_the_last_loaded_in_the_order_a_loader_opens_them(tmp_path: Path) -> None:
+    """A new daemon checks from its start the complete files of its source it does not trust yet, loaded most
+    recently first, directory by directory, a directory's files in name order (its shards as a loader opens
+    them), up to its budget; each extent is checked once however many ask at the same time."""
+    idx = new_index(tmp_path)
+    other = make_version("m/c/y.bin", EXT, identity="other")
+    elsewhere = FileCache(str(tmp_path), idx, "d", "other", min_free=0)  # a daemon of another source, before
+    fill(elsewhere, other)
+    elsewhere.close()
+    cache = FileCache(str(tmp_path), idx, "d", "src", min_free=0)
+    a2, a1 = make_version("m/a/model-00002.safetensors", 2 * EXT), make_version("m/a/model-00001.safetensors", EXT)
+    b, partial = make_version("m/b/x.safetensors", EXT), make_version("m/b/partial.bin", 2 * EXT)
+    for v in (a2, a1, b):
+        fill(cache, v)
+    half = os.urandom(EXT)
+    assert cache.write(partial, 0, half, content_hash(half))  # not complete: never checked at start
+    for v in (a1, a2, b):  # b's directory was loaded last
+        idx.note_load(v.vid, "src", "d", v.info)
+    assert cache.to_check_at_start(1 << 40) == []  # this process wrote them: trusted already
+    cache.close()
+
+    fresh = FileCache(str(tmp_path), idx, "d", "src", min_free=0)  # the next daemon
+    assert fresh.to_check_at_start(1 << 40) == [(b.vid, b.info.key), (a1.vid, a1.info.key), (a2.vid, a2.info.key)]
+    assert fresh.to_check_at_start(2 * EXT + EXT // 2) == [(b.vid, b.info.key), (a1.vid, a1.info.key)]
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(fresh.verify(b.vid, 0, EXT))) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == [True] * 4 and fresh.reads_verified == 1  # read back once, the others waited for it
+    assert fresh.to_check_at_start(1 << 40) == [(a1.vid, a1.info.key), (a2.vid, a2.info.key)]
+    fresh.close()
+    idx.close()
+
+
 def test_a_check_streams_extents_larger_than_its_buffer_and_finds_a_byte_changed_in_any_chunk(
         tmp_path: Path) -> None:
     """Extents of 2.5 chunks at offsets no page edge matches, the last one cut short by the file's end: the

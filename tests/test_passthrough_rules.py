@@ -174,3 +174,32 @@ def test_an_inode_open_in_cached_mode_gets_no_passthrough_open_until_that_handle
 
     trio.run(main)
     close(cache)
+
+
+def test_the_checks_at_start_keep_to_the_directories_opened_once_a_loader_comes(tmp_path: Path) -> None:
+    """A new daemon checks the files loaded last from its start, before any open: the kernel then gets them
+    with no check left (`check_at_start`). Once a file is opened, only its directory's files are checked on:
+    the loader named its checkpoint, and another one's files get no disk time."""
+    def ver_of(key: str, data: bytes) -> FileVersion:
+        extents = [(s, min(EXT, len(data) - s), content_hash(data[s:s + EXT])) for s in range(0, len(data), EXT)]
+        return FileVersion.of("src", ObjectInfo(key, len(data), '"e1"', 0.0), EXT, extents)
+
+    files = {key: os.urandom(3 * EXT) for key in ("m/a/1.safetensors", "m/a/2.safetensors", "m/b/1.safetensors")}
+    vers = {key: ver_of(key, data) for key, data in files.items()}
+    cache = new_cache(tmp_path)
+    for key, ver in vers.items():
+        fill(cache, ver, files[key])
+    cache.close()  # the next daemon trusts none of them yet
+    for opened in ("", "m/a/1.safetensors"):
+        cache = FileCache(str(tmp_path / "cache"), cache.index, "src", "src", min_free=0)
+        stats, kernel = Stats(), Registry()
+        pt = Passthrough(cache, stats, kernel.kernel())
+        if opened:
+            pt.opening(vers[opened])
+        trio.run(pt.check_at_start, 1 << 30)
+        checked = {key for key, ver in vers.items() if cache.all_trusted(ver.vid)}
+        assert checked == ({"m/a/1.safetensors", "m/a/2.safetensors"} if opened else set(files)), checked
+        assert stats.files_checked_at_start == len(checked) and cache.reads_verified == 3 * len(checked)
+        assert kernel.registered == 0  # checking hands nothing to the kernel
+        cache.close()
+    close(cache)

@@ -44,6 +44,8 @@ class CacheBase:
         self._preallocate = preallocate  # and until the cache filesystem says it cannot
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a read ended, or a punch is done
+        self._checking: set[tuple[bytes, int]] = set()  # extents a check is reading back now (`Checks.verify`)
+        self._checked = threading.Condition(self._lock)  # one of them is done
         self._local = threading.local()  # each worker thread's read buffer for checks (`_digest_of`)
         self._writes = 0  # writes stored so far: each present extent's generation
         self._files: dict[bytes, File] = {}

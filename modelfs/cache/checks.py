@@ -55,8 +55,24 @@ class Checks(Space):
     def verify(self, vid: bytes, start: int, length: int) -> bool:
         """Read a present extent back and hash it (worker thread), CHECK_CHUNK at a time through the thread's
         small buffer: trusted from now on if it matches; else dropped (punched out, unrecorded, counted).
-        False then, or if it is not present."""
-        return self._verify(vid, start, length, None)
+        False then, or if it is not present. One check of an extent at a time: a second (the check at start and
+        an open's, say) waits for the first's answer instead of reading the bytes again."""
+        key = (vid, start)
+        with self._lock:
+            while key in self._checking:
+                self._checked.wait()
+            f = self._files.get(vid)
+            if f is None or start not in f.present:
+                return False
+            if start in f.trusted:
+                return True
+            self._checking.add(key)
+        try:
+            return self._verify(vid, start, length, None)
+        finally:
+            with self._lock:
+                self._checking.discard(key)
+                self._checked.notify_all()
 
     def to_check_at_start(self, budget: int) -> list[tuple[bytes, str]]:
         """(vid, key) of the complete files of this source that are not trusted yet, the ones loaded most

@@ -12,7 +12,8 @@ Rules kept:
 - The kernel is handed only a file this daemon trusts whole: every extent written by it from bytes it
   hashed, or read back and hashed before this open (`check`; single-flight; the other files of the same
   directory are checked ahead of the loader, one at a time, `check_ahead`, but for the checkpoint files
-  whose opens wait for their whole-file prefetch: its jobs check them). A damaged extent is dropped
+  whose opens wait for their whole-file prefetch: its jobs check them; and from the daemon's start, the
+  files loaded most recently, before anything opens them, `check_at_start`). A damaged extent is dropped
   and fetched again; the open meanwhile is served through the daemon.
 - A file is never evicted while a backing id of it is registered (`FileCache.hold`): the kernel may read
   any byte at any time. After that, a complete file is only ever deleted whole, never punched: a loader
@@ -31,6 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import trio
@@ -66,6 +68,7 @@ class Passthrough:
         self._mode_locks: dict[int, trio.Lock] = {}  # inode -> lock held while an open's mode is decided
         self._cached: dict[int, int] = {}  # inode -> handles open in cached mode
         self._handles: set[int] = set()  # file handles open by passthrough
+        self._opened_dirs: set[str] = set()  # directories of the files opened (`check_at_start` keeps to them)
 
     @property
     def available(self) -> bool:
@@ -77,6 +80,10 @@ class Passthrough:
     def in_cached_mode(self, inode: int) -> bool:
         """Whether a handle of `inode` is open in cached mode (a new open cannot be passthrough then)."""
         return self._cached.get(inode, 0) > 0
+
+    def opening(self, ver: FileVersion) -> None:
+        """An open of `ver` began: the checks at start keep to its directory from now on (`check_at_start`)."""
+        self._opened_dirs.add(ver.info.key.rpartition("/")[0])
 
     async def open_handle(self, fh: int, inode: int, ver: FileVersion) -> int:
         """The mode of an open just made: a backing id (passthrough) unless a handle of the inode is open in
@@ -195,6 +202,41 @@ class Passthrough:
         if bad:
             self.stats.file_damaged(ver.info.key, bad)
         return self.cache.all_trusted(ver.vid)
+
+    async def check_at_start(self, budget: int) -> None:
+        """From the daemon's start: read back and check the complete cache files loaded most recently (up to
+        `budget` bytes, in the order a loader opens them: `FileCache.to_check_at_start`), so that a loader that
+        comes after opens them by passthrough with no wait. Once files are opened, only those of the opened
+        files' directories are checked on (the opens' own checks go ahead, and share each extent's check:
+        `FileCache.verify`); a checkpoint opened elsewhere gets the disk to itself. Nothing to do where files
+        are trusted at start (sealed on storage that verifies, or `cache.trust_restarts`). One extent per
+        worker-thread call: an open, or the end of the mount, is heeded within one extent."""
+        files = await trio.to_thread.run_sync(self.cache.to_check_at_start, budget, limiter=self._check_limiter)
+        began, done, nbytes = time.monotonic(), 0, 0
+
+        def wanted(key: str) -> bool:
+            return not self._opened_dirs or key.rpartition("/")[0] in self._opened_dirs
+
+        for vid, key in files:
+            if not wanted(key):
+                continue
+            await trio.to_thread.run_sync(self.cache.read_ahead, vid, limiter=self._check_limiter)
+            bad = 0
+            for start, length in self.cache.untrusted(vid):
+                if not wanted(key):
+                    break
+                if not await trio.to_thread.run_sync(self.cache.verify, vid, start, length,
+                                                     limiter=self._check_limiter):
+                    bad += 1
+                nbytes += length
+            if bad:
+                self.stats.file_damaged(key, bad)
+            if self.cache.all_trusted(vid):
+                done += 1
+                self.stats.add(files_checked_at_start=1)
+        if files:
+            log.info("checked %d of %d recently loaded cache files (%.1f MiB read back) from start in %.1f s", done,
+                     len(files), nbytes / 2**20, time.monotonic() - began)
 
     def check_ahead(self, versions: list[FileVersion]) -> None:
         """A loader opened one file of a set by passthrough: check the files of the others now, in this order,
