@@ -57,13 +57,19 @@ class Checks(Space):
         small buffer: trusted from now on if it matches; else dropped (punched out, unrecorded, counted).
         False then, or if it is not present. One check of an extent at a time: a second (the check at start and
         an open's, say) waits for the first's answer instead of reading the bytes again."""
+        return self.check_once(vid, start, length) is True
+
+    def check_once(self, vid: bytes, start: int, length: int) -> bool | None:
+        """As `verify`, telling who found what: True if the extent is trusted (checked now, or before), False
+        if this call found it damaged (and dropped it), None if it is not present (never was, or another
+        check dropped it: that one counts the damage)."""
         key = (vid, start)
         with self._lock:
             while key in self._checking:
                 self._checked.wait()
             f = self._files.get(vid)
             if f is None or start not in f.present:
-                return False
+                return None
             if start in f.trusted:
                 return True
             self._checking.add(key)
