@@ -68,7 +68,9 @@ class Passthrough:
         self._mode_locks: dict[int, trio.Lock] = {}  # inode -> lock held while an open's mode is decided
         self._cached: dict[int, int] = {}  # inode -> handles open in cached mode
         self._handles: set[int] = set()  # file handles open by passthrough
-        self._opened_dirs: set[str] = set()  # directories of the files opened (`check_at_start` keeps to them)
+        # Directories of the files opened, while the check at start may still run (it keeps to them); None once
+        # it has ended: nothing more to record.
+        self._opened_dirs: set[str] | None = set()
 
     @property
     def available(self) -> bool:
@@ -83,7 +85,8 @@ class Passthrough:
 
     def opening(self, ver: FileVersion) -> None:
         """An open of `ver` began: the checks at start keep to its directory from now on (`check_at_start`)."""
-        self._opened_dirs.add(ver.info.key.rpartition("/")[0])
+        if self._opened_dirs is not None:
+            self._opened_dirs.add(ver.info.key.rpartition("/")[0])
 
     async def open_handle(self, fh: int, inode: int, ver: FileVersion) -> int:
         """The mode of an open just made: a backing id (passthrough) unless a handle of the inode is open in
@@ -210,11 +213,18 @@ class Passthrough:
         `FileCache.verify`); a checkpoint opened elsewhere gets the disk to itself. Nothing to do where files
         are trusted at start (sealed on storage that verifies, or `cache.trust_restarts`). One extent per
         worker-thread call: an open, or the end of the mount, is heeded within one extent."""
+        try:
+            await self._check_at_start(budget)
+        finally:
+            self._opened_dirs = None
+
+    async def _check_at_start(self, budget: int) -> None:
         files = await trio.to_thread.run_sync(self.cache.to_check_at_start, budget, limiter=self._check_limiter)
         began, done, nbytes = time.monotonic(), 0, 0
+        opened = self._opened_dirs if self._opened_dirs is not None else set()
 
         def wanted(key: str) -> bool:
-            return not self._opened_dirs or key.rpartition("/")[0] in self._opened_dirs
+            return not opened or key.rpartition("/")[0] in opened
 
         for vid, key in files:
             if not wanted(key):
